@@ -1,0 +1,190 @@
+"""The engine's caller side: start an instance's layer tree and follow it to its end.
+
+`Instance.start()` clones layer 1, collects every layer's reports, releases the whole tree at
+once when every layer is built (nothing untrusted runs before the tree is complete), and
+returns when every command runs, or raises StartError with the failing layer's message after
+killing everything it started. `Instance.wait()` forwards signals to layer 1 and returns the
+main command's exit status.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import socket
+
+from bbld.engine import reports
+from bbld.engine import syscalls as sc
+from bbld.engine.errors import StartError
+from bbld.engine.plan import Plan
+from bbld.engine.supervisor import (FORWARDED_SIGNALS, SI_KERNEL, Context, block_signals,
+                                    exit_code, kill_all_children, read_signals, spawn_layer)
+
+
+class Instance:
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.layer_names = [p.name for p in plan.layers()]
+        self.barrier = {p.name for p in plan.layers() if not p.gated}
+        self.built: dict[str, reports.Built] = {}
+        self.pidfds: dict[str, int] = {}  # layer name -> pidfd of its supervisor
+        self.running: set[str] = set()
+        self.failure: reports.Failed | None = None
+        self.status: int | None = None  # layer 1's exit status, once it ended
+        self.released = False
+        self.torn_down = False
+        self.reports_open = True
+
+    # ------------------------------------------------------------ start
+
+    def start(self) -> None:
+        if self.plan.needs_network:
+            from bbld.engine import network
+            network.preload()
+        self.proc_fd = os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        if sc.fstatfs_type(self.proc_fd) != sc.PROC_SUPER_MAGIC:
+            raise StartError("/proc is not a procfs")
+        mine, theirs = socket.socketpair(socket.AF_UNIX,
+                                         socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        go_r, self.go_w = os.pipe2(os.O_CLOEXEC)
+        self.sigfd = block_signals()
+        sc.prctl(sc.PR_SET_CHILD_SUBREAPER, 1)  # orphans of a layer without pid ns come here
+        ctx = Context(plan=self.plan, report=theirs, go_fd=go_r)
+        try:
+            self.layer1 = spawn_layer(self.plan.root, ctx, self.proc_fd, dict(os.environ),
+                                      os.getcwd(), self.plan.sandbox.die_with_parent)
+        finally:
+            theirs.close()
+            os.close(go_r)
+        self.sock = mine
+        self.sock.setblocking(False)
+        self.poller = select.poll()
+        for fd in (self.sock.fileno(), self.layer1.pidfd, self.sigfd):
+            self.poller.register(fd, select.POLLIN)
+        try:
+            while not self._started():
+                self._step()
+        except BaseException:
+            self._teardown()
+            raise
+
+    def _started(self) -> bool:
+        if self.failure is not None:
+            raise StartError(f"layer '{self.failure.layer}': {self.failure.message}",
+                             self.failure.exit_code)
+        if self.status is not None:
+            raise StartError(f"layer '{self.plan.root.name}': exited during start with status "
+                             f"{self.status}")
+        if not self.released and self.barrier <= self.built.keys():
+            os.write(self.go_w, b"1" * len(self.layer_names))  # one byte for every layer
+            os.close(self.go_w)
+            self.released = True
+        return self.released and self.barrier <= self.running
+
+    # ------------------------------------------------------------ running
+
+    def wait(self) -> int:
+        """Follow the instance until layer 1 ends; returns the main command's status."""
+        try:
+            while self.status is None:
+                self._step()
+                if self.failure is not None:  # a layer gated by a socket failed later
+                    raise StartError(f"layer '{self.failure.layer}': {self.failure.message}",
+                                     self.failure.exit_code)
+            return self.status
+        finally:
+            self._teardown()
+
+    def _step(self) -> None:
+        for fd, _events in self.poller.poll():
+            if fd == self.sigfd:
+                self._forward_signals()
+            elif fd == self.layer1.pidfd:
+                self._read_reports()  # what layers said before they ended comes first
+                self.status = exit_code(os.waitpid(self.layer1.pid, 0)[1])
+                self.poller.unregister(fd)
+            elif fd == self.sock.fileno():
+                self._read_reports()
+
+    def _forward_signals(self) -> None:
+        for signo, code, _sender in read_signals(self.sigfd):
+            if signo == signal.SIGCHLD or self.status is not None:
+                continue
+            if code == SI_KERNEL and not self._main_has_own_session():
+                continue  # the terminal already signalled the command's process group
+            sc.pidfd_send_signal(self.layer1.pidfd, signo)
+
+    def _main_has_own_session(self) -> bool:
+        main = next(p for p in self.plan.layers() if p.runs_main)
+        return main.layer.command.new_session
+
+    def _read_reports(self) -> None:
+        while self.reports_open:
+            try:
+                report, fds = reports.receive(self.sock)
+            except BlockingIOError:
+                return
+            except (ValueError, OSError) as exc:
+                self._fail("?", f"bad report from a layer: {exc}")
+                return
+            if report is None:  # every layer supervisor has ended
+                self.poller.unregister(self.sock.fileno())
+                self.reports_open = False
+                return
+            self._accept(report, fds)
+
+    def _accept(self, report: reports.Report, fds: list[int]) -> None:
+        name = report.layer
+        if name not in self.layer_names:
+            for fd in fds:
+                os.close(fd)
+            return self._fail("?", f"report about an unknown layer {name!r}")
+        if isinstance(report, reports.Failed):
+            self._fail(name, report.message, report.exit_code)
+        elif isinstance(report, reports.Built) and name not in self.built and len(fds) == 1:
+            self.built[name] = report
+            self.pidfds[name] = fds[0]
+        elif isinstance(report, reports.Running) and name in self.built:
+            self.running.add(name)
+        else:
+            for fd in fds:
+                os.close(fd)
+            self._fail(name, f"unexpected report {type(report).__name__}")
+
+    def _fail(self, layer: str, message: str, code: int = 1) -> None:
+        if self.failure is None:
+            self.failure = reports.Failed(layer=layer, message=message, exit_code=code)
+
+    # ------------------------------------------------------------ the end
+
+    def _teardown(self) -> None:
+        """Kill whatever is left of the tree, reap it, and close our fds (once)."""
+        if self.torn_down:
+            return
+        self.torn_down = True
+        if getattr(self, "layer1", None) is not None and self.status is None:
+            try:
+                sc.pidfd_send_signal(self.layer1.pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            self.status = exit_code(os.waitpid(self.layer1.pid, 0)[1])
+        kill_all_children(self.proc_fd)
+        for fd in (*self.pidfds.values(), getattr(self, "sigfd", -1), self.proc_fd):
+            if fd >= 0:
+                os.close(fd)
+        self.pidfds.clear()
+        self.sigfd = -1
+        if not self.released and hasattr(self, "go_w"):
+            os.close(self.go_w)
+            self.released = True
+        if hasattr(self, "sock"):
+            self.sock.close()
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, (*FORWARDED_SIGNALS, signal.SIGCHLD))
+
+
+def run(plan: Plan) -> int:
+    """Start the instance in the foreground and return the main command's exit status."""
+    instance = Instance(plan)
+    instance.start()
+    return instance.wait()

@@ -1,0 +1,118 @@
+"""Turning a checked spec into a run plan, in the engine's caller, before anything forks.
+
+Everything that can fail early fails here, with exit code 2 and nothing started: data fds
+are read, seccomp policies compiled, fds checked. The plan is then inherited in memory by
+every forked layer: no interpreter re-exec, no config files.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+import msgspec
+
+from bbld import spec
+from bbld.engine import seccomp
+from bbld.engine.errors import EXIT_USAGE, StartError
+
+
+@dataclass
+class LayerPlan:
+    layer: spec.Layer
+    children: list[LayerPlan]
+    data: dict[int, bytes] = field(default_factory=dict)  # file/bind-data bytes by op index
+    seccomp: list[bytes] = field(default_factory=list)  # programs, loaded in this order
+    caps: frozenset[int] = frozenset()
+    runs_main: bool = False  # this layer's command is the instance's main command
+    main_child: LayerPlan | None = None  # the sub-layer on the way to the main command
+    gated: bool = False  # waits for a socket (itself or an ancestor): not in the start barrier
+    fds: frozenset[int] = frozenset()  # caller fds this layer's subtree still needs
+
+    @property
+    def name(self) -> str:
+        return self.layer.name
+
+    def walk(self):
+        yield self
+        for child in self.children:
+            yield from child.walk()
+
+
+@dataclass
+class Plan:
+    sandbox: spec.Sandbox
+    root: LayerPlan
+    umask: int
+    cap_last: int
+    needs_network: bool
+
+    def layers(self):
+        return self.root.walk()
+
+
+def prepare(sandbox: spec.Sandbox, args: list[str] = ()) -> Plan:
+    """Check the spec against this caller and build the plan. Raises SpecError/StartError."""
+    spec.check(sandbox, os.getuid(), os.getgid(), known_policies=seccomp.POLICIES)
+    main = spec.main_layer_name(sandbox)
+    main_path = {layer.name for layer in spec.path_to(sandbox.layer, main)}
+    root = _plan_layer(sandbox.layer, main, main_path, gated=False)
+    if args:
+        main_plan = next(p for p in root.walk() if p.runs_main)
+        command = main_plan.layer.command
+        main_plan.layer.command = msgspec.structs.replace(command, argv=[*command.argv, *args])
+    umask = os.umask(0)
+    os.umask(umask)
+    needs_network = any("net" in p.layer.namespaces for p in root.walk())
+    return Plan(sandbox, root, umask, _cap_last(), needs_network)
+
+
+def _plan_layer(layer: spec.Layer, main: str, main_path: set[str], gated: bool) -> LayerPlan:
+    gated = gated or bool(layer.start_after)
+    children = [_plan_layer(child, main, main_path, gated) for child in layer.layers]
+    plan = LayerPlan(layer, children, gated=gated, runs_main=layer.name == main)
+    plan.main_child = next((c for c in children if c.name in main_path), None)
+    plan.data = {i: _read_data(layer.name, i, op) for i, op in enumerate(layer.fs)
+                 if isinstance(op, (spec.File, spec.BindData, spec.RoBindData))}
+    plan.caps = frozenset(spec.capability_number(name) for name in layer.caps)
+    if layer.seccomp:
+        if layer.seccomp.policy:
+            plan.seccomp.append(seccomp.compile_policy(layer.seccomp.policy))
+        plan.seccomp.extend(layer.seccomp.programs)
+    own_fds = {op.fd for op in layer.fs if isinstance(op, spec.BindFd)}
+    commands = ([layer.command] if layer.command else []) + list(layer.companions)
+    own_fds.update(fd for command in commands for fd in command.pass_fds)
+    for fd in own_fds:
+        _check_fd_open(layer.name, fd)
+    plan.fds = frozenset(own_fds).union(*(c.fds for c in children))
+    return plan
+
+
+def _check_fd_open(layer: str, fd: int) -> None:
+    try:
+        os.fstat(fd)
+    except OSError:
+        raise StartError(f"layer '{layer}': fd {fd} is not open in the caller", EXIT_USAGE) \
+            from None
+
+
+def _read_data(layer: str, index: int, op) -> bytes:
+    if op.content is not None:
+        return op.content.encode()
+    _check_fd_open(layer, op.fd)
+    chunks = []
+    try:
+        while chunk := os.read(op.fd, 1 << 16):
+            chunks.append(chunk)
+    except OSError as exc:
+        raise StartError(f"layer '{layer}': fs[{index}] ({op.kind}): cannot read fd {op.fd}: "
+                         f"{exc.strerror}", EXIT_USAGE) from None
+    return b"".join(chunks)
+
+
+def _cap_last() -> int:
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            return int(f.read())
+    except OSError:
+        return len(spec.CAPABILITIES) - 1

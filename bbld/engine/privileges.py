@@ -1,0 +1,80 @@
+"""Identity and privilege: uid/gid maps, capability sets, no_new_privs, seccomp."""
+
+from __future__ import annotations
+
+import errno
+import os
+
+from bbld import spec
+from bbld.engine import syscalls as sc
+from bbld.engine.errors import StartError
+
+
+def default_map(inside: int | None, outside: int) -> list[spec.IdMap]:
+    return [spec.IdMap(inside=outside if inside is None else inside, outside=outside)]
+
+
+def write_id_maps(proc_fd: int, pid: int, layer: spec.Layer, uid: int, gid: int) -> None:
+    """Write a new user namespace's maps from its parent, through the parent's own procfs.
+
+    The parent writes (not the child) so that the files are reached through a procfs the
+    parent opened and verified, never through a view the sandbox could have changed.
+    """
+    uid_map = layer.uid_map or default_map(layer.uid, uid)
+    gid_map = layer.gid_map or default_map(layer.gid, gid)
+    for name, text in (("setgroups", "deny"), ("uid_map", _map_text(uid_map)),
+                       ("gid_map", _map_text(gid_map))):
+        try:
+            fd = os.open(f"{pid}/{name}", os.O_WRONLY | os.O_CLOEXEC, dir_fd=proc_fd)
+            try:
+                os.write(fd, text.encode())
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            raise StartError(f"writing {name} {text.strip()!r}: {exc.strerror}") from None
+
+
+def _map_text(mapping: list[spec.IdMap]) -> str:
+    return "".join(f"{m.inside} {m.outside} {m.count}\n" for m in mapping)
+
+
+def become(layer: spec.Layer) -> None:
+    """Switch to the layer's uid/gid if the maps did not already put the process there."""
+    if layer.gid is not None and os.getgid() != layer.gid:
+        os.setresgid(layer.gid, layer.gid, layer.gid)
+    if layer.uid is not None and os.getuid() != layer.uid:
+        os.setresuid(layer.uid, layer.uid, layer.uid)
+
+
+def restrict_capabilities(keep: frozenset[int], cap_last: int) -> None:
+    """Leave exactly `keep` in the bounding, permitted, effective, inheritable and ambient sets."""
+    for cap in range(cap_last + 1):
+        if cap in keep or not sc.prctl(sc.PR_CAPBSET_READ, cap):
+            continue
+        try:
+            sc.prctl(sc.PR_CAPBSET_DROP, cap)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise StartError(f"cannot drop capability {spec.CAPABILITIES[cap]} from the "
+                                 f"bounding set: {exc.strerror}") from None
+    sc.prctl(sc.PR_CAP_AMBIENT, sc.PR_CAP_AMBIENT_CLEAR_ALL)
+    mask = 0
+    for cap in keep:
+        mask |= 1 << cap
+    try:
+        sc.capset(mask, mask, mask)
+    except OSError as exc:
+        names = ", ".join(spec.CAPABILITIES[c] for c in sorted(keep))
+        raise StartError(f"cannot keep capabilities {names}: the layer does not hold them "
+                         f"({exc.strerror})") from None
+    for cap in keep:  # ambient, so that they survive execve for a non-root uid
+        sc.prctl(sc.PR_CAP_AMBIENT, sc.PR_CAP_AMBIENT_RAISE, cap)
+
+
+def no_new_privs() -> None:
+    sc.prctl(sc.PR_SET_NO_NEW_PRIVS, 1)
+
+
+def load_seccomp(programs: list[bytes]) -> None:
+    for program in programs:
+        sc.seccomp_load(program)

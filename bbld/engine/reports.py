@@ -1,0 +1,60 @@
+"""What layers tell the engine's caller while an instance starts.
+
+Every layer supervisor shares one end of a SOCK_SEQPACKET socketpair; the caller holds the
+other. A report is a small msgspec-encoded message; `Built` carries a pidfd of the reporting
+supervisor (SCM_RIGHTS), so the caller identifies it without trusting a pid number. Reports
+are data: the receiver checks the layer name and the message type, and nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from array import array
+
+import msgspec
+
+MAX_REPORT = 4096
+
+
+class Built(msgspec.Struct, tag=True):
+    """The layer's namespaces and filesystem are ready; its sub-layers are being built."""
+    layer: str
+    namespaces: dict[str, int]
+
+
+class Running(msgspec.Struct, tag=True):
+    """The layer's commands have been executed."""
+    layer: str
+
+
+class Failed(msgspec.Struct, tag=True):
+    layer: str
+    message: str
+    exit_code: int = 1
+
+
+Report = Built | Running | Failed
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(Report)
+
+
+def send(sock: socket.socket, report: Report, fds: tuple[int, ...] = ()) -> None:
+    data = _encoder.encode(report)[:MAX_REPORT]
+    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", fds))] if fds else []
+    sock.sendmsg([data], ancillary)
+
+
+def receive(sock: socket.socket) -> tuple[Report | None, list[int]]:
+    """One report (None at end of stream). Raises ValueError for malformed data."""
+    data, fds, _flags, _addr = socket.recv_fds(sock, MAX_REPORT, 4, socket.MSG_CMSG_CLOEXEC)
+    if not data:
+        for fd in fds:
+            os.close(fd)
+        return None, []
+    try:
+        return _decoder.decode(data), fds
+    except msgspec.DecodeError as exc:
+        for fd in fds:
+            os.close(fd)
+        raise ValueError(f"unreadable report: {exc}") from None

@@ -1,0 +1,450 @@
+"""A layer's supervisor: the process that builds one layer, then watches over it.
+
+`spawn_layer()` runs in the parent (a supervisor, or the engine's caller for layer 1): it
+clones the child straight into the layer's namespaces, writes the child's uid/gid maps and
+releases it. The child builds its view, spawns its own sub-layers the same way, reports
+`Built`, waits for the instance-wide go, starts its commands, reports `Running`, and then
+supervises: it reaps every child, forwards signals from its parent to its main (its command,
+or the sub-layer that leads to the instance's main command), and when the main ends it ends
+the layer and exits with the main's status (128+N for a signal).
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import signal
+import socket
+import time
+import traceback
+from dataclasses import dataclass
+
+from bbld import spec
+from bbld.engine import filesystem, network, privileges, reports
+from bbld.engine import syscalls as sc
+from bbld.engine.errors import EXIT_USAGE, StartError
+from bbld.engine.plan import LayerPlan, Plan
+
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1,
+                     signal.SIGUSR2)
+ENDING_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+SI_KERNEL = 0x80  # si_code of signals the kernel sends, e.g. Ctrl-C on a terminal
+CLONE_FLAGS = {"user": sc.CLONE_NEWUSER, "mount": sc.CLONE_NEWNS, "pid": sc.CLONE_NEWPID,
+               "ipc": sc.CLONE_NEWIPC, "uts": sc.CLONE_NEWUTS, "net": sc.CLONE_NEWNET,
+               "cgroup": sc.CLONE_NEWCGROUP}  # time: unshared later, for the layer's children
+NAMESPACE_LINKS = ("cgroup", "ipc", "mnt", "net", "pid", "time_for_children", "user", "uts")
+
+
+@dataclass
+class Context:
+    """What every layer of one instance shares, inherited in memory through fork."""
+    plan: Plan
+    report: socket.socket  # the layers' end of the report socketpair
+    go_fd: int  # one byte per layer arrives here when every layer is built
+
+
+@dataclass
+class Child:
+    plan: LayerPlan
+    pid: int
+    pidfd: int
+
+
+def block_signals() -> int:
+    """Block the supervised signals and return a signalfd that receives them."""
+    signals = (*FORWARDED_SIGNALS, signal.SIGCHLD)
+    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    return sc.signalfd(signals)
+
+
+def read_signals(sigfd: int) -> list[tuple[int, int, int]]:
+    """Pending (signo, si_code, sender pid) tuples, in arrival order."""
+    found = []
+    while True:
+        try:
+            raw = os.read(sigfd, sc.SIGNALFD_SIGINFO_SIZE * 16)
+        except BlockingIOError:
+            return found
+        for offset in range(0, len(raw), sc.SIGNALFD_SIGINFO_SIZE):
+            found.append(sc.parse_signalfd_siginfo(raw[offset:offset + sc.SIGNALFD_SIGINFO_SIZE]))
+
+
+def exit_code(wait_status: int) -> int:
+    """The shell's encoding: the exit code, or 128+N when killed by signal N."""
+    code = os.waitstatus_to_exitcode(wait_status)
+    return code if code >= 0 else 128 - code
+
+
+def spawn_layer(plan: LayerPlan, ctx: Context, proc_fd: int, env: dict[str, str], cwd: str,
+                die_with_parent: bool = True) -> Child:
+    """Clone `plan`'s layer from this process. Returns once the child is released."""
+    layer = plan.layer
+    flags = 0
+    for name in layer.namespaces:
+        flags |= CLONE_FLAGS.get(name, 0)
+    uid, gid = os.getuid(), os.getgid()
+    release_r, release_w = os.pipe2(os.O_CLOEXEC)
+    pid, pidfd = sc.clone(flags)
+    if pid == 0:
+        _layer_main(plan, ctx, proc_fd, env, cwd, release_r, release_w, die_with_parent)
+    os.close(release_r)
+    try:
+        if "user" in layer.namespaces:
+            try:
+                privileges.write_id_maps(proc_fd, pid, layer, uid, gid)
+            except StartError as exc:
+                sc.pidfd_send_signal(pidfd, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise StartError(f"layer '{plan.name}': {exc}", exc.exit_code) from None
+        os.write(release_w, b"1")
+    finally:
+        os.close(release_w)
+    return Child(plan, pid, pidfd)
+
+
+def _layer_main(plan, ctx, proc_fd, env, cwd, release_r, release_w, die_with_parent):
+    """The child side of spawn_layer(). Never returns."""
+    status = 1
+    try:
+        os.close(release_w)
+        if die_with_parent:
+            sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.read(release_r, 1) != b"1":  # the parent died or failed before releasing us
+            os._exit(1)
+        os.close(release_r)
+        status = LayerSupervisor(plan, ctx, proc_fd, env, cwd).run()
+    except StartError as exc:
+        _report_failure(ctx, plan.name, str(exc), exc.exit_code)
+        status = exc.exit_code
+    except BaseException as exc:  # a bug: say where, but still end cleanly
+        traceback.print_exc()
+        _report_failure(ctx, plan.name, f"internal error: {exc!r}", 1)
+    finally:
+        os._exit(status)
+
+
+def _report_failure(ctx: Context, layer: str, message: str, code: int) -> None:
+    if message.startswith("layer '"):  # already names the layer it is about
+        layer, _, message = message[len("layer '"):].partition("': ")
+    try:
+        reports.send(ctx.report, reports.Failed(layer=layer, message=message, exit_code=code))
+    except OSError:
+        pass
+
+
+class LayerSupervisor:
+    def __init__(self, plan: LayerPlan, ctx: Context, proc_fd: int, env: dict[str, str],
+                 cwd: str):
+        self.plan = plan
+        self.layer = plan.layer
+        self.ctx = ctx
+        self.proc_fd = proc_fd
+        self.env = env
+        self.cwd = cwd
+        self.sigfd = -1
+        self.children: dict[int, LayerPlan] = {}  # sub-layer supervisors by pid
+        self.commands: set[int] = set()  # this layer's commands (main and companions)
+        self.main_pid: int | None = None
+
+    @property
+    def has_pid_namespace(self) -> bool:
+        return "pid" in self.layer.namespaces
+
+    # ------------------------------------------------------------ building
+
+    def run(self) -> int:
+        os.umask(0)  # modes in the spec are exact; commands get the caller's umask back
+        self._close_inherited_fds()
+        self.sigfd = block_signals()
+        self._wait_for_sockets()
+        if self.has_pid_namespace:
+            self.proc_fd = self._private_procfs()
+        if "user" in self.layer.namespaces:
+            privileges.become(self.layer)
+        if self.layer.hostname is not None:
+            sc.sethostname(self.layer.hostname)
+        if "net" in self.layer.namespaces:
+            network.bring_up_loopback()
+        self._build_filesystem()
+        if "time" in self.layer.namespaces:
+            sc.unshare(sc.CLONE_NEWTIME)
+        self.env = self._layer_env()
+        self.cwd = self.layer.cwd or self.cwd
+        if not self.has_pid_namespace:  # orphans of this layer come back to us
+            sc.prctl(sc.PR_SET_CHILD_SUBREAPER, 1)
+        for child_plan in self.plan.children:
+            child = spawn_layer(child_plan, self.ctx, self.proc_fd, self.env, self.cwd)
+            os.close(child.pidfd)
+            self.children[child.pid] = child_plan
+            if child_plan is self.plan.main_child:
+                self.main_pid = child.pid
+        sc.prctl(sc.PR_SET_DUMPABLE, 0)  # nothing in the sandbox may ptrace or read us
+        self._report_built()
+        aborted = self._wait_for_go()
+        if aborted is not None:
+            return aborted
+        self._start_commands()
+        reports.send(self.ctx.report, reports.Running(layer=self.plan.name))
+        return self._supervise()
+
+    def _close_inherited_fds(self) -> None:
+        keep = {0, 1, 2, self.ctx.report.fileno(), self.ctx.go_fd, self.proc_fd}
+        sc.close_all_fds_except(keep | self.plan.fds)
+
+    def _wait_for_sockets(self) -> None:
+        deadline = time.monotonic() + self.layer.start_timeout
+        for path in self.layer.start_after:
+            _wait_for_listener(path, deadline)
+
+    def _private_procfs(self) -> int:
+        """A procfs of this layer's pid namespace, detached, for this supervisor's own use."""
+        try:
+            fd = sc.fsmount_new("proc", {}, sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NODEV
+                                | sc.MOUNT_ATTR_NOEXEC)
+        except OSError as exc:
+            raise StartError(
+                f"cannot mount a procfs for the layer's pid namespace ({exc.strerror}); the "
+                "parent layer's view must show a complete /proc (give it a proc op)") from None
+        os.close(self.proc_fd)
+        return fd
+
+    def _build_filesystem(self) -> None:
+        if "mount" not in self.layer.namespaces:
+            return
+        if self.layer.new_root:
+            ws = filesystem.open_new_root(self.proc_fd)
+        else:
+            ws = filesystem.open_in_place(self.proc_fd)
+        filesystem.apply(ws, self.layer.fs, self.plan.data)
+        if self.has_pid_namespace and not self.layer.new_root \
+                and not any(isinstance(op, spec.Proc) for op in self.layer.fs):
+            self._cover_proc(ws)
+        if self.layer.new_root:
+            filesystem.enter_new_root(ws, self.layer.root_readonly)
+        else:
+            filesystem.finish_in_place(ws)
+        os.chdir("/")
+
+    def _cover_proc(self, ws: filesystem.Workspace) -> None:
+        """A layer with its own pid namespace but no new root sees its own /proc."""
+        try:
+            target = filesystem._resolve(ws.new, "/proc")
+        except FileNotFoundError:
+            return
+        try:
+            if sc.fstatfs_type(target) == sc.PROC_SUPER_MAGIC:
+                fresh = sc.fsmount_new("proc", {}, sc.MOUNT_ATTR_NOSUID | sc.MOUNT_ATTR_NODEV
+                                       | sc.MOUNT_ATTR_NOEXEC)
+                sc.move_mount(fresh, target)
+                os.close(fresh)
+        finally:
+            os.close(target)
+
+    def _layer_env(self) -> dict[str, str]:
+        env = {} if self.layer.env.clear else dict(self.env)
+        for name in self.layer.env.unset:
+            env.pop(name, None)
+        env.update(self.layer.env.set)
+        return env
+
+    def _report_built(self) -> None:
+        namespaces = {}
+        for name in NAMESPACE_LINKS:
+            try:
+                namespaces[name] = os.stat(f"self/ns/{name}", dir_fd=self.proc_fd).st_ino
+            except OSError:
+                pass
+        own = sc.pidfd_open(os.getpid())
+        try:
+            reports.send(self.ctx.report, reports.Built(layer=self.plan.name,
+                                                        namespaces=namespaces), (own,))
+        finally:
+            os.close(own)
+
+    def _wait_for_go(self) -> int | None:
+        """Block until the go byte arrives. Returns an exit status if the start is off."""
+        poller = select.poll()
+        poller.register(self.ctx.go_fd, select.POLLIN)
+        poller.register(self.sigfd, select.POLLIN)
+        while True:
+            for fd, _events in poller.poll():
+                if fd == self.ctx.go_fd:
+                    go = os.read(self.ctx.go_fd, 1)
+                    os.close(self.ctx.go_fd)
+                    return None if go else 1  # EOF: the caller is gone
+                for signo, code, sender in read_signals(self.sigfd):
+                    if signo == signal.SIGCHLD:
+                        self._check_children_during_start()
+                    elif signo in ENDING_SIGNALS and self._from_parent(code, sender):
+                        return 128 + signo
+
+    def _check_children_during_start(self) -> None:
+        for pid, status in _reap():
+            name = self.children.pop(pid, None)
+            if name is not None:
+                raise StartError(f"layer '{name.name}': exited during start with status "
+                                 f"{exit_code(status)}")
+
+    # ------------------------------------------------------------ commands
+
+    def _start_commands(self) -> None:
+        if self.layer.command is not None:
+            pid = self._spawn(self.layer.command, companion=False)
+            if self.main_pid is None:
+                self.main_pid = pid
+        for command in self.layer.companions:
+            self._spawn(command, companion=True)
+
+    def _spawn(self, command: spec.Command, companion: bool) -> int:
+        """Fork and exec one command; raises StartError if it cannot be executed."""
+        errors_r, errors_w = os.pipe2(os.O_CLOEXEC)
+        pid = os.fork()
+        if pid == 0:
+            try:
+                os.close(errors_r)
+                self._exec(command, companion, errors_w)
+            except StartError as exc:
+                os.write(errors_w, f"{exc.exit_code}:{exc}".encode())
+            except BaseException as exc:
+                os.write(errors_w, f"1:{exc!r}".encode())
+            finally:
+                os._exit(127)
+        os.close(errors_w)
+        failure = b"".join(iter(lambda: os.read(errors_r, 4096), b""))
+        os.close(errors_r)
+        self.commands.add(pid)
+        if failure:
+            code, _, message = failure.decode(errors="replace").partition(":")
+            raise StartError(f"command {command.argv[0]!r}: {message}", int(code))
+        return pid
+
+    def _exec(self, command: spec.Command, companion: bool, errors_fd: int) -> None:
+        """In the forked command process: the last steps before execve, in this order."""
+        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        for signo in (signal.SIGPIPE, signal.SIGXFSZ):  # Python ignores these; exec keeps that
+            signal.signal(signo, signal.SIG_DFL)
+        if command.new_session:
+            os.setsid()  # no controlling terminal: TIOCSTI cannot reach the caller's
+        sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        if (command.stdin or ("null" if companion else "inherit")) == "null":
+            empty_r, empty_w = os.pipe()
+            os.close(empty_w)
+            os.dup2(empty_r, 0)
+            os.close(empty_r)
+        cwd = self._command_cwd(command)
+        env = {**self.env, "PWD": cwd}
+        os.umask(self.ctx.plan.umask)
+        privileges.restrict_capabilities(self.plan.caps, self.ctx.plan.cap_last)
+        privileges.no_new_privs()
+        sc.close_all_fds_except({0, 1, 2, errors_fd, *command.pass_fds})
+        privileges.load_seccomp(self.plan.seccomp)  # last: the filter may forbid the steps above
+        argv = [command.argv0 or command.argv[0], *command.argv[1:]]
+        try:
+            os.execvpe(command.argv[0], argv, env)
+        except OSError as exc:
+            code = EXIT_USAGE if isinstance(exc, (FileNotFoundError, PermissionError)) else 1
+            raise StartError(f"cannot execute: {exc.strerror}", code) from None
+
+    def _command_cwd(self, command: spec.Command) -> str:
+        explicit = command.cwd or self.layer.cwd
+        candidates = [explicit] if explicit else [self.cwd, self.env.get("HOME"), "/"]
+        for path in candidates:
+            if not path:
+                continue
+            try:
+                os.chdir(path)
+            except OSError as exc:
+                if explicit:
+                    raise StartError(f"working directory {path}: {exc.strerror}",
+                                     EXIT_USAGE) from None
+                continue
+            if os.getcwd().startswith("/"):  # reachable from this root, not "(unreachable)"
+                return path
+        raise StartError("no usable working directory")
+
+    # ------------------------------------------------------------ supervising
+
+    def _supervise(self) -> int:
+        poller = select.poll()
+        poller.register(self.sigfd, select.POLLIN)
+        while True:
+            poller.poll()
+            for signo, code, sender in read_signals(self.sigfd):
+                if signo == signal.SIGCHLD:
+                    status = self._collect()
+                    if status is not None:
+                        return self._end(status)
+                elif not self._from_parent(code, sender):
+                    continue  # only the parent layer may steer us
+                elif self.main_pid is not None:
+                    os.kill(self.main_pid, signo)
+                elif signo in ENDING_SIGNALS:
+                    return self._end(128 + signo)
+
+    def _collect(self) -> int | None:
+        """Reap children; the layer's status once it should end, else None."""
+        for pid, status in _reap():
+            if pid == self.main_pid:
+                return exit_code(status)
+            self.children.pop(pid, None)
+            self.commands.discard(pid)
+        if self.main_pid is None and not self.children and not self.commands:
+            return 0
+        return None
+
+    def _from_parent(self, code: int, sender: int) -> bool:
+        """Signals count only when the parent sent them (or anyone outside our pid ns)."""
+        return code != SI_KERNEL and (sender == 0 or sender == os.getppid())
+
+    def _end(self, status: int) -> int:
+        """End the layer: with a pid namespace our exit kills the rest; else kill it here."""
+        if not self.has_pid_namespace:
+            kill_all_children(self.proc_fd)
+        return status
+
+
+def _reap() -> list[tuple[int, int]]:
+    reaped = []
+    while True:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return reaped
+        if pid == 0:
+            return reaped
+        reaped.append((pid, status))
+
+
+def kill_all_children(proc_fd: int) -> None:
+    """SIGKILL every child, including orphans that reach us as a subreaper, and reap them."""
+    while True:
+        try:
+            with open(os.open("thread-self/children", os.O_RDONLY, dir_fd=proc_fd)) as f:
+                pids = [int(p) for p in f.read().split()]
+        except OSError:
+            pids = []
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        try:
+            os.waitpid(-1, 0)
+        except ChildProcessError:
+            return
+
+
+def _wait_for_listener(path: str, deadline: float) -> None:
+    """Wait until a unix socket at `path` accepts connections (backing off, bounded)."""
+    delay = 0.001
+    while True:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
+            try:
+                probe.connect(path)
+                return
+            except OSError as exc:
+                last = exc.strerror
+        if time.monotonic() + delay > deadline:
+            raise StartError(f"start_after: {path} did not accept connections in time ({last})")
+        time.sleep(delay)
+        delay = min(delay * 2, 0.05)

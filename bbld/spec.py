@@ -1,0 +1,480 @@
+"""The sandbox spec: what a sandbox is, as a tree of layers. Pure data, no I/O, no kernel calls.
+
+A profile (TOML) and a bubblewrap command line are front ends that both produce a `Sandbox`.
+`decode()` turns JSON/TOML text into a `Sandbox`; `check()` finds every rule it breaks and
+names the layer, the filesystem operation index and the field of each problem.
+"""
+
+from __future__ import annotations
+
+import posixpath
+import re
+from typing import Literal
+
+import msgspec
+from msgspec import Struct, field
+
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+ENV_NAME_PATTERN = re.compile(r"^[^=\0]+$")
+
+Namespace = Literal["user", "mount", "pid", "ipc", "uts", "net", "cgroup", "time"]
+NAMESPACES = ("user", "mount", "pid", "ipc", "uts", "net", "cgroup", "time")
+
+CAPABILITIES = (
+    "chown", "dac_override", "dac_read_search", "fowner", "fsetid", "kill", "setgid", "setuid",
+    "setpcap", "linux_immutable", "net_bind_service", "net_broadcast", "net_admin", "net_raw",
+    "ipc_lock", "ipc_owner", "sys_module", "sys_rawio", "sys_chroot", "sys_ptrace", "sys_pacct",
+    "sys_admin", "sys_boot", "sys_nice", "sys_resource", "sys_time", "sys_tty_config", "mknod",
+    "lease", "audit_write", "audit_control", "setfcap", "mac_override", "mac_admin", "syslog",
+    "wake_alarm", "block_suspend", "audit_read", "perfmon", "bpf", "checkpoint_restore",
+)
+
+
+def capability_number(name: str) -> int:
+    """'CAP_SYS_ADMIN', 'sys_admin' -> 21. Raises ValueError for unknown names."""
+    key = name.lower().removeprefix("cap_")
+    return CAPABILITIES.index(key)
+
+
+def _mode(value: int | str) -> int:
+    """Modes are ints (TOML 0o755) or octal strings ("0755", JSON has no octal literal)."""
+    if isinstance(value, str):
+        try:
+            value = int(value, 8)
+        except ValueError:
+            raise ValueError(f"mode {value!r} is not an octal number like \"0755\"") from None
+    if not 0 <= value <= 0o7777:
+        raise ValueError(f"mode {value:o} is out of range (0 to 7777 octal)")
+    return value
+
+
+# ---------------------------------------------------------------- filesystem operations
+# Sources are paths as the parent layer sees them; destinations are paths in this layer's
+# view (inside its new root when it has one). Operations run in the order given.
+
+
+class FsOp(Struct, tag_field="op", forbid_unknown_fields=True, kw_only=True):
+    @property
+    def target(self) -> str:
+        return getattr(self, "dest", None) or getattr(self, "path")
+
+    @property
+    def kind(self) -> str:
+        return type(self).__struct_config__.tag
+
+
+class _Bind(FsOp, kw_only=True):
+    src: str
+    dest: str
+    try_: bool = field(default=False, name="try")  # skip silently if src does not exist
+
+
+class Bind(_Bind, tag="bind"):
+    """Recursive bind, nosuid+nodev on every submount."""
+
+
+class RoBind(_Bind, tag="ro-bind"):
+    """Recursive bind, read-only+nosuid+nodev on every submount."""
+
+
+class DevBind(_Bind, tag="dev-bind"):
+    """Recursive bind that keeps device nodes usable (nosuid only)."""
+
+
+class BindFd(FsOp, tag="bind-fd", kw_only=True):
+    fd: int  # an fd open in the engine's caller: a directory or an O_PATH fd
+    dest: str
+
+
+class RoBindFd(BindFd, tag="ro-bind-fd"):
+    pass
+
+
+class RemountRo(FsOp, tag="remount-ro", kw_only=True):
+    dest: str  # must be a mount point; made read-only with everything mounted below it
+
+
+class Tmpfs(FsOp, tag="tmpfs", kw_only=True):
+    dest: str
+    mode: int | str = 0o755
+    size: int | None = None  # bytes
+
+    def __post_init__(self):
+        self.mode = _mode(self.mode)
+
+
+class Dir(FsOp, tag="dir", kw_only=True):
+    dest: str
+    mode: int | str = 0o755
+
+    def __post_init__(self):
+        self.mode = _mode(self.mode)
+
+
+class Symlink(FsOp, tag="symlink", kw_only=True):
+    target_path: str = field(name="target")  # the link's literal contents
+    dest: str
+
+
+class _Data(FsOp, kw_only=True):
+    dest: str
+    content: str | None = None
+    fd: int | None = None  # read to EOF by the engine before the sandbox starts
+    mode: int | str = 0o666
+
+    def __post_init__(self):
+        self.mode = _mode(self.mode)
+
+
+class File(_Data, tag="file"):
+    """A regular file created in the new root with the given content."""
+
+
+class BindData(_Data, tag="bind-data"):
+    mode: int | str = 0o600
+
+
+class RoBindData(_Data, tag="ro-bind-data"):
+    mode: int | str = 0o600
+
+
+class Chmod(FsOp, tag="chmod", kw_only=True):
+    path: str
+    mode: int | str
+
+    def __post_init__(self):
+        self.mode = _mode(self.mode)
+
+
+class Proc(FsOp, tag="proc", kw_only=True):
+    dest: str
+
+
+class Dev(FsOp, tag="dev", kw_only=True):
+    """A minimal /dev: tmpfs 0755, null zero full random urandom tty, its own devpts, shm."""
+    dest: str
+
+
+class Devpts(FsOp, tag="devpts", kw_only=True):
+    dest: str
+
+
+class Mqueue(FsOp, tag="mqueue", kw_only=True):
+    dest: str
+
+
+class Overlay(FsOp, tag="overlay", kw_only=True):
+    lower: list[str]  # first entry is the top-most lower layer
+    upper: str
+    work: str
+    dest: str
+
+
+class TmpOverlay(FsOp, tag="tmp-overlay", kw_only=True):
+    """Overlay whose writes go to an invisible tmpfs and are discarded at the end."""
+    lower: list[str]
+    dest: str
+
+
+class RoOverlay(FsOp, tag="ro-overlay", kw_only=True):
+    lower: list[str]
+    dest: str
+
+
+class Mask(FsOp, tag="mask", kw_only=True):
+    """Make a path empty and unreadable (skipped when it does not exist)."""
+    path: str
+
+
+AnyFsOp = (
+    Bind | RoBind | DevBind | BindFd | RoBindFd | RemountRo | Tmpfs | Dir | Symlink | File
+    | BindData | RoBindData | Chmod | Proc | Dev | Devpts | Mqueue | Overlay | TmpOverlay
+    | RoOverlay | Mask
+)
+
+# ---------------------------------------------------------------- layers
+
+
+class IdMap(Struct, forbid_unknown_fields=True):
+    inside: int
+    outside: int
+    count: int = 1
+
+
+class Env(Struct, forbid_unknown_fields=True):
+    """Applied on top of the parent layer's environment: clear, then unset, then set."""
+    clear: bool = False
+    unset: list[str] = []
+    set: dict[str, str] = {}
+
+
+class Command(Struct, forbid_unknown_fields=True):
+    argv: list[str]
+    argv0: str | None = None  # argv[0] given to the program (the file run is still argv[0])
+    cwd: str | None = None
+    new_session: bool = True  # setsid(): the command never holds the caller's terminal
+    pass_fds: list[int] = []  # fds of the engine's caller kept open; all others are closed
+    stdin: Literal["inherit", "null"] | None = None  # default: main inherits, companions null
+
+
+class Seccomp(Struct, forbid_unknown_fields=True):
+    policy: str | None = None  # a named built-in policy (bbld.engine.seccomp.POLICIES)
+    programs: list[bytes] = []  # compiled classic-BPF programs (base64 in JSON), in order
+
+
+class Layer(Struct, forbid_unknown_fields=True, kw_only=True):
+    name: str
+    namespaces: list[Namespace] = []
+    uid: int | None = None  # uid inside; default: the parent's uid (needs a user namespace)
+    gid: int | None = None
+    uid_map: list[IdMap] | None = None  # default: one line, uid inside -> parent's uid
+    gid_map: list[IdMap] | None = None
+    hostname: str | None = None
+    new_root: bool = False  # build a new root on a private tmpfs and pivot into it
+    root_readonly: bool = True  # the new root's own tmpfs is made read-only once built
+    fs: list[AnyFsOp] = []
+    env: Env = field(default_factory=Env)
+    cwd: str | None = None  # default: the caller's cwd if it exists in this view, else /
+    caps: list[str] = []  # capabilities the layer's commands keep (default none)
+    seccomp: Seccomp | None = None
+    command: Command | list[str] | None = None
+    companions: list[Command | list[str]] = []
+    start_after: list[str] = []  # unix socket paths (parent's view) that must accept first
+    start_timeout: float = 30.0
+    layers: list[Layer] = []
+
+    def __post_init__(self):
+        if isinstance(self.command, list):
+            self.command = Command(argv=self.command)
+        self.companions = [Command(argv=c) if isinstance(c, list) else c for c in self.companions]
+
+
+class Sandbox(Struct, forbid_unknown_fields=True, kw_only=True):
+    name: str = "sandbox"
+    main: str | None = None  # layer whose command is the main one; default: the first with one
+    die_with_parent: bool = False  # layer 1 gets SIGKILL when the engine's caller dies
+    layer: Layer
+
+
+# ---------------------------------------------------------------- walking
+
+
+def walk(layer: Layer, parent: Layer | None = None):
+    """Yield (layer, parent) depth-first, parents before children."""
+    yield layer, parent
+    for child in layer.layers:
+        yield from walk(child, layer)
+
+
+def main_layer_name(sandbox: Sandbox) -> str | None:
+    if sandbox.main is not None:
+        return sandbox.main
+    for layer, _ in walk(sandbox.layer):
+        if layer.command is not None:
+            return layer.name
+    return None
+
+
+def path_to(root: Layer, name: str) -> list[Layer]:
+    """The layers from `root` down to the layer called `name` (empty if absent)."""
+    if root.name == name:
+        return [root]
+    for child in root.layers:
+        found = path_to(child, name)
+        if found:
+            return [root, *found]
+    return []
+
+
+# ---------------------------------------------------------------- decoding
+
+
+class SpecError(ValueError):
+    """One or more problems with a spec; each line names where."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+def decode(text: str | bytes, fmt: Literal["json", "toml"], origin: str = "spec") -> Sandbox:
+    """Parse and type-check a spec. Raises SpecError naming the layer, op index and field."""
+    try:
+        raw = msgspec.toml.decode(text) if fmt == "toml" else msgspec.json.decode(text)
+    except msgspec.DecodeError as exc:
+        raise SpecError([f"{origin}: not valid {fmt.upper()}: {exc}"]) from None
+    try:
+        return msgspec.convert(raw, Sandbox)
+    except msgspec.ValidationError as exc:
+        raise SpecError([f"{origin}: {_locate(raw, str(exc))}"]) from None
+
+
+def _locate(raw, message: str) -> str:
+    """Rewrite msgspec's `$.layer.layers[0].fs[2].src` into a layer name and a field path."""
+    text, sep, where = message.rpartition(" - at `")
+    if not sep:
+        return message
+    node, layer_name, rest, last_key = raw, None, "", None
+    for key, index in re.findall(r"\.([\w-]+)|\[(\d+)\]", where.rstrip("`")):
+        try:
+            node = node[key or int(index)]
+        except (KeyError, IndexError, TypeError):
+            node = None
+        rest += f".{key}" if key else f"[{index}]"
+        entering_layer = key == "layer" or (index and last_key == "layers")
+        if entering_layer and isinstance(node, dict) and isinstance(node.get("name"), str):
+            layer_name, rest = node["name"], ""
+        last_key = key or last_key
+    prefix = f"layer '{layer_name}': " if layer_name else ""
+    return f"{prefix}{rest.lstrip('.') or 'top level'}: {text}"
+
+
+# ---------------------------------------------------------------- rules
+
+
+def check(sandbox: Sandbox, caller_uid: int | None = None, caller_gid: int | None = None,
+          known_policies=()) -> None:
+    """Raise SpecError listing every rule the spec breaks (nothing when it is sound)."""
+    problems: list[str] = []
+    seen: set[str] = set()
+    if not NAME_PATTERN.match(sandbox.name):
+        problems.append(f"name: {sandbox.name!r} must match {NAME_PATTERN.pattern}")
+    ids = {sandbox.layer.name: (caller_uid, caller_gid)}
+    for layer, parent in walk(sandbox.layer):
+        say = _reporter(problems, layer.name)
+        if layer.name in seen:
+            say("name", "is used by another layer; layer names must be unique")
+        seen.add(layer.name)
+        if not NAME_PATTERN.match(layer.name):
+            say("name", f"must match {NAME_PATTERN.pattern}")
+        if parent is not None:
+            ids[layer.name] = ids[parent.name]
+        uid, gid = _layer_ids(layer, *ids[layer.name], say)
+        ids[layer.name] = (uid, gid)
+        for child in layer.layers:
+            ids[child.name] = (uid, gid)
+        _check_layer(layer, say, known_policies)
+        for index, op in enumerate(layer.fs):
+            _check_op(layer, index, op, uid, gid, _reporter(problems, layer.name,
+                                                            f"fs[{index}] ({op.kind})"))
+    main = main_layer_name(sandbox)
+    if main is None:
+        problems.append("main: no layer has a command; give one layer a `command`")
+    elif main not in seen:
+        problems.append(f"main: names layer {main!r}, which does not exist")
+    elif not path_to(sandbox.layer, main)[-1].command:
+        problems.append(f"main: layer {main!r} has no command")
+    if problems:
+        raise SpecError(problems)
+
+
+def _reporter(problems: list[str], layer: str, op: str | None = None):
+    def say(fieldname: str, message: str):
+        where = f"layer '{layer}': " + (f"{op}: " if op else "")
+        problems.append(f"{where}{fieldname}: {message}")
+    return say
+
+
+def _layer_ids(layer: Layer, parent_uid, parent_gid, say):
+    """The uid/gid inside the layer (None when unknown before run time)."""
+    if "user" not in layer.namespaces:
+        for name in ("uid", "gid", "uid_map", "gid_map"):
+            if getattr(layer, name) is not None:
+                say(name, "needs a user namespace; add \"user\" to namespaces")
+        return parent_uid, parent_gid
+    uid = layer.uid if layer.uid is not None else parent_uid
+    gid = layer.gid if layer.gid is not None else parent_gid
+    for name, inside, mapping in (("uid_map", uid, layer.uid_map), ("gid_map", gid, layer.gid_map)):
+        if mapping is None:
+            continue
+        if not mapping:
+            say(name, "must not be empty")
+        elif inside is not None and not any(m.inside <= inside < m.inside + m.count
+                                            for m in mapping):
+            say(name, f"does not map the layer's own id {inside}")
+        if any(m.count < 1 or m.inside < 0 or m.outside < 0 for m in mapping):
+            say(name, "ids must be >= 0 and count >= 1")
+    return uid, gid
+
+
+def _check_layer(layer: Layer, say, known_policies) -> None:
+    ns = layer.namespaces
+    if len(set(ns)) != len(ns):
+        say("namespaces", "lists a namespace twice")
+    if "pid" in ns and "mount" not in ns:
+        say("namespaces", "\"pid\" needs \"mount\" too (the layer mounts its own /proc)")
+    if (layer.new_root or layer.fs) and "mount" not in ns:
+        say("new_root" if layer.new_root else "fs", "needs a mount namespace; add \"mount\"")
+    if layer.hostname is not None:
+        if "uts" not in ns:
+            say("hostname", "needs a uts namespace; add \"uts\" to namespaces")
+        if not 0 < len(layer.hostname) <= 64 or "\0" in layer.hostname:
+            say("hostname", "must be 1 to 64 characters")
+    for index, name in enumerate(layer.caps):
+        try:
+            capability_number(name)
+        except ValueError:
+            say(f"caps[{index}]", f"unknown capability {name!r}")
+    if layer.seccomp and layer.seccomp.policy is not None \
+            and layer.seccomp.policy not in known_policies:
+        say("seccomp.policy", f"unknown policy {layer.seccomp.policy!r}; known: "
+            + ", ".join(sorted(known_policies)))
+    for index, program in enumerate(layer.seccomp.programs if layer.seccomp else []):
+        if not program or len(program) % 8:
+            say(f"seccomp.programs[{index}]", "a BPF program is a non-empty multiple of 8 bytes")
+    if layer.cwd is not None and not layer.cwd.startswith("/"):
+        say("cwd", "must be an absolute path")
+    for key in layer.env.set:
+        if not ENV_NAME_PATTERN.match(key):
+            say("env.set", f"{key!r} is not a valid variable name")
+    for index, path in enumerate(layer.start_after):
+        if not path.startswith("/"):
+            say(f"start_after[{index}]", "must be an absolute socket path")
+    commands = [("command", layer.command)] if layer.command else []
+    commands += [(f"companions[{i}]", c) for i, c in enumerate(layer.companions)]
+    for where, command in commands:
+        if not command.argv or not command.argv[0]:
+            say(where, "argv must name a program")
+        if command.cwd is not None and not command.cwd.startswith("/"):
+            say(f"{where}.cwd", "must be an absolute path")
+        if any(fd < 0 for fd in command.pass_fds):
+            say(f"{where}.pass_fds", "fds must be >= 0")
+
+
+def _abs_path(say, fieldname: str, path: str) -> None:
+    if not path.startswith("/"):
+        say(fieldname, f"{path!r} must be an absolute path")
+    elif "\0" in path:
+        say(fieldname, "must not contain NUL")
+    elif ".." in path.split("/"):
+        say(fieldname, f"{path!r} must not contain '..'")
+
+
+def _check_op(layer: Layer, index: int, op: FsOp, uid, gid, say) -> None:
+    for name in ("dest", "path", "src", "upper", "work"):
+        value = getattr(op, name, None)
+        if value is not None:
+            _abs_path(say, name, value)
+    target = op.target
+    if target.startswith("/") and posixpath.normpath(target) == "/" \
+            and not isinstance(op, (RemountRo, Chmod)):
+        say("dest", "cannot be / itself; use new_root for a new root")
+    if not layer.new_root and isinstance(op, (Dir, Symlink, File)):
+        say("op", "creates files, which needs new_root = true (a private root to create them in)")
+    if isinstance(op, (Overlay, TmpOverlay, RoOverlay)):
+        needed = 2 if isinstance(op, RoOverlay) else 1
+        if len(op.lower) < needed:
+            say("lower", f"needs at least {needed} lower director{'ies' if needed > 1 else 'y'}")
+        for i, path in enumerate(op.lower):
+            _abs_path(say, f"lower[{i}]", path)
+    if isinstance(op, _Data) and (op.content is None) == (op.fd is None):
+        say("content", "give exactly one of content or fd")
+    if isinstance(op, (BindFd,)) and op.fd < 0 or isinstance(op, _Data) and (op.fd or 0) < 0:
+        say("fd", "must be >= 0")
+    if isinstance(op, Tmpfs) and op.size is not None and op.size <= 0:
+        say("size", "must be a positive number of bytes")
+    if isinstance(op, (Dev, Devpts)) and (uid not in (0, None) or gid not in (0, None)):
+        say("op", f"devpts needs uid 0 and gid 0 inside the layer (this layer has {uid}:{gid}); "
+            "build /dev in a layer mapped to 0 and switch to the user's uid in a sub-layer")
+    if isinstance(op, Mqueue) and "ipc" not in layer.namespaces:
+        say("op", "mqueue needs an ipc namespace; add \"ipc\" to namespaces")

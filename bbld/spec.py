@@ -325,8 +325,10 @@ def _locate(raw, message: str) -> str:
         if entering_layer and isinstance(node, dict) and isinstance(node.get("name"), str):
             layer_name, rest = node["name"], ""
         last_key = key or last_key
-    prefix = f"layer '{layer_name}': " if layer_name else ""
-    return f"{prefix}{rest.lstrip('.') or 'top level'}: {text}"
+    where = [f"layer '{layer_name}'"] if layer_name else []
+    if rest or not layer_name:
+        where.append(rest.lstrip(".") or "top level")
+    return f"{': '.join(where)}: {text}"
 
 
 # ---------------------------------------------------------------- rules

@@ -32,8 +32,8 @@ def load(path: str):
     return spec.decode(text, fmt, path)
 
 
-def run(sandbox, args=()) -> int:
+def run(sandbox, args=(), info_fd=None) -> int:
     """Run a sandbox in the foreground; returns the main command's exit status."""
     from bbld.engine.monitor import run as run_plan
 
-    return run_plan(prepare(sandbox, list(args)))
+    return run_plan(prepare(sandbox, list(args)), info_fd)

@@ -4,24 +4,39 @@ Exit status: the main command's (128+N if killed by signal N); 1 when the start 
 time; 2 when the spec is invalid or does not fit this machine. Errors are one line each.
 """
 
+import os
 import sys
 
 from bbld import spec
 from bbld.engine import StartError, load, prepare, run
 
-USAGE = """usage: python -m bbld.engine [--check] SPEC [-- ARGS...]
+USAGE = """usage: python -m bbld.engine [--check] [--info-fd FD] SPEC [-- ARGS...]
 
 Run the sandbox described by SPEC (a .toml or .json file, or - for JSON on stdin) in the
-foreground. ARGS are appended to the main command. --check only validates SPEC."""
+foreground. ARGS are appended to the main command.
+  --check       only validate SPEC (and read its fds); start nothing
+  --info-fd FD  once running, write one JSON line per layer to FD: its name, the host pid of
+                its supervisor and its namespace inode numbers; then close FD"""
 
 
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE, file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
-    check_only = argv[0] == "--check"
-    if check_only:
-        argv = argv[1:]
+    check_only, info_fd = False, None
+    while argv and argv[0] in ("--check", "--info-fd"):
+        if argv[0] == "--check":
+            check_only, argv = True, argv[1:]
+            continue
+        if len(argv) < 2 or not argv[1].isdigit():
+            print("bbl: --info-fd needs a file descriptor number", file=sys.stderr)
+            return 2
+        info_fd, argv = int(argv[1]), argv[2:]
+        try:
+            os.fstat(info_fd)
+        except OSError:
+            print(f"bbl: --info-fd {info_fd}: not an open file descriptor", file=sys.stderr)
+            return 2
     if not argv:
         print("bbl: missing SPEC; see --help", file=sys.stderr)
         return 2
@@ -35,7 +50,7 @@ def main(argv: list[str]) -> int:
         if check_only:
             prepare(sandbox)
             return 0
-        return run(sandbox, rest[1:])
+        return run(sandbox, rest[1:], info_fd)
     except spec.SpecError as exc:
         for problem in exc.problems:
             print(f"bbl: {problem}", file=sys.stderr)

@@ -9,6 +9,7 @@ main command's exit status.
 
 from __future__ import annotations
 
+import json
 import os
 import select
 import signal
@@ -107,6 +108,15 @@ class Instance:
             elif fd == self.sock.fileno():
                 self._read_reports()
 
+    def layers_info(self) -> list[dict]:
+        """Each built layer: name, host pid of its supervisor, namespace inode numbers."""
+        info = []
+        for name in self.layer_names:
+            if name in self.built:
+                info.append({"layer": name, "pid": pidfd_pid(self.pidfds[name]),
+                             "namespaces": self.built[name].namespaces})
+        return info
+
     def _forward_signals(self) -> None:
         for signo, code, _sender in read_signals(self.sigfd):
             if signo == signal.SIGCHLD or self.status is not None:
@@ -183,8 +193,25 @@ class Instance:
         signal.pthread_sigmask(signal.SIG_UNBLOCK, (*FORWARDED_SIGNALS, signal.SIGCHLD))
 
 
-def run(plan: Plan) -> int:
-    """Start the instance in the foreground and return the main command's exit status."""
+def pidfd_pid(pidfd: int) -> int:
+    """The pid (in our pid namespace) of the process a pidfd refers to; -1 once it ended."""
+    with open(f"/proc/self/fdinfo/{pidfd}") as f:
+        for line in f:
+            if line.startswith("Pid:"):
+                return int(line.split()[1])
+    return -1
+
+
+def run(plan: Plan, info_fd: int | None = None) -> int:
+    """Start the instance in the foreground and return the main command's exit status.
+
+    With `info_fd`, one JSON object per layer (see Instance.layers_info) is written there as
+    a line once the instance runs, and the fd is closed.
+    """
     instance = Instance(plan)
     instance.start()
+    if info_fd is not None:
+        with open(info_fd, "w", closefd=True) as out:
+            for entry in instance.layers_info():
+                out.write(json.dumps(entry) + "\n")
     return instance.wait()

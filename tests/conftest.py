@@ -1,0 +1,178 @@
+"""Helpers for tests that run real sandboxes through `python -m bbld.engine`.
+
+Every sandbox a test starts has die_with_parent set, runs under a timeout, and is killed by
+pid (its monitor; layer 1 then dies by PDEATHSIG) if the test gives up on it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+ENGINE = [sys.executable, "-m", "bbld.engine"]
+TIMEOUT = 60
+
+
+def pytest_collection_modifyitems(config, items):
+    """When the suite runs as root, only `root` tests run (the unprivileged pass did the rest)."""
+    if os.getuid() != 0 or config.getoption("markexpr"):
+        return
+    skip = pytest.mark.skip(reason="sandbox tests run as an unprivileged user (tests/run.sh)")
+    for item in items:
+        if "root" not in item.keywords:
+            item.add_marker(skip)
+
+
+# ---------------------------------------------------------------- spec builders
+
+
+def system_ops(dev: bool = True) -> list[dict]:
+    """A minimal system view: /usr and /etc read-only, merged-usr links, /proc, /dev, /tmp."""
+    ops = [{"op": "ro-bind", "src": "/usr", "dest": "/usr"},
+           {"op": "ro-bind", "src": "/etc", "dest": "/etc"}]
+    for name in ("bin", "sbin", "lib", "lib32", "lib64", "libx32"):
+        target = Path("/") / name
+        if target.is_symlink():
+            ops.append({"op": "symlink", "target": os.readlink(target), "dest": f"/{name}"})
+    ops.append({"op": "proc", "dest": "/proc"})
+    if dev:
+        ops.append({"op": "dev", "dest": "/dev"})
+    ops.append({"op": "tmpfs", "dest": "/tmp"})
+    return ops
+
+
+def layer(name: str, **keys) -> dict:
+    return {"name": name, **keys}
+
+
+def app_layer(name: str = "app", command=None, **keys) -> dict:
+    """A layer in its own user/mount/pid namespaces with a new root, mapped to uid 0."""
+    base = {"namespaces": ["user", "mount", "pid"], "uid": 0, "gid": 0, "new_root": True,
+            "fs": system_ops()}
+    if command is not None:
+        base["command"] = command
+    return layer(name, **{**base, **keys})
+
+
+def sandbox(root: dict, **keys) -> dict:
+    return {"layer": root, "die_with_parent": True, **keys}
+
+
+def sh(script: str) -> list[str]:
+    return ["sh", "-c", script]
+
+
+def py(code: str) -> list[str]:
+    return ["python3", "-c", code]
+
+
+# ---------------------------------------------------------------- running
+
+
+@dataclass
+class Result:
+    returncode: int
+    stdout: str
+    stderr: str
+    info: list[dict] = field(default_factory=list)
+
+    def layer(self, name: str) -> dict:
+        return next(entry for entry in self.info if entry["layer"] == name)
+
+
+class Running:
+    """A sandbox started in the background; `info` is available once it runs."""
+
+    def __init__(self, proc: subprocess.Popen, info: list[dict]):
+        self.proc = proc
+        self.info = info
+
+    def layer(self, name: str) -> dict:
+        return next(entry for entry in self.info if entry["layer"] == name)
+
+    def finish(self, timeout: float = TIMEOUT) -> Result:
+        try:
+            out, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.communicate()
+            raise
+        return Result(self.proc.returncode, out, err, self.info)
+
+
+def write_spec(tmp_path: Path, spec: dict) -> Path:
+    path = tmp_path / "spec.json"
+    path.write_text(json.dumps(spec, default=_encode_bytes))
+    return path
+
+
+def _encode_bytes(value):
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
+    raise TypeError(type(value))
+
+
+def start_sandbox(tmp_path: Path, spec: dict, args=(), pass_fds=(), stdin=subprocess.DEVNULL,
+                  stdout=subprocess.PIPE, **popen) -> Running:
+    """Start a sandbox and wait until it runs (or failed to start)."""
+    path = write_spec(tmp_path, spec)
+    info_r, info_w = os.pipe()
+    proc = subprocess.Popen([*ENGINE, "--info-fd", str(info_w), str(path), "--", *args],
+                            stdin=stdin, stdout=stdout, stderr=subprocess.PIPE, text=True,
+                            pass_fds=(info_w, *pass_fds), **popen)
+    os.close(info_w)
+    with os.fdopen(info_r) as lines:
+        info = [json.loads(line) for line in lines]
+    return Running(proc, info)
+
+
+def run_sandbox(tmp_path: Path, spec: dict, args=(), timeout: float = TIMEOUT, **kw) -> Result:
+    return start_sandbox(tmp_path, spec, args, **kw).finish(timeout)
+
+
+def run_engine(*argv, timeout: float = TIMEOUT, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([*ENGINE, *argv], capture_output=True, text=True, timeout=timeout,
+                          **kw)
+
+
+# ---------------------------------------------------------------- leftovers
+
+
+def processes_with(marker: str) -> list[int]:
+    """Host pids whose command line contains `marker` (other than this test process)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                if marker.encode() in f.read():
+                    found.append(int(entry))
+        except OSError:
+            pass
+    return found
+
+
+def wait_gone(pids, timeout: float = 10) -> list[int]:
+    """Wait until none of `pids` exists; returns those still alive after `timeout`."""
+    deadline = time.monotonic() + timeout
+    alive = list(pids)
+    while alive and time.monotonic() < deadline:
+        alive = [pid for pid in alive if os.path.exists(f"/proc/{pid}")]
+        if alive:
+            time.sleep(0.02)
+    return alive
+
+
+@pytest.fixture
+def marker(request) -> str:
+    """A string unique to this test, to find (and check for) its processes."""
+    return f"bbl-test-{os.getpid()}-{request.node.name}"[:80]

@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# Run the whole test suite.
+#
+# As an ordinary user: in a virtualenv (./.venv, or $BBL_TEST_VENV) with the project installed.
+# As root: BBL's real user is unprivileged, so the suite runs first as an unprivileged account
+# ($BBL_TEST_USER, default bbltest, created if missing) from a copy of the tree and a virtualenv
+# under /var/tmp/bbl-test that the account can read; then the tests marked `root` run as root.
+set -euo pipefail
+src=$(cd "$(dirname "$0")/.." && pwd)
+python=${BBL_TEST_PYTHON:-/usr/bin/python3}
+
+make_venv() {  # make_venv DIR SRC: a virtualenv with SRC and its test extras installed
+    [ -x "$1/bin/python" ] || "$python" -m venv "$1"
+    "$1/bin/python" -m pip install --quiet --disable-pip-version-check -e "$2[test]"
+}
+
+if [ "$(id -u)" != 0 ]; then
+    venv=${BBL_TEST_VENV:-$src/.venv}
+    make_venv "$venv" "$src"
+    cd "$src"
+    exec "$venv/bin/python" -m pytest -p no:cacheprovider tests "$@"
+fi
+
+user=${BBL_TEST_USER:-bbltest}
+id -u "$user" >/dev/null 2>&1 || useradd --create-home --shell /bin/bash "$user"
+base=/var/tmp/bbl-test
+if [ -e "$base" ] && [ "$(stat -c %u "$base")" != 0 ]; then
+    rm -rf "$base"  # not ours: never trust a directory someone else made
+fi
+mkdir -p "$base"
+chmod 755 "$base"
+rm -rf "$base/src"
+mkdir "$base/src"
+tar -C "$src" --exclude=./.venv --exclude=./.git --exclude='*.egg-info' -cf - . | tar -C "$base/src" -xf -
+chmod -R a+rX "$base/src"
+make_venv "$base/venv" "$base/src"
+chmod -R a+rX "$base/venv"
+
+cd "$base/src"
+status=0
+runuser -u "$user" -- env -i PATH=/usr/local/bin:/usr/bin:/bin HOME="$(getent passwd "$user" | cut -d: -f6)" \
+    LANG=C.UTF-8 "$base/venv/bin/python" -m pytest -p no:cacheprovider -m "not root" tests "$@" \
+    </dev/null || status=$?
+"$base/venv/bin/python" -m pytest -p no:cacheprovider -m root tests "$@" </dev/null || status=$?
+exit $status

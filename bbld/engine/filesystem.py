@@ -159,26 +159,38 @@ def _require_owned(ws: Workspace, parent_fd: int, path: str) -> None:
             EXIT_USAGE)
 
 
-def _directory(ws: Workspace, path: str) -> int:
-    """An O_PATH fd of directory `path` in the new root, creating missing parents safely."""
+def _directory(ws: Workspace, path: str, depth: int = 0) -> int:
+    """An O_PATH fd of directory `path` in the new root, creating missing parents safely.
+
+    A dangling symlink on the way is followed inside the new root, and its target created
+    there (as bubblewrap does), never outside.
+    """
     try:
         return _resolve(ws.new, path, O_PATH_DIR)
     except FileNotFoundError:
         pass
     parent, name = posixpath.split(posixpath.normpath(path))
-    parent_fd = _directory(ws, parent)
+    parent_fd = _directory(ws, parent, depth)
     try:
-        _require_owned(ws, parent_fd, path)
-        try:
+        link = _dangling_link(parent_fd, name)
+        if link is None:
+            _require_owned(ws, parent_fd, path)
             os.mkdir(name, 0o755, dir_fd=parent_fd)
-        except FileExistsError:
-            pass
     finally:
         os.close(parent_fd)
+    if link is not None:
+        if depth > 40:
+            raise StartError(f"too many levels of symbolic links at {path}", EXIT_USAGE)
+        return _directory(ws, posixpath.normpath(posixpath.join(parent, link)), depth + 1)
+    return _resolve(ws.new, path, O_PATH_DIR)
+
+
+def _dangling_link(parent_fd: int, name: str) -> str | None:
+    """The target of `name` if it is a symlink (known to lead nowhere yet), else None."""
     try:
-        return _resolve(ws.new, path, O_PATH_DIR)
-    except FileNotFoundError:
-        raise StartError(f"{path} is a dangling symlink", EXIT_USAGE) from None
+        return os.readlink(name, dir_fd=parent_fd)
+    except (FileNotFoundError, OSError):
+        return None
 
 
 def _parent_and_name(ws: Workspace, path: str) -> tuple[int, str]:
@@ -186,24 +198,30 @@ def _parent_and_name(ws: Workspace, path: str) -> tuple[int, str]:
     return _directory(ws, parent), name
 
 
-def _mount_point(ws: Workspace, path: str, directory: bool) -> int:
+def _mount_point(ws: Workspace, path: str, directory: bool, depth: int = 0) -> int:
     """An O_PATH fd to mount on at `path`: existing, or created on an owned filesystem."""
     try:
         return _resolve(ws.new, path)
     except FileNotFoundError:
         pass
-    parent_fd, name = _parent_and_name(ws, path)
+    parent, name = posixpath.split(posixpath.normpath(path))
+    parent_fd = _directory(ws, parent)
     try:
-        _require_owned(ws, parent_fd, path)
-        if directory:
-            os.mkdir(name, 0o755, dir_fd=parent_fd)
-        else:
-            os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC, 0o444,
-                             dir_fd=parent_fd))
-    except FileExistsError:
-        raise StartError(f"{path} is a dangling symlink", EXIT_USAGE) from None
+        link = _dangling_link(parent_fd, name)
+        if link is None:
+            _require_owned(ws, parent_fd, path)
+            if directory:
+                os.mkdir(name, 0o755, dir_fd=parent_fd)
+            else:
+                os.close(os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_CLOEXEC,
+                                 0o444, dir_fd=parent_fd))
     finally:
         os.close(parent_fd)
+    if link is not None:
+        if depth > 40:
+            raise StartError(f"too many levels of symbolic links at {path}", EXIT_USAGE)
+        return _mount_point(ws, posixpath.normpath(posixpath.join(parent, link)), directory,
+                            depth + 1)
     return _resolve(ws.new, path)
 
 
@@ -250,11 +268,25 @@ def _bind(ws: Workspace, op, _data) -> None:
 
 
 def _bind_fd(ws: Workspace, op, _data) -> None:
+    """Bind what a caller's fd refers to. The kernel does not clone mounts of another mount
+    namespace through an fd, so the fd's path is looked up in the parent's view and must lead
+    to the very same inode (else someone swapped it: refuse)."""
     try:
-        directory = stat.S_ISDIR(os.fstat(op.fd).st_mode)
+        expected = os.fstat(op.fd)
+        path = _kernel_path(ws, op.fd)
     except OSError:
         raise StartError(f"fd {op.fd} is not open", EXIT_USAGE) from None
-    _attach(ws, _clone_tree(op.fd, BIND_ATTRS[type(op)]), op.dest, directory)
+    src = _source(ws, path) if path.startswith("/") else None
+    try:
+        found = os.fstat(src) if src is not None else None
+        if found is None or (found.st_dev, found.st_ino) != (expected.st_dev, expected.st_ino):
+            raise StartError(f"fd {op.fd} ({path}) is not reachable at that path in the parent "
+                             "layer's view (moved or replaced?)", EXIT_USAGE)
+        _attach(ws, _clone_tree(src, BIND_ATTRS[type(op)]), op.dest,
+                stat.S_ISDIR(found.st_mode))
+    finally:
+        if src is not None:
+            os.close(src)
 
 
 def _remount_ro(ws: Workspace, op, _data) -> None:

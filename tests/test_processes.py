@@ -1,0 +1,167 @@
+"""Processes: exit status, signals, ending layers, failed starts, start conditions."""
+
+import os
+import signal
+import socket
+import threading
+import time
+
+import pytest
+
+from tests.conftest import (app_layer, layer, processes_with, run_sandbox, sandbox, sh,
+                            start_sandbox, wait_gone)
+
+
+def sleeper(marker: str, seconds: int = 1000) -> dict:
+    return {"argv": ["sleep", str(seconds)], "argv0": marker}
+
+
+@pytest.mark.parametrize("script, status", [("exit 0", 0), ("exit 7", 7), ("exit 255", 255),
+                                            ("kill -KILL $$", 137), ("kill -TERM $$", 143)])
+def test_exit_status_of_the_main_command(tmp_path, script, status):
+    assert run_sandbox(tmp_path, sandbox(app_layer(command=sh(script)))).returncode == status
+
+
+def test_exit_status_travels_up_from_a_deep_main_command(tmp_path):
+    leaf = layer("leaf", namespaces=["user", "mount", "pid"], command=sh("exit 42"))
+    middle = layer("middle", namespaces=["mount"], layers=[leaf])
+    assert run_sandbox(tmp_path, sandbox(app_layer("top", layers=[middle]))).returncode == 42
+
+
+@pytest.mark.parametrize("signo", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
+                                   signal.SIGUSR1, signal.SIGUSR2])
+def test_signals_to_the_engine_reach_the_main_command(tmp_path, signo):
+    name = signal.Signals(signo).name[3:]
+    script = f"trap 'echo got-{name}; exit 40' {name}; echo ready; while :; do sleep 0.05; done"
+    leaf = layer("leaf", namespaces=["user", "mount", "pid"], command=sh(script))
+    running = start_sandbox(tmp_path, sandbox(app_layer("top", layers=[leaf])))
+    assert running.proc.stdout.readline() == "ready\n"
+    running.proc.send_signal(signo)
+    result = running.finish()
+    assert (result.returncode, result.stdout) == (40, f"got-{name}\n")
+
+
+def test_signals_from_inside_do_not_steer_the_supervisor(tmp_path):
+    # pid 1 of the layer is its supervisor: the sandbox may signal it, nothing happens.
+    script = "kill -TERM 1; kill -USR1 1; kill -KILL 1; sleep 0.2; echo alive"
+    result = run_sandbox(tmp_path, sandbox(app_layer(command=sh(script))))
+    assert (result.returncode, result.stdout) == (0, "alive\n")
+
+
+@pytest.mark.parametrize("pid_namespace", [True, False])
+def test_companions_end_with_the_main_command_and_never_hold_the_instance(
+        tmp_path, marker, pid_namespace):
+    namespaces = ["user", "mount"] + (["pid"] if pid_namespace else [])
+    fs = None if pid_namespace else [op for op in app_layer()["fs"] if op["op"] != "proc"]
+    keys = {"fs": fs} if fs else {}
+    spec = sandbox(app_layer(namespaces=namespaces, command=sh("sleep 0.2"),
+                             companions=[sleeper(marker)], **keys))
+    started = time.monotonic()
+    result = run_sandbox(tmp_path, spec, timeout=20)
+    assert result.returncode == 0, result.stderr
+    assert time.monotonic() - started < 15
+    assert wait_gone(processes_with(marker)) == []
+
+
+def test_daemonized_orphans_of_a_layer_without_pid_namespace_are_killed(tmp_path, marker):
+    script = f"setsid sh -c 'exec -a {marker} sleep 1000' </dev/null >/dev/null 2>&1 & exit 3"
+    spec = sandbox(layer("flat", namespaces=["user", "mount"], command=sh(script)))
+    result = run_sandbox(tmp_path, spec, timeout=20)
+    assert result.returncode == 3
+    assert wait_gone(processes_with(marker)) == []
+
+
+def test_killing_layer_1_kills_the_whole_tree(tmp_path, marker):
+    leaf = layer("leaf", namespaces=["user", "mount", "pid"], command=sleeper(marker),
+                 companions=[sleeper(marker)])
+    side = layer("side", namespaces=["user", "mount", "pid"], companions=[sleeper(marker)])
+    running = start_sandbox(tmp_path, sandbox(app_layer("top", layers=[leaf, side])))
+    supervisors = [entry["pid"] for entry in running.info]
+    assert len(supervisors) == 3
+    deadline = time.monotonic() + 10
+    while len(processes_with(marker)) < 3 and time.monotonic() < deadline:
+        time.sleep(0.02)
+    commands = processes_with(marker)
+    assert len(commands) == 3
+    os.kill(running.layer("top")["pid"], signal.SIGKILL)
+    assert running.finish().returncode == 128 + signal.SIGKILL
+    assert wait_gone(supervisors + commands) == []
+
+
+def test_die_with_parent_takes_the_tree_down_when_the_caller_dies(tmp_path, marker):
+    running = start_sandbox(tmp_path, sandbox(app_layer(command=sleeper(marker))))
+    pids = [running.layer("app")["pid"]] + processes_with(marker)
+    running.proc.kill()  # the engine's caller, SIGKILL: no chance to clean up
+    running.finish()
+    assert wait_gone(pids) == []
+
+
+def failing_tree(tmp_path, marker, failing_op) -> dict:
+    witness = tmp_path / "ran"
+    leaf = layer("leaf", namespaces=["user", "mount", "pid"],
+                 command=sh(f"touch {witness}"), companions=[sleeper(marker)])
+    broken = layer("broken", namespaces=["mount"], new_root=True, fs=[failing_op])
+    middle = layer("middle", namespaces=["mount", "pid"], layers=[leaf, broken],
+                   companions=[sleeper(marker)])
+    top = app_layer("top", layers=[middle], fs=app_layer()["fs"] + [
+        {"op": "bind", "src": str(tmp_path), "dest": str(tmp_path)}])
+    return sandbox(top)
+
+
+@pytest.mark.parametrize("failing_op, message, status", [
+    ({"op": "ro-bind", "src": "/nonexistent-source", "dest": "/x"},
+     "bbl: layer 'broken': fs[0] (ro-bind) /x: source /nonexistent-source does not exist in "
+     "the parent layer's view\n", 2),
+    ({"op": "chmod", "path": "/nope", "mode": "0755"},
+     "bbl: layer 'broken': fs[0] (chmod) /nope: No such file or directory\n", 1),
+])
+def test_a_failed_start_runs_nothing_and_leaves_nothing(tmp_path, marker, failing_op,
+                                                        message, status):
+    before = set(os.listdir(tmp_path))
+    result = run_sandbox(tmp_path, failing_tree(tmp_path, marker, failing_op))
+    assert result.returncode == status
+    assert result.stderr.startswith(message) and result.stderr.count("\n") == 1, result.stderr
+    assert not (tmp_path / "ran").exists()  # no command ran before the tree was complete
+    assert set(os.listdir(tmp_path)) == before | {"spec.json"}
+    assert processes_with(marker) == []
+
+
+def test_exec_failure_fails_the_start_naming_the_layer(tmp_path, marker):
+    leaf = layer("leaf", namespaces=["user", "mount", "pid"],
+                 command=["/no/such/program", "arg"], companions=[sleeper(marker)])
+    result = run_sandbox(tmp_path, sandbox(app_layer("top", layers=[leaf])))
+    assert result.returncode == 2
+    assert result.stderr == ("bbl: layer 'leaf': command '/no/such/program': cannot execute: "
+                             "No such file or directory\n")
+    assert wait_gone(processes_with(marker)) == []
+
+
+def test_start_after_waits_for_a_listening_socket(tmp_path):
+    path = tmp_path / "ready.sock"
+    server = socket.socket(socket.AF_UNIX)
+
+    def listen_later():
+        time.sleep(0.5)
+        server.bind(str(path))
+        server.listen()
+
+    thread = threading.Thread(target=listen_later)
+    thread.start()
+    gated = layer("gated", namespaces=["mount"], start_after=[str(path)],
+                  command=sh("echo started"))
+    try:
+        result = run_sandbox(tmp_path, sandbox(app_layer("top", layers=[gated], fs=app_layer()[
+            "fs"] + [{"op": "bind", "src": str(tmp_path), "dest": str(tmp_path)}])))
+    finally:
+        thread.join()
+        server.close()
+    assert (result.returncode, result.stdout) == (0, "started\n"), result.stderr
+
+
+def test_start_after_gives_up_after_its_timeout(tmp_path):
+    gated = layer("gated", namespaces=["mount"], start_after=[str(tmp_path / "never.sock")],
+                  start_timeout=0.3, command=["true"])
+    result = run_sandbox(tmp_path, sandbox(app_layer("top", layers=[gated])))
+    assert result.returncode == 1
+    assert result.stderr.startswith(f"bbl: layer 'gated': start_after: {tmp_path}/never.sock "
+                                    "did not accept connections in time")

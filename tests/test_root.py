@@ -1,0 +1,56 @@
+"""Root can use the engine too (the suite's second pass, run as root)."""
+
+import os
+
+import pytest
+
+from tests.conftest import app_layer, layer, run_sandbox, sandbox, sh, start_sandbox
+
+pytestmark = [pytest.mark.root,
+              pytest.mark.skipif(os.getuid() != 0, reason="needs to run as root")]
+
+
+def test_root_runs_a_nested_sandbox(tmp_path):
+    leaf = layer("leaf", namespaces=["user", "mount", "pid"], uid=1000, gid=1000,
+                 command=sh("id -u; cat /proc/self/uid_map; grep CapBnd /proc/self/status"))
+    result = run_sandbox(tmp_path, sandbox(app_layer("top", layers=[leaf])))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["1000", "1000", "0", "1", "CapBnd:", "0000000000000000"]
+
+
+def test_root_without_a_user_namespace_still_drops_everything(tmp_path):
+    spec = sandbox(layer("real", namespaces=["mount", "pid"], new_root=True,
+                         fs=app_layer()["fs"], command=sh("id -u; grep -E 'Cap(Eff|Bnd)' "
+                                                          "/proc/self/status")))
+    result = run_sandbox(tmp_path, spec)
+    assert result.stdout.split() == ["0", "CapEff:", "0000000000000000", "CapBnd:",
+                                     "0000000000000000"], result.stderr
+
+
+def test_root_may_map_a_range_of_ids(tmp_path):
+    spec = sandbox(app_layer(uid_map=[{"inside": 0, "outside": 100000, "count": 65536}],
+                             gid_map=[{"inside": 0, "outside": 100000, "count": 65536}],
+                             command=sh("cat /proc/self/uid_map")))
+    result = run_sandbox(tmp_path, spec)
+    assert result.stdout.split() == ["0", "100000", "65536"], result.stderr
+
+
+def test_supervisors_hold_no_fd_of_the_caller(tmp_path):
+    leaked = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        leaf = layer("leaf", namespaces=["user", "mount", "pid"], command=["sleep", "30"])
+        running = start_sandbox(tmp_path, sandbox(app_layer("top", layers=[leaf])),
+                                pass_fds=(leaked,))
+        try:
+            host_root = os.fstat(leaked)
+            for entry in running.info:
+                fds = os.listdir(f"/proc/{entry['pid']}/fd")
+                inodes = [(st.st_dev, st.st_ino) for st in
+                          (os.stat(f"/proc/{entry['pid']}/fd/{fd}") for fd in fds)]
+                assert (host_root.st_dev, host_root.st_ino) not in inodes, entry["layer"]
+                assert len(fds) <= 7, (entry["layer"], fds)
+        finally:
+            running.proc.terminate()
+            assert running.finish().returncode == 143
+    finally:
+        os.close(leaked)

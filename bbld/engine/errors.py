@@ -7,9 +7,14 @@ EXIT_USAGE = 2  # the spec does not fit this machine: a missing source, an unkno
 class StartError(Exception):
     """A layer could not be built; the message names the operation and what went wrong."""
 
-    def __init__(self, message: str, exit_code: int = EXIT_RUNTIME):
+    def __init__(self, message: str, exit_code: int = EXIT_RUNTIME, layer: str | None = None):
         super().__init__(message)
+        self.message = message
         self.exit_code = exit_code
+        self.layer = layer
+
+    def __str__(self) -> str:
+        return f"layer '{self.layer}': {self.message}" if self.layer else self.message
 
 
 def describe_os_error(exc: OSError) -> str:

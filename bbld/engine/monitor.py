@@ -31,7 +31,7 @@ class Instance:
         self.built: dict[str, reports.Built] = {}
         self.pidfds: dict[str, int] = {}  # layer name -> pidfd of its supervisor
         self.running: set[str] = set()
-        self.failure: reports.Failed | None = None
+        self.failure: StartError | None = None
         self.status: int | None = None  # layer 1's exit status, once it ended
         self.released = False
         self.torn_down = False
@@ -72,11 +72,10 @@ class Instance:
 
     def _started(self) -> bool:
         if self.failure is not None:
-            raise StartError(f"layer '{self.failure.layer}': {self.failure.message}",
-                             self.failure.exit_code)
+            raise self.failure
         if self.status is not None:
-            raise StartError(f"layer '{self.plan.root.name}': exited during start with status "
-                             f"{self.status}")
+            raise StartError(f"exited during start with status {self.status}",
+                             layer=self.plan.root.name)
         if not self.released and self.barrier <= self.built.keys():
             os.write(self.go_w, b"1" * len(self.layer_names))  # one byte for every layer
             os.close(self.go_w)
@@ -91,8 +90,7 @@ class Instance:
             while self.status is None:
                 self._step()
                 if self.failure is not None:  # a layer gated by a socket failed later
-                    raise StartError(f"layer '{self.failure.layer}': {self.failure.message}",
-                                     self.failure.exit_code)
+                    raise self.failure
             return self.status
         finally:
             self._teardown()
@@ -136,7 +134,7 @@ class Instance:
             except BlockingIOError:
                 return
             except (ValueError, OSError) as exc:
-                self._fail("?", f"bad report from a layer: {exc}")
+                self._fail(None, f"bad report from a layer: {exc}")
                 return
             if report is None:  # every layer supervisor has ended
                 self.poller.unregister(self.sock.fileno())
@@ -149,7 +147,7 @@ class Instance:
         if name not in self.layer_names:
             for fd in fds:
                 os.close(fd)
-            return self._fail("?", f"report about an unknown layer {name!r}")
+            return self._fail(None, f"report about an unknown layer {name!r}")
         if isinstance(report, reports.Failed):
             self._fail(name, report.message, report.exit_code)
         elif isinstance(report, reports.Built) and name not in self.built and len(fds) == 1:
@@ -162,9 +160,9 @@ class Instance:
                 os.close(fd)
             self._fail(name, f"unexpected report {type(report).__name__}")
 
-    def _fail(self, layer: str, message: str, code: int = 1) -> None:
-        if self.failure is None:
-            self.failure = reports.Failed(layer=layer, message=message, exit_code=code)
+    def _fail(self, layer: str | None, message: str, code: int = 1) -> None:
+        if self.failure is None:  # the first failure is the cause; later ones are echoes
+            self.failure = StartError(message, code, layer=layer)
 
     # ------------------------------------------------------------ the end
 

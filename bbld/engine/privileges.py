@@ -38,12 +38,19 @@ def _map_text(mapping: list[spec.IdMap]) -> str:
     return "".join(f"{m.inside} {m.outside} {m.count}\n" for m in mapping)
 
 
-def become(layer: spec.Layer) -> None:
-    """Switch to the layer's uid/gid if the maps did not already put the process there."""
+def become(layer: spec.Layer) -> bool:
+    """Switch to the layer's uid/gid if the maps did not already put the process there.
+
+    Returns True if the ids changed (which clears the parent-death signal).
+    """
+    changed = False
     if layer.gid is not None and os.getgid() != layer.gid:
         os.setresgid(layer.gid, layer.gid, layer.gid)
+        changed = True
     if layer.uid is not None and os.getuid() != layer.uid:
         os.setresuid(layer.uid, layer.uid, layer.uid)
+        changed = True
+    return changed
 
 
 def restrict_capabilities(keep: frozenset[int], cap_last: int) -> None:

@@ -95,7 +95,7 @@ def spawn_layer(plan: LayerPlan, ctx: Context, proc_fd: int, env: dict[str, str]
             except StartError as exc:
                 sc.pidfd_send_signal(pidfd, signal.SIGKILL)
                 os.waitpid(pid, 0)
-                raise StartError(f"layer '{plan.name}': {exc}", exc.exit_code) from None
+                raise StartError(exc.message, exc.exit_code, layer=plan.name) from None
         os.write(release_w, b"1")
     finally:
         os.close(release_w)
@@ -112,9 +112,9 @@ def _layer_main(plan, ctx, proc_fd, env, cwd, release_r, release_w, die_with_par
         if os.read(release_r, 1) != b"1":  # the parent died or failed before releasing us
             os._exit(1)
         os.close(release_r)
-        status = LayerSupervisor(plan, ctx, proc_fd, env, cwd).run()
+        status = LayerSupervisor(plan, ctx, proc_fd, env, cwd, die_with_parent).run()
     except StartError as exc:
-        _report_failure(ctx, plan.name, str(exc), exc.exit_code)
+        _report_failure(ctx, exc.layer or plan.name, exc.message, exc.exit_code)
         status = exc.exit_code
     except BaseException as exc:  # a bug: say where, but still end cleanly
         traceback.print_exc()
@@ -124,8 +124,6 @@ def _layer_main(plan, ctx, proc_fd, env, cwd, release_r, release_w, die_with_par
 
 
 def _report_failure(ctx: Context, layer: str, message: str, code: int) -> None:
-    if message.startswith("layer '"):  # already names the layer it is about
-        layer, _, message = message[len("layer '"):].partition("': ")
     try:
         reports.send(ctx.report, reports.Failed(layer=layer, message=message, exit_code=code))
     except OSError:
@@ -134,8 +132,9 @@ def _report_failure(ctx: Context, layer: str, message: str, code: int) -> None:
 
 class LayerSupervisor:
     def __init__(self, plan: LayerPlan, ctx: Context, proc_fd: int, env: dict[str, str],
-                 cwd: str):
+                 cwd: str, die_with_parent: bool):
         self.plan = plan
+        self.die_with_parent = die_with_parent
         self.layer = plan.layer
         self.ctx = ctx
         self.proc_fd = proc_fd
@@ -159,8 +158,9 @@ class LayerSupervisor:
         self._wait_for_sockets()
         if self.has_pid_namespace:
             self.proc_fd = self._private_procfs()
-        if "user" in self.layer.namespaces:
-            privileges.become(self.layer)
+        if "user" in self.layer.namespaces and privileges.become(self.layer) \
+                and self.die_with_parent:  # changing ids cleared the parent-death signal
+            sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
         if self.layer.hostname is not None:
             sc.sethostname(self.layer.hostname)
         if "net" in self.layer.namespaces:
@@ -267,23 +267,23 @@ class LayerSupervisor:
         poller.register(self.ctx.go_fd, select.POLLIN)
         poller.register(self.sigfd, select.POLLIN)
         while True:
-            for fd, _events in poller.poll():
-                if fd == self.ctx.go_fd:
-                    go = os.read(self.ctx.go_fd, 1)
-                    os.close(self.ctx.go_fd)
-                    return None if go else 1  # EOF: the caller is gone
-                for signo, code, sender in read_signals(self.sigfd):
-                    if signo == signal.SIGCHLD:
-                        self._check_children_during_start()
-                    elif signo in ENDING_SIGNALS and self._from_parent(code, sender):
-                        return 128 + signo
+            ready = dict(poller.poll())
+            if self.ctx.go_fd in ready:  # first: once released, children may end at once
+                go = os.read(self.ctx.go_fd, 1)
+                os.close(self.ctx.go_fd)
+                return None if go else 1  # EOF: the caller is gone
+            for signo, code, sender in read_signals(self.sigfd):
+                if signo == signal.SIGCHLD:
+                    self._check_children_during_start()
+                elif signo in ENDING_SIGNALS and self._from_parent(code, sender):
+                    return 128 + signo
 
     def _check_children_during_start(self) -> None:
         for pid, status in _reap():
-            name = self.children.pop(pid, None)
-            if name is not None:
-                raise StartError(f"layer '{name.name}': exited during start with status "
-                                 f"{exit_code(status)}")
+            child = self.children.pop(pid, None)
+            if child is not None:
+                raise StartError(f"exited during start with status {exit_code(status)}",
+                                 layer=child.name)
 
     # ------------------------------------------------------------ commands
 

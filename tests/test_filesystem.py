@@ -277,3 +277,18 @@ def test_in_place_layer_masks_without_new_root(tmp_path):
     result = run_sandbox(tmp_path, sandbox(outer))
     assert result.stdout.split() == ["0", "700"], result.stderr
     assert "Permission denied" in result.stderr
+
+
+def test_the_old_root_is_gone_and_pid_1_root_is_out_of_reach(tmp_path):
+    (tmp_path / "canary").write_text("host")
+    script = (f"cat {tmp_path}/canary; ls /proc/1/root/ 2>&1 | head -1; "
+              "cut -d' ' -f4,5 /proc/self/mountinfo | grep -cE 'oldroot|newroot|canary'; "
+              "cd /proc/1/cwd 2>&1; echo end")
+    me = os.getuid()
+    leaf = layer("leaf", namespaces=["user", "mount", "pid"], uid=me, gid=me, command=sh(script))
+    result = run_sandbox(tmp_path, sandbox(app_layer("outer", layers=[leaf])))
+    assert "host" not in result.stdout
+    assert "No such file or directory" in result.stderr  # the canary
+    lines = result.stdout.splitlines()
+    assert "Permission denied" in lines[0] and lines[1] == "0" and lines[-1] == "end"
+    assert "can't cd to /proc/1/cwd" in lines[2]

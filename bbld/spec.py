@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import posixpath
 import re
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import msgspec
 from msgspec import Struct, field
@@ -234,7 +234,7 @@ class Layer(Struct, forbid_unknown_fields=True, kw_only=True):
     root_readonly: bool = True  # the new root's own tmpfs is made read-only once built
     fs: list[AnyFsOp] = []
     env: Env = field(default_factory=Env)
-    cwd: str | None = None  # default: the caller's cwd if it exists in this view, else /
+    cwd: str | None = None  # commands' cwd; default: the parent's, else $HOME, else /
     caps: list[str] = []  # capabilities the layer's commands keep (default none)
     seccomp: Seccomp | None = None
     command: Command | list[str] | None = None
@@ -341,24 +341,8 @@ def check(sandbox: Sandbox, caller_uid: int | None = None, caller_gid: int | Non
     seen: set[str] = set()
     if not NAME_PATTERN.match(sandbox.name):
         problems.append(f"name: {sandbox.name!r} must match {NAME_PATTERN.pattern}")
-    ids = {sandbox.layer.name: (caller_uid, caller_gid)}
-    for layer, parent in walk(sandbox.layer):
-        say = _reporter(problems, layer.name)
-        if layer.name in seen:
-            say("name", "is used by another layer; layer names must be unique")
-        seen.add(layer.name)
-        if not NAME_PATTERN.match(layer.name):
-            say("name", f"must match {NAME_PATTERN.pattern}")
-        if parent is not None:
-            ids[layer.name] = ids[parent.name]
-        uid, gid = _layer_ids(layer, *ids[layer.name], say)
-        ids[layer.name] = (uid, gid)
-        for child in layer.layers:
-            ids[child.name] = (uid, gid)
-        _check_layer(layer, say, known_policies)
-        for index, op in enumerate(layer.fs):
-            _check_op(layer, index, op, uid, gid, _reporter(problems, layer.name,
-                                                            f"fs[{index}] ({op.kind})"))
+    caller = Ids(caller_uid, caller_gid, caller_uid == 0 and caller_gid == 0)
+    _check_tree(sandbox.layer, caller, problems, seen, known_policies)
     main = main_layer_name(sandbox)
     if main is None:
         problems.append("main: no layer has a command; give one layer a `command`")
@@ -377,17 +361,41 @@ def _reporter(problems: list[str], layer: str, op: str | None = None):
     return say
 
 
-def _layer_ids(layer: Layer, parent_uid, parent_gid, say):
-    """The uid/gid inside the layer (None when unknown before run time)."""
+class Ids(NamedTuple):
+    """Identity inside a layer; None where only known at run time."""
+    uid: int | None
+    gid: int | None
+    root_mapped: bool | None  # are uid 0 and gid 0 mapped in the layer's user namespace?
+
+
+def _check_tree(layer: Layer, parent: Ids, problems, seen, known_policies) -> None:
+    say = _reporter(problems, layer.name)
+    if layer.name in seen:
+        say("name", "is used by another layer; layer names must be unique")
+    seen.add(layer.name)
+    if not NAME_PATTERN.match(layer.name):
+        say("name", f"must match {NAME_PATTERN.pattern}")
+    ids = _layer_ids(layer, parent, say)
+    _check_layer(layer, say, known_policies)
+    for index, op in enumerate(layer.fs):
+        _check_op(layer, index, op, ids, _reporter(problems, layer.name,
+                                                   f"fs[{index}] ({op.kind})"))
+    for child in layer.layers:
+        _check_tree(child, ids, problems, seen, known_policies)
+
+
+def _layer_ids(layer: Layer, parent: Ids, say) -> Ids:
     if "user" not in layer.namespaces:
         for name in ("uid", "gid", "uid_map", "gid_map"):
             if getattr(layer, name) is not None:
                 say(name, "needs a user namespace; add \"user\" to namespaces")
-        return parent_uid, parent_gid
-    uid = layer.uid if layer.uid is not None else parent_uid
-    gid = layer.gid if layer.gid is not None else parent_gid
+        return parent
+    uid = layer.uid if layer.uid is not None else parent.uid
+    gid = layer.gid if layer.gid is not None else parent.gid
+    root_mapped = True
     for name, inside, mapping in (("uid_map", uid, layer.uid_map), ("gid_map", gid, layer.gid_map)):
-        if mapping is None:
+        if mapping is None:  # one line: the layer's id -> the parent's
+            root_mapped = root_mapped and (inside == 0 if inside is not None else None)
             continue
         if not mapping:
             say(name, "must not be empty")
@@ -396,7 +404,8 @@ def _layer_ids(layer: Layer, parent_uid, parent_gid, say):
             say(name, f"does not map the layer's own id {inside}")
         if any(m.count < 1 or m.inside < 0 or m.outside < 0 for m in mapping):
             say(name, "ids must be >= 0 and count >= 1")
-    return uid, gid
+        root_mapped = root_mapped and any(m.inside == 0 for m in mapping)
+    return Ids(uid, gid, root_mapped)
 
 
 def _check_layer(layer: Layer, say, known_policies) -> None:
@@ -452,7 +461,7 @@ def _abs_path(say, fieldname: str, path: str) -> None:
         say(fieldname, f"{path!r} must not contain '..'")
 
 
-def _check_op(layer: Layer, index: int, op: FsOp, uid, gid, say) -> None:
+def _check_op(layer: Layer, index: int, op: FsOp, ids: Ids, say) -> None:
     for name in ("dest", "path", "src", "upper", "work"):
         value = getattr(op, name, None)
         if value is not None:
@@ -461,8 +470,8 @@ def _check_op(layer: Layer, index: int, op: FsOp, uid, gid, say) -> None:
     if target.startswith("/") and posixpath.normpath(target) == "/" \
             and not isinstance(op, (RemountRo, Chmod)):
         say("dest", "cannot be / itself; use new_root for a new root")
-    if not layer.new_root and isinstance(op, (Dir, Symlink, File)):
-        say("op", "creates files, which needs new_root = true (a private root to create them in)")
+    if not layer.new_root and isinstance(op, (Dir, Symlink, File, TmpOverlay)):
+        say("op", "needs new_root = true (a private root, and scratch space, to create in)")
     if isinstance(op, (Overlay, TmpOverlay, RoOverlay)):
         needed = 2 if isinstance(op, RoOverlay) else 1
         if len(op.lower) < needed:
@@ -475,8 +484,9 @@ def _check_op(layer: Layer, index: int, op: FsOp, uid, gid, say) -> None:
         say("fd", "must be >= 0")
     if isinstance(op, Tmpfs) and op.size is not None and op.size <= 0:
         say("size", "must be a positive number of bytes")
-    if isinstance(op, (Dev, Devpts)) and (uid not in (0, None) or gid not in (0, None)):
-        say("op", f"devpts needs uid 0 and gid 0 inside the layer (this layer has {uid}:{gid}); "
-            "build /dev in a layer mapped to 0 and switch to the user's uid in a sub-layer")
+    if isinstance(op, (Dev, Devpts)) and ids.root_mapped is False:
+        say("op", f"a devpts mount needs uid 0 and gid 0 mapped in the layer's user namespace "
+            f"(this layer is {ids.uid}:{ids.gid}); build /dev in a layer mapped to 0 and switch "
+            "to the user's uid in a sub-layer")
     if isinstance(op, Mqueue) and "ipc" not in layer.namespaces:
         say("op", "mqueue needs an ipc namespace; add \"ipc\" to namespaces")

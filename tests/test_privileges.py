@@ -35,6 +35,14 @@ def test_root_inside_a_layer_also_gets_no_capabilities_by_default(tmp_path):
     assert status["CapEff"] == status["CapBnd"] == "0000000000000000"
 
 
+def test_a_layer_without_any_namespace_runs_and_holds_nothing(tmp_path):
+    result = run_sandbox(tmp_path, sandbox(layer("plain", command=STATUS)))
+    assert result.returncode == 0, result.stderr
+    status = status_of(result)
+    assert status["CapEff"] == status["CapPrm"] == "0000000000000000"
+    assert status["NoNewPrivs"] == "1"
+
+
 def test_kept_capabilities_survive_exec_for_a_non_root_uid(tmp_path):
     me = os.getuid()
     leaf = layer("leaf", namespaces=["user", "mount", "pid", "net"], uid=me, gid=me,

@@ -27,12 +27,16 @@ def test_root_without_a_user_namespace_still_drops_everything(tmp_path):
                                      "0000000000000000"], result.stderr
 
 
-def test_root_may_map_a_range_of_ids(tmp_path):
-    spec = sandbox(app_layer(uid_map=[{"inside": 0, "outside": 100000, "count": 65536}],
+@pytest.mark.parametrize("uid", [0, 1000])
+def test_root_may_map_a_range_of_ids(tmp_path, uid):
+    spec = sandbox(app_layer(uid=uid, gid=uid,
+                             uid_map=[{"inside": 0, "outside": 100000, "count": 65536}],
                              gid_map=[{"inside": 0, "outside": 100000, "count": 65536}],
-                             command=sh("cat /proc/self/uid_map")))
+                             command=sh("cat /proc/self/uid_map; id -u; id -g; ls /")))
     result = run_sandbox(tmp_path, spec)
-    assert result.stdout.split() == ["0", "100000", "65536"], result.stderr
+    assert result.stdout.split()[:5] == ["0", "100000", "65536", str(uid), str(uid)], \
+        result.stderr
+    assert "usr" in result.stdout.split()
 
 
 def test_supervisors_hold_no_fd_of_the_caller(tmp_path):

@@ -95,7 +95,7 @@ def test_rules_are_all_reported_with_layer_op_index_and_field():
     ({"name": "l"}, {}, "main: no layer has a command"),
     ({"name": "l", "command": ["x"]}, {"main": "nope"}, "main: names layer 'nope'"),
     ({"name": "l", "namespaces": ["user", "mount"], "new_root": True, "command": ["x"],
-      "fs": [{"op": "dev", "dest": "/dev"}]}, {}, "fs[0] (dev): op: devpts needs uid 0"),
+      "fs": [{"op": "dev", "dest": "/dev"}]}, {}, "fs[0] (dev): op: a devpts mount needs uid 0 and gid 0 mapped"),
     ({"name": "l", "namespaces": ["mount"], "command": ["x"],
       "fs": [{"op": "dir", "dest": "/d"}]}, {}, "needs new_root = true"),
     ({"name": "l", "namespaces": ["mount"], "command": ["x"], "new_root": True,
@@ -121,7 +121,8 @@ def test_cli_reports_each_problem_on_one_line_and_exits_2(tmp_path, marker):
     result = run_engine(str(path))
     assert result.returncode == 2
     lines = result.stderr.splitlines()
-    assert len(lines) == 2 and all(line.startswith("bbl: layer 'l': ") for line in lines)
+    assert len(lines) == 2 and all(line.startswith(f"bbl: {path}: layer 'l': ")
+                                   for line in lines)
     assert not (tmp_path / "ran").exists()
 
 
@@ -149,6 +150,17 @@ def test_cli_check_only_starts_nothing(tmp_path):
     result = run_engine("--check", str(path))
     assert (result.returncode, result.stderr) == (0, "")
     assert not (tmp_path / "x").exists()
+
+
+def test_prepare_leaves_the_callers_spec_alone():
+    from bbld.engine import prepare
+
+    sandbox_spec = spec.decode(json.dumps(sandbox(app_layer(command=["echo"]))), "json")
+    first = prepare(sandbox_spec, ["a"])
+    second = prepare(sandbox_spec, ["b"])
+    assert sandbox_spec.layer.command.argv == ["echo"]
+    assert first.root.layer.command.argv == ["echo", "a"]
+    assert second.root.layer.command.argv == ["echo", "b"]
 
 
 def test_unopened_fd_in_spec_is_a_usage_error(tmp_path):

@@ -69,6 +69,7 @@ def test_app_layer_sees_exactly_layer3s_plan(tmp_path, marker):
 def test_template_layers_have_the_namespaces_the_design_says(tmp_path, marker):
     (tmp_path / "private").mkdir()
     result = run_sandbox(tmp_path, template(tmp_path, marker, "true"))
+    assert result.returncode == 0, result.stderr
     ns = {entry["layer"]: entry["namespaces"] for entry in result.info}
     assert list(ns) == ["layer1", "layer2", "layer2a", "layer2h", "layer3", "layer4", "layer4a"]
     same = lambda kind, *names: len({ns[n][kind] for n in names}) == 1  # noqa: E731

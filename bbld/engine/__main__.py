@@ -52,8 +52,9 @@ def main(argv: list[str]) -> int:
             return 0
         return run(sandbox, rest[1:], info_fd)
     except spec.SpecError as exc:
-        for problem in exc.problems:
-            print(f"bbl: {problem}", file=sys.stderr)
+        for problem in exc.problems:  # each names the file, once
+            where = "" if problem.startswith(("<stdin>:", f"{path}:")) else f"{path}: "
+            print(f"bbl: {where}{problem}", file=sys.stderr)
         return 2
     except StartError as exc:
         print(f"bbl: {exc}", file=sys.stderr)

@@ -20,7 +20,7 @@ from bbld.engine import syscalls as sc
 from bbld.engine.errors import StartError
 from bbld.engine.plan import Plan
 from bbld.engine.supervisor import (FORWARDED_SIGNALS, SI_KERNEL, Context, block_signals,
-                                    exit_code, kill_all_children, read_signals, spawn_layer)
+                                    exit_code, read_signals, spawn_layer)
 
 
 class Instance:
@@ -49,21 +49,20 @@ class Instance:
         mine, theirs = socket.socketpair(socket.AF_UNIX,
                                          socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         go_r, self.go_w = os.pipe2(os.O_CLOEXEC)
+        self.sock = mine
         self.sigfd = block_signals()
-        sc.prctl(sc.PR_SET_CHILD_SUBREAPER, 1)  # orphans of a layer without pid ns come here
         ctx = Context(plan=self.plan, report=theirs, go_fd=go_r)
         try:
-            self.layer1 = spawn_layer(self.plan.root, ctx, self.proc_fd, dict(os.environ),
-                                      os.getcwd(), self.plan.sandbox.die_with_parent)
-        finally:
-            theirs.close()
-            os.close(go_r)
-        self.sock = mine
-        self.sock.setblocking(False)
-        self.poller = select.poll()
-        for fd in (self.sock.fileno(), self.layer1.pidfd, self.sigfd):
-            self.poller.register(fd, select.POLLIN)
-        try:
+            try:
+                self.layer1 = spawn_layer(self.plan.root, ctx, self.proc_fd, dict(os.environ),
+                                          os.getcwd(), self.plan.sandbox.die_with_parent)
+            finally:
+                theirs.close()
+                os.close(go_r)
+            self.sock.setblocking(False)
+            self.poller = select.poll()
+            for fd in (self.sock.fileno(), self.layer1.pidfd, self.sigfd):
+                self.poller.register(fd, select.POLLIN)
             while not self._started():
                 self._step()
         except BaseException:
@@ -73,14 +72,16 @@ class Instance:
     def _started(self) -> bool:
         if self.failure is not None:
             raise self.failure
-        if self.status is not None:
-            raise StartError(f"exited during start with status {self.status}",
-                             layer=self.plan.root.name)
         if not self.released and self.barrier <= self.built.keys():
             os.write(self.go_w, b"1" * len(self.layer_names))  # one byte for every layer
             os.close(self.go_w)
             self.released = True
-        return self.released and self.barrier <= self.running
+        if self.released and self.barrier <= self.running:
+            return True  # even if the main command has already ended
+        if self.status is not None:
+            raise StartError(f"exited during start with status {self.status}",
+                             layer=self.plan.root.name)
+        return False
 
     # ------------------------------------------------------------ running
 
@@ -167,17 +168,23 @@ class Instance:
     # ------------------------------------------------------------ the end
 
     def _teardown(self) -> None:
-        """Kill whatever is left of the tree, reap it, and close our fds (once)."""
+        """Kill what is left of the tree, reap layer 1, and close our fds (once).
+
+        Layer 1 takes everything below it along: its pid namespace collapses, or (without
+        one) every supervisor below it dies by its parent-death signal.
+        """
         if self.torn_down:
             return
         self.torn_down = True
-        if getattr(self, "layer1", None) is not None and self.status is None:
-            try:
-                sc.pidfd_send_signal(self.layer1.pidfd, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            self.status = exit_code(os.waitpid(self.layer1.pid, 0)[1])
-        kill_all_children(self.proc_fd)
+        layer1 = getattr(self, "layer1", None)
+        if layer1 is not None:
+            if self.status is None:
+                try:
+                    sc.pidfd_send_signal(layer1.pidfd, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                self.status = exit_code(os.waitpid(layer1.pid, 0)[1])
+            os.close(layer1.pidfd)
         for fd in (*self.pidfds.values(), getattr(self, "sigfd", -1), self.proc_fd):
             if fd >= 0:
                 os.close(fd)

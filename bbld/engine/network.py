@@ -5,7 +5,11 @@ from bbld.engine.errors import StartError
 
 def preload() -> None:
     """Import pyroute2 once in the engine's caller, so forked layers share it."""
-    import pyroute2  # noqa: F401  (slow to import: about 0.15 s)
+    try:
+        import pyroute2  # noqa: F401  (slow to import: about 0.15 s)
+    except ImportError as exc:
+        raise StartError(f"net namespaces need pyroute2, which does not import: {exc}") \
+            from None
 
 
 def bring_up_loopback() -> None:

@@ -60,7 +60,8 @@ def prepare(sandbox: spec.Sandbox, args: list[str] = ()) -> Plan:
     if args:
         main_plan = next(p for p in root.walk() if p.runs_main)
         command = main_plan.layer.command
-        main_plan.layer.command = msgspec.structs.replace(command, argv=[*command.argv, *args])
+        command = msgspec.structs.replace(command, argv=[*command.argv, *args])
+        main_plan.layer = msgspec.structs.replace(main_plan.layer, command=command)
     umask = os.umask(0)
     os.umask(umask)
     needs_network = any("net" in p.layer.namespaces for p in root.walk())
@@ -77,7 +78,11 @@ def _plan_layer(layer: spec.Layer, main: str, main_path: set[str], gated: bool) 
     plan.caps = frozenset(spec.capability_number(name) for name in layer.caps)
     if layer.seccomp:
         if layer.seccomp.policy:
-            plan.seccomp.append(seccomp.compile_policy(layer.seccomp.policy))
+            try:
+                plan.seccomp.append(seccomp.compile_policy(layer.seccomp.policy))
+            except OSError as exc:
+                raise StartError(f"layer '{layer.name}': seccomp policy "
+                                 f"{layer.seccomp.policy!r}: {exc.strerror}") from None
         plan.seccomp.extend(layer.seccomp.programs)
     own_fds = {op.fd for op in layer.fs if isinstance(op, spec.BindFd)}
     commands = ([layer.command] if layer.command else []) + list(layer.companions)

@@ -38,29 +38,56 @@ def _map_text(mapping: list[spec.IdMap]) -> str:
     return "".join(f"{m.inside} {m.outside} {m.count}\n" for m in mapping)
 
 
-def become(layer: spec.Layer) -> bool:
-    """Switch to the layer's uid/gid if the maps did not already put the process there.
+def become(layer: spec.Layer) -> None:
+    """In a command about to exec: switch to the layer's uid/gid if the maps did not already
+    put the process there (with explicit multi-id maps). Capabilities are set afterwards."""
+    try:
+        if layer.gid is not None and os.getgid() != layer.gid:
+            os.setresgid(layer.gid, layer.gid, layer.gid)
+        if layer.uid is not None and os.getuid() != layer.uid:
+            sc.prctl(sc.PR_SET_KEEPCAPS, 1)
+            os.setresuid(layer.uid, layer.uid, layer.uid)
+    except OSError as exc:
+        raise StartError(f"cannot switch to uid {layer.uid} gid {layer.gid}: "
+                         f"{exc.strerror}") from None
 
-    Returns True if the ids changed (which clears the parent-death signal).
-    """
-    changed = False
-    if layer.gid is not None and os.getgid() != layer.gid:
-        os.setresgid(layer.gid, layer.gid, layer.gid)
-        changed = True
-    if layer.uid is not None and os.getuid() != layer.uid:
-        os.setresuid(layer.uid, layer.uid, layer.uid)
-        changed = True
-    return changed
+
+def settle_supervisor(layer: spec.Layer) -> bool:
+    """With explicit maps, a supervisor's own host id may be left unmapped, which leaves it no
+    identity to create files with. It becomes id 0 inside when that is mapped, else the
+    layer's ids, keeping its capabilities. Returns True if ids changed."""
+    targets = []
+    for mapping, own in ((layer.gid_map, layer.gid), (layer.uid_map, layer.uid)):
+        if mapping is None:
+            targets.append(None)  # the default map already placed us
+        else:
+            targets.append(0 if any(m.inside == 0 for m in mapping) else own)
+    gid, uid = targets
+    if (gid is None or gid == os.getgid()) and (uid is None or uid == os.getuid()):
+        return False
+    permitted = sc.capget_permitted()
+    sc.prctl(sc.PR_SET_KEEPCAPS, 1)
+    if gid is not None:
+        os.setresgid(gid, gid, gid)
+    if uid is not None:
+        os.setresuid(uid, uid, uid)
+    sc.capset(permitted, permitted, 0)  # leaving uid 0 cleared the effective set
+    return True
 
 
 def restrict_capabilities(keep: frozenset[int], cap_last: int) -> None:
     """Leave exactly `keep` in the bounding, permitted, effective, inheritable and ambient sets."""
+    permitted = sc.capget_permitted()
+    if permitted:  # after a switch away from uid 0 the effective set is empty: refill it
+        sc.capset(permitted, permitted, 0)
     for cap in range(cap_last + 1):
         if cap in keep or not sc.prctl(sc.PR_CAPBSET_READ, cap):
             continue
         try:
             sc.prctl(sc.PR_CAPBSET_DROP, cap)
         except OSError as exc:
+            if exc.errno == errno.EPERM and not keep and sc.capget_permitted() == 0:
+                break  # holds nothing and, with no_new_privs, can never gain anything
             if exc.errno != errno.EINVAL:
                 raise StartError(f"cannot drop capability {spec.CAPABILITIES[cap]} from the "
                                  f"bounding set: {exc.strerror}") from None

@@ -17,6 +17,7 @@ import signal
 import socket
 import time
 import traceback
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from bbld import spec
@@ -75,6 +76,15 @@ def exit_code(wait_status: int) -> int:
     return code if code >= 0 else 128 - code
 
 
+@contextmanager
+def step(what: str):
+    """Turn a kernel refusal during `what` into a one-line StartError."""
+    try:
+        yield
+    except OSError as exc:
+        raise StartError(f"{what}: {exc.strerror or exc}") from None
+
+
 def spawn_layer(plan: LayerPlan, ctx: Context, proc_fd: int, env: dict[str, str], cwd: str,
                 die_with_parent: bool = True) -> Child:
     """Clone `plan`'s layer from this process. Returns once the child is released."""
@@ -84,7 +94,14 @@ def spawn_layer(plan: LayerPlan, ctx: Context, proc_fd: int, env: dict[str, str]
         flags |= CLONE_FLAGS.get(name, 0)
     uid, gid = os.getuid(), os.getgid()
     release_r, release_w = os.pipe2(os.O_CLOEXEC)
-    pid, pidfd = sc.clone(flags)
+    try:
+        pid, pidfd = sc.clone(flags)
+    except OSError as exc:
+        os.close(release_r)
+        os.close(release_w)
+        hint = " (are unprivileged user namespaces enabled?)" if flags & sc.CLONE_NEWUSER else ""
+        raise StartError(f"cannot create the layer's namespaces: {exc.strerror}{hint}",
+                         layer=plan.name) from None
     if pid == 0:
         _layer_main(plan, ctx, proc_fd, env, cwd, release_r, release_w, die_with_parent)
     os.close(release_r)
@@ -125,7 +142,8 @@ def _layer_main(plan, ctx, proc_fd, env, cwd, release_r, release_w, die_with_par
 
 def _report_failure(ctx: Context, layer: str, message: str, code: int) -> None:
     try:
-        reports.send(ctx.report, reports.Failed(layer=layer, message=message, exit_code=code))
+        reports.send(ctx.report, reports.Failed(layer=layer, message=message[:2000],
+                                                exit_code=code))
     except OSError:
         pass
 
@@ -158,16 +176,20 @@ class LayerSupervisor:
         self._wait_for_sockets()
         if self.has_pid_namespace:
             self.proc_fd = self._private_procfs()
-        if "user" in self.layer.namespaces and privileges.become(self.layer) \
-                and self.die_with_parent:  # changing ids cleared the parent-death signal
-            sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        if "user" in self.layer.namespaces:
+            with step("taking the layer's identity"):
+                if privileges.settle_supervisor(self.layer) and self.die_with_parent:
+                    sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)  # cleared by the id change
         if self.layer.hostname is not None:
-            sc.sethostname(self.layer.hostname)
+            with step("setting the hostname"):
+                sc.sethostname(self.layer.hostname)
         if "net" in self.layer.namespaces:
             network.bring_up_loopback()
-        self._build_filesystem()
+        with step("building the filesystem view"):
+            self._build_filesystem()
         if "time" in self.layer.namespaces:
-            sc.unshare(sc.CLONE_NEWTIME)
+            with step("creating the time namespace"):
+                sc.unshare(sc.CLONE_NEWTIME)
         self.env = self._layer_env()
         self.cwd = self.layer.cwd or self.cwd
         if not self.has_pid_namespace:  # orphans of this layer come back to us
@@ -185,6 +207,8 @@ class LayerSupervisor:
             return aborted
         self._start_commands()
         reports.send(self.ctx.report, reports.Running(layer=self.plan.name))
+        if self.main_pid is None and not self.children and not self.commands:
+            return 0  # nothing to run and nothing below: the layer is done
         return self._supervise()
 
     def _close_inherited_fds(self) -> None:
@@ -298,11 +322,12 @@ class LayerSupervisor:
     def _spawn(self, command: spec.Command, companion: bool) -> int:
         """Fork and exec one command; raises StartError if it cannot be executed."""
         errors_r, errors_w = os.pipe2(os.O_CLOEXEC)
+        supervisor = os.getpid()
         pid = os.fork()
         if pid == 0:
             try:
                 os.close(errors_r)
-                self._exec(command, companion, errors_w)
+                self._exec(command, companion, errors_w, supervisor)
             except StartError as exc:
                 os.write(errors_w, f"{exc.exit_code}:{exc}".encode())
             except BaseException as exc:
@@ -318,14 +343,19 @@ class LayerSupervisor:
             raise StartError(f"command {command.argv[0]!r}: {message}", int(code))
         return pid
 
-    def _exec(self, command: spec.Command, companion: bool, errors_fd: int) -> None:
+    def _exec(self, command: spec.Command, companion: bool, errors_fd: int,
+              supervisor: int) -> None:
         """In the forked command process: the last steps before execve, in this order."""
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
         for signo in (signal.SIGPIPE, signal.SIGXFSZ):  # Python ignores these; exec keeps that
             signal.signal(signo, signal.SIG_DFL)
         if command.new_session:
             os.setsid()  # no controlling terminal: TIOCSTI cannot reach the caller's
+        if "user" in self.layer.namespaces:
+            privileges.become(self.layer)
         sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        if os.getppid() != supervisor:  # it died before the line above took effect
+            os._exit(1)
         if (command.stdin or ("null" if companion else "inherit")) == "null":
             empty_r, empty_w = os.pipe()
             os.close(empty_w)
@@ -337,6 +367,8 @@ class LayerSupervisor:
         privileges.restrict_capabilities(self.plan.caps, self.ctx.plan.cap_last)
         privileges.no_new_privs()
         sc.close_all_fds_except({0, 1, 2, errors_fd, *command.pass_fds})
+        for fd in command.pass_fds:
+            os.set_inheritable(fd, True)
         privileges.load_seccomp(self.plan.seccomp)  # last: the filter may forbid the steps above
         argv = [command.argv0 or command.argv[0], *command.argv[1:]]
         try:
@@ -422,7 +454,7 @@ def kill_all_children(proc_fd: int) -> None:
             with open(os.open("thread-self/children", os.O_RDONLY, dir_fd=proc_fd)) as f:
                 pids = [int(p) for p in f.read().split()]
         except OSError:
-            pids = []
+            return  # cannot see them: never block waiting for a child we did not kill
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)

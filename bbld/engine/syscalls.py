@@ -9,7 +9,6 @@ architecture, so they are called by number; the classic ones go through glibc.
 import ctypes
 import errno
 import os
-import platform
 import signal
 import struct
 
@@ -31,9 +30,6 @@ SYS_clone3 = 435
 SYS_close_range = 436
 SYS_openat2 = 437
 SYS_mount_setattr = 442
-SYS_pivot_root = {"x86_64": 155, "aarch64": 41, "riscv64": 41, "ppc64le": 203, "s390x": 217}[
-    platform.machine()
-]
 
 # --- clone / unshare flags ---
 CLONE_NEWTIME = 0x00000080
@@ -84,6 +80,7 @@ RESOLVE_IN_ROOT = 0x10
 # --- prctl ---
 PR_SET_PDEATHSIG = 1
 PR_SET_DUMPABLE = 4
+PR_SET_KEEPCAPS = 8
 PR_CAPBSET_READ = 23
 PR_CAPBSET_DROP = 24
 PR_SET_CHILD_SUBREAPER = 36
@@ -197,7 +194,7 @@ def umount2(target: str, flags: int = 0) -> None:
 
 
 def pivot_root(new_root: str, put_old: str) -> None:
-    _check(_libc.syscall(SYS_pivot_root, _path(new_root), _path(put_old)))
+    _check(_libc.pivot_root(_path(new_root), _path(put_old)))  # glibc >= 2.36 wraps it
 
 
 def open_tree(dirfd: int, path: str, flags: int) -> int:
@@ -276,6 +273,14 @@ class _CapData(ctypes.Structure):
 
 
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
+
+
+def capget_permitted() -> int:
+    """This thread's permitted capability set (a 64-bit mask)."""
+    header = _CapHeader(_LINUX_CAPABILITY_VERSION_3, 0)
+    data = (_CapData * 2)()
+    _check(_libc.capget(ctypes.byref(header), data))
+    return data[0].permitted | (data[1].permitted << 32)
 
 
 def capset(effective: int, permitted: int, inheritable: int) -> None:

@@ -34,11 +34,23 @@ def test_signals_to_the_engine_reach_the_main_command(tmp_path, signo):
     name = signal.Signals(signo).name[3:]
     script = f"trap 'echo got-{name}; exit 40' {name}; echo ready; while :; do sleep 0.05; done"
     leaf = layer("leaf", namespaces=["user", "mount", "pid"], command=sh(script))
-    running = start_sandbox(tmp_path, sandbox(app_layer("top", layers=[leaf])))
+    running = start_sandbox(tmp_path, sandbox(app_layer("top", layers=[leaf])),
+                            preexec_fn=lambda: signal.signal(signo, signal.SIG_DFL))
     assert running.proc.stdout.readline() == "ready\n"
     running.proc.send_signal(signo)
     result = running.finish()
     assert (result.returncode, result.stdout) == (40, f"got-{name}\n")
+
+
+def test_signals_the_caller_ignores_stay_ignored(tmp_path):
+    """Like nohup: an ignored SIGHUP is neither forwarded nor reset for the command."""
+    script = "trap 'echo got-HUP' HUP; echo ready; sleep 0.5; echo done"
+    running = start_sandbox(tmp_path, sandbox(app_layer(command=sh(script))),
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
+    assert running.proc.stdout.readline() == "ready\n"
+    running.proc.send_signal(signal.SIGHUP)
+    result = running.finish()
+    assert (result.returncode, result.stdout) == (0, "done\n")
 
 
 def test_signals_from_inside_do_not_steer_the_supervisor(tmp_path):

@@ -50,6 +50,8 @@ class Instance:
                                          socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         go_r, self.go_w = os.pipe2(os.O_CLOEXEC)
         self.sock = mine
+        # A signal the caller ignores (nohup, a background job) stays ignored: not forwarded.
+        self.ignored = {s for s in FORWARDED_SIGNALS if signal.getsignal(s) == signal.SIG_IGN}
         self.sigfd = block_signals()
         ctx = Context(plan=self.plan, report=theirs, go_fd=go_r)
         try:
@@ -76,8 +78,10 @@ class Instance:
             os.write(self.go_w, b"1" * len(self.layer_names))  # one byte for every layer
             os.close(self.go_w)
             self.released = True
-        if self.released and self.barrier <= self.running:
-            return True  # even if the main command has already ended
+        if self.released and (self.barrier <= self.running or self.status is not None):
+            # Released and ended already: the main command ran and ended before slower
+            # layers even reported (the end of layer 1 took them along). Not a failure.
+            return True
         if self.status is not None:
             raise StartError(f"exited during start with status {self.status}",
                              layer=self.plan.root.name)
@@ -118,7 +122,7 @@ class Instance:
 
     def _forward_signals(self) -> None:
         for signo, code, _sender in read_signals(self.sigfd):
-            if signo == signal.SIGCHLD or self.status is not None:
+            if signo == signal.SIGCHLD or signo in self.ignored or self.status is not None:
                 continue
             if code == SI_KERNEL and not self._main_has_own_session():
                 continue  # the terminal already signalled the command's process group

@@ -130,12 +130,16 @@ def failing_tree(tmp_path, marker, failing_op) -> dict:
 def test_a_failed_start_runs_nothing_and_leaves_nothing(tmp_path, marker, failing_op,
                                                         message, status):
     before = set(os.listdir(tmp_path))
+    with open("/proc/self/mountinfo") as f:
+        mounts_before = f.read()
     result = run_sandbox(tmp_path, failing_tree(tmp_path, marker, failing_op))
     assert result.returncode == status
     assert result.stderr.startswith(message) and result.stderr.count("\n") == 1, result.stderr
     assert not (tmp_path / "ran").exists()  # no command ran before the tree was complete
     assert set(os.listdir(tmp_path)) == before | {"spec.json"}
     assert processes_with(marker) == []
+    with open("/proc/self/mountinfo") as f:
+        assert f.read() == mounts_before
 
 
 def test_exec_failure_fails_the_start_naming_the_layer(tmp_path, marker):

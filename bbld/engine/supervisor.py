@@ -467,16 +467,39 @@ def kill_all_children(proc_fd: int) -> None:
 
 
 def _wait_for_listener(path: str, deadline: float) -> None:
-    """Wait until a unix socket at `path` accepts connections (backing off, bounded)."""
+    """Wait until a unix socket at `path` accepts connections.
+
+    While the socket does not exist, inotify on its directory wakes us when it appears; between
+    bind() and listen() (the file exists but refuses) we retry after short, growing pauses.
+    """
+    try:
+        watch = sc.inotify_watch(os.path.dirname(path) or "/",
+                                 sc.IN_CREATE | sc.IN_MOVED_TO | sc.IN_ATTRIB)
+    except OSError:
+        watch = None  # no directory to watch yet: pauses only
     delay = 0.001
-    while True:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
-            try:
-                probe.connect(path)
-                return
-            except OSError as exc:
-                last = exc.strerror
-        if time.monotonic() + delay > deadline:
-            raise StartError(f"start_after: {path} did not accept connections in time ({last})")
-        time.sleep(delay)
-        delay = min(delay * 2, 0.05)
+    try:
+        while True:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
+                try:
+                    probe.connect(path)
+                    return
+                except OSError as exc:
+                    last, missing = exc.strerror, isinstance(exc, FileNotFoundError)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise StartError(f"start_after: {path} did not accept connections in time "
+                                 f"({last})")
+            if missing and watch is not None:
+                select.select([watch], [], [], left)
+                while True:  # drain the events; we only needed the wake-up
+                    try:
+                        os.read(watch, 4096)
+                    except BlockingIOError:
+                        break
+            else:
+                time.sleep(min(delay, left))
+                delay = min(delay * 2, 0.05)
+    finally:
+        if watch is not None:
+            os.close(watch)

@@ -309,6 +309,24 @@ def seccomp_load(program: bytes) -> None:
                        ctypes.c_ulong(0), ctypes.c_ulong(0)))
 
 
+# --- inotify ---
+
+IN_ATTRIB = 0x004
+IN_MOVED_TO = 0x080
+IN_CREATE = 0x100
+
+
+def inotify_watch(path: str, mask: int) -> int:
+    """A non-blocking inotify fd watching `path` for `mask` events."""
+    fd = _check(_libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC))
+    try:
+        _check(_libc.inotify_add_watch(fd, _path(path), ctypes.c_uint32(mask)))
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
+
+
 # --- signals ---
 
 _SIGSET_BYTES = 128

@@ -193,8 +193,17 @@ def umount2(target: str, flags: int = 0) -> None:
     _check(_libc.umount2(_path(target), flags))
 
 
+_SYS_PIVOT_ROOT = {"x86_64": 155, "aarch64": 41, "riscv64": 41}  # for glibc < 2.36
+
+
 def pivot_root(new_root: str, put_old: str) -> None:
-    _check(_libc.pivot_root(_path(new_root), _path(put_old)))  # glibc >= 2.36 wraps it
+    if hasattr(_libc, "pivot_root"):
+        _check(_libc.pivot_root(_path(new_root), _path(put_old)))
+        return
+    number = _SYS_PIVOT_ROOT.get(os.uname().machine)
+    if number is None:
+        raise OSError(errno.ENOSYS, "pivot_root: unknown syscall number on this architecture")
+    _check(_libc.syscall(number, _path(new_root), _path(put_old)))
 
 
 def open_tree(dirfd: int, path: str, flags: int) -> int:

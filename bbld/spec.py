@@ -56,7 +56,7 @@ def _mode(value: int | str) -> int:
 class FsOp(Struct, tag_field="op", forbid_unknown_fields=True, kw_only=True):
     @property
     def target(self) -> str:
-        return getattr(self, "dest", None) or getattr(self, "path")
+        return getattr(self, "dest", None) or self.path
 
     @property
     def kind(self) -> str:

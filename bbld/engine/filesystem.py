@@ -123,9 +123,11 @@ def apply(ws: Workspace, ops: list[spec.FsOp], data: dict[int, bytes]) -> None:
         try:
             HANDLERS[type(op)](ws, op, data.get(index))
         except StartError as exc:
-            raise StartError(f"fs[{index}] ({op.kind}) {op.target}: {exc}", exc.exit_code) from None
+            where = f"fs[{index}] ({op.kind}) {op.target}"
+            raise StartError(f"{where}: {exc}", exc.exit_code) from None
         except OSError as exc:
-            raise StartError(f"fs[{index}] ({op.kind}) {op.target}: {exc.strerror or exc}") from None
+            where = f"fs[{index}] ({op.kind}) {op.target}"
+            raise StartError(f"{where}: {exc.strerror or exc}") from None
 
 
 # ---------------------------------------------------------------- path resolution

@@ -53,7 +53,8 @@ def _libseccomp():
         try:
             lib = ctypes.CDLL(name, use_errno=True)
         except OSError:
-            raise OSError(errno.ENOENT, "libseccomp is not installed (Debian: libseccomp2)")
+            raise OSError(errno.ENOENT, "libseccomp is not installed (Debian: libseccomp2)") \
+                from None
         lib.seccomp_init.restype = ctypes.c_void_p
         lib.seccomp_init.argtypes = [ctypes.c_uint32]
         lib.seccomp_release.argtypes = [ctypes.c_void_p]

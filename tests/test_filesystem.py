@@ -292,3 +292,15 @@ def test_the_old_root_is_gone_and_pid_1_root_is_out_of_reach(tmp_path):
     lines = result.stdout.splitlines()
     assert "Permission denied" in lines[0] and lines[1] == "0" and lines[-1] == "end"
     assert "can't cd to /proc/1/cwd" in lines[2]
+
+
+def test_read_only_file_binds_from_a_locked_nosuid_nodev_mount_work(tmp_path):
+    # The outer layer's tmpfs is nosuid+nodev; in the inner user namespace those flags are
+    # locked. Remounting a file bind read-only must keep them (BBL's script failed here).
+    spec = nested_submount_spec(
+        tmp_path, "cat /f; echo x > /f; grep ' /f ' /proc/self/mountinfo",
+        [{"op": "ro-bind", "src": "/work/sub/file", "dest": "/f"}])
+    result = run_sandbox(tmp_path, spec)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("x") and "Read-only file system" in result.stderr
+    assert " ro,nosuid,nodev" in result.stdout

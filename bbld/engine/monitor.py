@@ -9,11 +9,12 @@ main command's exit status.
 
 from __future__ import annotations
 
-import json
 import os
 import select
 import signal
 import socket
+
+import msgspec
 
 from bbld.engine import reports
 from bbld.engine import syscalls as sc
@@ -220,7 +221,7 @@ def run(plan: Plan, info_fd: int | None = None) -> int:
     instance = Instance(plan)
     instance.start()
     if info_fd is not None:
-        with open(info_fd, "w", closefd=True) as out:
+        with open(info_fd, "wb", closefd=True) as out:
             for entry in instance.layers_info():
-                out.write(json.dumps(entry) + "\n")
+                out.write(msgspec.json.encode(entry) + b"\n")
     return instance.wait()

@@ -8,19 +8,17 @@ every forked layer: no interpreter re-exec, no config files.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
-
 import msgspec
+from msgspec import Struct, field
 
 from bbld import spec
 from bbld.engine import seccomp
 from bbld.engine.errors import EXIT_USAGE, StartError
 
 
-@dataclass
-class LayerPlan:
+class LayerPlan(Struct, kw_only=True):
     layer: spec.Layer
-    children: list[LayerPlan]
+    children: list["LayerPlan"]
     data: dict[int, bytes] = field(default_factory=dict)  # file/bind-data bytes by op index
     seccomp: list[bytes] = field(default_factory=list)  # programs, loaded in this order
     caps: frozenset[int] = frozenset()
@@ -39,8 +37,7 @@ class LayerPlan:
             yield from child.walk()
 
 
-@dataclass
-class Plan:
+class Plan(Struct, kw_only=True):
     sandbox: spec.Sandbox
     root: LayerPlan
     umask: int
@@ -65,13 +62,14 @@ def prepare(sandbox: spec.Sandbox, args: list[str] = ()) -> Plan:
     umask = os.umask(0)
     os.umask(umask)
     needs_network = any("net" in p.layer.namespaces for p in root.walk())
-    return Plan(sandbox, root, umask, _cap_last(), needs_network)
+    return Plan(sandbox=sandbox, root=root, umask=umask, cap_last=_cap_last(),
+                needs_network=needs_network)
 
 
 def _plan_layer(layer: spec.Layer, main: str, main_path: set[str], gated: bool) -> LayerPlan:
     gated = gated or bool(layer.start_after)
     children = [_plan_layer(child, main, main_path, gated) for child in layer.layers]
-    plan = LayerPlan(layer, children, gated=gated, runs_main=layer.name == main)
+    plan = LayerPlan(layer=layer, children=children, gated=gated, runs_main=layer.name == main)
     plan.main_child = next((c for c in children if c.name in main_path), None)
     plan.data = {i: _read_data(layer.name, i, op) for i, op in enumerate(layer.fs)
                  if isinstance(op, (spec.File, spec.BindData, spec.RoBindData))}

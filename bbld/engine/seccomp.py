@@ -9,7 +9,6 @@ libseccomp's bad-architecture action and kill the process.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import os
 
@@ -49,9 +48,8 @@ _lib = None
 def _libseccomp():
     global _lib
     if _lib is None:
-        name = ctypes.util.find_library("seccomp") or "libseccomp.so.2"
-        try:
-            lib = ctypes.CDLL(name, use_errno=True)
+        try:  # the soname, not ctypes.util.find_library (which runs ldconfig)
+            lib = ctypes.CDLL("libseccomp.so.2", use_errno=True)
         except OSError:
             raise OSError(errno.ENOENT, "libseccomp is not installed (Debian: libseccomp2)") \
                 from None

@@ -18,7 +18,8 @@ import socket
 import time
 import traceback
 from contextlib import contextmanager
-from dataclasses import dataclass
+
+from msgspec import Struct
 
 from bbld import spec
 from bbld.engine import filesystem, network, privileges, reports
@@ -36,16 +37,14 @@ CLONE_FLAGS = {"user": sc.CLONE_NEWUSER, "mount": sc.CLONE_NEWNS, "pid": sc.CLON
 NAMESPACE_LINKS = ("cgroup", "ipc", "mnt", "net", "pid", "time_for_children", "user", "uts")
 
 
-@dataclass
-class Context:
+class Context(Struct, kw_only=True):
     """What every layer of one instance shares, inherited in memory through fork."""
     plan: Plan
     report: socket.socket  # the layers' end of the report socketpair
     go_fd: int  # one byte per layer arrives here when every layer is built
 
 
-@dataclass
-class Child:
+class Child(Struct):
     plan: LayerPlan
     pid: int
     pidfd: int

@@ -1,0 +1,149 @@
+"""The Varlink protocol as BBL speaks it: framing, message types, errors, interface texts.
+
+Shared by the daemon and the client; imports neither trio nor the engine. A message is one
+JSON object followed by a NUL byte. Calls and replies are msgspec Structs; errors are replies
+with an `error` name and parameters. The interface definitions below are what
+`org.varlink.service.GetInterfaceDescription` returns and what docs/api.md shows.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgspec
+
+MAX_MESSAGE = 1 << 20  # bytes; a longer message ends the connection with InvalidMessage
+VENDOR, PRODUCT, URL = "BBL", "bbld", "https://example.invalid/bbl"
+
+SERVICE_INTERFACE = """\
+# The Varlink Service Interface is provided by every varlink service. It
+# describes the service and the interfaces it implements.
+interface org.varlink.service
+
+# Get a list of all the interfaces a service provides and information
+# about the implementation.
+method GetInfo() -> (
+  vendor: string,
+  product: string,
+  version: string,
+  url: string,
+  interfaces: []string
+)
+
+# Get the description of an interface that is implemented by this service.
+method GetInterfaceDescription(interface: string) -> (description: string)
+
+# The requested interface was not found.
+error InterfaceNotFound (interface: string)
+
+# The requested method was not found
+error MethodNotFound (method: string)
+
+# The interface defines the requested method, but the service does not
+# implement it.
+error MethodNotImplemented (method: string)
+
+# One of the passed parameters is invalid.
+error InvalidParameter (parameter: string)
+
+# Client is denied access
+error PermissionDenied ()
+
+# Method is expected to be called with 'more' set to true, but wasn't
+error ExpectedMore ()
+"""
+
+MANAGER_INTERFACE = """\
+# The BBL daemon: the sandbox instances of one user.
+interface io.bbl.Manager
+
+# Who answers: the daemon's version and process id.
+method Ping() -> (version: string, pid: int)
+
+# The caller runs under another uid than the daemon; only the daemon's own
+# user may talk to it.
+error PermissionDenied (uid: int)
+
+# A message could not be understood: not JSON, not a call, or larger than
+# the limit. The daemon closes the connection after this error.
+error InvalidMessage (reason: string)
+"""
+
+INTERFACES = {"org.varlink.service": SERVICE_INTERFACE, "io.bbl.Manager": MANAGER_INTERFACE}
+
+
+class Call(msgspec.Struct, omit_defaults=True, forbid_unknown_fields=True):
+    method: str
+    parameters: dict[str, Any] = {}
+    oneway: bool = False
+    more: bool = False
+    upgrade: bool = False
+
+
+class Reply(msgspec.Struct, omit_defaults=True):
+    parameters: dict[str, Any] = {}
+    continues: bool = False
+    error: str | None = None
+
+
+class VarlinkError(Exception):
+    """An error reply: a qualified error name and its parameters."""
+
+    def __init__(self, name: str, **parameters):
+        super().__init__(name)
+        self.name = name
+        self.parameters = parameters
+
+    def reply(self) -> Reply:
+        return Reply(parameters=self.parameters, error=self.name)
+
+
+class InvalidMessage(VarlinkError):
+    def __init__(self, reason: str):
+        super().__init__("io.bbl.Manager.InvalidMessage", reason=reason)
+
+
+_encoder = msgspec.json.Encoder()
+_call_decoder = msgspec.json.Decoder(Call)
+_reply_decoder = msgspec.json.Decoder(Reply)
+
+
+def encode(message: Call | Reply) -> bytes:
+    return _encoder.encode(message) + b"\0"
+
+
+def decode_call(frame: bytes) -> Call:
+    try:
+        call = _call_decoder.decode(frame)
+    except msgspec.DecodeError as exc:
+        raise InvalidMessage(f"not a varlink call: {exc}") from None
+    if "." not in call.method:
+        raise InvalidMessage(f"method {call.method!r} is not qualified by an interface")
+    return call
+
+
+def decode_reply(frame: bytes) -> Reply:
+    try:
+        return _reply_decoder.decode(frame)
+    except msgspec.DecodeError as exc:
+        raise InvalidMessage(f"not a varlink reply: {exc}") from None
+
+
+class Framer:
+    """Splits a byte stream into NUL-terminated messages, refusing oversized ones."""
+
+    def __init__(self, limit: int = MAX_MESSAGE):
+        self.limit = limit
+        self.buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self.buffer += data
+        frames = []
+        while (end := self.buffer.find(b"\0")) >= 0:
+            if end > self.limit:
+                break
+            frames.append(bytes(self.buffer[:end]))
+            del self.buffer[:end + 1]
+        if self.buffer.find(b"\0") > self.limit or len(self.buffer) > self.limit:
+            raise InvalidMessage(f"message larger than {self.limit} bytes")
+        return frames

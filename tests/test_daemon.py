@@ -1,0 +1,247 @@
+"""bbld: the socket, who may talk to it, Varlink framing and errors, systemd integration."""
+
+import json
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from bbld import protocol
+
+BBLD = [sys.executable, "-m", "bbld.daemon.main"]
+
+
+def wait_for_socket(path, proc, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"bbld exited: {proc.stderr.read()}")
+        try:
+            with socket.socket(socket.AF_UNIX) as probe:
+                probe.connect(str(path))
+                return
+        except OSError:
+            time.sleep(0.01)
+    raise AssertionError("bbld did not listen in time")
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    """A bbld serving $XDG_RUNTIME_DIR=tmp_path/run; yields its socket path."""
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(run)}
+    proc = subprocess.Popen(BBLD, env=env, stderr=subprocess.PIPE, text=True)
+    path = run / "bbl" / "bbld.sock"
+    try:
+        wait_for_socket(path, proc)
+        yield path
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, proc.stderr.read()
+    assert not path.exists()  # the socket is removed at the end
+    assert os.listdir(run / "bbl") == []
+
+
+def exchange(path, *messages: bytes) -> list[dict]:
+    """Send raw messages, return every reply until the daemon closes or stops answering."""
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(5)
+        sock.connect(str(path))
+        for message in messages:
+            sock.sendall(message)
+        sock.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := sock.recv(65536):
+            data += chunk
+    return [json.loads(frame) for frame in data.split(b"\0") if frame]
+
+
+def call(method, **parameters) -> bytes:
+    return json.dumps({"method": method, "parameters": parameters}).encode() + b"\0"
+
+
+def test_socket_and_directory_are_private(daemon):
+    assert stat.S_IMODE(os.stat(daemon).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(daemon.parent).st_mode) == 0o700
+
+
+def test_get_info_and_interface_descriptions(daemon):
+    info, iface, manager = exchange(
+        daemon, call("org.varlink.service.GetInfo"),
+        call("org.varlink.service.GetInterfaceDescription", interface="org.varlink.service"),
+        call("org.varlink.service.GetInterfaceDescription", interface="io.bbl.Manager"))
+    assert info["parameters"]["interfaces"] == ["org.varlink.service", "io.bbl.Manager"]
+    assert iface["parameters"]["description"] == protocol.SERVICE_INTERFACE
+    assert manager["parameters"]["description"] == protocol.MANAGER_INTERFACE
+
+
+def test_the_api_document_holds_the_interface_the_daemon_serves():
+    api = open(os.path.join(os.path.dirname(__file__), "..", "docs", "api.md")).read()
+    assert protocol.MANAGER_INTERFACE in api
+
+
+@pytest.mark.parametrize("message, error, parameters", [
+    (call("io.bbl.Nope.Ping"), "org.varlink.service.InterfaceNotFound",
+     {"interface": "io.bbl.Nope"}),
+    (call("io.bbl.Manager.Nope"), "org.varlink.service.MethodNotFound",
+     {"method": "io.bbl.Manager.Nope"}),
+    (call("io.bbl.Manager.Ping", extra=1), "org.varlink.service.InvalidParameter",
+     {"parameter": "extra"}),
+    (call("org.varlink.service.GetInterfaceDescription"), "org.varlink.service.InvalidParameter",
+     {"parameter": "interface"}),
+    (call("org.varlink.service.GetInterfaceDescription", interface=5),
+     "org.varlink.service.InvalidParameter", {"parameter": "interface"}),
+])
+def test_typed_errors_keep_the_connection(daemon, message, error, parameters):
+    first, second = exchange(daemon, message, call("io.bbl.Manager.Ping"))
+    assert (first["error"], first["parameters"]) == (error, parameters)
+    assert second["parameters"]["pid"] > 0  # the same connection goes on
+
+
+@pytest.mark.parametrize("message, reason", [
+    (b"not json\0", "not a varlink call"),
+    (b"[1, 2]\0", "not a varlink call"),
+    (b'{"method": "Ping"}\0', "is not qualified"),
+    (b'{"method": "io.bbl.Manager.Ping", "bogus": 1}\0', "not a varlink call"),
+    (b"x" * (protocol.MAX_MESSAGE + 10), "message larger than"),
+])
+def test_malformed_messages_end_only_that_connection(daemon, message, reason):
+    replies = exchange(daemon, message, call("io.bbl.Manager.Ping"))
+    assert len(replies) == 1 and replies[0]["error"] == "io.bbl.Manager.InvalidMessage"
+    assert reason in replies[0]["parameters"]["reason"]
+    assert exchange(daemon, call("io.bbl.Manager.Ping"))[0]["parameters"]["pid"] > 0
+
+
+def test_truncated_message_gets_no_reply_and_harms_nobody(daemon):
+    assert exchange(daemon, call("io.bbl.Manager.Ping")[:-5]) == []
+    assert exchange(daemon, call("io.bbl.Manager.Ping"))[0]["parameters"]["pid"] > 0
+
+
+def test_oneway_calls_get_no_reply(daemon):
+    oneway = json.dumps({"method": "io.bbl.Manager.Ping", "oneway": True}).encode() + b"\0"
+    replies = exchange(daemon, oneway, call("io.bbl.Manager.Ping"))
+    assert len(replies) == 1
+
+
+def test_reference_varlink_client_interoperates(daemon):
+    varlink = pytest.importorskip("varlink")
+    with varlink.Client(address=f"unix:{daemon}") as client:
+        with client.open("org.varlink.service") as conn:
+            assert "io.bbl.Manager" in conn.GetInfo()["interfaces"]
+        with client.open("io.bbl.Manager") as conn:
+            assert conn.Ping()["version"]
+            with pytest.raises(varlink.VarlinkError):
+                conn._call("io.bbl.Manager.Nope")
+
+
+def test_only_one_daemon_serves_a_directory(daemon):
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(daemon.parent.parent)}
+    second = subprocess.run(BBLD, env=env, capture_output=True, text=True, timeout=20)
+    assert second.returncode == 1
+    assert second.stderr == f"bbld: another bbld already serves {daemon.parent}\n"
+
+
+def test_unsafe_runtime_directory_is_refused(tmp_path):
+    run = tmp_path / "run"
+    (run / "bbl").mkdir(parents=True)
+    os.chmod(run / "bbl", 0o755)
+    result = subprocess.run(BBLD, env={**os.environ, "XDG_RUNTIME_DIR": str(run)},
+                            capture_output=True, text=True, timeout=20)
+    assert result.returncode == 1
+    assert result.stderr == f"bbld: {run}/bbl has mode 0755; run `chmod 700 {run}/bbl`\n"
+    assert os.listdir(run / "bbl") == []
+
+
+def test_socket_activation_and_readiness(tmp_path):
+    activate = shutil.which("systemd-socket-activate")
+    if activate is None:
+        pytest.skip("systemd-socket-activate is not installed")
+    path = tmp_path / "activated.sock"
+    proc = subprocess.Popen([activate, "-l", str(path), *BBLD], stderr=subprocess.PIPE,
+                            env={**os.environ, "XDG_RUNTIME_DIR": str(tmp_path / "unused")})
+    try:
+        wait_for_socket(path, proc)
+        assert exchange(path, call("io.bbl.Manager.Ping"))[0]["parameters"]["pid"] > 0
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
+    assert not (tmp_path / "unused").exists()  # it used the socket it was given
+
+
+def test_ready_notification(tmp_path):
+    notify_path = tmp_path / "notify"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as notify:
+        notify.bind(str(notify_path))
+        notify.settimeout(10)
+        run = tmp_path / "run"
+        run.mkdir(mode=0o700)
+        env = {**os.environ, "XDG_RUNTIME_DIR": str(run), "NOTIFY_SOCKET": str(notify_path)}
+        proc = subprocess.Popen(BBLD, env=env)
+        try:
+            assert notify.recv(100) == b"READY=1"
+        finally:
+            proc.send_signal(signal.SIGTERM)
+            proc.wait(timeout=10)
+
+
+@pytest.mark.root
+@pytest.mark.skipif(os.getuid() != 0, reason="needs root to run bbld as another user")
+def test_another_uid_is_refused(tmp_path):
+    """bbld runs as the unprivileged test account; root (which passes the 0600 mode) is told
+    PermissionDenied by the peer-credential check, and bbld goes on serving its own user."""
+    user = os.environ.get("BBL_TEST_USER", "bbltest")
+    base = tempfile.mkdtemp(prefix="bbl-peer-")  # pytest's own tmp is 0700 for root
+    os.chmod(base, 0o755)
+    run = Path(base) / "run"
+    run.mkdir(mode=0o700)
+    shutil.chown(run, user)
+    proc = subprocess.Popen(["runuser", "-u", user, "--", "env", f"XDG_RUNTIME_DIR={run}",
+                             *BBLD], stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    path = run / "bbl" / "bbld.sock"
+    try:
+        wait_for_socket(path, proc)
+        (reply,) = exchange(path, call("io.bbl.Manager.Ping"))
+        assert (reply["error"], reply["parameters"]) == ("io.bbl.Manager.PermissionDenied",
+                                                         {"uid": 0})
+        as_user = subprocess.run(["runuser", "-u", user, "--", sys.executable, "-c",
+                                  "import socket, sys; s = socket.socket(socket.AF_UNIX);"
+                                  f"s.connect({str(path)!r}); s.sendall({call('io.bbl.Manager.Ping')!r});"
+                                  "print(s.recv(4096))"], capture_output=True, text=True,
+                                 timeout=20)
+        assert '"pid"' in as_user.stdout, as_user.stderr
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=10)
+        shutil.rmtree(base)
+
+
+def test_systemd_units_verify(tmp_path):
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
+    units = Path(__file__).parent.parent / "systemd"
+    home = tmp_path / "home"
+    (home / ".local" / "bin").mkdir(parents=True)
+    (home / ".local" / "bin" / "bbld").symlink_to(sys.executable)  # where the unit looks
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    result = subprocess.run([analyze, "--user", "verify", str(units / "bbld.socket"),
+                             str(units / "bbld.service")], capture_output=True, text=True,
+                            env={**os.environ, "HOME": str(home), "XDG_RUNTIME_DIR": str(run)},
+                            timeout=60)
+    assert (result.returncode, result.stderr) == (0, ""), result.stderr

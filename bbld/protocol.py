@@ -13,6 +13,7 @@ from typing import Any
 import msgspec
 
 MAX_MESSAGE = 1 << 20  # bytes; a longer message ends the connection with InvalidMessage
+MAX_FDS = 64  # file descriptors (SCM_RIGHTS) with one message
 VENDOR, PRODUCT, URL = "BBL", "bbld", "https://example.invalid/bbl"
 
 SERVICE_INTERFACE = """\
@@ -127,6 +128,18 @@ def decode_reply(frame: bytes) -> Reply:
         return _reply_decoder.decode(frame)
     except msgspec.DecodeError as exc:
         raise InvalidMessage(f"not a varlink reply: {exc}") from None
+
+
+def fds_from_ancillary(ancdata) -> list[int]:
+    """The fds of SCM_RIGHTS records (recvmsg's ancillary data)."""
+    import array
+    import socket
+
+    fds = array.array("i")
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[:len(data) - len(data) % fds.itemsize])
+    return list(fds)
 
 
 class Framer:

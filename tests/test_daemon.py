@@ -245,3 +245,19 @@ def test_systemd_units_verify(tmp_path):
                             env={**os.environ, "HOME": str(home), "XDG_RUNTIME_DIR": str(run)},
                             timeout=60)
     assert (result.returncode, result.stderr) == (0, ""), result.stderr
+
+
+def test_file_descriptors_where_none_are_expected_are_refused_and_closed(daemon):
+    read_end, write_end = os.pipe()
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(5)
+        sock.connect(str(daemon))
+        socket.send_fds(sock, [call("io.bbl.Manager.Ping")], [read_end])
+        os.close(read_end)
+        reply = json.loads(sock.recv(65536).rstrip(b"\0"))
+    assert reply["error"] == "io.bbl.Manager.InvalidMessage"
+    assert "file descriptor(s) sent with a call that takes none" in reply["parameters"]["reason"]
+    with pytest.raises(BrokenPipeError):  # the daemon kept no copy of the read end
+        os.write(write_end, b"x")
+    os.close(write_end)
+    assert exchange(daemon, call("io.bbl.Manager.Ping"))[0]["parameters"]["pid"] > 0

@@ -71,8 +71,16 @@ class Daemon:
                 await _close_gently(stream)
                 return
             framer = protocol.Framer()
-            while data := await stream.receive_some(65536):
+            while True:
                 try:
+                    data, fds = await _receive(stream.socket)
+                    for fd in fds:  # no method takes file descriptors yet: keep none
+                        os.close(fd)
+                    if fds:
+                        raise protocol.InvalidMessage(
+                            f"{len(fds)} file descriptor(s) sent with a call that takes none")
+                    if not data:
+                        return
                     calls = [protocol.decode_call(frame) for frame in framer.feed(data)]
                 except VarlinkError as exc:  # the stream is out of step: end it
                     await self._send(stream, exc.reply())
@@ -89,6 +97,18 @@ class Daemon:
             await stream.send_all(protocol.encode(reply))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
             pass
+
+
+async def _receive(sock) -> tuple[bytes, list[int]]:
+    """Bytes and any file descriptors that came with them (close-on-exec)."""
+    data, ancdata, flags, _ = await sock.recvmsg(
+        65536, socket.CMSG_SPACE(protocol.MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC)
+    fds = protocol.fds_from_ancillary(ancdata)
+    if flags & socket.MSG_CTRUNC:
+        for fd in fds:
+            os.close(fd)
+        raise protocol.InvalidMessage(f"more than {protocol.MAX_FDS} file descriptors")
+    return data, fds
 
 
 async def _close_gently(stream: trio.SocketStream) -> None:

@@ -1,0 +1,153 @@
+"""Talking to bbld: connect (starting the daemon when nothing listens) and make Varlink calls.
+
+Plain blocking sockets: the client imports neither trio nor the engine. When no daemon
+answers, the first client takes a lock in the user's state directory, starts `bbld` fully
+detached (its own session, logging to the state directory) and waits until it accepts; other
+clients starting at the same moment wait on the same lock and then find the daemon running,
+so ten simultaneous clients yield one daemon.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import socket
+import sys
+import time
+
+from bbld import paths, protocol
+
+START_TIMEOUT = 10.0  # seconds for a freshly started bbld to accept connections
+
+
+class ClientError(Exception):
+    """Talking to the daemon failed; the message says why and what to do."""
+
+
+class RemoteError(ClientError):
+    """The daemon answered with a Varlink error."""
+
+    def __init__(self, name: str, parameters: dict):
+        super().__init__(f"{name} {parameters}" if parameters else name)
+        self.name = name
+        self.parameters = parameters
+
+
+class Connection:
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+        self.framer = protocol.Framer()
+        self.pending: list[bytes] = []
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def call(self, method: str, fds: tuple[int, ...] = (), **parameters) -> dict:
+        """One call, one reply. Raises RemoteError for an error reply."""
+        message = protocol.encode(protocol.Call(method=method, parameters=parameters))
+        if fds:
+            socket.send_fds(self.sock, [message], list(fds))
+        else:
+            self.sock.sendall(message)
+        reply = protocol.decode_reply(self._next_frame())
+        if reply.error is not None:
+            raise RemoteError(reply.error, reply.parameters)
+        return reply.parameters
+
+    def _next_frame(self) -> bytes:
+        while not self.pending:
+            data = self.sock.recv(65536)
+            if not data:
+                raise ClientError("bbld closed the connection")
+            self.pending.extend(self.framer.feed(data))
+        return self.pending.pop(0)
+
+
+def connect(autostart: bool = True) -> Connection:
+    path = paths.socket_path()
+    sock = _try_connect(path)
+    if sock is None and autostart:
+        sock = _start_daemon(path)
+    if sock is None:
+        raise ClientError(f"no bbld listens on {path}; start it with `bbld`")
+    return Connection(sock)
+
+
+def _try_connect(path: str) -> socket.socket | None:
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+    try:
+        sock.connect(path)
+        return sock
+    except (FileNotFoundError, ConnectionRefusedError):
+        sock.close()
+        return None
+    except OSError as exc:
+        sock.close()
+        raise ClientError(f"cannot connect to {path}: {exc.strerror}") from None
+
+
+def state_dir() -> str:
+    base = os.environ.get("XDG_STATE_HOME")
+    if not (base and os.path.isabs(base)):
+        base = os.path.join(os.environ.get("HOME") or os.path.expanduser("~"), ".local", "state")
+    return os.path.join(base, "bbl")
+
+
+def _start_daemon(path: str) -> socket.socket:
+    directory = state_dir()
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    lock = os.open(os.path.join(directory, "autostart.lock"),
+                   os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # one starter at a time; the others wait here
+        sock = _try_connect(path)  # someone else may have started it meanwhile
+        if sock is not None:
+            return sock
+        log = os.path.join(directory, "bbld.log")
+        pid = _spawn_detached([sys.executable, "-m", "bbld.daemon.main"], log)
+        deadline = time.monotonic() + START_TIMEOUT
+        delay = 0.002
+        while time.monotonic() < deadline:
+            sock = _try_connect(path)
+            if sock is not None:
+                return sock
+            if not os.path.exists(f"/proc/{pid}"):
+                break
+            time.sleep(delay)
+            delay = min(delay * 2, 0.05)
+        raise ClientError(f"bbld did not start; see {log}")
+    finally:
+        os.close(lock)
+
+
+def _spawn_detached(argv: list[str], log: str) -> int:
+    """Start argv in its own session, reparented away from us (double fork). Returns its pid."""
+    pid_r, pid_w = os.pipe()
+    child = os.fork()
+    if child == 0:
+        try:
+            os.close(pid_r)
+            os.setsid()
+            grandchild = os.fork()
+            if grandchild == 0:
+                os.chdir("/")
+                null = os.open(os.devnull, os.O_RDONLY)
+                out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                os.dup2(null, 0)
+                os.dup2(out, 1)
+                os.dup2(out, 2)
+                os.closerange(3, 1 << 16)
+                os.execv(argv[0], argv)
+            os.write(pid_w, str(grandchild).encode())
+        finally:
+            os._exit(0)
+    os.close(pid_w)
+    os.waitpid(child, 0)
+    with os.fdopen(pid_r) as f:
+        return int(f.read() or 0)

@@ -1,0 +1,47 @@
+"""bblctl's connection: autostart of one daemon for many simultaneous clients; no trio."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+PING = ("import sys; from bblctl.client import connect; c = connect();"
+        "print(c.call('io.bbl.Manager.Ping')['pid']); print('trio' in sys.modules)")
+
+
+def test_ten_clients_at_once_start_exactly_one_daemon(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(run), "XDG_STATE_HOME": str(tmp_path / "state")}
+    clients = [subprocess.Popen([sys.executable, "-c", PING], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for _ in range(10)]
+    outputs = [client.communicate(timeout=60) for client in clients]
+    pids = set()
+    try:
+        for (out, err), client in zip(outputs, clients):
+            assert client.returncode == 0, err
+            pid, trio_loaded = out.split()
+            pids.add(int(pid))
+            assert trio_loaded == "False"  # the client never imports trio
+        assert len(pids) == 1
+        (daemon,) = pids
+        assert (tmp_path / "state" / "bbl" / "bbld.log").exists()
+    finally:
+        for pid in pids:
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{daemon}") and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert not os.path.exists(f"/proc/{daemon}")
+    assert not (run / "bbl" / "bbld.sock").exists()
+
+
+def test_without_autostart_a_missing_daemon_is_a_clear_error(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    code = ("from bblctl.client import connect, ClientError\ntry:\n connect(autostart=False)\n"
+            "except ClientError as e: print(e)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         env={**os.environ, "XDG_RUNTIME_DIR": str(run)}, timeout=30).stdout
+    assert out == f"no bbld listens on {run}/bbl/bbld.sock; start it with `bbld`\n"

@@ -19,7 +19,7 @@ def test_ten_clients_at_once_start_exactly_one_daemon(tmp_path):
     outputs = [client.communicate(timeout=60) for client in clients]
     pids = set()
     try:
-        for (out, err), client in zip(outputs, clients):
+        for (out, err), client in zip(outputs, clients, strict=True):
             assert client.returncode == 0, err
             pid, trio_loaded = out.split()
             pids.add(int(pid))

@@ -218,11 +218,11 @@ def test_another_uid_is_refused(tmp_path):
         (reply,) = exchange(path, call("io.bbl.Manager.Ping"))
         assert (reply["error"], reply["parameters"]) == ("io.bbl.Manager.PermissionDenied",
                                                          {"uid": 0})
-        as_user = subprocess.run(["runuser", "-u", user, "--", sys.executable, "-c",
-                                  "import socket, sys; s = socket.socket(socket.AF_UNIX);"
-                                  f"s.connect({str(path)!r}); s.sendall({call('io.bbl.Manager.Ping')!r});"
-                                  "print(s.recv(4096))"], capture_output=True, text=True,
-                                 timeout=20)
+        ping = call("io.bbl.Manager.Ping")
+        code = (f"import socket; s = socket.socket(socket.AF_UNIX); s.connect({str(path)!r});"
+                f"s.sendall({ping!r}); print(s.recv(4096))")
+        as_user = subprocess.run(["runuser", "-u", user, "--", sys.executable, "-c", code],
+                                 capture_output=True, text=True, timeout=20)
         assert '"pid"' in as_user.stdout, as_user.stderr
     finally:
         proc.send_signal(signal.SIGTERM)

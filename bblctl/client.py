@@ -60,6 +60,22 @@ class Connection:
             raise RemoteError(reply.error, reply.parameters)
         return reply.parameters
 
+    def stream(self, method: str, fds: tuple[int, ...] = (), **parameters):
+        """A `more` call: yield each reply's parameters until the last one."""
+        message = protocol.encode(protocol.Call(method=method, parameters=parameters,
+                                                more=True))
+        if fds:
+            socket.send_fds(self.sock, [message], list(fds))
+        else:
+            self.sock.sendall(message)
+        while True:
+            reply = protocol.decode_reply(self._next_frame())
+            if reply.error is not None:
+                raise RemoteError(reply.error, reply.parameters)
+            yield reply.parameters
+            if not reply.continues:
+                return
+
     def _next_frame(self) -> bytes:
         while not self.pending:
             data = self.sock.recv(65536)

@@ -61,6 +61,24 @@ interface io.bbl.Manager
 # Who answers: the daemon's version and process id.
 method Ping() -> (version: string, pid: int)
 
+# Start a sandbox from a spec (JSON, see docs/spec.md) and follow it to its
+# end. Call it with "more": the first reply has event "started" (the
+# instance id and, per layer, its name, the host pid of its supervisor and
+# its namespace ids); the last has event "exited" and the main command's
+# status. Four file descriptors travel with the call (SCM_RIGHTS), in this
+# order: stdin, stdout and stderr for the sandbox, and its working directory.
+# env is the environment layer 1 starts from; args extend the main command.
+method Run(spec: string, args: []string, env: [string]string) -> (
+  event: string,
+  id: string,
+  layers: ?[]object,
+  status: ?int
+)
+
+# The sandbox did not start: nothing of it runs. exit_code is 2 when the
+# spec is invalid or does not fit this machine, else 1.
+error StartFailed (message: string, exit_code: int)
+
 # The caller runs under another uid than the daemon; only the daemon's own
 # user may talk to it.
 error PermissionDenied (uid: int)

@@ -9,6 +9,8 @@ from __future__ import annotations
 import base64
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
 import time
@@ -176,3 +178,46 @@ def wait_gone(pids, timeout: float = 10) -> list[int]:
 def marker(request) -> str:
     """A string unique to this test, to find (and check for) its processes."""
     return f"bbl-test-{os.getpid()}-{request.node.name}"[:80]
+
+
+# ---------------------------------------------------------------- the daemon
+
+
+BBLD = [sys.executable, "-m", "bbld.daemon.main"]
+
+
+def wait_for_socket(path, proc, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"bbld exited: {proc.stderr.read()}")
+        try:
+            with socket.socket(socket.AF_UNIX) as probe:
+                probe.connect(str(path))
+                return
+        except OSError:
+            time.sleep(0.01)
+    raise AssertionError("bbld did not listen in time")
+
+
+@pytest.fixture
+def daemon(tmp_path):
+    """A bbld serving $XDG_RUNTIME_DIR=tmp_path/run; yields its socket path."""
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(run)}
+    proc = subprocess.Popen(BBLD, env=env, stderr=subprocess.PIPE, text=True)
+    path = run / "bbl" / "bbld.sock"
+    try:
+        wait_for_socket(path, proc)
+        yield path
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, proc.stderr.read()
+    assert not path.exists()  # the socket is removed at the end
+    assert os.listdir(run / "bbl") == []

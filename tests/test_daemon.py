@@ -9,51 +9,12 @@ import stat
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import pytest
 
 from bbld import protocol
-
-BBLD = [sys.executable, "-m", "bbld.daemon.main"]
-
-
-def wait_for_socket(path, proc, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise AssertionError(f"bbld exited: {proc.stderr.read()}")
-        try:
-            with socket.socket(socket.AF_UNIX) as probe:
-                probe.connect(str(path))
-                return
-        except OSError:
-            time.sleep(0.01)
-    raise AssertionError("bbld did not listen in time")
-
-
-@pytest.fixture
-def daemon(tmp_path):
-    """A bbld serving $XDG_RUNTIME_DIR=tmp_path/run; yields its socket path."""
-    run = tmp_path / "run"
-    run.mkdir(mode=0o700)
-    env = {**os.environ, "XDG_RUNTIME_DIR": str(run)}
-    proc = subprocess.Popen(BBLD, env=env, stderr=subprocess.PIPE, text=True)
-    path = run / "bbl" / "bbld.sock"
-    try:
-        wait_for_socket(path, proc)
-        yield path
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, proc.stderr.read()
-    assert not path.exists()  # the socket is removed at the end
-    assert os.listdir(run / "bbl") == []
+from tests.conftest import BBLD, wait_for_socket
 
 
 def exchange(path, *messages: bytes) -> list[dict]:

@@ -8,8 +8,17 @@ import subprocess
 import pytest
 
 from bbld.engine import seccomp
-from tests.conftest import (ENGINE, app_layer, layer, py, run_sandbox, sandbox, sh,
-                            start_sandbox, write_spec)
+from tests.conftest import (
+    ENGINE,
+    app_layer,
+    layer,
+    py,
+    run_sandbox,
+    sandbox,
+    sh,
+    start_sandbox,
+    write_spec,
+)
 
 STATUS = sh("grep -E '^(Cap(Inh|Prm|Eff|Bnd|Amb)|NoNewPrivs|Seccomp):' /proc/self/status")
 KEYCTL = py("import ctypes; libc = ctypes.CDLL(None, use_errno=True);"

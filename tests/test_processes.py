@@ -8,8 +8,16 @@ import time
 
 import pytest
 
-from tests.conftest import (app_layer, layer, processes_with, run_sandbox, sandbox, sh,
-                            start_sandbox, wait_gone)
+from tests.conftest import (
+    app_layer,
+    layer,
+    processes_with,
+    run_sandbox,
+    sandbox,
+    sh,
+    start_sandbox,
+    wait_gone,
+)
 
 
 def sleeper(marker: str, seconds: int = 1000) -> dict:

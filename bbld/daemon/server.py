@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import inspect
 import os
+import secrets
 import socket
 import struct
 
 import trio
 
 from bbld import __version__, protocol
+from bbld.daemon.helper_client import Helper
 from bbld.protocol import Call, Reply, VarlinkError
 
 SERVICE = "org.varlink.service"
@@ -26,11 +28,14 @@ def peer_uid(sock: trio.socket.SocketType) -> int:
 
 
 class Daemon:
-    def __init__(self):
+    def __init__(self, helper: "Helper | None" = None):
+        self.helper = helper
+        self.instances: dict[str, InstanceRecord] = {}
         self.methods = {
             f"{SERVICE}.GetInfo": self.get_info,
             f"{SERVICE}.GetInterfaceDescription": self.get_interface_description,
             "io.bbl.Manager.Ping": self.ping,
+            "io.bbl.Manager.Run": self.run,
         }
 
     # ------------------------------------------------------------ methods
@@ -47,20 +52,60 @@ class Daemon:
     async def ping(self) -> dict:
         return {"version": __version__, "pid": os.getpid()}
 
+    async def run(self, spec: str, args: list = (), env: dict = None, *, fds: list[int]):
+        """An async generator of replies: started, then exited (a stream: needs `more`)."""
+        if len(fds) != 4:
+            raise VarlinkError(f"{SERVICE}.InvalidParameter", parameter="fds")
+        record = InstanceRecord(id=secrets.token_hex(4), state="starting")
+        self.instances[record.id] = record
+        try:
+            async for event, layer_fds in self.helper.start(spec, list(args), env or {}, fds):
+                if event.event == "failed":
+                    raise VarlinkError("io.bbl.Manager.StartFailed", message=event.message,
+                                       exit_code=event.exit_code)
+                if event.event == "started":
+                    record.state, record.layers, record.pidfds = "running", event.layers, layer_fds
+                    yield {"event": "started", "id": record.id, "layers": event.layers}
+                elif event.event == "exited":
+                    record.state, record.status = "exited", event.status
+                    yield {"event": "exited", "id": record.id, "status": event.status}
+                    return
+            raise VarlinkError("io.bbl.Manager.StartFailed", exit_code=1,
+                               message="the instance's monitor ended without a status")
+        finally:
+            record.close()
+            self.instances.pop(record.id, None)
+
+    run.takes_fds = True
+
     # ------------------------------------------------------------ plumbing
 
-    async def dispatch(self, call: Call) -> Reply:
+    async def dispatch(self, call: Call, fds: list[int]):
+        """Yield the replies to one call (one, or a stream for a `more` call)."""
         method = self.methods.get(call.method)
         if method is None:
             interface = call.method.rpartition(".")[0]
             if interface not in protocol.INTERFACES:
-                return VarlinkError(f"{SERVICE}.InterfaceNotFound", interface=interface).reply()
-            return VarlinkError(f"{SERVICE}.MethodNotFound", method=call.method).reply()
+                yield VarlinkError(f"{SERVICE}.InterfaceNotFound", interface=interface).reply()
+            else:
+                yield VarlinkError(f"{SERVICE}.MethodNotFound", method=call.method).reply()
+            return
         try:
             _check_parameters(method, call.parameters)
-            return Reply(parameters=await method(**call.parameters))
+            if not inspect.isasyncgenfunction(method):
+                yield Reply(parameters=await method(**call.parameters))
+                return
+            if not call.more:
+                raise VarlinkError(f"{SERVICE}.ExpectedMore")
+            kwargs = {"fds": fds} if getattr(method, "takes_fds", False) else {}
+            previous = None
+            async for parameters in method(**call.parameters, **kwargs):
+                if previous is not None:
+                    yield Reply(parameters=previous, continues=True)
+                previous = parameters
+            yield Reply(parameters=previous or {})
         except VarlinkError as exc:
-            return exc.reply()
+            yield exc.reply()
 
     async def serve_connection(self, stream: trio.SocketStream) -> None:
         async with stream:
@@ -72,30 +117,59 @@ class Daemon:
                 return
             framer = protocol.Framer()
             while True:
+                fds: list[int] = []
                 try:
                     data, fds = await _receive(stream.socket)
-                    for fd in fds:  # no method takes file descriptors yet: keep none
-                        os.close(fd)
-                    if fds:
-                        raise protocol.InvalidMessage(
-                            f"{len(fds)} file descriptor(s) sent with a call that takes none")
                     if not data:
                         return
                     calls = [protocol.decode_call(frame) for frame in framer.feed(data)]
+                    if fds and not (len(calls) == 1 and self._takes_fds(calls[0])):
+                        raise protocol.InvalidMessage(
+                            f"{len(fds)} file descriptor(s) sent with a call that takes none")
                 except VarlinkError as exc:  # the stream is out of step: end it
+                    _close_all(fds)
                     await self._send(stream, exc.reply())
                     await _close_gently(stream)
                     return
                 for call in calls:
-                    reply = await self.dispatch(call)
-                    if not call.oneway:
-                        await self._send(stream, reply)
+                    try:
+                        async for reply in self.dispatch(call, fds):
+                            if not call.oneway:
+                                await self._send(stream, reply)
+                    finally:
+                        _close_all(fds)  # the helper has its own copies by now
+
+    def _takes_fds(self, call: Call) -> bool:
+        return getattr(self.methods.get(call.method), "takes_fds", False)
 
     @staticmethod
     async def _send(stream: trio.SocketStream, reply: Reply) -> None:
         try:
             await stream.send_all(protocol.encode(reply))
         except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+
+class InstanceRecord:
+    """What the daemon knows of one instance (issue 4 grows this into the registry)."""
+
+    def __init__(self, id: str, state: str):
+        self.id = id
+        self.state = state
+        self.layers: list[dict] = []
+        self.pidfds: list[int] = []
+        self.status: int | None = None
+
+    def close(self) -> None:
+        _close_all(self.pidfds)
+        self.pidfds = []
+
+
+def _close_all(fds: list[int]) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
             pass
 
 
@@ -123,21 +197,28 @@ async def _close_gently(stream: trio.SocketStream) -> None:
         pass
 
 
+PARAMETER_TYPES = {"str": str, "list": list, "dict": dict}
+
+
 def _check_parameters(method, parameters: dict) -> None:
     """Every parameter known, every required one present, each of the annotated type."""
     signature = inspect.signature(method)
     for name, value in parameters.items():
         expected = signature.parameters.get(name)
-        if expected is None or (expected.annotation == "str" and not isinstance(value, str)):
+        kind = PARAMETER_TYPES.get(str(expected.annotation).partition("[")[0]) \
+            if expected is not None else None
+        if expected is None or expected.kind is inspect.Parameter.KEYWORD_ONLY \
+                or (kind is not None and not isinstance(value, kind)):
             raise VarlinkError(f"{SERVICE}.InvalidParameter", parameter=name)
     for name, expected in signature.parameters.items():
-        if expected.default is inspect.Parameter.empty and name not in parameters:
+        if expected.default is inspect.Parameter.empty and name not in parameters \
+                and expected.kind is not inspect.Parameter.KEYWORD_ONLY:
             raise VarlinkError(f"{SERVICE}.InvalidParameter", parameter=name)
 
 
 async def serve(listener: trio.SocketListener, ready=None) -> None:
     """Serve until cancelled. `ready` is called once the listener accepts connections."""
-    daemon = Daemon()
+    daemon = Daemon(Helper())
     async with trio.open_nursery() as nursery:
         if ready is not None:
             ready()

@@ -20,8 +20,15 @@ from bbld.engine import reports
 from bbld.engine import syscalls as sc
 from bbld.engine.errors import StartError
 from bbld.engine.plan import Plan
-from bbld.engine.supervisor import (FORWARDED_SIGNALS, SI_KERNEL, Context, block_signals,
-                                    exit_code, read_signals, spawn_layer)
+from bbld.engine.supervisor import (
+    FORWARDED_SIGNALS,
+    SI_KERNEL,
+    Context,
+    block_signals,
+    exit_code,
+    read_signals,
+    spawn_layer,
+)
 
 
 class Instance:

@@ -8,6 +8,7 @@ every forked layer: no interpreter re-exec, no config files.
 from __future__ import annotations
 
 import os
+
 import msgspec
 from msgspec import Struct, field
 

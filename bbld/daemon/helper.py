@@ -1,0 +1,101 @@
+"""The daemon's forker: a single-threaded process with the engine imported once.
+
+bbld starts it once (`python -m bbld.daemon.helper FD`) and sends it start requests over a
+SOCK_SEQPACKET socket, each with its file descriptors (SCM_RIGHTS): the instance's report
+channel, the caller's stdin, stdout, stderr and working directory. For every request the
+helper forks a monitor (no new interpreter): the monitor takes the caller's stdio, cwd and
+environment, runs the engine's Instance, and reports `started` (layer pids and namespaces,
+with a pidfd per layer) and `exited` (the main command's status) on the report channel.
+The namespace work never happens in the daemon's event loop.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+from array import array
+
+import msgspec
+
+from bbld import spec
+from bbld.daemon.messages import MAX_REQUEST, REQUEST_FDS, Event, StartRequest
+from bbld.engine import Instance, StartError, prepare
+
+_request_decoder = msgspec.json.Decoder(StartRequest)
+
+
+def main(fd: int) -> int:
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # monitors are reaped by the kernel
+    sock = socket.socket(fileno=fd)
+    while True:
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(sock, MAX_REQUEST, REQUEST_FDS,
+                                                       socket.MSG_CMSG_CLOEXEC)
+        except InterruptedError:
+            continue
+        if not data:
+            return 0  # the daemon is gone
+        if len(fds) != REQUEST_FDS:
+            for descriptor in fds:
+                os.close(descriptor)
+            continue
+        if os.fork() == 0:
+            status = 1
+            try:
+                status = _monitor(data, fds)
+            finally:
+                os._exit(status)
+        for descriptor in fds:
+            os.close(descriptor)
+
+
+def _monitor(data: bytes, fds: list[int]) -> int:
+    """One instance, in a forked child of the helper."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    report_fd, stdin, stdout, stderr, cwd = fds
+    report = socket.socket(fileno=report_fd)
+    for target, source in enumerate((stdin, stdout, stderr)):
+        os.dup2(source, target)
+    os.fchdir(cwd)
+    for descriptor in (stdin, stdout, stderr, cwd):
+        os.close(descriptor)
+    try:
+        request = _request_decoder.decode(data)
+        os.environ.clear()
+        os.environ.update(request.env)
+        plan = prepare(spec.decode(request.spec, "json", "request"), request.args)
+        instance = Instance(plan)
+        instance.start()
+    except spec.SpecError as exc:
+        _send(report, Event(event="failed", message="\n".join(exc.problems), exit_code=2))
+        return 0
+    except StartError as exc:
+        _send(report, Event(event="failed", message=str(exc), exit_code=exc.exit_code))
+        return 0
+    except (msgspec.DecodeError, OSError) as exc:
+        _send(report, Event(event="failed", message=f"bad start request: {exc}", exit_code=1))
+        return 0
+    layers = instance.layers_info()
+    _send(report, Event(event="started", layers=layers),
+          [instance.pidfds[entry["layer"]] for entry in layers])
+    try:
+        status = instance.wait()
+    except StartError as exc:
+        _send(report, Event(event="failed", message=str(exc), exit_code=exc.exit_code))
+        return 0
+    _send(report, Event(event="exited", status=status))
+    return 0
+
+
+def _send(report: socket.socket, event: Event, fds: list[int] = ()) -> None:
+    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", fds))] if fds else []
+    try:
+        report.sendmsg([msgspec.json.encode(event)], ancillary)
+    except OSError:
+        pass  # the daemon is gone; the instance goes on regardless
+
+
+if __name__ == "__main__":
+    sys.exit(main(int(sys.argv[1])))

@@ -1,0 +1,62 @@
+"""The daemon's side of its forker: start the helper process once, send it start requests,
+and follow each instance's events (trio)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from array import array
+
+import msgspec
+import trio
+
+from bbld import protocol
+from bbld.daemon.messages import Event, StartRequest
+
+_event_decoder = msgspec.json.Decoder(Event)
+
+
+def _seqpacket_pair() -> tuple[socket.socket, socket.socket]:
+    return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+
+
+class Helper:
+    def __init__(self):
+        self.process: subprocess.Popen | None = None
+        self.sock = None
+
+    def _ensure_running(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            return
+        mine, theirs = _seqpacket_pair()
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "bbld.daemon.helper", str(theirs.fileno())],
+            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+        theirs.close()
+        self.sock = trio.socket.from_stdlib_socket(mine)
+
+    async def start(self, spec: str, args: list[str], env: dict[str, str], fds: list[int]):
+        """Yield (Event, fds) for one new instance until its monitor ends."""
+        self._ensure_running()
+        mine, theirs = _seqpacket_pair()
+        request = msgspec.json.encode(StartRequest(spec=spec, args=args, env=env))
+        try:
+            await self.sock.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                 array("i", [theirs.fileno(), *fds]))])
+        finally:
+            theirs.close()
+        with trio.socket.from_stdlib_socket(mine) as events:
+            while True:
+                data, ancdata, _flags, _ = await events.recvmsg(
+                    1 << 16, socket.CMSG_SPACE(protocol.MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC)
+                fds_in = protocol.fds_from_ancillary(ancdata)
+                if not data:
+                    return
+                try:
+                    yield _event_decoder.decode(data), fds_in
+                except msgspec.DecodeError:
+                    for fd in fds_in:
+                        os.close(fd)
+                    return

@@ -1,0 +1,21 @@
+"""What bbld and its forker (bbld.daemon.helper) say to each other. No trio, no engine."""
+
+import msgspec
+
+MAX_REQUEST = 1 << 20
+REQUEST_FDS = 5  # the instance's report channel, stdin, stdout, stderr, working directory
+
+
+class StartRequest(msgspec.Struct):
+    spec: str  # JSON of a bbld.spec.Sandbox
+    args: list[str] = []
+    env: dict[str, str] = {}
+
+
+class Event(msgspec.Struct, omit_defaults=True):
+    """From an instance's monitor: started (with a pidfd per layer), failed, exited."""
+    event: str
+    layers: list[dict] = []
+    status: int | None = None
+    message: str | None = None
+    exit_code: int | None = None

@@ -1,0 +1,97 @@
+"""Instances through bbld: io.bbl.Manager.Run forks them from the daemon's helper."""
+
+import json
+import os
+
+import pytest
+
+from bblctl.client import RemoteError
+from tests.conftest import app_layer, processes_with, sandbox, sh, wait_gone
+
+
+def connect(path):
+    import socket
+
+    from bblctl.client import Connection
+
+    sock = socket.socket(socket.AF_UNIX)
+    sock.connect(str(path))
+    return Connection(sock)
+
+
+def run_through(daemon_path, spec: dict, args=(), stdin=b""):
+    """Run a spec through the daemon with pipes for stdio; returns (events, stdout, stderr)."""
+    out_r, out_w = os.pipe()
+    err_r, err_w = os.pipe()
+    in_r, in_w = os.pipe()
+    os.write(in_w, stdin)
+    os.close(in_w)
+    cwd = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
+    events = []
+    try:
+        with connect(daemon_path) as conn:
+            try:
+                for reply in conn.stream("io.bbl.Manager.Run", fds=(in_r, out_w, err_w, cwd),
+                                         spec=json.dumps(spec), args=list(args),
+                                         env={"PATH": "/usr/bin:/bin"}):
+                    events.append(reply)
+            except RemoteError as exc:
+                events.append({"error": exc.name, **exc.parameters})
+    finally:
+        for fd in (in_r, out_w, err_w, cwd):
+            os.close(fd)
+    with os.fdopen(out_r, "rb") as out, os.fdopen(err_r, "rb") as err:
+        return events, out.read().decode(), err.read().decode()
+
+
+def test_run_streams_started_then_exited_with_the_status(daemon):
+    spec = sandbox(app_layer(command=sh("read line; echo got $line; pwd; echo $PATH; exit 3")))
+    events, out, err = run_through(daemon, spec, stdin=b"hello\n")
+    started, exited = events
+    assert started["event"] == "started" and started["layers"][0]["layer"] == "app"
+    assert started["layers"][0]["pid"] > 1
+    assert exited == {"event": "exited", "id": started["id"], "status": 3}
+    assert out == "got hello\n/\n/usr/bin:/bin\n", err
+
+
+def test_run_with_arguments_and_a_nested_tree(daemon):
+    from tests.conftest import layer
+
+    leaf = layer("leaf", namespaces=["user", "mount", "pid"], command=["echo"])
+    events, out, _ = run_through(daemon, sandbox(app_layer("top", layers=[leaf])), args=["a", "b"])
+    assert [e["layer"] for e in events[0]["layers"]] == ["top", "leaf"]
+    assert out == "a b\n" and events[-1]["status"] == 0
+
+
+@pytest.mark.parametrize("spec, code, message", [
+    ({"layer": {"name": "x", "namespaces": ["pid"], "command": ["true"]}}, 2,
+     "layer 'x': namespaces"),
+    (sandbox(app_layer(command=["true"], fs=[{"op": "bind", "src": "/nope", "dest": "/x"}])),
+     2, "layer 'app': fs[0] (bind) /x: source /nope does not exist"),
+    (sandbox(app_layer(command=["/no/such/program"])), 2, "cannot execute"),
+])
+def test_start_failures_are_typed_errors(daemon, spec, code, message):
+    events, out, _ = run_through(daemon, spec)
+    (failure,) = events
+    assert failure["error"] == "io.bbl.Manager.StartFailed"
+    assert failure["exit_code"] == code and message in failure["message"]
+
+
+def test_run_needs_more_and_its_four_fds(daemon):
+    with connect(daemon) as conn:
+        with pytest.raises(RemoteError) as err:
+            conn.call("io.bbl.Manager.Run", spec="{}", args=[], env={})
+        assert err.value.name == "org.varlink.service.ExpectedMore"
+    with connect(daemon) as conn:
+        with pytest.raises(RemoteError) as err:
+            list(conn.stream("io.bbl.Manager.Run", spec="{}", args=[], env={}))
+        assert err.value.parameters == {"parameter": "fds"}
+
+
+def test_instances_are_forked_by_one_helper_not_by_the_daemon(daemon, marker):
+    spec = sandbox(app_layer(command={"argv": ["sleep", "0.3"], "argv0": marker}))
+    events, _, _ = run_through(daemon, spec)
+    supervisor = events[0]["layers"][0]["pid"]
+    ping = connect(daemon).call("io.bbl.Manager.Ping")["pid"]
+    assert supervisor != ping
+    assert wait_gone(processes_with(marker)) == []

@@ -1,0 +1,123 @@
+"""bubblewrap's command line as bbld.bwrap parses it; messages compared with Debian's bwrap."""
+
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from bbld import bwrap, spec
+
+BWRAP = shutil.which("bwrap")
+
+
+def parse(*argv, env=None):
+    return bwrap.parse(list(argv), env if env is not None else {"HOME": "/h", "A": "1"})
+
+
+def error_of(*argv) -> str:
+    with pytest.raises(bwrap.ParseError) as err:
+        parse(*argv)
+    return str(err.value)
+
+
+def test_options_are_processed_in_order_and_parsing_stops_at_the_command():
+    inv = parse("--ro-bind", "/usr", "/usr", "--perms", "0700", "--tmpfs", "/tmp",
+                "--size", "4096", "--tmpfs", "/t2", "--symlink", "usr/bin", "/bin",
+                "--unshare-all", "--share-net", "--hostname", "h", "--setenv", "B", "2",
+                "--unsetenv", "A", "sh", "--bind", "x")
+    assert inv.command == ["sh", "--bind", "x"]
+    assert inv.ops == [spec.RoBind(src="/usr", dest="/usr"),
+                       spec.Tmpfs(dest="/tmp", mode=0o700),
+                       spec.Tmpfs(dest="/t2", mode=0o755, size=4096),
+                       spec.Symlink(target_path="usr/bin", dest="/bin")]
+    assert inv.unshare == ["user-try", "ipc", "pid", "uts", "cgroup-try"]
+    assert inv.env == {"HOME": "/h", "B": "2"}
+
+
+def test_double_dash_and_clearenv_order():
+    inv = parse("--setenv", "X", "1", "--clearenv", "--setenv", "Y", "2", "--", "--weird")
+    assert inv.command == ["--weird"] and inv.env == {"Y": "2"}
+
+
+def test_args_fd_is_parsed_in_place_and_its_command_is_ignored():
+    r, w = os.pipe()
+    os.write(w, b"--dir\0/d\0--chdir\0/d\0ignored-command\0--bind\0")
+    os.close(w)
+    inv = parse("--args", str(r), "--tmpfs", "/t", "true")
+    assert inv.ops == [spec.Dir(dest="/d", mode=0o755), spec.Tmpfs(dest="/t", mode=0o755)]
+    assert inv.chdir == "/d" and inv.command == ["true"]
+    with pytest.raises(OSError):
+        os.fstat(r)  # read to EOF and closed
+
+
+def test_repeated_last_wins_options_warn():
+    inv = parse("--chdir", "/a", "--chdir", "/b", "true")
+    assert inv.chdir == "/b"
+    assert inv.warnings == ["Only the last --chdir option will take effect"]
+
+
+def test_overlays_collect_their_sources():
+    inv = parse("--overlay-src", "/a", "--overlay-src", "/b", "--overlay", "/u", "/w", "/o",
+                "--overlay-src", "/c", "--tmp-overlay", "/t", "true")
+    assert inv.ops == [spec.Overlay(lower=["/a", "/b"], upper="/u", work="/w", dest="/o"),
+                       spec.TmpOverlay(lower=["/c"], dest="/t")]
+
+
+def test_add_seccomp_fd_is_read_while_parsing():
+    r, w = os.pipe()
+    os.write(w, b"\x06\0\0\0\0\0\xff\x7f")
+    os.close(w)
+    assert parse("--add-seccomp-fd", str(r), "true").seccomp_programs == [
+        b"\x06\0\0\0\0\0\xff\x7f"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--argv0", "a", "--argv0", "b", "true"], "--argv0 used multiple times"),
+    (["--ro-overlay", "/x", "true"], "--ro-overlay requires at least 2 --overlay-src"),
+    (["--overlay-src", "/a", "--dir", "/x", "true"],
+     "--overlay-src must be followed by another --overlay-src or one of --overlay, "
+     "--tmp-overlay, or --ro-overlay"),
+    (["--bind", "/a"], "--bind takes two arguments"),
+])
+def test_errors_of_options_debian_bwrap_lacks(argv, message):
+    assert error_of(*argv) == message
+
+
+def test_help_and_version():
+    with pytest.raises(bwrap.Help):
+        parse("--unshare-pid", "--help")
+    with pytest.raises(bwrap.Version):
+        parse("--version")
+    assert bwrap.usage("bbl-bwrap").startswith("usage: bbl-bwrap [OPTIONS...] [--] COMMAND")
+
+
+# Command lines that bubblewrap refuses while parsing, with options Debian's 0.8.0 knows.
+REFUSED = [
+    ["--foo", "true"], ["--bind", "/a"], ["--tmpfs"], ["--setenv", "A"], ["--block-fd"],
+    ["--hostname", "x", "true"], ["--as-pid-1", "true"],
+    ["--unshare-pid", "--as-pid-1", "--lock-file", "/x", "true"],
+    ["--perms", "9999", "--dir", "/x", "true"], ["--perms", "0755", "--perms", "0700", "true"],
+    ["--size", "10", "--dir", "/x", "true"], ["--size", "abc", "--tmpfs", "/x", "true"],
+    ["--size", "0", "--tmpfs", "/x", "true"], ["--bind-fd", "x", "/a", "true"],
+    ["--bind-fd", "-1", "/a", "true"], ["--chmod", "99999", "/x", "true"],
+    ["--cap-add", "FOO", "true"], ["--userns", "3", "--unshare-user", "true"],
+    ["--exec-label", "x", "true"], ["--perms", "0700", "--bind", "/a", "/b", "true"],
+    ["--args", "99", "true"], ["--size", "5", "--size", "6", "--tmpfs", "/x", "true"],
+]
+
+
+@pytest.mark.skipif(BWRAP is None, reason="Debian's bubblewrap is not installed")
+@pytest.mark.parametrize("argv", REFUSED, ids=" ".join)
+def test_same_message_as_bubblewrap(argv):
+    theirs = subprocess.run([BWRAP, *argv], capture_output=True, text=True, timeout=20)
+    assert theirs.returncode == 1
+    assert f"bwrap: {error_of(*argv)}" == theirs.stderr.splitlines()[0]
+
+
+@pytest.mark.skipif(BWRAP is None, reason="Debian's bubblewrap is not installed")
+@pytest.mark.parametrize("argv", [[], ["--"], ["--unshare-all"]])
+def test_no_command_is_a_usage_error_like_bubblewrap(argv):
+    theirs = subprocess.run([BWRAP, *argv], capture_output=True, text=True, timeout=20)
+    assert theirs.returncode == 1 and theirs.stderr.startswith("usage: ")
+    assert error_of(*argv) == "usage"

@@ -473,3 +473,76 @@ HELP = [
     ("--size BYTES", "Set size of next argument (only for --tmpfs)"),
     ("--chmod OCTAL PATH", "Change permissions of PATH (must already exist)"),
 ]
+
+
+# ---------------------------------------------------------------- into a spec
+
+NOT_YET = {  # parsed, but not run yet: refused with a clear message
+    "userns_fd": "--userns", "userns2_fd": "--userns2", "pidns_fd": "--pidns",
+    "disable_userns": "--disable-userns", "assert_userns_disabled": "--assert-userns-disabled",
+    "lock_files": "--lock-file", "sync_fd": "--sync-fd", "block_fd": "--block-fd",
+    "userns_block_fd": "--userns-block-fd", "json_status_fd": "--json-status-fd",
+    "info_fd": "--info-fd",
+    "as_pid_1": "--as-pid-1",
+}
+
+
+def to_sandbox(inv: Invocation, uid: int, gid: int) -> spec.Sandbox:
+    """The layer tree a bubblewrap command line means, for a caller with this uid/gid.
+
+    One layer holds bubblewrap's namespaces and its new root. bubblewrap maps uid 0 first when
+    it mounts a devpts (`--dev`) and then switches to the sandbox uid in a nested user
+    namespace; here that is literally two layers: `bwrap` (uid 0, builds the view) and
+    `sandbox` (the sandbox uid, runs the command).
+    """
+    for attribute, option in NOT_YET.items():
+        if getattr(inv, attribute) not in (None, False, []):
+            raise ParseError(f"{option} is not supported by bbl-bwrap yet")
+    namespaces = ["mount"]
+    user = uid != 0 or any(n in inv.unshare for n in ("user", "user-try"))
+    if user:
+        namespaces.insert(0, "user")
+    elif inv.uid is not None or inv.gid is not None:
+        raise ParseError("Specifying --uid requires --unshare-user or --userns" if inv.uid
+                         is not None else "Specifying --gid requires --unshare-user or --userns")
+    for name in ("ipc", "pid", "net", "uts", "cgroup"):
+        if name in inv.unshare or f"{name}-try" in inv.unshare:
+            namespaces.append(name)
+    sandbox_uid = inv.uid if inv.uid is not None else uid
+    sandbox_gid = inv.gid if inv.gid is not None else gid
+    needs_root = user and any(isinstance(op, (spec.Dev, spec.Devpts)) for op in inv.ops) \
+        and (sandbox_uid, sandbox_gid) != (0, 0)
+    command = spec.Command(argv=inv.command, argv0=inv.argv0, cwd=inv.chdir, new_session=True)
+    leaf_keys = dict(env=spec.Env(clear=True, set=inv.env), command=command,
+                     caps=_caps(inv, uid), seccomp=_seccomp(inv))
+    outer = spec.Layer(name="bwrap", namespaces=namespaces, hostname=inv.hostname,
+                       new_root=True, root_readonly=False, fs=list(inv.ops))
+    if user:
+        outer.uid, outer.gid = (0, 0) if needs_root else (sandbox_uid, sandbox_gid)
+    if needs_root:
+        outer.layers = [spec.Layer(name="sandbox", namespaces=["user"], uid=sandbox_uid,
+                                   gid=sandbox_gid, **leaf_keys)]
+    else:
+        for key, value in leaf_keys.items():
+            setattr(outer, key, value)
+    return spec.Sandbox(name="bwrap", layer=outer, die_with_parent=inv.die_with_parent)
+
+
+def _caps(inv: Invocation, uid: int) -> list[str]:
+    """bubblewrap: no capabilities for an unprivileged caller, all for root; then in order."""
+    kept = set(spec.CAPABILITIES) if uid == 0 else set()
+    for kind, name in inv.caps:
+        names = set(spec.CAPABILITIES) if name.upper() == "ALL" else \
+            {spec.CAPABILITIES[spec.capability_number(name)]}
+        kept = kept | names if kind == "add" else kept - names
+    return sorted(kept, key=spec.CAPABILITIES.index)
+
+
+def _seccomp(inv: Invocation) -> spec.Seccomp | None:
+    programs = list(inv.seccomp_programs)
+    if inv.seccomp_fd is not None:
+        try:
+            programs.append(_read_all(inv.seccomp_fd))
+        except OSError as exc:
+            raise ParseError(f"Can't read seccomp data: {exc.strerror}") from None
+    return spec.Seccomp(programs=programs) if programs else None

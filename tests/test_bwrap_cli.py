@@ -121,3 +121,59 @@ def test_no_command_is_a_usage_error_like_bubblewrap(argv):
     theirs = subprocess.run([BWRAP, *argv], capture_output=True, text=True, timeout=20)
     assert theirs.returncode == 1 and theirs.stderr.startswith("usage: ")
     assert error_of(*argv) == "usage"
+
+
+# ---------------------------------------------------------------- running what it means
+
+SYSTEM = ["--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib",
+          "/lib", "--symlink", "usr/lib64", "/lib64", "--symlink", "usr/sbin", "/sbin"]
+SAME_OUTPUT = [
+    [*SYSTEM, "--proc", "/proc", "--dev", "/dev", "--unshare-all", "sh", "-c",
+     "id -u; ls /; ls /dev; hostname >/dev/null && echo ok; readlink /proc/self/ns/net | cut -c1-4"],
+    [*SYSTEM, "--unshare-user", "--uid", "1234", "--gid", "5678", "--dev", "/dev", "--proc",
+     "/proc", "--unshare-pid", "sh", "-c", "id -u; id -g; cat /proc/self/uid_map | wc -l"],
+    [*SYSTEM, "--unshare-uts", "--hostname", "box", "--tmpfs", "/tmp", "--perms", "0700",
+     "--dir", "/tmp/d", "sh", "-c", "hostname; stat -c %a /tmp/d; echo $FOO", ],
+    [*SYSTEM, "--setenv", "FOO", "bar", "--chdir", "/usr", "sh", "-c", "echo $FOO; pwd"],
+    [*SYSTEM, "--argv0", "renamed", "sh", "-c", "echo $0"],
+    [*SYSTEM, "--unshare-net", "sh", "-c", "cat /proc/net/dev 2>/dev/null | wc -l; true"],
+    [*SYSTEM, "--", "sh", "-c", "exit 7"],
+]
+
+
+def run_translated(tmp_path, argv):
+    import msgspec
+
+    from tests.conftest import run_engine
+
+    inv = bwrap.parse(argv, dict(os.environ))
+    sandbox_spec = bwrap.to_sandbox(inv, os.getuid(), os.getgid())
+    path = tmp_path / "bwrap.json"
+    path.write_bytes(msgspec.json.encode(sandbox_spec))
+    return run_engine(str(path))
+
+
+@pytest.mark.skipif(BWRAP is None, reason="Debian's bubblewrap is not installed")
+@pytest.mark.parametrize("argv", SAME_OUTPUT, ids=lambda a: " ".join(a[len(SYSTEM):])[:60])
+def test_a_translated_command_line_behaves_like_bubblewrap(tmp_path, argv):
+    if "--argv0" in argv:
+        pytest.skip("Debian's bubblewrap 0.8.0 has no --argv0")
+    theirs = subprocess.run([BWRAP, *argv], capture_output=True, text=True, timeout=30)
+    ours = run_translated(tmp_path, argv)
+    assert (ours.returncode, ours.stdout) == (theirs.returncode, theirs.stdout), ours.stderr
+
+
+def test_argv0_is_given_to_the_command(tmp_path):
+    result = run_translated(tmp_path, [*SYSTEM, "--argv0", "renamed", "sh", "-c", "echo $0"])
+    assert result.stdout == "renamed\n", result.stderr
+
+
+@pytest.mark.parametrize("option", ["--as-pid-1", "--disable-userns", "--info-fd"])
+def test_options_not_run_yet_are_refused_clearly(option):
+    argv = {"--as-pid-1": ["--unshare-pid", "--as-pid-1"],
+            "--disable-userns": ["--unshare-user", "--disable-userns"],
+            "--info-fd": ["--info-fd", "1"]}[option]
+    inv = bwrap.parse([*argv, "true"], {})
+    with pytest.raises(bwrap.ParseError) as err:
+        bwrap.to_sandbox(inv, 1000, 1000)
+    assert str(err.value) == f"{option} is not supported by bbl-bwrap yet"

@@ -129,7 +129,8 @@ SYSTEM = ["--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin", "--symlin
           "/lib", "--symlink", "usr/lib64", "/lib64", "--symlink", "usr/sbin", "/sbin"]
 SAME_OUTPUT = [
     [*SYSTEM, "--proc", "/proc", "--dev", "/dev", "--unshare-all", "sh", "-c",
-     "id -u; ls /; ls /dev; hostname >/dev/null && echo ok; readlink /proc/self/ns/net | cut -c1-4"],
+     "id -u; ls /; ls /dev; hostname >/dev/null && echo ok; "
+     "readlink /proc/self/ns/net | cut -c1-4"],
     [*SYSTEM, "--unshare-user", "--uid", "1234", "--gid", "5678", "--dev", "/dev", "--proc",
      "/proc", "--unshare-pid", "sh", "-c", "id -u; id -g; cat /proc/self/uid_map | wc -l"],
     [*SYSTEM, "--unshare-uts", "--hostname", "box", "--tmpfs", "/tmp", "--perms", "0700",

@@ -66,14 +66,28 @@ method Ping() -> (version: string, pid: int)
 # instance id and, per layer, its name, the host pid of its supervisor and
 # its namespace ids); the last has event "exited" and the main command's
 # status. Four file descriptors travel with the call (SCM_RIGHTS), in this
-# order: stdin, stdout and stderr for the sandbox, and its working directory.
-# env is the environment layer 1 starts from; args extend the main command.
-method Run(spec: string, args: []string, env: [string]string) -> (
+# order: stdin, stdout and stderr for the sandbox, and its working directory;
+# then one fd for each entry of fd_numbers, which the spec refers to by that
+# number (bind-fd, file and data fds). env is the environment layer 1 starts
+# from; args extend the main command.
+method Run(
+  spec: string,
+  args: []string,
+  env: [string]string,
+  fd_numbers: ?[]int
+) -> (
   event: string,
   id: string,
   layers: ?[]object,
   status: ?int
 )
+
+# Send a signal to a running instance; its main command gets it (through
+# every layer's supervisor), as bubblewrap's command would.
+method Signal(id: string, signal: int) -> ()
+
+# No running instance has this id.
+error NoSuchInstance (id: string)
 
 # The sandbox did not start: nothing of it runs. exit_code is 2 when the
 # spec is invalid or does not fit this machine, else 1.

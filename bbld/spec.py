@@ -467,9 +467,11 @@ def _check_op(layer: Layer, index: int, op: FsOp, ids: Ids, say) -> None:
         if value is not None:
             _abs_path(say, name, value)
     target = op.target
-    if target.startswith("/") and posixpath.normpath(target) == "/" \
-            and not isinstance(op, (RemountRo, Chmod)):
-        say("dest", "cannot be / itself; use new_root for a new root")
+    covers_root = isinstance(op, (_Bind, BindFd, Tmpfs, Overlay, TmpOverlay, RoOverlay))
+    if target.startswith("/") and posixpath.normpath(target) == "/" and not (
+            isinstance(op, (RemountRo, Chmod)) or (covers_root and layer.new_root)):
+        say("dest", "cannot be / itself here (only binds, tmpfs and overlays may cover the "
+            "new root, with new_root = true)")
     if not layer.new_root and isinstance(op, (Dir, Symlink, File, TmpOverlay)):
         say("op", "needs new_root = true (a private root, and scratch space, to create in)")
     if isinstance(op, (Overlay, TmpOverlay, RoOverlay)):

@@ -11,6 +11,7 @@ The namespace work never happens in the daemon's event loop.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import signal
 import socket
@@ -20,7 +21,7 @@ from array import array
 import msgspec
 
 from bbld import spec
-from bbld.daemon.messages import MAX_REQUEST, REQUEST_FDS, Event, StartRequest
+from bbld.daemon.messages import MAX_EXTRA_FDS, MAX_REQUEST, REQUEST_FDS, Event, StartRequest
 from bbld.engine import Instance, StartError, prepare
 
 _request_decoder = msgspec.json.Decoder(StartRequest)
@@ -31,13 +32,14 @@ def main(fd: int) -> int:
     sock = socket.socket(fileno=fd)
     while True:
         try:
-            data, fds, _flags, _addr = socket.recv_fds(sock, MAX_REQUEST, REQUEST_FDS,
+            data, fds, _flags, _addr = socket.recv_fds(sock, MAX_REQUEST,
+                                                       REQUEST_FDS + MAX_EXTRA_FDS,
                                                        socket.MSG_CMSG_CLOEXEC)
         except InterruptedError:
             continue
         if not data:
             return 0  # the daemon is gone
-        if len(fds) != REQUEST_FDS:
+        if len(fds) < REQUEST_FDS:
             for descriptor in fds:
                 os.close(descriptor)
             continue
@@ -54,15 +56,22 @@ def main(fd: int) -> int:
 def _monitor(data: bytes, fds: list[int]) -> int:
     """One instance, in a forked child of the helper."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    report_fd, stdin, stdout, stderr, cwd = fds
+    # Out of the way first (high numbers), then everything to its place: stdio, extras.
+    high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 1000) for fd in fds]
+    for fd in fds:
+        os.close(fd)
+    report_fd, stdin, stdout, stderr, cwd, *extras = high
     report = socket.socket(fileno=report_fd)
-    for target, source in enumerate((stdin, stdout, stderr)):
-        os.dup2(source, target)
-    os.fchdir(cwd)
-    for descriptor in (stdin, stdout, stderr, cwd):
-        os.close(descriptor)
     try:
         request = _request_decoder.decode(data)
+        if len(extras) != len(request.fd_numbers):
+            raise OSError(0, "the number of fds does not match fd_numbers")
+        for target, source in zip((0, 1, 2, *request.fd_numbers), (stdin, stdout, stderr,
+                                                                    *extras), strict=True):
+            os.dup2(source, target)
+        os.fchdir(cwd)
+        for descriptor in (stdin, stdout, stderr, cwd, *extras):
+            os.close(descriptor)
         os.environ.clear()
         os.environ.update(request.env)
         plan = prepare(spec.decode(request.spec, "json", "request"), request.args)
@@ -78,8 +87,10 @@ def _monitor(data: bytes, fds: list[int]) -> int:
         _send(report, Event(event="failed", message=f"bad start request: {exc}", exit_code=1))
         return 0
     layers = instance.layers_info()
+    own = os.pidfd_open(os.getpid())  # the daemon signals the instance through its monitor
     _send(report, Event(event="started", layers=layers),
-          [instance.pidfds[entry["layer"]] for entry in layers])
+          [own, *(instance.pidfds[entry["layer"]] for entry in layers)])
+    os.close(own)
     try:
         status = instance.wait()
     except StartError as exc:

@@ -37,11 +37,13 @@ class Helper:
         theirs.close()
         self.sock = trio.socket.from_stdlib_socket(mine)
 
-    async def start(self, spec: str, args: list[str], env: dict[str, str], fds: list[int]):
+    async def start(self, spec: str, args: list[str], env: dict[str, str],
+                    fd_numbers: list[int], fds: list[int]):
         """Yield (Event, fds) for one new instance until its monitor ends."""
         self._ensure_running()
         mine, theirs = _seqpacket_pair()
-        request = msgspec.json.encode(StartRequest(spec=spec, args=args, env=env))
+        request = msgspec.json.encode(StartRequest(spec=spec, args=args, env=env,
+                                                   fd_numbers=fd_numbers))
         try:
             await self.sock.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                                  array("i", [theirs.fileno(), *fds]))])

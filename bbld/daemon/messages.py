@@ -4,12 +4,14 @@ import msgspec
 
 MAX_REQUEST = 1 << 20
 REQUEST_FDS = 5  # the instance's report channel, stdin, stdout, stderr, working directory
+MAX_EXTRA_FDS = 32  # fds the spec names (bind-fd, data fds), placed at their numbers
 
 
 class StartRequest(msgspec.Struct):
     spec: str  # JSON of a bbld.spec.Sandbox
     args: list[str] = []
     env: dict[str, str] = {}
+    fd_numbers: list[int] = []  # where the extra fds go in the monitor, in order
 
 
 class Event(msgspec.Struct, omit_defaults=True):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import inspect
 import os
 import secrets
+import signal as _signal
 import socket
 import struct
 
@@ -16,6 +17,7 @@ import trio
 
 from bbld import __version__, protocol
 from bbld.daemon.helper_client import Helper
+from bbld.daemon.messages import MAX_EXTRA_FDS
 from bbld.protocol import Call, Reply, VarlinkError
 
 SERVICE = "org.varlink.service"
@@ -36,6 +38,7 @@ class Daemon:
             f"{SERVICE}.GetInterfaceDescription": self.get_interface_description,
             "io.bbl.Manager.Ping": self.ping,
             "io.bbl.Manager.Run": self.run,
+            "io.bbl.Manager.Signal": self.signal,
         }
 
     # ------------------------------------------------------------ methods
@@ -52,23 +55,29 @@ class Daemon:
     async def ping(self) -> dict:
         return {"version": __version__, "pid": os.getpid()}
 
-    async def run(self, spec: str, args: list = (), env: dict = None, *, fds: list[int]):
-        """An async generator of replies: started, then exited (a stream: needs `more`)."""
-        if len(fds) != 4:
+    async def run(self, spec: str, args: list = (), env: dict = None, fd_numbers: list = (),
+                  *, fds: list[int]):
+        """Replies as they happen: started (more follow), then exited (the last)."""
+        if len(fds) != 4 + len(fd_numbers) or len(fd_numbers) > MAX_EXTRA_FDS \
+                or not all(isinstance(n, int) and 3 <= n < 1000 for n in fd_numbers):
             raise VarlinkError(f"{SERVICE}.InvalidParameter", parameter="fds")
         record = InstanceRecord(id=secrets.token_hex(4), state="starting")
         self.instances[record.id] = record
         try:
-            async for event, layer_fds in self.helper.start(spec, list(args), env or {}, fds):
+            async for event, layer_fds in self.helper.start(spec, list(args), env or {},
+                                                            list(fd_numbers), fds):
                 if event.event == "failed":
                     raise VarlinkError("io.bbl.Manager.StartFailed", message=event.message,
                                        exit_code=event.exit_code)
                 if event.event == "started":
-                    record.state, record.layers, record.pidfds = "running", event.layers, layer_fds
-                    yield {"event": "started", "id": record.id, "layers": event.layers}
+                    record.state, record.layers = "running", event.layers
+                    record.monitor, *record.pidfds = layer_fds
+                    yield Reply(parameters={"event": "started", "id": record.id,
+                                            "layers": event.layers}, continues=True)
                 elif event.event == "exited":
                     record.state, record.status = "exited", event.status
-                    yield {"event": "exited", "id": record.id, "status": event.status}
+                    yield Reply(parameters={"event": "exited", "id": record.id,
+                                            "status": event.status})
                     return
             raise VarlinkError("io.bbl.Manager.StartFailed", exit_code=1,
                                message="the instance's monitor ended without a status")
@@ -77,6 +86,18 @@ class Daemon:
             self.instances.pop(record.id, None)
 
     run.takes_fds = True
+
+    async def signal(self, id: str, signal: int) -> dict:
+        record = self.instances.get(id)
+        if record is None or record.monitor is None:
+            raise VarlinkError("io.bbl.Manager.NoSuchInstance", id=id)
+        if not 1 <= signal <= 64:
+            raise VarlinkError(f"{SERVICE}.InvalidParameter", parameter="signal")
+        try:
+            _signal.pidfd_send_signal(record.monitor, signal)
+        except ProcessLookupError:
+            raise VarlinkError("io.bbl.Manager.NoSuchInstance", id=id) from None
+        return {}
 
     # ------------------------------------------------------------ plumbing
 
@@ -98,12 +119,8 @@ class Daemon:
             if not call.more:
                 raise VarlinkError(f"{SERVICE}.ExpectedMore")
             kwargs = {"fds": fds} if getattr(method, "takes_fds", False) else {}
-            previous = None
-            async for parameters in method(**call.parameters, **kwargs):
-                if previous is not None:
-                    yield Reply(parameters=previous, continues=True)
-                previous = parameters
-            yield Reply(parameters=previous or {})
+            async for reply in method(**call.parameters, **kwargs):  # streams yield Replies
+                yield reply
         except VarlinkError as exc:
             yield exc.reply()
 
@@ -157,12 +174,13 @@ class InstanceRecord:
         self.id = id
         self.state = state
         self.layers: list[dict] = []
-        self.pidfds: list[int] = []
+        self.pidfds: list[int] = []  # one per layer, in tree order
+        self.monitor: int | None = None  # pidfd of the instance's monitor (engine caller)
         self.status: int | None = None
 
     def close(self) -> None:
-        _close_all(self.pidfds)
-        self.pidfds = []
+        _close_all(self.pidfds + ([self.monitor] if self.monitor is not None else []))
+        self.pidfds, self.monitor = [], None
 
 
 def _close_all(fds: list[int]) -> None:
@@ -197,7 +215,7 @@ async def _close_gently(stream: trio.SocketStream) -> None:
         pass
 
 
-PARAMETER_TYPES = {"str": str, "list": list, "dict": dict}
+PARAMETER_TYPES = {"str": str, "list": list, "dict": dict, "int": int}
 
 
 def _check_parameters(method, parameters: dict) -> None:

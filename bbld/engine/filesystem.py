@@ -234,6 +234,11 @@ def _attach(ws: Workspace, mount_fd: int, path: str, directory: bool = True) -> 
     finally:
         os.close(target)
         os.close(mount_fd)
+    if posixpath.normpath(path) == "/" and ws.scratch_path is not None:
+        # The new root itself was covered (bubblewrap's `--ro-bind / /`): from now on the
+        # root is the mount on top, so reopen it by its path on the scratch.
+        os.close(ws.new)
+        ws.new = os.open("/newroot", O_PATH_DIR | os.O_CLOEXEC)
 
 
 def _clone_tree(fd: int, attrs: int) -> int:

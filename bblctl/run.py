@@ -1,0 +1,124 @@
+"""`bblctl run [bubblewrap options] [--] COMMAND [ARGS...]` and `bbl-bwrap`: a bubblewrap
+command line, run as an instance of the daemon.
+
+The client parses the command line (bbld.bwrap), turns it into a spec, and calls
+io.bbl.Manager.Run with its own stdin, stdout, stderr, working directory and the fds the
+options name. It forwards the signals it receives to the instance and exits with the command's
+status. Messages and exit codes are bubblewrap's: `bwrap: MESSAGE`, status 1.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import msgspec
+
+from bblctl.client import ClientError, RemoteError, connect
+from bbld import bwrap, spec
+
+FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+
+
+def main(argv: list[str], prog: str = "bbl-bwrap") -> int:
+    level_prefix = "--level-prefix" in argv[:argv.index("--")] if "--" in argv else \
+        "--level-prefix" in argv
+
+    def say(message: str, level: int = 3) -> None:
+        prefix = f"<{level}>" if level_prefix else ""
+        print(f"{prefix}bwrap: {message}", file=sys.stderr)
+
+    if not argv:
+        sys.stderr.write(bwrap.usage(prog))
+        return 1
+    try:
+        inv = bwrap.parse(argv, dict(os.environ))
+        for warning in inv.warnings:
+            say(warning, 4)
+        sandbox = bwrap.to_sandbox(inv, os.getuid(), os.getgid())
+    except bwrap.Help:
+        sys.stdout.write(bwrap.usage(prog))
+        return 0
+    except bwrap.Version:
+        print(bwrap.VERSION)
+        return 0
+    except bwrap.ParseError as exc:
+        if str(exc) == "usage":
+            sys.stderr.write(bwrap.usage(prog))
+        else:
+            say(str(exc))
+        return 1
+    try:
+        return _run(sandbox, say)
+    except RemoteError as exc:
+        say(exc.parameters.get("message", exc.name))
+        return 1
+    except ClientError as exc:
+        say(str(exc))
+        return 1
+
+
+def _spec_fds(sandbox: spec.Sandbox) -> list[int]:
+    """The caller's fds the spec refers to by number."""
+    numbers = set()
+    for layer, _ in spec.walk(sandbox.layer):
+        numbers.update(op.fd for op in layer.fs if getattr(op, "fd", None) is not None)
+    return sorted(numbers)
+
+
+def _run(sandbox: spec.Sandbox, say) -> int:
+    numbers = _spec_fds(sandbox)
+    for number in numbers:
+        try:
+            os.fstat(number)
+        except OSError:
+            say(f"fd {number} is not open")
+            return 1
+    cwd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    instance: dict = {}
+    early: list[int] = []  # signals that came before the instance's id
+
+    def send(signo: int) -> None:
+        try:
+            with connect(autostart=False) as conn:
+                conn.call("io.bbl.Manager.Signal", id=instance["id"], signal=signo)
+        except ClientError:
+            pass
+
+    def forward(signo, _frame):
+        if "id" in instance:
+            send(signo)
+        else:
+            early.append(signo)
+
+    previous = {}
+    for signo in FORWARDED:
+        if signal.getsignal(signo) != signal.SIG_IGN:  # nohup stays nohup
+            previous[signo] = signal.signal(signo, forward)
+    try:
+        with connect() as conn:
+            replies = conn.stream("io.bbl.Manager.Run", fds=(0, 1, 2, cwd, *numbers),
+                                  spec=msgspec.json.encode(sandbox).decode(), args=[], env={},
+                                  fd_numbers=numbers)
+            for reply in replies:
+                if reply.get("event") == "started":
+                    instance["id"] = reply["id"]
+                    while early:
+                        send(early.pop(0))
+                elif reply.get("event") == "exited":
+                    return reply["status"]
+        return 1
+    finally:
+        os.close(cwd)
+        for signo, handler in previous.items():
+            signal.signal(signo, handler)
+
+
+def bwrap_main() -> int:
+    """The `bbl-bwrap` entry point."""
+    return main(sys.argv[1:], "bbl-bwrap")
+
+
+if __name__ == "__main__":
+    sys.exit(bwrap_main())

@@ -1,0 +1,99 @@
+"""`bblctl run` / bbl-bwrap end to end: through the daemon, like bubblewrap."""
+
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import processes_with
+
+RUN = [sys.executable, "-m", "bblctl", "run"]
+SYSTEM = ["--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib",
+          "/lib", "--symlink", "usr/lib64", "/lib64", "--proc", "/proc", "--dev", "/dev"]
+
+
+@pytest.fixture
+def env(tmp_path):
+    """A private daemon for this test; ended by pid afterwards."""
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    environment = {**os.environ, "XDG_RUNTIME_DIR": str(run),
+                   "XDG_STATE_HOME": str(tmp_path / "state")}
+    yield environment
+    code = ("from bblctl.client import connect\ntry:\n print(connect(autostart=False).call("
+            "'io.bbl.Manager.Ping')['pid'])\nexcept Exception: pass")
+    pid = subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True,
+                         text=True, timeout=20).stdout.strip()
+    if pid:
+        os.kill(int(pid), signal.SIGTERM)
+
+
+def bblrun(env, *argv, **kw):
+    return subprocess.run([*RUN, *argv], env=env, capture_output=True, text=True, timeout=60,
+                          **kw)
+
+
+def test_status_stdio_and_the_whole_host_root(env):
+    result = bblrun(env, "--ro-bind", "/", "/", "--unshare-all", "sh", "-c",
+                    "read x; echo got $x; echo err >&2; touch /x; exit 9", input="line\n")
+    assert result.returncode == 9
+    assert result.stdout == "got line\n"
+    assert result.stderr.startswith("err\n") and "Read-only file system" in result.stderr
+
+
+def test_bad_command_lines_are_bubblewraps_errors(env, tmp_path):
+    result = bblrun(env, "--foo", "true")
+    assert (result.returncode, result.stderr) == (1, "bwrap: Unknown option --foo\n")
+    assert not (tmp_path / "run" / "bbl").exists()  # nothing started for a bad command line
+    usage = bblrun(env)
+    assert usage.returncode == 1 and usage.stderr.startswith("usage: bblctl run [OPTIONS...]")
+    assert bblrun(env, "--version").stdout == "bubblewrap 0.11.1\n"
+
+
+def test_start_failures_are_one_line_and_status_1(env):
+    result = bblrun(env, *SYSTEM, "--bind", "/nonexistent", "/x", "true")
+    assert result.returncode == 1
+    assert result.stderr.count("\n") == 1 and "source /nonexistent does not exist" in \
+        result.stderr and result.stderr.startswith("bwrap: ")
+
+
+def test_fds_named_by_options_travel_to_the_sandbox(env, tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "f").write_text("through an fd\n")
+    data_r, data_w = os.pipe()
+    os.write(data_w, b"data\n")
+    os.close(data_w)
+    directory = os.open(tmp_path / "d", os.O_PATH | os.O_DIRECTORY)
+    try:
+        result = bblrun(env, *SYSTEM, "--bind-fd", str(directory), "/mnt", "--file",
+                        str(data_r), "/etc-data", "sh", "-c", "cat /mnt/f /etc-data",
+                        pass_fds=(directory, data_r))
+    finally:
+        os.close(directory)
+        os.close(data_r)
+    assert (result.returncode, result.stdout) == (0, "through an fd\ndata\n"), result.stderr
+
+
+def test_signals_to_the_client_reach_the_command(env, marker):
+    proc = subprocess.Popen([*RUN, *SYSTEM, "--unshare-pid", "sh", "-c",
+                             "trap 'echo term; exit 42' TERM; echo ready; "
+                             "while :; do sleep 0.05; done", marker], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        proc.send_signal(signal.SIGTERM)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        for pid in processes_with(marker):  # the instance outlives a killed client
+            os.kill(pid, signal.SIGKILL)
+    assert (proc.returncode, out) == (42, "term\n"), err
+
+
+def test_many_runs_share_one_daemon(env):
+    procs = [subprocess.Popen([*RUN, "--ro-bind", "/", "/", "sh", "-c", f"exit {i}"], env=env)
+             for i in range(5)]
+    assert sorted(p.wait(timeout=60) for p in procs) == [0, 1, 2, 3, 4]

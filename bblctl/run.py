@@ -100,7 +100,8 @@ def _run(sandbox: spec.Sandbox, say) -> int:
         with connect() as conn:
             replies = conn.stream("io.bbl.Manager.Run", fds=(0, 1, 2, cwd, *numbers),
                                   spec=msgspec.json.encode(sandbox).decode(), args=[], env={},
-                                  fd_numbers=numbers)
+                                  fd_numbers=numbers,
+                                  die_with_client=sandbox.die_with_parent)
             for reply in replies:
                 if reply.get("event") == "started":
                     instance["id"] = reply["id"]

@@ -69,12 +69,14 @@ method Ping() -> (version: string, pid: int)
 # order: stdin, stdout and stderr for the sandbox, and its working directory;
 # then one fd for each entry of fd_numbers, which the spec refers to by that
 # number (bind-fd, file and data fds). env is the environment layer 1 starts
-# from; args extend the main command.
+# from; args extend the main command. With die_with_client, the instance is
+# killed when the caller's connection ends.
 method Run(
   spec: string,
   args: []string,
   env: [string]string,
-  fd_numbers: ?[]int
+  fd_numbers: ?[]int,
+  die_with_client: ?bool
 ) -> (
   event: string,
   id: string,

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from tests.conftest import processes_with
+from tests.conftest import processes_with, wait_gone
 
 RUN = [sys.executable, "-m", "bblctl", "run"]
 SYSTEM = ["--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib",
@@ -97,3 +97,20 @@ def test_many_runs_share_one_daemon(env):
     procs = [subprocess.Popen([*RUN, "--ro-bind", "/", "/", "sh", "-c", f"exit {i}"], env=env)
              for i in range(5)]
     assert sorted(p.wait(timeout=60) for p in procs) == [0, 1, 2, 3, 4]
+
+
+def test_die_with_parent_takes_the_sandbox_down_with_the_client(env, marker):
+    proc = subprocess.Popen([*RUN, *SYSTEM, "--unshare-pid", "--die-with-parent", "sh", "-c",
+                             "echo ready; sleep 1000", marker], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        sandboxed = processes_with(marker)
+        assert sandboxed
+        proc.kill()  # SIGKILL: the client cannot clean up
+        proc.wait(timeout=10)
+        assert wait_gone(sandboxed) == []
+    finally:
+        proc.kill()
+        for pid in processes_with(marker):
+            os.kill(pid, signal.SIGKILL)

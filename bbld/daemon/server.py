@@ -56,7 +56,7 @@ class Daemon:
         return {"version": __version__, "pid": os.getpid()}
 
     async def run(self, spec: str, args: list = (), env: dict = None, fd_numbers: list = (),
-                  *, fds: list[int]):
+                  die_with_client: bool = False, *, fds: list[int], on_client_gone: list):
         """Replies as they happen: started (more follow), then exited (the last)."""
         if len(fds) != 4 + len(fd_numbers) or len(fd_numbers) > MAX_EXTRA_FDS \
                 or not all(isinstance(n, int) and 3 <= n < 1000 for n in fd_numbers):
@@ -72,6 +72,8 @@ class Daemon:
                 if event.event == "started":
                     record.state, record.layers = "running", event.layers
                     record.monitor, *record.pidfds = layer_fds
+                    if die_with_client:  # bubblewrap's --die-with-parent, for our caller
+                        on_client_gone.append(record.kill)
                     yield Reply(parameters={"event": "started", "id": record.id,
                                             "layers": event.layers}, continues=True)
                 elif event.event == "exited":
@@ -101,7 +103,7 @@ class Daemon:
 
     # ------------------------------------------------------------ plumbing
 
-    async def dispatch(self, call: Call, fds: list[int]):
+    async def dispatch(self, call: Call, fds: list[int], on_client_gone: list | None = None):
         """Yield the replies to one call (one, or a stream for a `more` call)."""
         method = self.methods.get(call.method)
         if method is None:
@@ -118,7 +120,8 @@ class Daemon:
                 return
             if not call.more:
                 raise VarlinkError(f"{SERVICE}.ExpectedMore")
-            kwargs = {"fds": fds} if getattr(method, "takes_fds", False) else {}
+            kwargs = {"fds": fds, "on_client_gone": on_client_gone if on_client_gone is not None
+                      else []} if getattr(method, "takes_fds", False) else {}
             async for reply in method(**call.parameters, **kwargs):  # streams yield Replies
                 yield reply
         except VarlinkError as exc:
@@ -149,12 +152,17 @@ class Daemon:
                     await _close_gently(stream)
                     return
                 for call in calls:
-                    try:
-                        async for reply in self.dispatch(call, fds):
-                            if not call.oneway:
-                                await self._send(stream, reply)
-                    finally:
-                        _close_all(fds)  # the helper has its own copies by now
+                    on_client_gone: list = []
+                    async with trio.open_nursery() as nursery:
+                        if call.more:  # a long call: notice when the caller goes away
+                            nursery.start_soon(_watch_peer, stream.socket, on_client_gone)
+                        try:
+                            async for reply in self.dispatch(call, fds, on_client_gone):
+                                if not call.oneway:
+                                    await self._send(stream, reply)
+                        finally:
+                            _close_all(fds)  # the helper has its own copies by now
+                            nursery.cancel_scope.cancel()
 
     def _takes_fds(self, call: Call) -> bool:
         return getattr(self.methods.get(call.method), "takes_fds", False)
@@ -177,6 +185,14 @@ class InstanceRecord:
         self.pidfds: list[int] = []  # one per layer, in tree order
         self.monitor: int | None = None  # pidfd of the instance's monitor (engine caller)
         self.status: int | None = None
+
+    def kill(self) -> None:
+        """SIGKILL the instance's monitor; layer 1 (die_with_parent) and all below follow."""
+        if self.monitor is not None:
+            try:
+                _signal.pidfd_send_signal(self.monitor, _signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def close(self) -> None:
         _close_all(self.pidfds + ([self.monitor] if self.monitor is not None else []))
@@ -203,6 +219,18 @@ async def _receive(sock) -> tuple[bytes, list[int]]:
     return data, fds
 
 
+async def _watch_peer(sock, on_gone: list) -> None:
+    """Run the callbacks in `on_gone` if the peer hangs up (EOF) while a call streams."""
+    await trio.lowlevel.wait_readable(sock)
+    try:
+        if await sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) != b"":
+            return  # a pipelined call, not a hang-up: leave it for later
+    except (BlockingIOError, OSError):
+        pass
+    for callback in on_gone:
+        callback()
+
+
 async def _close_gently(stream: trio.SocketStream) -> None:
     """Close after an error reply without resetting: unread input would make the kernel send
     RST, and the peer could lose the reply. Discard input for at most a second."""
@@ -215,7 +243,7 @@ async def _close_gently(stream: trio.SocketStream) -> None:
         pass
 
 
-PARAMETER_TYPES = {"str": str, "list": list, "dict": dict, "int": int}
+PARAMETER_TYPES = {"str": str, "list": list, "dict": dict, "int": int, "bool": bool}
 
 
 def _check_parameters(method, parameters: dict) -> None:

@@ -45,3 +45,12 @@ def test_without_autostart_a_missing_daemon_is_a_clear_error(tmp_path):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          env={**os.environ, "XDG_RUNTIME_DIR": str(run)}, timeout=30).stdout
     assert out == f"no bbld listens on {run}/bbl/bbld.sock; start it with `bbld`\n"
+
+
+def test_the_client_imports_neither_trio_nor_the_engine():
+    code = ("import sys, bblctl.__main__, bblctl.run, bblctl.client;"
+            "print(sorted(m for m in sys.modules if m == 'trio' or m.startswith('bbld.engine')"
+            " or m.startswith('bbld.daemon')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=30).stdout
+    assert out == "[]\n"

@@ -481,8 +481,7 @@ NOT_YET = {  # parsed, but not run yet: refused with a clear message
     "userns_fd": "--userns", "userns2_fd": "--userns2", "pidns_fd": "--pidns",
     "disable_userns": "--disable-userns", "assert_userns_disabled": "--assert-userns-disabled",
     "lock_files": "--lock-file", "sync_fd": "--sync-fd", "block_fd": "--block-fd",
-    "userns_block_fd": "--userns-block-fd", "json_status_fd": "--json-status-fd",
-    "info_fd": "--info-fd",
+    "userns_block_fd": "--userns-block-fd",
     "as_pid_1": "--as-pid-1",
 }
 
@@ -525,7 +524,8 @@ def to_sandbox(inv: Invocation, uid: int, gid: int) -> spec.Sandbox:
     else:
         for key, value in leaf_keys.items():
             setattr(outer, key, value)
-    return spec.Sandbox(name="bwrap", layer=outer, die_with_parent=inv.die_with_parent)
+    return spec.Sandbox(name="bwrap", layer=outer, die_with_parent=inv.die_with_parent,
+                        info_fd=inv.info_fd, json_status_fd=inv.json_status_fd)
 
 
 def _caps(inv: Invocation, uid: int) -> list[str]:

@@ -253,6 +253,8 @@ class Sandbox(Struct, forbid_unknown_fields=True, kw_only=True):
     name: str = "sandbox"
     main: str | None = None  # layer whose command is the main one; default: the first with one
     die_with_parent: bool = False  # layer 1 gets SIGKILL when the engine's caller dies
+    info_fd: int | None = None  # bubblewrap's --info-fd document is written here, then closed
+    json_status_fd: int | None = None  # bubblewrap's --json-status-fd lines
     layer: Layer
 
 

@@ -169,11 +169,11 @@ def test_argv0_is_given_to_the_command(tmp_path):
     assert result.stdout == "renamed\n", result.stderr
 
 
-@pytest.mark.parametrize("option", ["--as-pid-1", "--disable-userns", "--info-fd"])
+@pytest.mark.parametrize("option", ["--as-pid-1", "--disable-userns", "--lock-file"])
 def test_options_not_run_yet_are_refused_clearly(option):
     argv = {"--as-pid-1": ["--unshare-pid", "--as-pid-1"],
             "--disable-userns": ["--unshare-user", "--disable-userns"],
-            "--info-fd": ["--info-fd", "1"]}[option]
+            "--lock-file": ["--lock-file", "/x"]}[option]
     inv = bwrap.parse([*argv, "true"], {})
     with pytest.raises(bwrap.ParseError) as err:
         bwrap.to_sandbox(inv, 1000, 1000)

@@ -1,6 +1,8 @@
 """`bblctl run` / bbl-bwrap end to end: through the daemon, like bubblewrap."""
 
+import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -114,3 +116,57 @@ def test_die_with_parent_takes_the_sandbox_down_with_the_client(env, marker):
         proc.kill()
         for pid in processes_with(marker):
             os.kill(pid, signal.SIGKILL)
+
+
+def read_available(fd) -> str:
+    """What has been written so far (the writer may still hold its end: bwrap's reaper does)."""
+    os.set_blocking(fd, False)
+    data = b""
+    try:
+        while chunk := os.read(fd, 65536):
+            data += chunk
+    except BlockingIOError:
+        pass
+    os.close(fd)
+    return data.decode()
+
+
+def info_and_status(command: list[str], env=None):
+    """Run a command line with --info-fd 3 --json-status-fd 4 (pipes); return both texts."""
+    info_r, info_w = os.pipe()
+    status_r, status_w = os.pipe()
+
+    def place():
+        os.dup2(info_w, 3)
+        os.dup2(status_w, 4)
+
+    proc = subprocess.Popen([*command, "--info-fd", "3", "--json-status-fd", "4", *SYSTEM,
+                             "--unshare-pid", "--unshare-net", "sh", "-c", "exit 3"],
+                            env=env, preexec_fn=place, pass_fds=(3, 4),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    os.close(info_w)
+    os.close(status_w)
+    returncode = proc.wait(timeout=60)
+    info, status = read_available(info_r), read_available(status_r)
+    # Debian's bwrap 0.8 may leave its pid-1 reaper behind; end it by the pid it reported.
+    child = json.loads(info)["child-pid"]
+    if os.path.exists(f"/proc/{child}") and "bwrap" in open(f"/proc/{child}/cmdline").read():
+        os.kill(child, signal.SIGKILL)
+    return returncode, info, status
+
+
+def shape(text: str) -> str:
+    """The format with the numbers taken out."""
+    import re
+
+    return re.sub(r"\d+", "N", text)
+
+
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="Debian's bubblewrap is missing")
+def test_info_fd_and_json_status_fd_have_bubblewraps_format(env):
+    ours = info_and_status(RUN, env)
+    theirs = info_and_status([shutil.which("bwrap")])
+    assert ours[0] == theirs[0] == 3
+    assert shape(ours[1]) == shape(theirs[1]), (ours[1], theirs[1])
+    assert shape(ours[2]) == shape(theirs[2]), (ours[2], theirs[2])
+    assert '"exit-code": 3' in ours[2]

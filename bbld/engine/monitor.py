@@ -16,7 +16,7 @@ import socket
 
 import msgspec
 
-from bbld.engine import reports
+from bbld.engine import reports, status
 from bbld.engine import syscalls as sc
 from bbld.engine.errors import StartError
 from bbld.engine.plan import Plan
@@ -78,6 +78,10 @@ class Instance:
         except BaseException:
             self._teardown()
             raise
+        root = self.plan.root.name
+        if root in self.built:
+            status.started(self.plan.sandbox, pidfd_pid(self.pidfds[root]),
+                           self.built[root].namespaces)
 
     def _started(self) -> bool:
         if self.failure is not None:
@@ -104,6 +108,7 @@ class Instance:
                 self._step()
                 if self.failure is not None:  # a layer gated by a socket failed later
                     raise self.failure
+            status.exited(self.plan.sandbox, self.status)
             return self.status
         finally:
             self._teardown()

@@ -1,0 +1,48 @@
+"""Status for the engine's caller in bubblewrap's formats (its --info-fd and --json-status-fd).
+
+Both describe layer 1: its supervisor's pid (in the caller's pid namespace) and the inode
+numbers of the namespaces layer 1 created, in bubblewrap's order and names; the mount
+namespace always, the user namespace never.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+NAMESPACES = (("cgroup", "cgroup"), ("ipc", "ipc"), ("mount", "mnt"), ("net", "net"),
+              ("pid", "pid"), ("uts", "uts"))  # (spec name, /proc/PID/ns name)
+
+
+def _fields(layer, pid: int, inodes: dict[str, int]) -> list[tuple[str, int]]:
+    fields = [("child-pid", pid)]
+    for name, link in NAMESPACES:
+        if (name in layer.namespaces or name == "mount") and link in inodes:
+            fields.append((f"{name if name != 'mount' else 'mnt'}-namespace", inodes[link]))
+    return fields
+
+
+def started(sandbox, pid: int, inodes: dict[str, int]) -> None:
+    """Write the --info-fd document (then close it) and the first --json-status-fd line."""
+    fields = _fields(sandbox.layer, pid, inodes)
+    if sandbox.info_fd is not None:
+        body = ",\n".join(f"    {json.dumps(key)}: {value}" for key, value in fields)
+        _write(sandbox.info_fd, f"{{\n{body}\n}}\n")
+        os.close(sandbox.info_fd)
+    if sandbox.json_status_fd is not None:
+        body = ", ".join(f"{json.dumps(key)}: {value}" for key, value in fields)
+        _write(sandbox.json_status_fd, f"{{ {body} }}\n")
+
+
+def exited(sandbox, status: int) -> None:
+    """The last --json-status-fd line, then close it."""
+    if sandbox.json_status_fd is not None:
+        _write(sandbox.json_status_fd, f'{{ "exit-code": {status} }}\n')
+        os.close(sandbox.json_status_fd)
+
+
+def _write(fd: int, text: str) -> None:
+    try:
+        os.write(fd, text.encode())
+    except OSError:
+        pass  # a reader that went away does not stop the sandbox

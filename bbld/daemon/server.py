@@ -12,6 +12,7 @@ import secrets
 import signal as _signal
 import socket
 import struct
+import traceback
 
 import trio
 
@@ -71,7 +72,8 @@ class Daemon:
                                        exit_code=event.exit_code)
                 if event.event == "started":
                     record.state, record.layers = "running", event.layers
-                    record.monitor, *record.pidfds = layer_fds
+                    record.monitor, record.pidfds = (layer_fds[0], layer_fds[1:]) \
+                        if layer_fds else (None, [])
                     if die_with_client:  # bubblewrap's --die-with-parent, for our caller
                         on_client_gone.append(record.kill)
                     yield Reply(parameters={"event": "started", "id": record.id,
@@ -128,6 +130,13 @@ class Daemon:
             yield exc.reply()
 
     async def serve_connection(self, stream: trio.SocketStream) -> None:
+        """One client. A bug while serving it ends this connection, never the daemon."""
+        try:
+            await self._serve(stream)
+        except Exception:
+            traceback.print_exc()
+
+    async def _serve(self, stream: trio.SocketStream) -> None:
         async with stream:
             uid = peer_uid(stream.socket)
             if uid != os.getuid():

@@ -23,6 +23,8 @@ LAST_WINS = {"--chdir", "--exec-label", "--file-label", "--sync-fd", "--block-fd
              "--userns-block-fd", "--info-fd", "--json-status-fd", "--seccomp", "--userns",
              "--userns2", "--pidns", "--uid", "--gid", "--hostname"}
 FILE_CREATORS = {"--dir", "--tmpfs", "--file", "--bind-data", "--ro-bind-data"}
+OVERLAY_SRC_ALONE = ("--overlay-src must be followed by another --overlay-src or one of "
+                     "--overlay, --tmp-overlay, or --ro-overlay")
 
 
 class ParseError(Exception):
@@ -139,16 +141,10 @@ class _Parser:
             raise ParseError("--size must be followed by --tmpfs")
         if self.overlay_src and word not in ("--overlay-src", "--overlay", "--tmp-overlay",
                                              "--ro-overlay"):
-            raise ParseError("--overlay-src must be followed by another --overlay-src or one "
-                             "of --overlay, --tmp-overlay, or --ro-overlay")
+            raise ParseError(OVERLAY_SRC_ALONE)
 
     def _args_fd(self, value: str) -> None:
-        fd = _fd(value)
-        try:
-            data = _read_all(fd)
-            os.close(fd)
-        except OSError as exc:
-            raise ParseError(f"Can't read --args data: {exc.strerror}") from None
+        data = _consume_fd(value, "--args data")
         words = data.split(b"\0")
         if words and words[-1] == b"":
             words.pop()
@@ -161,8 +157,7 @@ class _Parser:
         if self.size is not None:
             raise ParseError("--size must be followed by --tmpfs")
         if self.overlay_src:
-            raise ParseError("--overlay-src must be followed by another --overlay-src or one "
-                             "of --overlay, --tmp-overlay, or --ro-overlay")
+            raise ParseError(OVERLAY_SRC_ALONE)
         if not inv.command:
             raise ParseError("usage")  # the caller prints the usage on stderr
         user = "user" in inv.unshare or "user-try" in inv.unshare
@@ -232,12 +227,7 @@ class _Parser:
     def _add_seccomp(self, value: str) -> None:
         if self.inv.seccomp_fd is not None:
             raise ParseError("--add-seccomp-fd cannot be combined with --seccomp")
-        fd = _fd(value)
-        try:
-            data = _read_all(fd)
-            os.close(fd)
-        except OSError as exc:
-            raise ParseError(f"Can't read seccomp data: {exc.strerror}") from None
+        data = _consume_fd(value, "seccomp data")
         if not data or len(data) % 8:
             raise ParseError("Invalid seccomp data, must be multiple of 8")
         self.inv.seccomp_programs.append(data)
@@ -267,6 +257,17 @@ def _int(value: str, option: str) -> int:
     if not value.isdigit():
         raise ParseError(f"Invalid {option}: {value}")
     return int(value)
+
+
+def _consume_fd(value: str, what: str) -> bytes:
+    """Read an fd named on the command line to EOF and close it, as bubblewrap does."""
+    fd = _fd(value)
+    try:
+        data = _read_all(fd)
+        os.close(fd)
+    except OSError as exc:
+        raise ParseError(f"Can't read {what}: {exc.strerror}") from None
+    return data
 
 
 def _read_all(fd: int) -> bytes:

@@ -61,7 +61,8 @@ def main(argv: list[str], prog: str = "bbl-bwrap") -> int:
 
 def _spec_fds(sandbox: spec.Sandbox) -> list[int]:
     """The caller's fds the spec refers to by number."""
-    numbers = {fd for fd in (sandbox.info_fd, sandbox.json_status_fd) if fd is not None}
+    numbers = {fd for fd in (sandbox.info_fd, sandbox.json_status_fd, sandbox.block_fd,
+                             sandbox.sync_fd) if fd is not None}
     for layer, _ in spec.walk(sandbox.layer):
         numbers.update(op.fd for op in layer.fs if getattr(op, "fd", None) is not None)
     return sorted(numbers)

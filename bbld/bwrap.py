@@ -481,7 +481,7 @@ HELP = [
 NOT_YET = {  # parsed, but not run yet: refused with a clear message
     "userns_fd": "--userns", "userns2_fd": "--userns2", "pidns_fd": "--pidns",
     "disable_userns": "--disable-userns", "assert_userns_disabled": "--assert-userns-disabled",
-    "lock_files": "--lock-file", "sync_fd": "--sync-fd", "block_fd": "--block-fd",
+    "lock_files": "--lock-file",
     "userns_block_fd": "--userns-block-fd",
     "as_pid_1": "--as-pid-1",
 }
@@ -526,7 +526,8 @@ def to_sandbox(inv: Invocation, uid: int, gid: int) -> spec.Sandbox:
         for key, value in leaf_keys.items():
             setattr(outer, key, value)
     return spec.Sandbox(name="bwrap", layer=outer, die_with_parent=inv.die_with_parent,
-                        info_fd=inv.info_fd, json_status_fd=inv.json_status_fd)
+                        info_fd=inv.info_fd, json_status_fd=inv.json_status_fd,
+                        block_fd=inv.block_fd, sync_fd=inv.sync_fd)
 
 
 def _caps(inv: Invocation, uid: int) -> list[str]:

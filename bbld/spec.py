@@ -255,6 +255,8 @@ class Sandbox(Struct, forbid_unknown_fields=True, kw_only=True):
     die_with_parent: bool = False  # layer 1 gets SIGKILL when the engine's caller dies
     info_fd: int | None = None  # bubblewrap's --info-fd document is written here, then closed
     json_status_fd: int | None = None  # bubblewrap's --json-status-fd lines
+    block_fd: int | None = None  # no command starts before a byte (or EOF) arrives here
+    sync_fd: int | None = None  # held open by the engine's caller until the instance ends
     layer: Layer
 
 

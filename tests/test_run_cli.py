@@ -2,10 +2,12 @@
 
 import json
 import os
+import select
 import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -170,3 +172,30 @@ def test_info_fd_and_json_status_fd_have_bubblewraps_format(env):
     assert shape(ours[1]) == shape(theirs[1]), (ours[1], theirs[1])
     assert shape(ours[2]) == shape(theirs[2]), (ours[2], theirs[2])
     assert '"exit-code": 3' in ours[2]
+
+
+def test_block_fd_holds_the_command_and_sync_fd_closes_at_the_end(env, tmp_path):
+    block_r, block_w = os.pipe()
+    sync_r, sync_w = os.pipe()
+    witness = tmp_path / "ran"
+
+    def place():
+        os.dup2(block_r, 5)
+        os.dup2(sync_w, 6)
+
+    proc = subprocess.Popen([*RUN, "--block-fd", "5", "--sync-fd", "6", "--ro-bind", "/", "/",
+                             "--bind", str(tmp_path), str(tmp_path), "sh", "-c",
+                             f"touch {witness}"], env=env, preexec_fn=place, pass_fds=(5, 6))
+    os.close(block_r)
+    os.close(sync_w)
+    try:
+        time.sleep(1)
+        assert not witness.exists()  # still blocked
+        os.write(block_w, b"x")
+        assert proc.wait(timeout=30) == 0 and witness.exists()
+        ready, _, _ = select.select([sync_r], [], [], 10)
+        assert ready and os.read(sync_r, 1) == b""  # EOF: every holder has closed it
+        os.close(sync_r)
+    finally:
+        proc.kill()
+        os.close(block_w)

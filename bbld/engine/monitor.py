@@ -87,6 +87,8 @@ class Instance:
         if self.failure is not None:
             raise self.failure
         if not self.released and self.barrier <= self.built.keys():
+            if self.plan.sandbox.block_fd is not None:  # bubblewrap's --block-fd
+                os.read(self.plan.sandbox.block_fd, 1)
             os.write(self.go_w, b"1" * len(self.layer_names))  # one byte for every layer
             os.close(self.go_w)
             self.released = True
@@ -207,6 +209,11 @@ class Instance:
                 os.close(fd)
         self.pidfds.clear()
         self.sigfd = -1
+        if self.plan.sandbox.sync_fd is not None:  # bubblewrap's --sync-fd: closes at the end
+            try:
+                os.close(self.plan.sandbox.sync_fd)
+            except OSError:
+                pass
         if not self.released and hasattr(self, "go_w"):
             os.close(self.go_w)
             self.released = True

@@ -22,8 +22,7 @@ FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signa
 
 
 def main(argv: list[str], prog: str = "bbl-bwrap") -> int:
-    level_prefix = "--level-prefix" in argv[:argv.index("--")] if "--" in argv else \
-        "--level-prefix" in argv
+    level_prefix = False  # set by the parse: --level-prefix affects the messages after it
 
     def say(message: str, level: int = 3) -> None:
         prefix = f"<{level}>" if level_prefix else ""
@@ -34,6 +33,7 @@ def main(argv: list[str], prog: str = "bbl-bwrap") -> int:
         return 1
     try:
         inv = bwrap.parse(argv, dict(os.environ))
+        level_prefix = inv.level_prefix
         for warning in inv.warnings:
             say(warning, 4)
         sandbox = bwrap.to_sandbox(inv, os.getuid(), os.getgid())
@@ -44,6 +44,7 @@ def main(argv: list[str], prog: str = "bbl-bwrap") -> int:
         print(bwrap.VERSION)
         return 0
     except bwrap.ParseError as exc:
+        level_prefix = exc.level_prefix
         if str(exc) == "usage":
             sys.stderr.write(bwrap.usage(prog))
         else:

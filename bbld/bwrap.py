@@ -30,6 +30,8 @@ OVERLAY_SRC_ALONE = ("--overlay-src must be followed by another --overlay-src or
 class ParseError(Exception):
     """A bad command line: printed as `bwrap: MESSAGE`, exit status 1."""
 
+    level_prefix = False  # whether --level-prefix came before the error
+
 
 class Invocation(msgspec.Struct, kw_only=True):
     unshare: list[str] = []  # user, user-try, ipc, pid, net, uts, cgroup, cgroup-try
@@ -83,8 +85,12 @@ def parse(argv: list[str], environ: dict[str, str]) -> Invocation:
     if argv == ["--version"]:
         raise Version()
     parser = _Parser(dict(environ))
-    parser.parse(list(argv), from_args_fd=False)
-    return parser.finish()
+    try:
+        parser.parse(list(argv), from_args_fd=False)
+        return parser.finish()
+    except ParseError as exc:
+        exc.level_prefix = parser.inv.level_prefix  # so far: bubblewrap's is positional too
+        raise
 
 
 class _Parser:

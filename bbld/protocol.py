@@ -191,6 +191,6 @@ class Framer:
                 break
             frames.append(bytes(self.buffer[:end]))
             del self.buffer[:end + 1]
-        if self.buffer.find(b"\0") > self.limit or len(self.buffer) > self.limit:
+        if len(self.buffer) > self.limit:  # an oversized message, ended or not
             raise InvalidMessage(f"message larger than {self.limit} bytes")
         return frames

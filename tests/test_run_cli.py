@@ -54,6 +54,8 @@ def test_bad_command_lines_are_bubblewraps_errors(env, tmp_path):
     usage = bblrun(env)
     assert usage.returncode == 1 and usage.stderr.startswith("usage: bblctl run [OPTIONS...]")
     assert bblrun(env, "--version").stdout == "bubblewrap 0.11.1\n"
+    prefixed = bblrun(env, "--level-prefix", "--foo", "true")
+    assert (prefixed.returncode, prefixed.stderr) == (1, "<3>bwrap: Unknown option --foo\n")
 
 
 def test_start_failures_are_one_line_and_status_1(env):

@@ -65,7 +65,7 @@ def _monitor(data: bytes, fds: list[int]) -> int:
     try:
         request = _request_decoder.decode(data)
         if len(extras) != len(request.fd_numbers):
-            raise OSError(0, "the number of fds does not match fd_numbers")
+            raise ValueError("the number of fds does not match fd_numbers")
         for target, source in zip((0, 1, 2, *request.fd_numbers), (stdin, stdout, stderr,
                                                                     *extras), strict=True):
             os.dup2(source, target)
@@ -83,7 +83,7 @@ def _monitor(data: bytes, fds: list[int]) -> int:
     except StartError as exc:
         _send(report, Event(event="failed", message=str(exc), exit_code=exc.exit_code))
         return 0
-    except (msgspec.DecodeError, OSError) as exc:
+    except (msgspec.DecodeError, ValueError, OSError) as exc:
         _send(report, Event(event="failed", message=f"bad start request: {exc}", exit_code=1))
         return 0
     layers = instance.layers_info()

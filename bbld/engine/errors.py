@@ -16,6 +16,3 @@ class StartError(Exception):
     def __str__(self) -> str:
         return f"layer '{self.layer}': {self.message}" if self.layer else self.message
 
-
-def describe_os_error(exc: OSError) -> str:
-    return exc.strerror or str(exc)

@@ -86,7 +86,7 @@ def restrict_capabilities(keep: frozenset[int], cap_last: int) -> None:
         try:
             sc.prctl(sc.PR_CAPBSET_DROP, cap)
         except OSError as exc:
-            if exc.errno == errno.EPERM and not keep and sc.capget_permitted() == 0:
+            if exc.errno == errno.EPERM and not keep and permitted == 0:
                 break  # holds nothing and, with no_new_privs, can never gain anything
             if exc.errno != errno.EINVAL:
                 raise StartError(f"cannot drop capability {spec.CAPABILITIES[cap]} from the "

@@ -7,18 +7,19 @@ namespace always, the user namespace never.
 
 from __future__ import annotations
 
-import json
 import os
 
+# (spec name, /proc/PID/ns name, which is also bubblewrap's key: "mnt-namespace")
 NAMESPACES = (("cgroup", "cgroup"), ("ipc", "ipc"), ("mount", "mnt"), ("net", "net"),
-              ("pid", "pid"), ("uts", "uts"))  # (spec name, /proc/PID/ns name)
+              ("pid", "pid"), ("uts", "uts"))
 
 
-def _fields(layer, pid: int, inodes: dict[str, int]) -> list[tuple[str, int]]:
-    fields = [("child-pid", pid)]
+def _fields(layer, pid: int, inodes: dict[str, int]) -> list[str]:
+    """`"key": value` pairs; keys are fixed ASCII words, values integers."""
+    fields = [f'"child-pid": {pid}']
     for name, link in NAMESPACES:
         if (name in layer.namespaces or name == "mount") and link in inodes:
-            fields.append((f"{name if name != 'mount' else 'mnt'}-namespace", inodes[link]))
+            fields.append(f'"{link}-namespace": {inodes[link]}')
     return fields
 
 
@@ -26,12 +27,11 @@ def started(sandbox, pid: int, inodes: dict[str, int]) -> None:
     """Write the --info-fd document (then close it) and the first --json-status-fd line."""
     fields = _fields(sandbox.layer, pid, inodes)
     if sandbox.info_fd is not None:
-        body = ",\n".join(f"    {json.dumps(key)}: {value}" for key, value in fields)
+        body = ",\n".join(f"    {field}" for field in fields)
         _write(sandbox.info_fd, f"{{\n{body}\n}}\n")
         os.close(sandbox.info_fd)
     if sandbox.json_status_fd is not None:
-        body = ", ".join(f"{json.dumps(key)}: {value}" for key, value in fields)
-        _write(sandbox.json_status_fd, f"{{ {body} }}\n")
+        _write(sandbox.json_status_fd, f"{{ {', '.join(fields)} }}\n")
 
 
 def exited(sandbox, status: int) -> None:

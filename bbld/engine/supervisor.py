@@ -45,7 +45,6 @@ class Context(Struct, kw_only=True):
 
 
 class Child(Struct):
-    plan: LayerPlan
     pid: int
     pidfd: int
 
@@ -115,7 +114,7 @@ def spawn_layer(plan: LayerPlan, ctx: Context, proc_fd: int, env: dict[str, str]
         os.write(release_w, b"1")
     finally:
         os.close(release_w)
-    return Child(plan, pid, pidfd)
+    return Child(pid, pidfd)
 
 
 def _layer_main(plan, ctx, proc_fd, env, cwd, release_r, release_w, die_with_parent):

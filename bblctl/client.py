@@ -61,13 +61,17 @@ class Connection:
         return reply.parameters
 
     def stream(self, method: str, fds: tuple[int, ...] = (), **parameters):
-        """A `more` call: yield each reply's parameters until the last one."""
+        """A `more` call, sent now: returns an iterator over each reply's parameters until
+        the last one. Once this returns, the daemon holds its own copies of `fds`."""
         message = protocol.encode(protocol.Call(method=method, parameters=parameters,
                                                 more=True))
         if fds:
             socket.send_fds(self.sock, [message], list(fds))
         else:
             self.sock.sendall(message)
+        return self._replies()
+
+    def _replies(self):
         while True:
             reply = protocol.decode_reply(self._next_frame())
             if reply.error is not None:

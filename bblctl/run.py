@@ -53,24 +53,15 @@ def main(argv: list[str], prog: str = "bbl-bwrap") -> int:
     try:
         return _run(sandbox, say)
     except RemoteError as exc:
-        say(exc.parameters.get("message", exc.name))
+        say(bwrap.bwrap_message(exc.parameters.get("message", exc.name)))
         return 1
     except ClientError as exc:
         say(str(exc))
         return 1
 
 
-def _spec_fds(sandbox: spec.Sandbox) -> list[int]:
-    """The caller's fds the spec refers to by number."""
-    numbers = {fd for fd in (sandbox.info_fd, sandbox.json_status_fd, sandbox.block_fd,
-                             sandbox.sync_fd) if fd is not None}
-    for layer, _ in spec.walk(sandbox.layer):
-        numbers.update(op.fd for op in layer.fs if getattr(op, "fd", None) is not None)
-    return sorted(numbers)
-
-
 def _run(sandbox: spec.Sandbox, say) -> int:
-    numbers = _spec_fds(sandbox)
+    numbers = sorted(spec.caller_fds(sandbox))
     for number in numbers:
         try:
             os.fstat(number)
@@ -104,6 +95,9 @@ def _run(sandbox: spec.Sandbox, say) -> int:
                                   spec=msgspec.json.encode(sandbox).decode(), args=[], env={},
                                   fd_numbers=numbers,
                                   die_with_client=sandbox.die_with_parent)
+            for number in numbers:  # like bwrap, which closes them: readers see EOF in time
+                if number > 2:
+                    os.close(number)
             for reply in replies:
                 if reply.get("event") == "started":
                     instance["id"] = reply["id"]

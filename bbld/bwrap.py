@@ -10,6 +10,7 @@ bubblewrap's: `bwrap: MESSAGE` and status 1 for every error.
 from __future__ import annotations
 
 import os
+import re
 
 import msgspec
 
@@ -484,13 +485,33 @@ HELP = [
 
 # ---------------------------------------------------------------- into a spec
 
-NOT_YET = {  # parsed, but not run yet: refused with a clear message
-    "userns_fd": "--userns", "userns2_fd": "--userns2", "pidns_fd": "--pidns",
-    "disable_userns": "--disable-userns", "assert_userns_disabled": "--assert-userns-disabled",
-    "lock_files": "--lock-file",
-    "userns_block_fd": "--userns-block-fd",
-    "as_pid_1": "--as-pid-1",
+UNSUPPORTED = {  # parsed, but refused: why, in docs/bwrap-compat.md
+    "userns2_fd": "--userns2 is not supported by bbl-bwrap: the sandbox's processes are "
+                  "supervised by bbld, not by a bwrap process that could switch namespaces",
 }
+
+
+# The engine's start errors that bubblewrap words its own way: (pattern, bubblewrap's words)
+BWRAP_WORDING = [
+    (r"fs\[\d+\] \([\w-]+\) .*: source (?P<src>.*) does not exist in the parent layer's view",
+     "Can't find source path {src}: No such file or directory"),
+    (r"command '.*': working directory (?P<path>.*): (?P<error>[^:]*)",
+     "Can't chdir to {path}: {error}"),
+    (r"command '(?P<program>.*)': cannot execute: (?P<error>[^:]*)", "execvp {program}: {error}"),
+    (r"fs\[\d+\] \(symlink\) (?P<path>.*): (?P<error>[^:]*)",
+     "Can't make symlink at {path}: {error}"),
+    (r"fs\[\d+\] \(dir\) (?P<path>.*): (?P<error>[^:]*)", "Can't mkdir {path}: {error}"),
+]
+
+
+def bwrap_message(message: str) -> str:
+    """An engine error as bubblewrap would say it; others lose only the layer's name."""
+    message = re.sub(r"^layer '(bwrap|sandbox)': ", "", message)
+    for pattern, wording in BWRAP_WORDING:
+        found = re.fullmatch(pattern, message)
+        if found:
+            return wording.format(**found.groupdict())
+    return re.sub(r"^command '.*?': ", "", message)
 
 
 def to_sandbox(inv: Invocation, uid: int, gid: int) -> spec.Sandbox:
@@ -498,17 +519,18 @@ def to_sandbox(inv: Invocation, uid: int, gid: int) -> spec.Sandbox:
 
     One layer holds bubblewrap's namespaces and its new root. bubblewrap maps uid 0 first when
     it mounts a devpts (`--dev`) and then switches to the sandbox uid in a nested user
-    namespace; here that is literally two layers: `bwrap` (uid 0, builds the view) and
-    `sandbox` (the sandbox uid, runs the command).
+    namespace, and --disable-userns also runs the command in a nested user namespace; here
+    that is literally two layers: `bwrap` (builds the view) and `sandbox` (runs the command).
     """
-    for attribute, option in NOT_YET.items():
+    for attribute, message in UNSUPPORTED.items():
         if getattr(inv, attribute) not in (None, False, []):
-            raise ParseError(f"{option} is not supported by bbl-bwrap yet")
+            raise ParseError(message)
     namespaces = ["mount"]
-    user = uid != 0 or any(n in inv.unshare for n in ("user", "user-try"))
+    joins_user = inv.userns_fd is not None
+    user = (uid != 0 and not joins_user) or any(n in inv.unshare for n in ("user", "user-try"))
     if user:
         namespaces.insert(0, "user")
-    elif inv.uid is not None or inv.gid is not None:
+    elif not joins_user and (inv.uid is not None or inv.gid is not None):
         raise ParseError("Specifying --uid requires --unshare-user or --userns" if inv.uid
                          is not None else "Specifying --gid requires --unshare-user or --userns")
     for name in ("ipc", "pid", "net", "uts", "cgroup"):
@@ -517,23 +539,43 @@ def to_sandbox(inv: Invocation, uid: int, gid: int) -> spec.Sandbox:
     sandbox_uid = inv.uid if inv.uid is not None else uid
     sandbox_gid = inv.gid if inv.gid is not None else gid
     needs_root = user and any(isinstance(op, (spec.Dev, spec.Devpts)) for op in inv.ops) \
-        and (sandbox_uid, sandbox_gid) != (0, 0)
+        and (sandbox_uid, sandbox_gid) != (0, 0) and inv.userns_block_fd is None
     command = spec.Command(argv=inv.command, argv0=inv.argv0, cwd=inv.chdir, new_session=True)
     leaf_keys = dict(env=spec.Env(clear=True, set=inv.env), command=command,
-                     caps=_caps(inv, uid), seccomp=_seccomp(inv))
+                     caps=_caps(inv, uid), seccomp=_seccomp(inv),
+                     command_replaces_supervisor=inv.as_pid_1,
+                     user_namespaces="assert-denied" if inv.assert_userns_disabled else "allow")
     outer = spec.Layer(name="bwrap", namespaces=namespaces, hostname=inv.hostname,
-                       new_root=True, root_readonly=False, fs=list(inv.ops))
-    if user:
-        outer.uid, outer.gid = (0, 0) if needs_root else (sandbox_uid, sandbox_gid)
-    if needs_root:
-        outer.layers = [spec.Layer(name="sandbox", namespaces=["user"], uid=sandbox_uid,
-                                   gid=sandbox_gid, **leaf_keys)]
+                       new_root=True, root_readonly=False, fs=list(inv.ops),
+                       lock_files=list(inv.lock_files))
+    if joins_user or inv.pidns_fd is not None:
+        outer.join = spec.Join(user=inv.userns_fd, pid=inv.pidns_fd)
+    if user or joins_user:
+        # in a joined namespace, or with maps someone else writes, the ids are theirs to map
+        theirs = joins_user or inv.userns_block_fd is not None
+        outer.uid, outer.gid = (0, 0) if needs_root else (inv.uid, inv.gid) if theirs \
+            else (sandbox_uid, sandbox_gid)
+    inner = spec.Layer(name="sandbox", **leaf_keys)
+    if needs_root or inv.disable_userns:
+        # the limit is set in the outer user namespace; the command's capabilities, in the
+        # nested one, cannot raise it
+        outer.user_namespaces = "deny" if inv.disable_userns else "allow"
+        inner.namespaces, inner.uid, inner.gid = ["user"], sandbox_uid, sandbox_gid
+    if inv.as_pid_1 and inner.namespaces:  # the command, pid 1 of a namespace of its own
+        inner.namespaces += ["mount", "pid"]
+    if inv.pidns_fd is not None and "pid" in namespaces:
+        # a new pid namespace under a joined one is created by a process born in the joined one
+        namespaces.remove("pid")
+        inner.namespaces += ["mount", "pid"]
+    if inner.namespaces:
+        outer.layers = [inner]
     else:
         for key, value in leaf_keys.items():
             setattr(outer, key, value)
     return spec.Sandbox(name="bwrap", layer=outer, die_with_parent=inv.die_with_parent,
                         info_fd=inv.info_fd, json_status_fd=inv.json_status_fd,
-                        block_fd=inv.block_fd, sync_fd=inv.sync_fd)
+                        block_fd=inv.block_fd, sync_fd=inv.sync_fd,
+                        userns_block_fd=inv.userns_block_fd)
 
 
 def _caps(inv: Invocation, uid: int) -> list[str]:

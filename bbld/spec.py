@@ -222,9 +222,17 @@ class Seccomp(Struct, forbid_unknown_fields=True):
     programs: list[bytes] = []  # compiled classic-BPF programs (base64 in JSON), in order
 
 
+class Join(Struct, forbid_unknown_fields=True):
+    """Existing namespaces the top layer enters (fds of the engine's caller) before it creates
+    its own: bubblewrap's --userns and --pidns."""
+    user: int | None = None  # the layer runs in this user namespace instead of a new one
+    pid: int | None = None  # the layer's processes are born in this pid namespace
+
+
 class Layer(Struct, forbid_unknown_fields=True, kw_only=True):
     name: str
     namespaces: list[Namespace] = []
+    join: Join | None = None  # top layer only
     uid: int | None = None  # uid inside; default: the parent's uid (needs a user namespace)
     gid: int | None = None
     uid_map: list[IdMap] | None = None  # default: one line, uid inside -> parent's uid
@@ -241,6 +249,11 @@ class Layer(Struct, forbid_unknown_fields=True, kw_only=True):
     companions: list[Command | list[str]] = []
     start_after: list[str] = []  # unix socket paths (parent's view) that must accept first
     start_timeout: float = 30.0
+    lock_files: list[str] = []  # read-locked (fcntl) by the supervisor while the layer lives
+    # "deny": nothing in this layer or below creates user namespaces any more;
+    # "assert-denied": commands refuse to start if they could create one
+    user_namespaces: Literal["allow", "deny", "assert-denied"] = "allow"
+    command_replaces_supervisor: bool = False  # the command is exec'd in the supervisor itself
     layers: list[Layer] = []
 
     def __post_init__(self):
@@ -257,6 +270,9 @@ class Sandbox(Struct, forbid_unknown_fields=True, kw_only=True):
     json_status_fd: int | None = None  # bubblewrap's --json-status-fd lines
     block_fd: int | None = None  # no command starts before a byte (or EOF) arrives here
     sync_fd: int | None = None  # held open by the engine's caller until the instance ends
+    # layer 1's uid/gid maps are written by someone else (newuidmap): the engine writes the
+    # info_fd document, then waits for a byte (or EOF) here before layer 1 goes on
+    userns_block_fd: int | None = None
     layer: Layer
 
 
@@ -288,6 +304,19 @@ def path_to(root: Layer, name: str) -> list[Layer]:
         if found:
             return [root, *found]
     return []
+
+
+def caller_fds(sandbox: Sandbox) -> set[int]:
+    """Every fd of the engine's caller the spec names by number."""
+    join = sandbox.layer.join or Join()
+    numbers = {sandbox.info_fd, sandbox.json_status_fd, sandbox.block_fd, sandbox.sync_fd,
+               sandbox.userns_block_fd, join.user, join.pid}
+    for layer, _ in walk(sandbox.layer):
+        numbers.update(getattr(op, "fd", None) for op in layer.fs)
+        commands = ([layer.command] if layer.command else []) + list(layer.companions)
+        numbers.update(fd for command in commands for fd in command.pass_fds)
+    numbers.discard(None)
+    return numbers
 
 
 # ---------------------------------------------------------------- decoding
@@ -346,7 +375,16 @@ def check(sandbox: Sandbox, caller_uid: int | None = None, caller_gid: int | Non
     if not NAME_PATTERN.match(sandbox.name):
         problems.append(f"name: {sandbox.name!r} must match {NAME_PATTERN.pattern}")
     caller = Ids(caller_uid, caller_gid, caller_uid == 0 and caller_gid == 0)
-    _check_tree(sandbox.layer, caller, problems, seen, known_policies)
+    _check_tree(sandbox.layer, caller, problems, seen, known_policies,
+                maps_unknown=sandbox.userns_block_fd is not None)
+    if sandbox.userns_block_fd is not None:
+        if "user" not in sandbox.layer.namespaces:
+            problems.append("userns_block_fd: the top layer must create a user namespace")
+        if sandbox.info_fd is None:
+            problems.append("userns_block_fd: needs info_fd (the map writer learns the pid there)")
+        if sandbox.layer.user_namespaces == "deny":
+            problems.append("userns_block_fd: cannot be combined with user_namespaces = "
+                            "\"deny\" (the limit is set with maps the engine did not write)")
     main = main_layer_name(sandbox)
     if main is None:
         problems.append("main: no layer has a command; give one layer a `command`")
@@ -372,7 +410,8 @@ class Ids(NamedTuple):
     root_mapped: bool | None  # are uid 0 and gid 0 mapped in the layer's user namespace?
 
 
-def _check_tree(layer: Layer, parent: Ids, problems, seen, known_policies) -> None:
+def _check_tree(layer: Layer, parent: Ids, problems, seen, known_policies,
+                maps_unknown: bool = False) -> None:
     say = _reporter(problems, layer.name)
     if layer.name in seen:
         say("name", "is used by another layer; layer names must be unique")
@@ -380,6 +419,13 @@ def _check_tree(layer: Layer, parent: Ids, problems, seen, known_policies) -> No
     if not NAME_PATTERN.match(layer.name):
         say("name", f"must match {NAME_PATTERN.pattern}")
     ids = _layer_ids(layer, parent, say)
+    if maps_unknown:  # someone else writes the maps (userns_block_fd)
+        ids = Ids(ids.uid, ids.gid, None)
+    if layer.join is not None and len(seen) > 1:  # the top layer is the first one seen
+        say("join", "only the top layer can join existing namespaces")
+    if layer.join is not None and layer.join.pid is not None and "pid" in layer.namespaces:
+        say("join.pid", "a new pid namespace under a joined one must be made by a process "
+            "born in it: put \"pid\" in a sub-layer's namespaces")
     _check_layer(layer, say, known_policies)
     for index, op in enumerate(layer.fs):
         _check_op(layer, index, op, ids, _reporter(problems, layer.name,
@@ -389,10 +435,15 @@ def _check_tree(layer: Layer, parent: Ids, problems, seen, known_policies) -> No
 
 
 def _layer_ids(layer: Layer, parent: Ids, say) -> Ids:
+    joins_user = layer.join is not None and layer.join.user is not None
+    if joins_user and "user" in layer.namespaces:
+        say("join.user", "joins a user namespace, so \"user\" cannot be in namespaces too")
     if "user" not in layer.namespaces:
-        for name in ("uid", "gid", "uid_map", "gid_map"):
+        for name in ("uid_map", "gid_map") if joins_user else ("uid", "gid", "uid_map", "gid_map"):
             if getattr(layer, name) is not None:
                 say(name, "needs a user namespace; add \"user\" to namespaces")
+        if joins_user:  # whatever that namespace maps: known only at run time
+            return Ids(layer.uid, layer.gid, None)
         return parent
     uid = layer.uid if layer.uid is not None else parent.uid
     gid = layer.gid if layer.gid is not None else parent.gid
@@ -445,6 +496,22 @@ def _check_layer(layer: Layer, say, known_policies) -> None:
     for index, path in enumerate(layer.start_after):
         if not path.startswith("/"):
             say(f"start_after[{index}]", "must be an absolute socket path")
+    for index, path in enumerate(layer.lock_files):
+        _abs_path(say, f"lock_files[{index}]", path)
+    if layer.user_namespaces == "deny":
+        if "user" not in ns:
+            say("user_namespaces", "\"deny\" sets the limit of the layer's own user namespace; "
+                "add \"user\" to namespaces")
+        if "sys_resource" in {n.lower().removeprefix("cap_") for n in layer.caps}:
+            say("user_namespaces", "\"deny\" cannot hold with cap sys_resource kept: it "
+                "could raise the limit again")
+    if layer.command_replaces_supervisor:
+        for fieldname, present in (("command", layer.command is None),
+                                   ("companions", layer.companions), ("layers", layer.layers),
+                                   ("lock_files", layer.lock_files)):
+            if present:
+                say("command_replaces_supervisor", "needs a command" if fieldname == "command"
+                    else f"leaves no supervisor for {fieldname}; remove them")
     commands = [("command", layer.command)] if layer.command else []
     commands += [(f"companions[{i}]", c) for i, c in enumerate(layer.companions)]
     for where, command in commands:

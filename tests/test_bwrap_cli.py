@@ -169,12 +169,22 @@ def test_argv0_is_given_to_the_command(tmp_path):
     assert result.stdout == "renamed\n", result.stderr
 
 
-@pytest.mark.parametrize("option", ["--as-pid-1", "--disable-userns", "--lock-file"])
-def test_options_not_run_yet_are_refused_clearly(option):
-    argv = {"--as-pid-1": ["--unshare-pid", "--as-pid-1"],
-            "--disable-userns": ["--unshare-user", "--disable-userns"],
-            "--lock-file": ["--lock-file", "/x"]}[option]
-    inv = bwrap.parse([*argv, "true"], {})
+def test_userns2_is_refused_with_the_reason():
+    inv = bwrap.parse(["--userns", "3", "--userns2", "4", "true"], {})
     with pytest.raises(bwrap.ParseError) as err:
         bwrap.to_sandbox(inv, 1000, 1000)
-    assert str(err.value) == f"{option} is not supported by bbl-bwrap yet"
+    assert str(err.value).startswith("--userns2 is not supported by bbl-bwrap: ")
+
+
+@pytest.mark.parametrize("engine, theirs", [
+    ("layer 'bwrap': fs[0] (bind) /x: source /nope does not exist in the parent layer's view",
+     "Can't find source path /nope: No such file or directory"),
+    ("layer 'sandbox': command 'true': working directory /d: Permission denied",
+     "Can't chdir to /d: Permission denied"),
+    ("layer 'bwrap': command 'a b': cannot execute: No such file or directory",
+     "execvp a b: No such file or directory"),
+    ("layer 'bwrap': lock_files: /x: No such file or directory",
+     "lock_files: /x: No such file or directory"),
+])
+def test_start_errors_are_worded_like_bubblewrap(engine, theirs):
+    assert bwrap.bwrap_message(engine) == theirs

@@ -60,9 +60,8 @@ def test_bad_command_lines_are_bubblewraps_errors(env, tmp_path):
 
 def test_start_failures_are_one_line_and_status_1(env):
     result = bblrun(env, *SYSTEM, "--bind", "/nonexistent", "/x", "true")
-    assert result.returncode == 1
-    assert result.stderr.count("\n") == 1 and "source /nonexistent does not exist" in \
-        result.stderr and result.stderr.startswith("bwrap: ")
+    assert (result.returncode, result.stderr) == (
+        1, "bwrap: Can't find source path /nonexistent: No such file or directory\n")
 
 
 def test_fds_named_by_options_travel_to_the_sandbox(env, tmp_path):
@@ -201,3 +200,160 @@ def test_block_fd_holds_the_command_and_sync_fd_closes_at_the_end(env, tmp_path)
     finally:
         proc.kill()
         os.close(block_w)
+
+
+def both(env, argv, **kw):
+    """(ours, Debian bwrap's) results of one command line."""
+    theirs = subprocess.run([shutil.which("bwrap"), *argv], capture_output=True, text=True,
+                            timeout=60, **kw)
+    return bblrun(env, *argv, **kw), theirs
+
+
+needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None,
+                                 reason="Debian's bubblewrap is missing")
+
+
+@needs_bwrap
+def test_as_pid_1_runs_the_command_as_pid_1(env):
+    ours, theirs = both(env, [*SYSTEM, "--unshare-pid", "--as-pid-1", "sh", "-c",
+                              "echo $$; ls /proc | grep -c '^[0-9]'; exit 5"])
+    assert (ours.returncode, ours.stdout) == (theirs.returncode, theirs.stdout) == (5, "1\n3\n")
+    plain = bblrun(env, *SYSTEM, "--unshare-pid", "sh", "-c", "echo $$")
+    assert plain.stdout != "1\n"  # without it a supervisor is pid 1
+    missing = bblrun(env, *SYSTEM, "--unshare-pid", "--as-pid-1", "/no/such")
+    assert (missing.returncode, missing.stderr) == (
+        1, "bwrap: execvp /no/such: No such file or directory\n")
+
+
+def test_lock_file_is_read_locked_while_the_sandbox_runs(env, tmp_path):
+    import fcntl
+
+    lock = tmp_path / "lock"
+    lock.write_text("")
+    proc = subprocess.Popen([*RUN, "--ro-bind", "/", "/", "--lock-file", str(lock), "sh", "-c",
+                             "echo ready; read x"], env=env, stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        with open(lock, "r+") as f:
+            with pytest.raises(BlockingIOError):
+                fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a read lock is held
+            proc.communicate("go\n", timeout=30)
+            fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released with the sandbox
+        assert proc.returncode == 0
+    finally:
+        proc.kill()
+    missing = bblrun(env, "--ro-bind", "/", "/", "--lock-file", "/no/lock", "true")
+    assert (missing.returncode, missing.stderr) == (
+        1, "bwrap: lock_files: /no/lock: No such file or directory\n")
+
+
+@needs_bwrap
+def test_disable_userns_cannot_be_undone_from_inside(env):
+    """Even with every capability the command cannot raise the limit back."""
+    script = ("echo 100 > /proc/sys/user/max_user_namespaces 2>/dev/null; "
+              "unshare -U true 2>/dev/null && echo created || echo denied")
+    argv = [*SYSTEM, "--unshare-user", "--unshare-pid", "--proc", "/proc", "--cap-add", "ALL",
+            "--disable-userns", "sh", "-c", script]
+    ours, theirs = both(env, argv)
+    assert (ours.returncode, ours.stdout) == (theirs.returncode, theirs.stdout) == (0, "denied\n")
+    allowed = bblrun(env, *SYSTEM, "--unshare-user", "sh", "-c", script)
+    assert allowed.stdout == "created\n"  # the probe can tell
+
+
+@needs_bwrap
+def test_assert_userns_disabled(env):
+    ours, theirs = both(env, [*SYSTEM, "--assert-userns-disabled", "true"])
+    assert (ours.returncode, ours.stderr) == (theirs.returncode, theirs.stderr) == (
+        1, "bwrap: creation of new user namespaces was not disabled as requested\n")
+    ours, theirs = both(env, [*SYSTEM, "--unshare-user", "--disable-userns",
+                              "--assert-userns-disabled", "echo", "ok"])
+    assert (ours.returncode, ours.stdout) == (theirs.returncode, theirs.stdout) == (0, "ok\n")
+
+
+@pytest.fixture
+def namespace_holder(marker):
+    """A process in its own user (root-mapped) and pid namespaces; yields its pid."""
+    proc = subprocess.Popen(["unshare", "-U", "-r", "-p", "--fork", "sh", "-c", "sleep 600",
+                             marker])
+    try:
+        ours = os.readlink("/proc/self/ns/pid")
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            inside = [pid for pid in processes_with(marker)
+                      if _readlink(f"/proc/{pid}/ns/pid") not in (ours, None)]
+            if inside:
+                break
+            time.sleep(0.02)
+        holder = inside[0]
+        yield holder
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+        for pid in processes_with(marker):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _readlink(path):
+    try:
+        return os.readlink(path)
+    except OSError:
+        return None
+
+
+@needs_bwrap
+def test_userns_and_pidns_join_existing_namespaces(env, namespace_holder):
+    user = os.open(f"/proc/{namespace_holder}/ns/user", os.O_RDONLY)
+    pid = os.open(f"/proc/{namespace_holder}/ns/pid", os.O_RDONLY)
+
+    def place():  # in the child only: fds 5 and 6 of this process are pytest's
+        os.dup2(user, 5)
+        os.dup2(pid, 6)
+
+    try:
+        script = "id -u; readlink /proc/self/ns/user; echo $$"
+        for extra in ([], ["--unshare-pid"]):
+            ours, theirs = both(env, [*SYSTEM, "--userns", "5", "--pidns", "6", *extra,
+                                      "sh", "-c", script], preexec_fn=place, pass_fds=(5, 6))
+            expected = os.readlink(f"/proc/{namespace_holder}/ns/user")
+            assert ours.returncode == theirs.returncode == 0, ours.stderr
+            assert ours.stdout.splitlines()[:2] == theirs.stdout.splitlines()[:2] == [
+                "0", expected]
+            assert ours.stdout.splitlines()[2] != "1"  # born in the joined pid namespace
+        wrong = bblrun(env, *SYSTEM, "--userns", "6", "true", preexec_fn=place,
+                       pass_fds=(5, 6))
+        assert wrong.returncode == 1 and wrong.stderr.startswith("bwrap: joining the user")
+    finally:
+        os.close(user)
+        os.close(pid)
+
+
+def test_userns_block_fd_lets_someone_else_write_the_maps(env):
+    info_r, info_w = os.pipe()
+    block_r, block_w = os.pipe()
+
+    def place():
+        os.dup2(info_w, 5)
+        os.dup2(block_r, 6)
+
+    proc = subprocess.Popen([*RUN, "--unshare-user", "--userns-block-fd", "6", "--info-fd", "5",
+                             *SYSTEM, "sh", "-c", "id -u; cat /proc/self/uid_map"],
+                            env=env, preexec_fn=place, pass_fds=(5, 6),
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    os.close(info_w)
+    os.close(block_r)
+    try:
+        assert select.select([info_r], [], [], 30)[0]
+        child = json.loads(read_available(info_r))["child-pid"]
+        uid, gid = os.getuid(), os.getgid()
+        for name, text in (("setgroups", "deny"), ("uid_map", f"4242 {uid} 1"),
+                           ("gid_map", f"4242 {gid} 1")):
+            with open(f"/proc/{child}/{name}", "w") as f:
+                f.write(text)
+        os.write(block_w, b"x")
+        out, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+        os.close(block_w)
+    assert proc.returncode == 0, err
+    assert out.split()[:3] == ["4242", "4242", str(uid)]

@@ -111,6 +111,23 @@ def test_rules_are_all_reported_with_layer_op_index_and_field():
       "uid_map": [{"inside": 0, "outside": 1000}]}, {}, "does not map the layer's own id 5"),
     ({"name": "l", "namespaces": ["mount"], "command": ["x"], "new_root": True,
       "fs": [{"op": "mqueue", "dest": "/m"}]}, {}, "mqueue needs an ipc namespace"),
+    ({"name": "l", "command": ["x"], "user_namespaces": "deny"}, {},
+     "user_namespaces: \"deny\" sets the limit of the layer's own user namespace"),
+    ({"name": "l", "namespaces": ["user"], "command": ["x"], "user_namespaces": "deny",
+      "caps": ["CAP_SYS_RESOURCE"]}, {}, "could raise the limit again"),
+    ({"name": "l", "command": ["x"], "command_replaces_supervisor": True,
+      "companions": [["y"]]}, {}, "leaves no supervisor for companions"),
+    ({"name": "l", "command_replaces_supervisor": True, "layers": [
+        {"name": "m", "command": ["x"]}]}, {}, "command_replaces_supervisor: needs a command"),
+    ({"name": "l", "command": ["x"], "lock_files": ["rel"]}, {}, "lock_files[0]: 'rel' must"),
+    ({"name": "l", "layers": [{"name": "m", "command": ["x"], "join": {"user": 3}}]}, {},
+     "layer 'm': join: only the top layer"),
+    ({"name": "l", "namespaces": ["user"], "command": ["x"], "join": {"user": 3}}, {},
+     "join.user: joins a user namespace"),
+    ({"name": "l", "namespaces": ["mount", "pid"], "command": ["x"], "join": {"pid": 3}}, {},
+     "put \"pid\" in a sub-layer's namespaces"),
+    ({"name": "l", "command": ["x"]}, {"userns_block_fd": 3},
+     "userns_block_fd: the top layer must create a user namespace"),
 ])
 def test_rule(layer_dict, top, expected):
     assert any(expected in problem for problem in rules(layer_dict, **top))

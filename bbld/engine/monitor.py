@@ -9,6 +9,7 @@ main command's exit status.
 
 from __future__ import annotations
 
+import errno
 import os
 import select
 import signal
@@ -22,6 +23,7 @@ from bbld.engine.errors import StartError
 from bbld.engine.plan import Plan
 from bbld.engine.supervisor import (
     FORWARDED_SIGNALS,
+    NAMESPACE_LINKS,
     SI_KERNEL,
     Context,
     block_signals,
@@ -62,10 +64,13 @@ class Instance:
         self.ignored = {s for s in FORWARDED_SIGNALS if signal.getsignal(s) == signal.SIG_IGN}
         self.sigfd = block_signals()
         ctx = Context(plan=self.plan, report=theirs, go_fd=go_r)
+        sandbox = self.plan.sandbox
+        external_maps = self._await_external_maps if sandbox.userns_block_fd is not None else None
         try:
             try:
+                _join_namespaces(self.plan.root.layer.join)
                 self.layer1 = spawn_layer(self.plan.root, ctx, self.proc_fd, dict(os.environ),
-                                          os.getcwd(), self.plan.sandbox.die_with_parent)
+                                          os.getcwd(), sandbox.die_with_parent, external_maps)
             finally:
                 theirs.close()
                 os.close(go_r)
@@ -79,9 +84,19 @@ class Instance:
             self._teardown()
             raise
         root = self.plan.root.name
-        if root in self.built:
-            status.started(self.plan.sandbox, pidfd_pid(self.pidfds[root]),
-                           self.built[root].namespaces)
+        if root in self.built and sandbox.userns_block_fd is None:
+            status.started(sandbox, pidfd_pid(self.pidfds[root]), self.built[root].namespaces)
+
+    def _await_external_maps(self, pid: int) -> None:
+        """bubblewrap's --userns-block-fd: tell the map writer the pid, wait until it is done."""
+        inodes = {}
+        for name in NAMESPACE_LINKS:
+            try:
+                inodes[name] = os.stat(f"{pid}/ns/{name}", dir_fd=self.proc_fd).st_ino
+            except OSError:
+                pass
+        status.started(self.plan.sandbox, pid, inodes)
+        os.read(self.plan.sandbox.userns_block_fd, 1)
 
     def _started(self) -> bool:
         if self.failure is not None:
@@ -220,6 +235,25 @@ class Instance:
         if hasattr(self, "sock"):
             self.sock.close()
         signal.pthread_sigmask(signal.SIG_UNBLOCK, (*FORWARDED_SIGNALS, signal.SIGCHLD))
+
+
+def _join_namespaces(join) -> None:
+    """Enter the namespaces the top layer joins; its clone then happens inside them."""
+    if join is None:
+        return
+    for fd, kind, flag in ((join.user, "user", sc.CLONE_NEWUSER),
+                           (join.pid, "pid", sc.CLONE_NEWPID)):
+        if fd is None:
+            continue
+        try:
+            sc.setns(fd, flag)
+        except OSError as exc:
+            hint = ""
+            if exc.errno == errno.EINVAL:
+                hint = (" (it might not be a descendant of the current user namespace)"
+                        if kind == "user" else " (is it a pid namespace?)")
+            raise StartError(f"joining the {kind} namespace of fd {fd}: {exc.strerror}{hint}") \
+                from None
 
 
 def pidfd_pid(pidfd: int) -> int:

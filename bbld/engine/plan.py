@@ -52,7 +52,9 @@ class Plan(Struct, kw_only=True):
 def prepare(sandbox: spec.Sandbox, args: list[str] = ()) -> Plan:
     """Check the spec against this caller and build the plan. Raises SpecError/StartError."""
     spec.check(sandbox, os.getuid(), os.getgid(), known_policies=seccomp.POLICIES)
-    for fd in (sandbox.info_fd, sandbox.json_status_fd, sandbox.block_fd, sandbox.sync_fd):
+    join = sandbox.layer.join or spec.Join()
+    for fd in (sandbox.info_fd, sandbox.json_status_fd, sandbox.block_fd, sandbox.sync_fd,
+               sandbox.userns_block_fd, join.user, join.pid):
         if fd is not None:
             _check_fd_open(sandbox.layer.name, fd)
     main = spec.main_layer_name(sandbox)

@@ -52,6 +52,16 @@ def become(layer: spec.Layer) -> None:
                          f"{exc.strerror}") from None
 
 
+def assert_user_namespaces_denied() -> None:
+    """bubblewrap's --assert-userns-disabled: refuse to run if a user namespace can be made
+    here (the probe's namespace, if made, dies with this process)."""
+    try:
+        sc.unshare(sc.CLONE_NEWUSER)
+    except OSError:
+        return
+    raise StartError("creation of new user namespaces was not disabled as requested")
+
+
 def settle_supervisor(layer: spec.Layer) -> bool:
     """With explicit maps, a supervisor's own host id may be left unmapped, which leaves it no
     identity to create files with. It becomes id 0 inside when that is mapped, else the

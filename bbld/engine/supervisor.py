@@ -11,6 +11,7 @@ the layer and exits with the main's status (128+N for a signal).
 
 from __future__ import annotations
 
+import fcntl
 import os
 import select
 import signal
@@ -84,8 +85,11 @@ def step(what: str):
 
 
 def spawn_layer(plan: LayerPlan, ctx: Context, proc_fd: int, env: dict[str, str], cwd: str,
-                die_with_parent: bool = True) -> Child:
-    """Clone `plan`'s layer from this process. Returns once the child is released."""
+                die_with_parent: bool = True, maps_written_by=None) -> Child:
+    """Clone `plan`'s layer from this process. Returns once the child is released.
+
+    `maps_written_by(pid)`, if given, returns once someone else wrote the child's id maps.
+    """
     layer = plan.layer
     flags = 0
     for name in layer.namespaces:
@@ -106,7 +110,10 @@ def spawn_layer(plan: LayerPlan, ctx: Context, proc_fd: int, env: dict[str, str]
     try:
         if "user" in layer.namespaces:
             try:
-                privileges.write_id_maps(proc_fd, pid, layer, uid, gid)
+                if maps_written_by is not None:
+                    maps_written_by(pid)
+                else:
+                    privileges.write_id_maps(proc_fd, pid, layer, uid, gid)
             except StartError as exc:
                 sc.pidfd_send_signal(pidfd, signal.SIGKILL)
                 os.waitpid(pid, 0)
@@ -190,6 +197,7 @@ class LayerSupervisor:
                 sc.unshare(sc.CLONE_NEWTIME)
         self.env = self._layer_env()
         self.cwd = self.layer.cwd or self.cwd
+        self.locks = [self._lock(path) for path in self.layer.lock_files]
         if not self.has_pid_namespace:  # orphans of this layer come back to us
             sc.prctl(sc.PR_SET_CHILD_SUBREAPER, 1)
         for child_plan in self.plan.children:
@@ -198,11 +206,15 @@ class LayerSupervisor:
             self.children[child.pid] = child_plan
             if child_plan is self.plan.main_child:
                 self.main_pid = child.pid
+        if self.layer.user_namespaces == "deny":  # after our sub-layers: they count too
+            self._deny_user_namespaces()
         sc.prctl(sc.PR_SET_DUMPABLE, 0)  # nothing in the sandbox may ptrace or read us
         self._report_built()
         aborted = self._wait_for_go()
         if aborted is not None:
             return aborted
+        if self.layer.command_replaces_supervisor:
+            self._replace_with_command()
         self._start_commands()
         reports.send(self.ctx.report, reports.Running(layer=self.plan.name))
         if self.main_pid is None and not self.children and not self.commands:
@@ -212,6 +224,31 @@ class LayerSupervisor:
     def _close_inherited_fds(self) -> None:
         keep = {0, 1, 2, self.ctx.report.fileno(), self.ctx.go_fd, self.proc_fd}
         sc.close_all_fds_except(keep | self.plan.fds)
+
+    def _lock(self, path: str) -> int:
+        """bubblewrap's --lock-file: a read lock on `path`, held until the layer ends."""
+        with step(f"lock_files: {path}"):
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                raise
+        return fd
+
+    def _deny_user_namespaces(self) -> None:
+        """Limit this layer's user namespace to the user namespaces that exist below it now.
+
+        The limit counts hierarchically, so nothing in this layer or any layer below can create
+        one; raising it again takes CAP_SYS_RESOURCE in this namespace, which spec.check()
+        keeps from the layer's commands. The sysctl file shows the opener's user namespace."""
+        with step("denying new user namespaces (sys/user/max_user_namespaces)"):
+            fd = os.open("sys/user/max_user_namespaces", os.O_WRONLY | os.O_CLOEXEC,
+                         dir_fd=self.proc_fd)
+            try:
+                os.write(fd, b"0")
+            finally:
+                os.close(fd)
 
     def _wait_for_sockets(self) -> None:
         deadline = time.monotonic() + self.layer.start_timeout
@@ -317,6 +354,17 @@ class LayerSupervisor:
         for command in self.layer.companions:
             self._spawn(command, companion=True)
 
+    def _replace_with_command(self) -> None:
+        """Exec the layer's command in this process (bubblewrap's --as-pid-1)."""
+        command = self.layer.command
+        reports.send(self.ctx.report, reports.Running(layer=self.plan.name))
+        try:
+            self._exec(command, False, self.ctx.report.fileno(), os.getppid(),
+                       parent_death_signal=self.die_with_parent)
+        except StartError as exc:
+            raise StartError(f"command {command.argv[0]!r}: {exc.message}", exc.exit_code) \
+                from None
+
     def _spawn(self, command: spec.Command, companion: bool) -> int:
         """Fork and exec one command; raises StartError if it cannot be executed."""
         errors_r, errors_w = os.pipe2(os.O_CLOEXEC)
@@ -342,18 +390,22 @@ class LayerSupervisor:
         return pid
 
     def _exec(self, command: spec.Command, companion: bool, errors_fd: int,
-              supervisor: int) -> None:
-        """In the forked command process: the last steps before execve, in this order."""
+              supervisor: int, parent_death_signal: bool = True) -> None:
+        """In the forked command process (or the supervisor itself, with
+        command_replaces_supervisor): the last steps before execve, in this order."""
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
         for signo in (signal.SIGPIPE, signal.SIGXFSZ):  # Python ignores these; exec keeps that
             signal.signal(signo, signal.SIG_DFL)
         if command.new_session:
             os.setsid()  # no controlling terminal: TIOCSTI cannot reach the caller's
-        if "user" in self.layer.namespaces:
+        if "user" in self.layer.namespaces or self.layer.join and self.layer.join.user is not None:
             privileges.become(self.layer)
-        sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
-        if os.getppid() != supervisor:  # it died before the line above took effect
-            os._exit(1)
+        if parent_death_signal:
+            sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+            if os.getppid() != supervisor:  # it died before the line above took effect
+                os._exit(1)
+        if self.layer.user_namespaces == "assert-denied":
+            privileges.assert_user_namespaces_denied()
         if (command.stdin or ("null" if companion else "inherit")) == "null":
             empty_r, empty_w = os.pipe()
             os.close(empty_w)

@@ -88,6 +88,23 @@ method Run(
 # every layer's supervisor), as bubblewrap's command would.
 method Signal(id: string, signal: int) -> ()
 
+# The instances the daemon knows, in start order: id, name, state
+# ("starting", "running" or "exited"), started (seconds since the epoch),
+# pid (the main command's, null when not running), command (its argv),
+# layers (as in Run's "started" reply) and status (once exited).
+method List() -> (instances: []Instance)
+
+type Instance (
+  id: string,
+  name: string,
+  state: string,
+  started: float,
+  pid: ?int,
+  command: []string,
+  layers: []object,
+  status: ?int
+)
+
 # No running instance has this id.
 error NoSuchInstance (id: string)
 

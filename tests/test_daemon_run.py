@@ -95,3 +95,35 @@ def test_instances_are_forked_by_one_helper_not_by_the_daemon(daemon, marker):
     ping = connect(daemon).call("io.bbl.Manager.Ping")["pid"]
     assert supervisor != ping
     assert wait_gone(processes_with(marker)) == []
+
+
+def test_the_registry_lists_a_running_instance_until_it_ends(daemon, marker):
+    import time
+
+    spec = sandbox(app_layer(command=[*sh("echo ready; read x"), marker]))
+    spec["name"] = "listed"
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    cwd = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with connect(daemon) as conn:
+            before = time.time()
+            replies = conn.stream("io.bbl.Manager.Run", fds=(in_r, out_w, 2, cwd),
+                                  spec=json.dumps(spec), args=[], env={"PATH": "/usr/bin:/bin"})
+            started = next(replies)
+            assert os.read(out_r, 100) == b"ready\n"
+            with connect(daemon) as other:
+                (entry,) = other.call("io.bbl.Manager.List")["instances"]
+            assert entry["id"] == started["id"] and entry["name"] == "listed"
+            assert entry["state"] == "running" and entry["status"] is None
+            assert entry["command"][-1] == marker and before - 1 < entry["started"] < time.time()
+            with open(f"/proc/{entry['pid']}/cmdline", "rb") as f:
+                assert marker.encode() in f.read()  # the main command's own host pid
+            assert [layer["layer"] for layer in entry["layers"]] == ["app"]
+            os.write(in_w, b"go\n")
+            assert next(replies)["status"] == 0
+            with connect(daemon) as other:
+                assert other.call("io.bbl.Manager.List")["instances"] == []
+    finally:
+        for fd in (in_r, in_w, out_r, out_w, cwd):
+            os.close(fd)

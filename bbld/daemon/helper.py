@@ -88,7 +88,9 @@ def _monitor(data: bytes, fds: list[int]) -> int:
         return 0
     layers = instance.layers_info()
     own = os.pidfd_open(os.getpid())  # the daemon signals the instance through its monitor
-    _send(report, Event(event="started", layers=layers),
+    main = next(p for p in plan.layers() if p.runs_main)
+    _send(report, Event(event="started", name=plan.sandbox.name, command=main.layer.command.argv,
+                        main_pid=instance.main_pid, layers=layers),
           [own, *(instance.pidfds[entry["layer"]] for entry in layers)])
     os.close(own)
     try:

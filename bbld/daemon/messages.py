@@ -17,6 +17,9 @@ class StartRequest(msgspec.Struct):
 class Event(msgspec.Struct, omit_defaults=True):
     """From an instance's monitor: started (with a pidfd per layer), failed, exited."""
     event: str
+    name: str | None = None  # started: the sandbox's name,
+    command: list[str] = []  # its main command (argv, with the call's args),
+    main_pid: int | None = None  # and the main command's pid, if it still runs
     layers: list[dict] = []
     status: int | None = None
     message: str | None = None

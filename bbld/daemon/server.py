@@ -12,6 +12,7 @@ import secrets
 import signal as _signal
 import socket
 import struct
+import time
 import traceback
 
 import trio
@@ -40,6 +41,7 @@ class Daemon:
             "io.bbl.Manager.Ping": self.ping,
             "io.bbl.Manager.Run": self.run,
             "io.bbl.Manager.Signal": self.signal,
+            "io.bbl.Manager.List": self.list,
         }
 
     # ------------------------------------------------------------ methods
@@ -62,7 +64,7 @@ class Daemon:
         if len(fds) != 4 + len(fd_numbers) or len(fd_numbers) > MAX_EXTRA_FDS \
                 or not all(isinstance(n, int) and 3 <= n < 1000 for n in fd_numbers):
             raise VarlinkError(f"{SERVICE}.InvalidParameter", parameter="fds")
-        record = InstanceRecord(id=secrets.token_hex(4), state="starting")
+        record = InstanceRecord(id=secrets.token_hex(4), state="starting", started=time.time())
         self.instances[record.id] = record
         try:
             async for event, layer_fds in self.helper.start(spec, list(args), env or {},
@@ -72,6 +74,8 @@ class Daemon:
                                        exit_code=event.exit_code)
                 if event.event == "started":
                     record.state, record.layers = "running", event.layers
+                    record.name, record.command = event.name, event.command
+                    record.pid = event.main_pid
                     record.monitor, record.pidfds = (layer_fds[0], layer_fds[1:]) \
                         if layer_fds else (None, [])
                     if die_with_client:  # bubblewrap's --die-with-parent, for our caller
@@ -90,6 +94,9 @@ class Daemon:
             self.instances.pop(record.id, None)
 
     run.takes_fds = True
+
+    async def list(self) -> dict:
+        return {"instances": [record.entry() for record in self.instances.values()]}
 
     async def signal(self, id: str, signal: int) -> dict:
         record = self.instances.get(id)
@@ -185,15 +192,25 @@ class Daemon:
 
 
 class InstanceRecord:
-    """What the daemon knows of one instance (issue 4 grows this into the registry)."""
+    """What the daemon knows of one instance: its entry in the registry."""
 
-    def __init__(self, id: str, state: str):
+    def __init__(self, id: str, state: str, started: float):
         self.id = id
-        self.state = state
+        self.state = state  # starting, running, exited
+        self.started = started  # seconds since the epoch
+        self.name: str | None = None
+        self.command: list[str] = []
+        self.pid: int | None = None  # the main command's pid
         self.layers: list[dict] = []
         self.pidfds: list[int] = []  # one per layer, in tree order
         self.monitor: int | None = None  # pidfd of the instance's monitor (engine caller)
         self.status: int | None = None
+
+    def entry(self) -> dict:
+        """The record as io.bbl.Manager.List shows it."""
+        return {"id": self.id, "name": self.name or "", "state": self.state,
+                "started": self.started, "pid": self.pid, "command": self.command,
+                "layers": self.layers, "status": self.status}
 
     def kill(self) -> None:
         """SIGKILL the instance's monitor; layer 1 (die_with_parent) and all below follow."""

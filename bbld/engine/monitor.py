@@ -40,6 +40,8 @@ class Instance:
         self.barrier = {p.name for p in plan.layers() if not p.gated}
         self.built: dict[str, reports.Built] = {}
         self.pidfds: dict[str, int] = {}  # layer name -> pidfd of its supervisor
+        self.main_layer = next(p.name for p in plan.layers() if p.runs_main)
+        self.main_pidfd: int | None = None  # the main command, once it runs
         self.running: set[str] = set()
         self.failure: StartError | None = None
         self.status: int | None = None  # layer 1's exit status, once it ended
@@ -141,6 +143,12 @@ class Instance:
             elif fd == self.sock.fileno():
                 self._read_reports()
 
+    @property
+    def main_pid(self) -> int | None:
+        """The main command's pid in our pid namespace (None if unknown or ended)."""
+        pid = pidfd_pid(self.main_pidfd) if self.main_pidfd is not None else -1
+        return pid if pid > 0 else None
+
     def layers_info(self) -> list[dict]:
         """Each built layer: name, host pid of its supervisor, namespace inode numbers."""
         info = []
@@ -188,8 +196,13 @@ class Instance:
         elif isinstance(report, reports.Built) and name not in self.built and len(fds) == 1:
             self.built[name] = report
             self.pidfds[name] = fds[0]
-        elif isinstance(report, reports.Running) and name in self.built:
+        elif isinstance(report, reports.Running) and name in self.built and len(fds) <= 1:
             self.running.add(name)
+            if fds and name == self.main_layer and self.main_pidfd is None:
+                self.main_pidfd = fds[0]
+            else:
+                for fd in fds:
+                    os.close(fd)
         else:
             for fd in fds:
                 os.close(fd)
@@ -219,10 +232,12 @@ class Instance:
                     pass
                 self.status = exit_code(os.waitpid(layer1.pid, 0)[1])
             os.close(layer1.pidfd)
-        for fd in (*self.pidfds.values(), getattr(self, "sigfd", -1), self.proc_fd):
+        for fd in (*self.pidfds.values(), getattr(self, "sigfd", -1), self.proc_fd,
+                   self.main_pidfd if self.main_pidfd is not None else -1):
             if fd >= 0:
                 os.close(fd)
         self.pidfds.clear()
+        self.main_pidfd = None
         self.sigfd = -1
         if self.plan.sandbox.sync_fd is not None:  # bubblewrap's --sync-fd: closes at the end
             try:

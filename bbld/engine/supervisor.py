@@ -216,7 +216,7 @@ class LayerSupervisor:
         if self.layer.command_replaces_supervisor:
             self._replace_with_command()
         self._start_commands()
-        reports.send(self.ctx.report, reports.Running(layer=self.plan.name))
+        self._report_running(self.main_pid if self.plan.runs_main else None)
         if self.main_pid is None and not self.children and not self.commands:
             return 0  # nothing to run and nothing below: the layer is done
         return self._supervise()
@@ -320,6 +320,16 @@ class LayerSupervisor:
         finally:
             os.close(own)
 
+    def _report_running(self, main_command: int | None) -> None:
+        """Running, with a pidfd of the instance's main command if it runs here: the caller
+        learns its pid in its own pid namespace from the pidfd, not from a number we say."""
+        fds = (sc.pidfd_open(main_command),) if main_command is not None else ()
+        try:
+            reports.send(self.ctx.report, reports.Running(layer=self.plan.name), fds)
+        finally:
+            for fd in fds:
+                os.close(fd)
+
     def _wait_for_go(self) -> int | None:
         """Block until the go byte arrives. Returns an exit status if the start is off."""
         poller = select.poll()
@@ -357,7 +367,7 @@ class LayerSupervisor:
     def _replace_with_command(self) -> None:
         """Exec the layer's command in this process (bubblewrap's --as-pid-1)."""
         command = self.layer.command
-        reports.send(self.ctx.report, reports.Running(layer=self.plan.name))
+        self._report_running(os.getpid() if self.plan.runs_main else None)
         try:
             self._exec(command, False, self.ctx.report.fileno(), os.getppid(),
                        parent_death_signal=self.die_with_parent)

@@ -127,3 +127,52 @@ def test_the_registry_lists_a_running_instance_until_it_ends(daemon, marker):
     finally:
         for fd in (in_r, in_w, out_r, out_w, cwd):
             os.close(fd)
+
+
+def _open_fds(pid: int) -> int:
+    """How many fds `pid` holds once connections that just ended are closed on its side."""
+    import time
+
+    count, deadline = -1, time.monotonic() + 5
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        previous, count = count, len(os.listdir(f"/proc/{pid}/fd"))
+        if count == previous:
+            break
+    return count
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        with open(f"/proc/{pid}/task/{task}/children") as f:
+            found += [int(p) for p in f.read().split()]
+    return found
+
+
+def test_bad_input_leaves_nothing_behind_in_the_daemon(daemon, tmp_path):
+    """Failed starts and malformed messages: the daemon's fds and processes are as before."""
+    from tests.test_daemon import call, exchange
+
+    run_through(daemon, sandbox(app_layer(command=["true"])))  # the helper now runs
+    with connect(daemon) as conn:
+        pid = conn.call("io.bbl.Manager.Ping")["pid"]
+    fds_before, children_before = _open_fds(pid), _children(pid)
+    (helper,) = children_before
+    bad_specs = [
+        {"layer": {"name": "x"}},
+        sandbox(app_layer(command=["true"], fs=[{"op": "bind", "src": "/nonexistent",
+                                                 "dest": "/x"}])),
+        sandbox(app_layer(command=["/no/such/program"])),
+        sandbox(app_layer(command=["true"], fs=[{"op": "bind-fd", "fd": 77, "dest": "/x"}])),
+    ]
+    for _ in range(3):
+        for spec in bad_specs:
+            events, _, _ = run_through(daemon, spec)
+            assert events[-1]["error"] == "io.bbl.Manager.StartFailed"
+        for message in (b"not json\0", b"x" * (1 << 21), call("io.bbl.Manager.Nope"),
+                        call("io.bbl.Manager.Ping")[:-3]):
+            exchange(daemon, message)
+    assert wait_gone(_children(helper)) == []  # every monitor has ended
+    assert _children(pid) == children_before
+    assert _open_fds(pid) == fds_before

@@ -8,9 +8,27 @@ commands:
   run [bubblewrap options] [--] COMMAND [ARGS...]
                  run a command in a sandbox described by a bubblewrap command line,
                  as an instance of the daemon (bbld; started when needed)
+  ps [--all] [--json]
+                 list running instances (--all: also recently ended ones, with status)
+  tree [ID] [--json]
+                 the layer tree of each running instance, with its processes
+  exec [--layer NAME] ID [--] COMMAND [ARGS...]
+                 run a command in a layer of a running instance (default: the main
+                 command's layer), with exactly that layer's restrictions
+  attach [--layer NAME] ID [-- COMMAND [ARGS...]]
+                 the same with a terminal made inside the sandbox (default: a shell)
+  stop ID [--timeout SECONDS]
+                 SIGTERM to the main command; SIGKILL to the whole tree after the timeout
+                 (default 10)
+  kill ID [--signal SIG]
+                 send a signal to the main command (default KILL)
 
-The other commands (start, ps, tree, attach, exec, send-args, stop, kill, profile, desktop)
-are not built yet."""
+ID is an instance id, or a name that only one running instance has (see bblctl ps).
+The other commands (start, send-args, profile, desktop) are not built yet."""
+
+COMMANDS = {"ps": ("bblctl.manage", "ps"), "tree": ("bblctl.manage", "tree"),
+            "stop": ("bblctl.manage", "stop"), "kill": ("bblctl.manage", "kill"),
+            "exec": ("bblctl.enter", "exec_"), "attach": ("bblctl.enter", "attach")}
 
 
 def main(argv=None) -> int:
@@ -22,8 +40,22 @@ def main(argv=None) -> int:
         from bblctl.run import main as run
 
         return run(argv[1:], "bblctl run")
-    print(f"bblctl: unknown command {argv[0]!r}; see bblctl --help", file=sys.stderr)
-    return 2
+    if argv[0] not in COMMANDS:
+        print(f"bblctl: unknown command {argv[0]!r}; see bblctl --help", file=sys.stderr)
+        return 2
+    import importlib
+
+    from bblctl.client import ClientError
+    from bblctl.manage import UsageError, report
+
+    module, function = COMMANDS[argv[0]]
+    try:
+        return getattr(importlib.import_module(module), function)(argv[1:])
+    except UsageError as exc:
+        print(f"bblctl {argv[0]}: {exc}", file=sys.stderr)
+        return 2
+    except ClientError as exc:
+        return report(exc)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import signal
 import socket
 import sys
 import time
@@ -38,9 +39,13 @@ class Connection:
         self.sock = sock
         self.framer = protocol.Framer()
         self.pending: list[bytes] = []
+        self.fds: list[int] = []  # fds that came with replies (SCM_RIGHTS); the caller's now
 
     def close(self) -> None:
         self.sock.close()
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
 
     def __enter__(self):
         return self
@@ -82,7 +87,8 @@ class Connection:
 
     def _next_frame(self) -> bytes:
         while not self.pending:
-            data = self.sock.recv(65536)
+            data, fds, _, _ = socket.recv_fds(self.sock, 65536, 4, socket.MSG_CMSG_CLOEXEC)
+            self.fds.extend(fds)
             if not data:
                 raise ClientError("bbld closed the connection")
             self.pending.extend(self.framer.feed(data))
@@ -171,3 +177,45 @@ def _spawn_detached(argv: list[str], log: str) -> int:
     os.waitpid(child, 0)
     with os.fdopen(pid_r) as f:
         return int(f.read() or 0)
+
+
+class SignalForwarder:
+    """While active, the signals a client receives go to an instance's main command (or, aimed
+    with `pid`, to a process Exec started); those that come before the target is known wait
+    for it. Signals the client ignores (nohup) stay ignored."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
+
+    def __init__(self):
+        self.target: dict | None = None
+        self.early: list[int] = []
+        self.previous: dict = {}
+
+    def __enter__(self):
+        for signo in self.SIGNALS:
+            if signal.getsignal(signo) != signal.SIG_IGN:
+                self.previous[signo] = signal.signal(signo, self._received)
+        return self
+
+    def __exit__(self, *exc):
+        for signo, handler in self.previous.items():
+            signal.signal(signo, handler)
+
+    def aim(self, **target) -> None:
+        """Send to `target` (Signal's id, and pid) from now on, starting with the early ones."""
+        self.target = target
+        while self.early:
+            self._send(self.early.pop(0))
+
+    def _received(self, signo, _frame) -> None:
+        if self.target is None:
+            self.early.append(signo)
+        else:
+            self._send(signo)
+
+    def _send(self, signo: int) -> None:
+        try:
+            with connect(autostart=False) as conn:
+                conn.call("io.bbl.Manager.Signal", signal=signo, **self.target)
+        except ClientError:
+            pass  # it ended meanwhile

@@ -10,15 +10,12 @@ status. Messages and exit codes are bubblewrap's: `bwrap: MESSAGE`, status 1.
 from __future__ import annotations
 
 import os
-import signal
 import sys
 
 import msgspec
 
-from bblctl.client import ClientError, RemoteError, connect
+from bblctl.client import ClientError, RemoteError, SignalForwarder, connect
 from bbld import bwrap, spec
-
-FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1, signal.SIGUSR2)
 
 
 def main(argv: list[str], prog: str = "bbl-bwrap") -> int:
@@ -69,28 +66,8 @@ def _run(sandbox: spec.Sandbox, say) -> int:
             say(f"fd {number} is not open")
             return 1
     cwd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-    instance: dict = {}
-    early: list[int] = []  # signals that came before the instance's id
-
-    def send(signo: int) -> None:
-        try:
-            with connect(autostart=False) as conn:
-                conn.call("io.bbl.Manager.Signal", id=instance["id"], signal=signo)
-        except ClientError:
-            pass
-
-    def forward(signo, _frame):
-        if "id" in instance:
-            send(signo)
-        else:
-            early.append(signo)
-
-    previous = {}
-    for signo in FORWARDED:
-        if signal.getsignal(signo) != signal.SIG_IGN:  # nohup stays nohup
-            previous[signo] = signal.signal(signo, forward)
     try:
-        with connect() as conn:
+        with SignalForwarder() as forwarder, connect() as conn:
             replies = conn.stream("io.bbl.Manager.Run", fds=(0, 1, 2, cwd, *numbers),
                                   spec=msgspec.json.encode(sandbox).decode(), args=[], env={},
                                   fd_numbers=numbers,
@@ -100,16 +77,12 @@ def _run(sandbox: spec.Sandbox, say) -> int:
                     os.close(number)
             for reply in replies:
                 if reply.get("event") == "started":
-                    instance["id"] = reply["id"]
-                    while early:
-                        send(early.pop(0))
+                    forwarder.aim(id=reply["id"])
                 elif reply.get("event") == "exited":
                     return reply["status"]
         return 1
     finally:
         os.close(cwd)
-        for signo, handler in previous.items():
-            signal.signal(signo, handler)
 
 
 def bwrap_main() -> int:

@@ -29,6 +29,11 @@ def socket_path() -> str:
     return os.path.join(runtime_dir(), "bbld.sock")
 
 
+def instances_dir() -> str:
+    """Where running instances keep their control sockets (see bbld.daemon.control)."""
+    return os.path.join(runtime_dir(), "instances")
+
+
 def ensure_runtime_dir(path: str | None = None) -> str:
     """Create (0700) or check the runtime directory; raises UnsafeDirectory."""
     path = path or runtime_dir()

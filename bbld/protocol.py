@@ -84,15 +84,13 @@ method Run(
   status: ?int
 )
 
-# Send a signal to a running instance; its main command gets it (through
-# every layer's supervisor), as bubblewrap's command would.
-method Signal(id: string, signal: int) -> ()
-
-# The instances the daemon knows, in start order: id, name, state
+# The instances the daemon knows: the running ones in start order, after
+# (with all) the recently ended ones, oldest first. id, name, state
 # ("starting", "running" or "exited"), started (seconds since the epoch),
 # pid (the main command's, null when not running), command (its argv),
-# layers (as in Run's "started" reply) and status (once exited).
-method List() -> (instances: []Instance)
+# layers (as in Run's "started" reply) and status (once exited: the main
+# command's exit status, 128+N for signal N; null if unknown).
+method List(all: ?bool) -> (instances: []Instance)
 
 type Instance (
   id: string,
@@ -104,6 +102,39 @@ type Instance (
   layers: []object,
   status: ?int
 )
+
+# Send a signal to a running instance (id, or a name only one running
+# instance has): its main command gets it, through every layer's supervisor,
+# as bubblewrap's command would; with pid, the process Exec started instead.
+method Signal(id: string, signal: int, pid: ?int) -> ()
+
+# SIGTERM to the main command; once timeout seconds (default 10) pass, SIGKILL
+# to layer 1, which takes every layer below it along. Returns when the
+# instance has ended, with its status.
+method Stop(id: string, timeout: ?float) -> (status: ?int)
+
+# Run a command in a layer of a running instance (default: the layer of the
+# main command) with exactly that layer's namespaces, uid/gid, capabilities,
+# no_new_privs, seccomp filter, environment and working directory. Call it
+# with "more". Without tty, three fds travel with the call: stdin, stdout,
+# stderr. With tty, none: the command gets a new pty from the layer's own
+# devpts, and the "started" reply carries the pty's master (SCM_RIGHTS).
+# Replies: event "started" (pid: the command's host pid), then event
+# "exited" (status). The command is killed if the caller's connection ends.
+method Exec(
+  id: string,
+  argv: []string,
+  layer: ?string,
+  tty: ?bool
+) -> (
+  event: string,
+  pid: ?int,
+  status: ?int
+)
+
+# The command could not be started in the layer (no such layer, no such
+# program, no pty); exit_code is 2 for what the caller can fix, else 1.
+error ExecFailed (message: string, exit_code: int)
 
 # No running instance has this id.
 error NoSuchInstance (id: string)

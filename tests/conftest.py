@@ -163,12 +163,21 @@ def processes_with(marker: str) -> list[int]:
     return found
 
 
+def _running(pid: int) -> bool:
+    """Exists and is not a zombie (an orphan's zombie waits for a slow init to reap it)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def wait_gone(pids, timeout: float = 10) -> list[int]:
     """Wait until none of `pids` exists; returns those still alive after `timeout`."""
     deadline = time.monotonic() + timeout
     alive = list(pids)
     while alive and time.monotonic() < deadline:
-        alive = [pid for pid in alive if os.path.exists(f"/proc/{pid}")]
+        alive = [pid for pid in alive if _running(pid)]
         if alive:
             time.sleep(0.02)
     return alive
@@ -221,3 +230,79 @@ def daemon(tmp_path):
     assert proc.returncode == 0, proc.stderr.read()
     assert not path.exists()  # the socket is removed at the end
     assert os.listdir(run / "bbl") == []
+
+
+# ---------------------------------------------------------------- instances through bbld
+
+
+BBLCTL = [sys.executable, "-m", "bblctl"]
+
+
+def daemon_pid(env: dict) -> int | None:
+    code = ("from bblctl.client import connect\ntry:\n print(connect(autostart=False).call("
+            "'io.bbl.Manager.Ping')['pid'])\nexcept Exception: pass")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=20).stdout.strip()
+    return int(out) if out else None
+
+
+@pytest.fixture
+def bbl_env(tmp_path):
+    """The environment of a private daemon (its own XDG_RUNTIME_DIR, started on first use by
+    the client); it is ended by pid afterwards."""
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    environment = {**os.environ, "XDG_RUNTIME_DIR": str(run),
+                   "XDG_STATE_HOME": str(tmp_path / "state")}
+    yield environment
+    pid = daemon_pid(environment)
+    if pid:
+        os.kill(pid, signal.SIGTERM)
+        wait_gone([pid])
+
+
+class Instances:
+    """Start specs as daemon instances (each held by a tests.launch client) and run bblctl."""
+
+    def __init__(self, env: dict, tmp_path: Path):
+        self.env, self.tmp = env, tmp_path
+        self.launchers: list[subprocess.Popen] = []
+        self.ids: list[str] = []
+
+    def start(self, spec: dict, **popen) -> str:
+        n = len(self.launchers)
+        spec_path, id_path = self.tmp / f"spec{n}.json", self.tmp / f"id{n}"
+        spec_path.write_text(json.dumps(spec))
+        popen.setdefault("stdin", subprocess.DEVNULL)
+        proc = subprocess.Popen([sys.executable, "-m", "tests.launch", str(spec_path),
+                                 str(id_path)], env=self.env, **popen)
+        self.launchers.append(proc)
+        deadline = time.monotonic() + TIMEOUT
+        while not id_path.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"the instance did not start ({proc.returncode})")
+            time.sleep(0.01)
+        self.ids.append(id_path.read_text())
+        return self.ids[-1]
+
+    def ctl(self, *argv, **kw) -> subprocess.CompletedProcess:
+        kw.setdefault("timeout", TIMEOUT)
+        return subprocess.run([*BBLCTL, *argv], env=self.env, capture_output=True, text=True,
+                              **kw)
+
+    def close(self) -> None:
+        if daemon_pid(self.env):
+            for instance in self.ids:
+                self.ctl("stop", instance, "--timeout", "0")
+        for proc in self.launchers:
+            proc.kill()
+            proc.wait(timeout=TIMEOUT)
+
+
+@pytest.fixture
+def instances(bbl_env, tmp_path):
+    started = Instances(bbl_env, tmp_path)
+    try:
+        yield started
+    finally:
+        started.close()

@@ -19,19 +19,9 @@ SYSTEM = ["--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin", "--symlin
 
 
 @pytest.fixture
-def env(tmp_path):
+def env(bbl_env):
     """A private daemon for this test; ended by pid afterwards."""
-    run = tmp_path / "run"
-    run.mkdir(mode=0o700)
-    environment = {**os.environ, "XDG_RUNTIME_DIR": str(run),
-                   "XDG_STATE_HOME": str(tmp_path / "state")}
-    yield environment
-    code = ("from bblctl.client import connect\ntry:\n print(connect(autostart=False).call("
-            "'io.bbl.Manager.Ping')['pid'])\nexcept Exception: pass")
-    pid = subprocess.run([sys.executable, "-c", code], env=environment, capture_output=True,
-                         text=True, timeout=20).stdout.strip()
-    if pid:
-        os.kill(int(pid), signal.SIGTERM)
+    return bbl_env
 
 
 def bblrun(env, *argv, **kw):

@@ -1,33 +1,44 @@
 """The daemon's forker: a single-threaded process with the engine imported once.
 
-bbld starts it once (`python -m bbld.daemon.helper FD`) and sends it start requests over a
-SOCK_SEQPACKET socket, each with its file descriptors (SCM_RIGHTS): the instance's report
-channel, the caller's stdin, stdout, stderr and working directory. For every request the
-helper forks a monitor (no new interpreter): the monitor takes the caller's stdio, cwd and
-environment, runs the engine's Instance, and reports `started` (layer pids and namespaces,
-with a pidfd per layer) and `exited` (the main command's status) on the report channel.
-The namespace work never happens in the daemon's event loop.
+bbld starts it once (`python -m bbld.daemon.helper FD INSTANCES_DIR`) and sends it start
+requests over a SOCK_SEQPACKET socket, each with its file descriptors (SCM_RIGHTS): the
+instance's report channel, the caller's stdin, stdout, stderr and working directory. For
+every request the helper forks a monitor (no new interpreter): the monitor takes the caller's
+stdio, cwd and environment, runs the engine's Instance, serves the instance's control socket
+in INSTANCES_DIR (bbld.daemon.control), and reports `started` (layer pids and namespaces)
+and `exited` (the main command's status) on the report channel. Monitors outlive bbld and
+this helper. The namespace work never happens in the daemon's event loop.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import re
 import signal
 import socket
 import sys
+import time
 from array import array
 
 import msgspec
 
 from bbld import spec
-from bbld.daemon.messages import MAX_EXTRA_FDS, MAX_REQUEST, REQUEST_FDS, Event, StartRequest
+from bbld.daemon.control import Control
+from bbld.daemon.messages import (
+    MAX_EXTRA_FDS,
+    MAX_REQUEST,
+    REQUEST_FDS,
+    Event,
+    StartRequest,
+)
 from bbld.engine import Instance, StartError, prepare
 
 _request_decoder = msgspec.json.Decoder(StartRequest)
+INSTANCE_ID = re.compile(r"[0-9a-f]{8,32}")  # becomes a file name: nothing else
 
 
-def main(fd: int) -> int:
+def main(fd: int, directory: str) -> int:
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # monitors are reaped by the kernel
     sock = socket.socket(fileno=fd)
     while True:
@@ -46,14 +57,14 @@ def main(fd: int) -> int:
         if os.fork() == 0:
             status = 1
             try:
-                status = _monitor(data, fds)
+                status = _monitor(data, fds, directory)
             finally:
                 os._exit(status)
         for descriptor in fds:
             os.close(descriptor)
 
 
-def _monitor(data: bytes, fds: list[int]) -> int:
+def _monitor(data: bytes, fds: list[int], directory: str) -> int:
     """One instance, in a forked child of the helper."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     # Out of the way first (high numbers), then everything to its place: stdio, extras.
@@ -74,7 +85,10 @@ def _monitor(data: bytes, fds: list[int]) -> int:
             os.close(descriptor)
         os.environ.clear()
         os.environ.update(request.env)
+        if not INSTANCE_ID.fullmatch(request.id):
+            raise ValueError(f"bad instance id {request.id!r}")
         plan = prepare(spec.decode(request.spec, "json", "request"), request.args)
+        started = time.time()
         instance = Instance(plan)
         instance.start()
     except spec.SpecError as exc:
@@ -87,17 +101,23 @@ def _monitor(data: bytes, fds: list[int]) -> int:
         _send(report, Event(event="failed", message=f"bad start request: {exc}", exit_code=1))
         return 0
     layers = instance.layers_info()
-    own = os.pidfd_open(os.getpid())  # the daemon signals the instance through its monitor
     main = next(p for p in plan.layers() if p.runs_main)
-    _send(report, Event(event="started", name=plan.sandbox.name, command=main.layer.command.argv,
-                        main_pid=instance.main_pid, layers=layers),
+    entry = {"id": request.id, "name": plan.sandbox.name, "command": main.layer.command.argv,
+             "started": started, "layers": layers}
+    control = Control(instance, directory, entry)
+    own = os.pidfd_open(os.getpid())  # the daemon signals the instance through its monitor
+    _send(report, Event(event="started", name=entry["name"], command=entry["command"],
+                        started=started, main_pid=instance.main_pid, layers=layers),
           [own, *(instance.pidfds[entry["layer"]] for entry in layers)])
     os.close(own)
+    status = None
     try:
         status = instance.wait()
     except StartError as exc:
         _send(report, Event(event="failed", message=str(exc), exit_code=exc.exit_code))
         return 0
+    finally:
+        control.close(status)
     _send(report, Event(event="exited", status=status))
     return 0
 
@@ -111,4 +131,4 @@ def _send(report: socket.socket, event: Event, fds: list[int] = ()) -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main(int(sys.argv[1])))
+    sys.exit(main(int(sys.argv[1]), sys.argv[2]))

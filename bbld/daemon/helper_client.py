@@ -23,7 +23,8 @@ def _seqpacket_pair() -> tuple[socket.socket, socket.socket]:
 
 
 class Helper:
-    def __init__(self):
+    def __init__(self, instances: str):
+        self.instances = instances  # where monitors put their control sockets
         self.process: subprocess.Popen | None = None
         self.sock = None
 
@@ -32,18 +33,18 @@ class Helper:
             return
         mine, theirs = _seqpacket_pair()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "bbld.daemon.helper", str(theirs.fileno())],
+            [sys.executable, "-m", "bbld.daemon.helper", str(theirs.fileno()), self.instances],
             pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
         theirs.close()
         self.sock = trio.socket.from_stdlib_socket(mine)
 
-    async def start(self, spec: str, args: list[str], env: dict[str, str],
+    async def start(self, instance_id: str, spec: str, args: list[str], env: dict[str, str],
                     fd_numbers: list[int], fds: list[int]):
         """Yield (Event, fds) for one new instance until its monitor ends."""
         self._ensure_running()
         mine, theirs = _seqpacket_pair()
-        request = msgspec.json.encode(StartRequest(spec=spec, args=args, env=env,
-                                                   fd_numbers=fd_numbers))
+        request = msgspec.json.encode(StartRequest(id=instance_id, spec=spec, args=args,
+                                                   env=env, fd_numbers=fd_numbers))
         try:
             await self.sock.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                                  array("i", [theirs.fileno(), *fds]))])

@@ -42,6 +42,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         listener, cleanup = _activated_socket() or _own_socket(socket_path)
+        instances = os.path.join(os.path.dirname(socket_path), "instances") if socket_path \
+            else paths.instances_dir()
     except (paths.UnsafeDirectory, AlreadyRunning) as exc:
         print(f"bbld: {exc}", file=sys.stderr)
         return 1
@@ -50,9 +52,13 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     try:
-        trio.run(_run, listener)
+        trio.run(_run, listener, instances)
     finally:
         cleanup()
+        try:
+            os.rmdir(instances)  # only when no instance is left in it
+        except OSError:
+            pass
     return 0
 
 
@@ -114,11 +120,11 @@ def _notify_ready() -> None:
         notify.sendto(b"READY=1", address)
 
 
-async def _run(sock: socket.socket) -> None:
+async def _run(sock: socket.socket, instances: str) -> None:
     listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(server.serve, listener, _notify_ready)
+            nursery.start_soon(server.serve, listener, instances, _notify_ready)
             async for _ in signals:  # a clean end: the socket file is removed
                 nursery.cancel_scope.cancel()
                 break

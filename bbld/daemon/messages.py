@@ -8,6 +8,7 @@ MAX_EXTRA_FDS = 32  # fds the spec names (bind-fd, data fds), placed at their nu
 
 
 class StartRequest(msgspec.Struct):
+    id: str  # the instance id bbld gave it
     spec: str  # JSON of a bbld.spec.Sandbox
     args: list[str] = []
     env: dict[str, str] = {}
@@ -19,8 +20,41 @@ class Event(msgspec.Struct, omit_defaults=True):
     event: str
     name: str | None = None  # started: the sandbox's name,
     command: list[str] = []  # its main command (argv, with the call's args),
+    started: float | None = None  # its start time (seconds since the epoch),
     main_pid: int | None = None  # and the main command's pid, if it still runs
     layers: list[dict] = []
     status: int | None = None
     message: str | None = None
     exit_code: int | None = None
+
+
+# ---------------------------------------------------------------- an instance's control socket
+# (bbld.daemon.control serves it in the monitor; bbld.daemon.registry calls it)
+
+MAX_CONTROL = 1 << 16
+CONTROL_FDS = 3
+
+
+class ControlRequest(msgspec.Struct, forbid_unknown_fields=True):
+    op: str  # status, watch, signal, exec
+    signal: int = 0
+    pid: int | None = None
+    layer: str | None = None
+    argv: list[str] = []
+    tty: bool = False
+
+
+class ControlReply(msgspec.Struct, omit_defaults=True):
+    op: str  # status, exited, ok, started, error
+    entry: dict | None = None
+    pid: int | None = None
+    status: int | None = None
+    message: str | None = None
+    exit_code: int | None = None
+
+
+_reply_decoder = msgspec.json.Decoder(ControlReply)
+
+
+def decode_reply(data: bytes) -> ControlReply:
+    return _reply_decoder.decode(data)

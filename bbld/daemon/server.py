@@ -14,12 +14,14 @@ import socket
 import struct
 import time
 import traceback
+from array import array
 
 import trio
 
 from bbld import __version__, protocol
 from bbld.daemon.helper_client import Helper
-from bbld.daemon.messages import MAX_EXTRA_FDS
+from bbld.daemon.messages import MAX_EXTRA_FDS, ControlRequest
+from bbld.daemon.registry import InstanceRecord, Registry, connect, replies
 from bbld.protocol import Call, Reply, VarlinkError
 
 SERVICE = "org.varlink.service"
@@ -32,16 +34,20 @@ def peer_uid(sock: trio.socket.SocketType) -> int:
 
 
 class Daemon:
-    def __init__(self, helper: "Helper | None" = None):
+    def __init__(self, helper: "Helper | None" = None, registry: Registry | None = None,
+                 nursery: trio.Nursery | None = None):
         self.helper = helper
-        self.instances: dict[str, InstanceRecord] = {}
+        self.registry = registry
+        self.nursery = nursery  # for tasks that outlive a call: following instances
         self.methods = {
             f"{SERVICE}.GetInfo": self.get_info,
             f"{SERVICE}.GetInterfaceDescription": self.get_interface_description,
             "io.bbl.Manager.Ping": self.ping,
             "io.bbl.Manager.Run": self.run,
-            "io.bbl.Manager.Signal": self.signal,
             "io.bbl.Manager.List": self.list,
+            "io.bbl.Manager.Signal": self.signal,
+            "io.bbl.Manager.Stop": self.stop,
+            "io.bbl.Manager.Exec": self.exec,
         }
 
     # ------------------------------------------------------------ methods
@@ -64,51 +70,120 @@ class Daemon:
         if len(fds) != 4 + len(fd_numbers) or len(fd_numbers) > MAX_EXTRA_FDS \
                 or not all(isinstance(n, int) and 3 <= n < 1000 for n in fd_numbers):
             raise VarlinkError(f"{SERVICE}.InvalidParameter", parameter="fds")
-        record = InstanceRecord(id=secrets.token_hex(4), state="starting", started=time.time())
-        self.instances[record.id] = record
+        record = InstanceRecord(id=secrets.token_hex(8), state="starting", started=time.time())
+        self.registry.add(record)
+        status, started = None, False
         try:
-            async for event, layer_fds in self.helper.start(spec, list(args), env or {},
-                                                            list(fd_numbers), fds):
+            async for event, layer_fds in self.helper.start(record.id, spec, list(args),
+                                                            env or {}, list(fd_numbers), fds):
                 if event.event == "failed":
                     raise VarlinkError("io.bbl.Manager.StartFailed", message=event.message,
                                        exit_code=event.exit_code)
                 if event.event == "started":
-                    record.state, record.layers = "running", event.layers
-                    record.name, record.command = event.name, event.command
-                    record.pid = event.main_pid
-                    record.monitor, record.pidfds = (layer_fds[0], layer_fds[1:]) \
-                        if layer_fds else (None, [])
+                    started = True
+                    self._started(record, event, layer_fds)
                     if die_with_client:  # bubblewrap's --die-with-parent, for our caller
                         on_client_gone.append(record.kill)
                     yield Reply(parameters={"event": "started", "id": record.id,
                                             "layers": event.layers}, continues=True)
                 elif event.event == "exited":
-                    record.state, record.status = "exited", event.status
+                    status = event.status
                     yield Reply(parameters={"event": "exited", "id": record.id,
-                                            "status": event.status})
+                                            "status": status})
                     return
             raise VarlinkError("io.bbl.Manager.StartFailed", exit_code=1,
                                message="the instance's monitor ended without a status")
         finally:
-            record.close()
-            self.instances.pop(record.id, None)
+            if started:
+                self.registry.finish(record, status)
+            else:
+                self.registry.drop(record)
 
     run.takes_fds = True
 
-    async def list(self) -> dict:
-        return {"instances": [record.entry() for record in self.instances.values()]}
+    def _started(self, record: InstanceRecord, event, layer_fds: list[int]) -> None:
+        record.state, record.layers = "running", event.layers
+        record.name, record.command = event.name, event.command
+        record.pid, record.started = event.main_pid, event.started or record.started
+        record.monitor = layer_fds[0] if layer_fds else None
+        _close_all(layer_fds[1:])
+        self.nursery.start_soon(self.registry.follow, record)
 
-    async def signal(self, id: str, signal: int) -> dict:
-        record = self.instances.get(id)
-        if record is None or record.monitor is None:
+    async def list(self, all: bool = False) -> dict:
+        records = [*self.registry.ended] if all else []
+        records += self.registry.live.values()
+        return {"instances": [record.entry() for record in records]}
+
+    def _live(self, id: str) -> InstanceRecord:
+        record = self.registry.find(id)
+        if record is None or record.state != "running":
             raise VarlinkError("io.bbl.Manager.NoSuchInstance", id=id)
+        return record
+
+    async def signal(self, id: str, signal: int, pid: int = None) -> dict:
+        record = self._live(id)
         if not 1 <= signal <= 64:
             raise VarlinkError(f"{SERVICE}.InvalidParameter", parameter="signal")
-        try:
-            _signal.pidfd_send_signal(record.monitor, signal)
-        except ProcessLookupError:
-            raise VarlinkError("io.bbl.Manager.NoSuchInstance", id=id) from None
+        await self._control(record, ControlRequest(op="signal", signal=signal, pid=pid))
         return {}
+
+    async def stop(self, id: str, timeout: float = 10.0) -> dict:
+        """SIGTERM to the main command; SIGKILL to the whole tree after `timeout` seconds."""
+        record = self._live(id)
+        await self._control(record, ControlRequest(op="signal", signal=_signal.SIGTERM))
+        with trio.move_on_after(max(0.0, timeout)):
+            while record.state == "running":
+                await self.registry.changed.wait()
+        if record.state == "running":  # layer 1 killed: every layer below goes with it
+            await self._control(record, ControlRequest(op="signal", signal=_signal.SIGKILL))
+            while record.state == "running":
+                await self.registry.changed.wait()
+        return {"status": record.status}
+
+    async def _control(self, record: InstanceRecord, request: ControlRequest):
+        """One request to the instance's monitor; its reply."""
+        try:
+            with await connect(self.registry.control_path(record.id), request) as sock:
+                async for reply, fds in replies(sock):
+                    _close_all(fds)
+                    if reply.op == "error":
+                        raise VarlinkError(f"{SERVICE}.InvalidParameter", parameter="pid"
+                                           if request.pid is not None else "signal")
+                    return reply
+        except OSError:
+            pass
+        raise VarlinkError("io.bbl.Manager.NoSuchInstance", id=record.id)
+
+    async def exec(self, id: str, argv: list, layer: str = None, tty: bool = False, *,
+                   fds: list[int], on_client_gone: list):
+        """A command in a running layer: started (pid; the pty master with tty), exited."""
+        record = self._live(id)
+        if len(fds) != (0 if tty else 3) or not all(isinstance(a, str) for a in argv):
+            raise VarlinkError(f"{SERVICE}.InvalidParameter", parameter="fds" if
+                               len(fds) != (0 if tty else 3) else "argv")
+        request = ControlRequest(op="exec", argv=argv, layer=layer, tty=tty)
+        try:
+            sock = await connect(self.registry.control_path(record.id), request, fds)
+        except OSError:
+            raise VarlinkError("io.bbl.Manager.NoSuchInstance", id=id) from None
+        on_client_gone.append(sock.close)  # the monitor then kills what it started
+        with sock:
+            try:
+                async for reply, reply_fds in replies(sock):
+                    if reply.op == "error":
+                        raise VarlinkError("io.bbl.Manager.ExecFailed", message=reply.message,
+                                           exit_code=reply.exit_code or 1)
+                    if reply.op == "started":
+                        yield WithFds(Reply(parameters={"event": "started", "pid": reply.pid},
+                                            continues=True), reply_fds)
+                    elif reply.op == "exited":
+                        yield Reply(parameters={"event": "exited", "status": reply.status})
+                        return
+            except (OSError, trio.ClosedResourceError):
+                pass
+        raise VarlinkError("io.bbl.Manager.NoSuchInstance", id=id)
+
+    exec.takes_fds = True
 
     # ------------------------------------------------------------ plumbing
 
@@ -184,45 +259,28 @@ class Daemon:
         return getattr(self.methods.get(call.method), "takes_fds", False)
 
     @staticmethod
-    async def _send(stream: trio.SocketStream, reply: Reply) -> None:
+    async def _send(stream: trio.SocketStream, reply: "Reply | WithFds") -> None:
+        fds = []
+        if isinstance(reply, WithFds):
+            reply, fds = reply.reply, reply.fds
         try:
-            await stream.send_all(protocol.encode(reply))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            data = protocol.encode(reply)
+            if fds:  # replies are small: one sendmsg carries all of it
+                await stream.socket.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                                      array("i", fds))])
+            else:
+                await stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
             pass
+        finally:
+            _close_all(fds)
 
 
-class InstanceRecord:
-    """What the daemon knows of one instance: its entry in the registry."""
+class WithFds:
+    """A reply that carries file descriptors (SCM_RIGHTS); they are closed once sent."""
 
-    def __init__(self, id: str, state: str, started: float):
-        self.id = id
-        self.state = state  # starting, running, exited
-        self.started = started  # seconds since the epoch
-        self.name: str | None = None
-        self.command: list[str] = []
-        self.pid: int | None = None  # the main command's pid
-        self.layers: list[dict] = []
-        self.pidfds: list[int] = []  # one per layer, in tree order
-        self.monitor: int | None = None  # pidfd of the instance's monitor (engine caller)
-        self.status: int | None = None
-
-    def entry(self) -> dict:
-        """The record as io.bbl.Manager.List shows it."""
-        return {"id": self.id, "name": self.name or "", "state": self.state,
-                "started": self.started, "pid": self.pid, "command": self.command,
-                "layers": self.layers, "status": self.status}
-
-    def kill(self) -> None:
-        """SIGKILL the instance's monitor; layer 1 (die_with_parent) and all below follow."""
-        if self.monitor is not None:
-            try:
-                _signal.pidfd_send_signal(self.monitor, _signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-
-    def close(self) -> None:
-        _close_all(self.pidfds + ([self.monitor] if self.monitor is not None else []))
-        self.pidfds, self.monitor = [], None
+    def __init__(self, reply: Reply, fds: list[int]):
+        self.reply, self.fds = reply, fds
 
 
 def _close_all(fds: list[int]) -> None:
@@ -269,7 +327,8 @@ async def _close_gently(stream: trio.SocketStream) -> None:
         pass
 
 
-PARAMETER_TYPES = {"str": str, "list": list, "dict": dict, "int": int, "bool": bool}
+PARAMETER_TYPES = {"str": str, "list": list, "dict": dict, "int": int, "bool": bool,
+                   "float": (int, float)}
 
 
 def _check_parameters(method, parameters: dict) -> None:
@@ -288,10 +347,12 @@ def _check_parameters(method, parameters: dict) -> None:
             raise VarlinkError(f"{SERVICE}.InvalidParameter", parameter=name)
 
 
-async def serve(listener: trio.SocketListener, ready=None) -> None:
+async def serve(listener: trio.SocketListener, instances: str, ready=None) -> None:
     """Serve until cancelled. `ready` is called once the listener accepts connections."""
-    daemon = Daemon(Helper())
     async with trio.open_nursery() as nursery:
+        registry = Registry(instances)
+        await registry.adopt(nursery)
+        daemon = Daemon(Helper(instances), registry, nursery)
         if ready is not None:
             ready()
         await trio.serve_listeners(daemon.serve_connection, [listener],

@@ -14,12 +14,14 @@ import os
 import select
 import signal
 import socket
+import traceback
 
 import msgspec
 
 from bbld.engine import reports, status
 from bbld.engine import syscalls as sc
-from bbld.engine.errors import StartError
+from bbld.engine.enter import Entered, enter
+from bbld.engine.errors import EXIT_USAGE, StartError
 from bbld.engine.plan import Plan
 from bbld.engine.supervisor import (
     FORWARDED_SIGNALS,
@@ -42,6 +44,8 @@ class Instance:
         self.pidfds: dict[str, int] = {}  # layer name -> pidfd of its supervisor
         self.main_layer = next(p.name for p in plan.layers() if p.runs_main)
         self.main_pidfd: int | None = None  # the main command, once it runs
+        self.namespace_fds: dict[str, dict[str, int]] = {}  # layer -> /proc/PID/ns name -> fd
+        self.watches: dict[int, object] = {}  # fd -> callback (Instance.watch)
         self.running: set[str] = set()
         self.failure: StartError | None = None
         self.status: int | None = None  # layer 1's exit status, once it ended
@@ -71,8 +75,9 @@ class Instance:
         try:
             try:
                 _join_namespaces(self.plan.root.layer.join)
-                self.layer1 = spawn_layer(self.plan.root, ctx, self.proc_fd, dict(os.environ),
-                                          os.getcwd(), sandbox.die_with_parent, external_maps)
+                self.environ, self.cwd = dict(os.environ), os.getcwd()
+                self.layer1 = spawn_layer(self.plan.root, ctx, self.proc_fd, self.environ,
+                                          self.cwd, sandbox.die_with_parent, external_maps)
             finally:
                 theirs.close()
                 os.close(go_r)
@@ -142,6 +147,33 @@ class Instance:
                 self.poller.unregister(fd)
             elif fd == self.sock.fileno():
                 self._read_reports()
+            elif fd in self.watches:
+                try:
+                    self.watches[fd]()
+                except Exception:  # a bug in a watcher must not end the instance
+                    traceback.print_exc()
+
+    def watch(self, fd: int, callback) -> None:
+        """Call `callback()` from the instance's loop whenever `fd` is readable."""
+        self.watches[fd] = callback
+        self.poller.register(fd, select.POLLIN)
+
+    def unwatch(self, fd: int) -> None:
+        if self.watches.pop(fd, None) is not None:
+            self.poller.unregister(fd)
+
+    def enter(self, layer: str | None, argv: list[str],
+              stdio: tuple[int, int, int] | None) -> Entered:
+        """Start `argv` in a running layer (default: the main command's), as its commands
+        run; stdio None gives it a new pty from the layer's devpts. Raises StartError."""
+        name = layer or self.main_layer
+        if name not in self.namespace_fds:
+            raise StartError(f"no layer named {name!r} runs in this instance", EXIT_USAGE)
+        if not argv or not argv[0]:
+            raise StartError("no command given", EXIT_USAGE)
+        env, cwd = self.plan.environment(name, self.environ)
+        return enter(self.plan, self.plan.path_to(name)[-1], self.namespace_fds[name], argv,
+                     env, cwd or self.cwd, stdio)
 
     @property
     def main_pid(self) -> int | None:
@@ -150,12 +182,23 @@ class Instance:
         return pid if pid > 0 else None
 
     def layers_info(self) -> list[dict]:
-        """Each built layer: name, host pid of its supervisor, namespace inode numbers."""
+        """Each built layer, parents first: its name, its parent's, the host pid of its
+        supervisor, its namespace inode numbers, and its uid/gid inside."""
         info = []
-        for name in self.layer_names:
-            if name in self.built:
-                info.append({"layer": name, "pid": pidfd_pid(self.pidfds[name]),
-                             "namespaces": self.built[name].namespaces})
+
+        def visit(node, parent, uid, gid):
+            layer = node.layer
+            uid = layer.uid if layer.uid is not None else uid
+            gid = layer.gid if layer.gid is not None else gid
+            if node.name in self.built:
+                info.append({"layer": node.name, "parent": parent,
+                             "pid": pidfd_pid(self.pidfds[node.name]),
+                             "namespaces": self.built[node.name].namespaces,
+                             "uid": uid, "gid": gid})
+            for child in node.children:
+                visit(child, node.name, uid, gid)
+
+        visit(self.plan.root, None, os.getuid(), os.getgid())
         return info
 
     def _forward_signals(self) -> None:
@@ -193,9 +236,11 @@ class Instance:
             return self._fail(None, f"report about an unknown layer {name!r}")
         if isinstance(report, reports.Failed):
             self._fail(name, report.message, report.exit_code)
-        elif isinstance(report, reports.Built) and name not in self.built and len(fds) == 1:
+        elif isinstance(report, reports.Built) and name not in self.built \
+                and _namespace_fds_match(report, fds):
             self.built[name] = report
             self.pidfds[name] = fds[0]
+            self.namespace_fds[name] = dict(zip(report.namespace_fds, fds[1:], strict=True))
         elif isinstance(report, reports.Running) and name in self.built and len(fds) <= 1:
             self.running.add(name)
             if fds and name == self.main_layer and self.main_pidfd is None:
@@ -232,11 +277,13 @@ class Instance:
                     pass
                 self.status = exit_code(os.waitpid(layer1.pid, 0)[1])
             os.close(layer1.pidfd)
+        namespace_fds = [fd for fds in self.namespace_fds.values() for fd in fds.values()]
         for fd in (*self.pidfds.values(), getattr(self, "sigfd", -1), self.proc_fd,
-                   self.main_pidfd if self.main_pidfd is not None else -1):
+                   self.main_pidfd if self.main_pidfd is not None else -1, *namespace_fds):
             if fd >= 0:
                 os.close(fd)
         self.pidfds.clear()
+        self.namespace_fds.clear()
         self.main_pidfd = None
         self.sigfd = -1
         if self.plan.sandbox.sync_fd is not None:  # bubblewrap's --sync-fd: closes at the end
@@ -250,6 +297,18 @@ class Instance:
         if hasattr(self, "sock"):
             self.sock.close()
         signal.pthread_sigmask(signal.SIG_UNBLOCK, (*FORWARDED_SIGNALS, signal.SIGCHLD))
+
+
+def _namespace_fds_match(report: reports.Built, fds: list[int]) -> bool:
+    """A pidfd, then one namespace fd per name, each the namespace the report names."""
+    if len(fds) != 1 + len(report.namespace_fds) or len(set(report.namespace_fds)) != \
+            len(report.namespace_fds):
+        return False
+    for name, fd in zip(report.namespace_fds, fds[1:], strict=True):
+        if name not in NAMESPACE_LINKS or sc.fstatfs_type(fd) != sc.NSFS_MAGIC \
+                or os.fstat(fd).st_ino != report.namespaces.get(name):
+            return False
+    return True
 
 
 def _join_namespaces(join) -> None:

@@ -48,6 +48,31 @@ class Plan(Struct, kw_only=True):
     def layers(self):
         return self.root.walk()
 
+    def path_to(self, name: str) -> list[LayerPlan]:
+        """The layer plans from layer 1 down to `name` (empty if there is none)."""
+        def search(node: LayerPlan) -> list[LayerPlan]:
+            if node.name == name:
+                return [node]
+            for child in node.children:
+                found = search(child)
+                if found:
+                    return [node, *found]
+            return []
+        return search(self.root)
+
+    def environment(self, name: str, base: dict[str, str]) -> tuple[dict[str, str], str | None]:
+        """The environment and explicit cwd the commands of layer `name` start from, given
+        what layer 1 started from: every layer's env changes on the way down, in order."""
+        env, cwd = dict(base), None
+        for node in self.path_to(name):
+            if node.layer.env.clear:
+                env = {}
+            for key in node.layer.env.unset:
+                env.pop(key, None)
+            env.update(node.layer.env.set)
+            cwd = node.layer.cwd or cwd
+        return env, cwd
+
 
 def prepare(sandbox: spec.Sandbox, args: list[str] = ()) -> Plan:
     """Check the spec against this caller and build the plan. Raises SpecError/StartError."""

@@ -15,12 +15,18 @@ from array import array
 import msgspec
 
 MAX_REPORT = 4096
+MAX_REPORT_FDS = 16
 
 
 class Built(msgspec.Struct, tag=True):
-    """The layer's namespaces and filesystem are ready; its sub-layers are being built."""
+    """The layer's namespaces and filesystem are ready; its sub-layers are being built.
+
+    Sent with the supervisor's pidfd, then one fd per name in `namespace_fds`, opened from
+    /proc/self/ns by the supervisor itself: the caller can enter the layer later (exec,
+    attach) although the supervisor is not dumpable."""
     layer: str
     namespaces: dict[str, int]
+    namespace_fds: list[str] = []
 
 
 class Running(msgspec.Struct, tag=True):
@@ -47,7 +53,8 @@ def send(sock: socket.socket, report: Report, fds: tuple[int, ...] = ()) -> None
 
 def receive(sock: socket.socket) -> tuple[Report | None, list[int]]:
     """One report (None at end of stream). Raises ValueError for malformed data."""
-    data, fds, _flags, _addr = socket.recv_fds(sock, MAX_REPORT, 4, socket.MSG_CMSG_CLOEXEC)
+    data, fds, _flags, _addr = socket.recv_fds(sock, MAX_REPORT, MAX_REPORT_FDS,
+                                                socket.MSG_CMSG_CLOEXEC)
     if not data:
         for fd in fds:
             os.close(fd)

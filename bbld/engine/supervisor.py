@@ -307,18 +307,22 @@ class LayerSupervisor:
         return env
 
     def _report_built(self) -> None:
-        namespaces = {}
-        for name in NAMESPACE_LINKS:
-            try:
-                namespaces[name] = os.stat(f"self/ns/{name}", dir_fd=self.proc_fd).st_ino
-            except OSError:
-                pass
-        own = sc.pidfd_open(os.getpid())
+        namespaces, fds = {}, {}
         try:
-            reports.send(self.ctx.report, reports.Built(layer=self.plan.name,
-                                                        namespaces=namespaces), (own,))
+            for name in NAMESPACE_LINKS:
+                try:
+                    fds[name] = os.open(f"self/ns/{name}", os.O_RDONLY | os.O_CLOEXEC,
+                                        dir_fd=self.proc_fd)
+                except OSError:
+                    continue
+                namespaces[name] = os.fstat(fds[name]).st_ino
+            fds = {"pidfd": sc.pidfd_open(os.getpid()), **fds}
+            report = reports.Built(layer=self.plan.name, namespaces=namespaces,
+                                   namespace_fds=list(fds)[1:])
+            reports.send(self.ctx.report, report, tuple(fds.values()))
         finally:
-            os.close(own)
+            for fd in fds.values():
+                os.close(fd)
 
     def _report_running(self, main_command: int | None) -> None:
         """Running, with a pidfd of the instance's main command if it runs here: the caller
@@ -422,20 +426,8 @@ class LayerSupervisor:
             os.dup2(empty_r, 0)
             os.close(empty_r)
         cwd = self._command_cwd(command)
-        env = {**self.env, "PWD": cwd}
-        os.umask(self.ctx.plan.umask)
-        privileges.restrict_capabilities(self.plan.caps, self.ctx.plan.cap_last)
-        privileges.no_new_privs()
-        sc.close_all_fds_except({0, 1, 2, errors_fd, *command.pass_fds})
-        for fd in command.pass_fds:
-            os.set_inheritable(fd, True)
-        privileges.load_seccomp(self.plan.seccomp)  # last: the filter may forbid the steps above
-        argv = [command.argv0 or command.argv[0], *command.argv[1:]]
-        try:
-            os.execvpe(command.argv[0], argv, env)
-        except OSError as exc:
-            code = EXIT_USAGE if isinstance(exc, (FileNotFoundError, PermissionError)) else 1
-            raise StartError(f"cannot execute: {exc.strerror}", code) from None
+        restrict_and_exec(self.ctx.plan, self.plan, command, {**self.env, "PWD": cwd},
+                          errors_fd)
 
     def _command_cwd(self, command: spec.Command) -> str:
         explicit = command.cwd or self.layer.cwd
@@ -493,6 +485,25 @@ class LayerSupervisor:
         if not self.has_pid_namespace:
             kill_all_children(self.proc_fd)
         return status
+
+
+def restrict_and_exec(plan: Plan, layer: LayerPlan, command: spec.Command,
+                      env: dict[str, str], errors_fd: int) -> None:
+    """The last steps of every process a layer runs (its commands, and what exec and attach
+    start in it later), in this order: umask, capabilities, no_new_privs, fds, seccomp."""
+    os.umask(plan.umask)
+    privileges.restrict_capabilities(layer.caps, plan.cap_last)
+    privileges.no_new_privs()
+    sc.close_all_fds_except({0, 1, 2, errors_fd, *command.pass_fds})
+    for fd in command.pass_fds:
+        os.set_inheritable(fd, True)
+    privileges.load_seccomp(layer.seccomp)  # last: the filter may forbid the steps above
+    argv = [command.argv0 or command.argv[0], *command.argv[1:]]
+    try:
+        os.execvpe(command.argv[0], argv, env)
+    except OSError as exc:
+        code = EXIT_USAGE if isinstance(exc, (FileNotFoundError, PermissionError)) else 1
+        raise StartError(f"cannot execute: {exc.strerror}", code) from None
 
 
 def _reap() -> list[tuple[int, int]]:

@@ -35,6 +35,8 @@ SYS_mount_setattr = 442
 CLONE_NEWTIME = 0x00000080
 CLONE_NEWNS = 0x00020000
 CLONE_PIDFD = 0x00001000
+CLONE_PARENT = 0x00008000  # clone3 wants exit_signal 0 with it; wait with __WALL
+WALL = 0x40000000  # __WALL: wait for children whatever their exit signal
 CLONE_NEWCGROUP = 0x02000000
 CLONE_NEWUTS = 0x04000000
 CLONE_NEWIPC = 0x08000000
@@ -92,6 +94,14 @@ PR_SET_SECCOMP = 22
 SECCOMP_MODE_FILTER = 2
 
 PROC_SUPER_MAGIC = 0x9FA0
+NSFS_MAGIC = 0x6E736673
+NS_GET_USERNS = 0xB701  # ioctl on a namespace fd: an fd of the user namespace owning it
+NS_GET_PARENT = 0xB702  # ioctl on a user (or pid) namespace fd: its parent's
+
+# --- terminals ---
+TIOCSPTLCK = 0x40045431  # unlock a pty pair
+TIOCGPTPEER = 0x5441  # open the peer of a pty master (race-free, kernel >= 4.13)
+TIOCSCTTY = 0x540E
 
 
 def _check(result: int) -> int:
@@ -118,7 +128,7 @@ class _CloneArgs(ctypes.Structure):
     ]
 
 
-def clone(flags: int) -> tuple[int, int]:
+def clone(flags: int, exit_signal: int = signal.SIGCHLD) -> tuple[int, int]:
     """fork() into new namespaces in one step, like clone3(2) in C.
 
     Returns (pid, pidfd) in the parent and (0, -1) in the child. Creating the user and pid
@@ -127,7 +137,7 @@ def clone(flags: int) -> tuple[int, int]:
     """
     pidfd = ctypes.c_int(-1)
     args = _CloneArgs(flags=flags | CLONE_PIDFD, pidfd=ctypes.addressof(pidfd),
-                      exit_signal=signal.SIGCHLD)
+                      exit_signal=exit_signal)
     ctypes.pythonapi.PyOS_BeforeFork()
     pid = _libc_gil.syscall(SYS_clone3, ctypes.byref(args), ctypes.c_size_t(ctypes.sizeof(args)))
     if pid == 0:

@@ -1,0 +1,210 @@
+"""`bblctl ps`, `tree`, `stop` and `kill`: looking at and ending running instances."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import signal
+import sys
+
+from bblctl.client import ClientError, RemoteError, connect
+
+
+class UsageError(Exception):
+    """A bad command line: the message says what and how to fix it (exit status 2)."""
+
+
+def parse(argv: list[str], flags: dict[str, bool], values: dict[str, str]):
+    """Options (`--name` flags, `--name VALUE` values) and positional arguments, in any order;
+    everything after `--` is positional."""
+    positional = []
+    flags, values = dict(flags), dict(values)
+    while argv:
+        arg, argv = argv[0], argv[1:]
+        if arg == "--":
+            positional += argv
+            break
+        name, eq, inline = arg.partition("=")
+        if name in flags and not eq:
+            flags[name] = True
+        elif name in values:
+            if not eq and not argv:
+                raise UsageError(f"{name} needs a value")
+            values[name], argv = (inline, argv) if eq else (argv[0], argv[1:])
+        elif arg.startswith("-") and arg != "-":
+            raise UsageError(f"unknown option {arg}")
+        else:
+            positional.append(arg)
+    return flags, values, positional
+
+
+def signal_number(text: str) -> int:
+    """9, KILL, SIGKILL, sigkill -> 9."""
+    if text.isdigit() and 1 <= int(text) <= 64:
+        return int(text)
+    name = text.upper()
+    name = name if name.startswith("SIG") else f"SIG{name}"
+    try:
+        return int(signal.Signals[name])
+    except KeyError:
+        raise UsageError(f"unknown signal {text!r}; use a name like TERM or a number") from None
+
+
+# ---------------------------------------------------------------- ps
+
+
+def ps(argv: list[str]) -> int:
+    flags, _, positional = parse(argv, {"--json": False, "--all": False}, {})
+    if positional:
+        raise UsageError(f"ps takes no arguments (got {positional[0]!r})")
+    with connect() as conn:
+        instances = conn.call("io.bbl.Manager.List", all=flags["--all"])["instances"]
+    rows = [_ps_row(entry) for entry in instances]
+    if flags["--json"]:
+        print(json.dumps(rows, indent=2))
+        return 0
+    table = [["ID", "NAME", "STATE", "STARTED", "PID", "LAYERS", "COMMAND"]]
+    for row in rows:
+        state = row["state"] if row["status"] is None else f"{row['state']} ({row['status']})"
+        table.append([row["id"], row["name"], state, row["started"][:19].replace("T", " "),
+                      str(row["pid"] or "-"), str(row["layers"]), " ".join(row["command"])])
+    widths = [max(len(line[i]) for line in table) for i in range(len(table[0]) - 1)]
+    for line in table:
+        cells = [cell.ljust(width) for cell, width in zip(line[:-1], widths, strict=True)]
+        print("  ".join([*cells, line[-1]]))
+    return 0
+
+
+def _ps_row(entry: dict) -> dict:
+    started = datetime.datetime.fromtimestamp(entry["started"]).astimezone()
+    return {"id": entry["id"], "name": entry["name"], "state": entry["state"],
+            "pid": entry["pid"], "started": started.isoformat(timespec="seconds"),
+            "command": entry["command"], "layers": len(entry["layers"]),
+            "status": entry["status"]}
+
+
+# ---------------------------------------------------------------- tree
+
+
+def tree(argv: list[str]) -> int:
+    flags, _, positional = parse(argv, {"--json": False}, {})
+    if len(positional) > 1:
+        raise UsageError("tree takes at most one instance id")
+    with connect() as conn:
+        instances = conn.call("io.bbl.Manager.List")["instances"]
+    if positional:
+        instances = [i for i in instances if positional[0] in (i["id"], i["name"])]
+        if not instances:
+            print(f"bblctl: no running instance {positional[0]!r}; see bblctl ps",
+                  file=sys.stderr)
+            return 2
+    trees = [{"id": i["id"], "name": i["name"], "command": i["command"],
+              "layers": _layer_tree(i["layers"])} for i in instances]
+    if flags["--json"]:
+        print(json.dumps(trees, indent=2))
+        return 0
+    for instance in trees:
+        print(f"{instance['id']} {instance['name']}: {' '.join(instance['command'])}")
+        for layer in instance["layers"]:
+            _draw(layer, "  ")
+    return 0
+
+
+def _layer_tree(layers: list[dict]) -> list[dict]:
+    """The flat layer list (parents first) as nested objects, each with its processes."""
+    supervisors = {layer["pid"] for layer in layers}
+    nodes = {}
+    roots = []
+    for layer in layers:
+        node = {"name": layer["layer"], "pid": layer["pid"], "uid": layer.get("uid"),
+                "gid": layer.get("gid"), "namespaces": layer["namespaces"],
+                "processes": _processes(layer["pid"], supervisors), "children": []}
+        nodes[node["name"]] = node
+        parent = nodes.get(layer.get("parent"))
+        (parent["children"] if parent else roots).append(node)
+    return roots
+
+
+def _processes(supervisor: int, supervisors: set[int]) -> list[dict]:
+    """The layer's processes: the supervisor's descendants that are not other layers."""
+    found, queue = [], _children(supervisor)
+    while queue:
+        pid = queue.pop(0)
+        if pid in supervisors:
+            continue
+        found.append({"pid": pid, "command": _cmdline(pid)})
+        queue += _children(pid)
+    return found
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    try:
+        for task in os.listdir(f"/proc/{pid}/task"):
+            with open(f"/proc/{pid}/task/{task}/children") as f:
+                found += [int(p) for p in f.read().split()]
+    except OSError:
+        pass  # it ended meanwhile
+    return found
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return [part.decode(errors="replace") for part in f.read().split(b"\0")[:-1]]
+    except OSError:
+        return []
+
+
+def _draw(node: dict, indent: str) -> None:
+    ns = " ".join(f"{name}:{inode}" for name, inode in sorted(node["namespaces"].items()))
+    print(f"{indent}{node['name']}  pid {node['pid']}  uid {node['uid']} gid {node['gid']}  "
+          f"[{ns}]")
+    for process in node["processes"]:
+        print(f"{indent}  · {process['pid']} {' '.join(process['command'])}")
+    for child in node["children"]:
+        _draw(child, indent + "  ")
+
+
+# ---------------------------------------------------------------- stop, kill
+
+
+def stop(argv: list[str]) -> int:
+    _, values, positional = parse(argv, {}, {"--timeout": "10"})
+    instance = _one_instance(positional, "stop")
+    try:
+        timeout = float(values["--timeout"])
+    except ValueError:
+        raise UsageError(f"--timeout {values['--timeout']!r}: give seconds, e.g. 5") from None
+    with connect() as conn:
+        conn.call("io.bbl.Manager.Stop", id=instance, timeout=timeout)
+    return 0
+
+
+def kill(argv: list[str]) -> int:
+    _, values, positional = parse(argv, {}, {"--signal": "KILL"})
+    instance = _one_instance(positional, "kill")
+    number = signal_number(values["--signal"])
+    with connect() as conn:
+        conn.call("io.bbl.Manager.Signal", id=instance, signal=number)
+    return 0
+
+
+def _one_instance(positional: list[str], command: str) -> str:
+    if len(positional) != 1:
+        raise UsageError(f"{command} takes one instance id or name; see bblctl ps")
+    return positional[0]
+
+
+def report(error: ClientError) -> int:
+    """Print a client error as one line; the exit status for it."""
+    if isinstance(error, RemoteError) and error.name == "io.bbl.Manager.NoSuchInstance":
+        print(f"bblctl: no running instance {error.parameters.get('id')!r}; see bblctl ps",
+              file=sys.stderr)
+        return 2
+    if isinstance(error, RemoteError) and "message" in error.parameters:
+        print(f"bblctl: {error.parameters['message']}", file=sys.stderr)
+        return error.parameters.get("exit_code", 1)
+    print(f"bblctl: {error}", file=sys.stderr)
+    return 1

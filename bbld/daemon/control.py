@@ -1,0 +1,222 @@
+"""An instance's control socket, served by its monitor (synchronous; no trio).
+
+Every running instance has a monitor: the process that started it with the engine and
+follows it to its end (bbld.daemon.helper). The monitor listens on
+`RUNTIME/instances/ID.sock` (SOCK_SEQPACKET, in the 0700 runtime directory), so the instance
+stays reachable when bbld itself dies: a new bbld finds the sockets and re-adopts the
+instances. One request per connection, JSON (ControlRequest); replies are ControlReply.
+
+  status            -> status (the registry entry)
+  watch             -> exited (when the instance ends; the connection stays open until then)
+  signal            -> ok, after sending `signal` to the main command (through layer 1) or to
+                       a process this instance's exec started (`pid`)
+  exec (+3 fds)     -> started (pid; with the pty master fd if `tty`), then exited (status);
+                       the process dies if the connection closes first
+
+When the instance ends the monitor writes ID.exited (the final entry) for a bbld that was not
+there to see it, answers every watcher, and removes its socket.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+from array import array
+
+import msgspec
+
+from bbld.daemon.messages import CONTROL_FDS, MAX_CONTROL, ControlReply, ControlRequest
+from bbld.engine import StartError
+from bbld.engine import syscalls as sc
+from bbld.engine.monitor import pidfd_pid
+
+
+def socket_name(directory: str, instance_id: str) -> str:
+    return os.path.join(directory, f"{instance_id}.sock")
+
+
+def send(sock: socket.socket, message, fds: list[int] = ()) -> None:
+    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", fds))] if fds else []
+    sock.sendmsg([msgspec.json.encode(message)], ancillary)
+
+
+class Control:
+    """The monitor's control server, driven by the instance's poll loop (Instance.watch)."""
+
+    def __init__(self, instance, directory: str, entry: dict):
+        self.instance = instance
+        self.entry = entry  # id, name, command, started, pid, layers
+        self.path = socket_name(directory, entry["id"])
+        self.directory = directory
+        self.watchers: list[socket.socket] = []
+        self.execs: dict[int, tuple[int, socket.socket]] = {}  # pid -> (pidfd, connection)
+        self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        old_umask = os.umask(0o177)
+        try:
+            self.listener.bind(self.path)
+        finally:
+            os.umask(old_umask)
+        self.listener.listen(16)
+        self.listener.setblocking(False)
+        instance.watch(self.listener.fileno(), self._accept)
+
+    # ------------------------------------------------------------ requests
+
+    def _accept(self) -> None:
+        try:
+            conn, _ = self.listener.accept()
+        except BlockingIOError:
+            return
+        conn.setblocking(True)
+        conn.settimeout(5)  # a peer that connects and says nothing does not stall the monitor
+        try:
+            if not _same_user(conn):
+                return conn.close()
+            data, fds, _, _ = socket.recv_fds(conn, MAX_CONTROL, CONTROL_FDS,
+                                              socket.MSG_CMSG_CLOEXEC)
+            self._handle(conn, data, fds)
+        except (OSError, msgspec.DecodeError, ValueError) as exc:
+            _reply(conn, ControlReply(op="error", message=str(exc)))
+            conn.close()
+
+    def _handle(self, conn: socket.socket, data: bytes, fds: list[int]) -> None:
+        request = msgspec.json.decode(data, type=ControlRequest)
+        if request.op != "exec" and fds:
+            _close(fds)
+            raise ValueError("file descriptors sent with a request that takes none")
+        if request.op == "status":
+            _reply(conn, ControlReply(op="status", entry=self.status()))
+            conn.close()
+        elif request.op == "watch":
+            conn.settimeout(None)
+            self.watchers.append(conn)
+            self.instance.watch(conn.fileno(), lambda: self._watcher_gone(conn))
+        elif request.op == "signal":
+            self._signal(request)
+            _reply(conn, ControlReply(op="ok"))
+            conn.close()
+        elif request.op == "exec":
+            self._exec(conn, request, fds)
+        else:
+            raise ValueError(f"unknown request {request.op!r}")
+
+    def status(self) -> dict:
+        return {**self.entry, "pid": self.instance.main_pid, "state": "running",
+                "status": None}
+
+    def _watcher_gone(self, conn: socket.socket) -> None:
+        self.instance.unwatch(conn.fileno())
+        self.watchers.remove(conn)
+        conn.close()
+
+    def _signal(self, request: ControlRequest) -> None:
+        if not 1 <= request.signal <= 64:
+            raise ValueError(f"no such signal {request.signal}")
+        if request.pid is None:
+            sc.pidfd_send_signal(self.instance.layer1.pidfd, request.signal)
+        elif request.pid in self.execs:
+            sc.pidfd_send_signal(self.execs[request.pid][0], request.signal)
+        else:
+            raise ValueError(f"pid {request.pid} was not started by exec in this instance")
+
+    def _exec(self, conn: socket.socket, request: ControlRequest, fds: list[int]) -> None:
+        try:
+            if len(fds) != (0 if request.tty else 3):
+                raise ValueError("exec takes stdin, stdout and stderr, or tty")
+            entered = self.instance.enter(request.layer, request.argv,
+                                          None if request.tty else tuple(fds))
+        except StartError as exc:
+            _reply(conn, ControlReply(op="error", message=str(exc), exit_code=exc.exit_code))
+            conn.close()
+            return
+        finally:
+            _close(fds)
+        pid = pidfd_pid(entered.pidfd)
+        try:
+            _reply(conn, ControlReply(op="started", pid=pid),
+                   [entered.master] if entered.master is not None else [])
+        finally:
+            if entered.master is not None:
+                os.close(entered.master)
+        conn.settimeout(None)
+        self.execs[pid] = (entered.pidfd, conn)
+        self.instance.watch(entered.pidfd, lambda: self._exec_ended(pid))
+        self.instance.watch(conn.fileno(), lambda: self._exec_hung_up(pid))
+
+    def _exec_ended(self, pid: int) -> None:
+        pidfd, conn = self.execs.pop(pid)
+        status = os.waitid(os.P_PIDFD, pidfd, os.WEXITED | sc.WALL)
+        code = status.si_status if status.si_code == os.CLD_EXITED else 128 + status.si_status
+        self.instance.unwatch(pidfd)
+        self.instance.unwatch(conn.fileno())
+        os.close(pidfd)
+        _reply(conn, ControlReply(op="exited", pid=pid, status=code))
+        conn.close()
+
+    def _exec_hung_up(self, pid: int) -> None:
+        """The requester went away: so does what it started (its exit is reaped as usual)."""
+        pidfd, conn = self.execs[pid]
+        self.instance.unwatch(conn.fileno())
+        _kill_session(pid, pidfd)
+
+    # ------------------------------------------------------------ the end
+
+    def close(self, status: int | None) -> None:
+        """The instance ended: record it, tell the watchers, remove the socket."""
+        final = {**self.entry, "pid": None, "state": "exited", "status": status}
+        temporary = os.path.join(self.directory, f".{self.entry['id']}.exited")
+        with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
+                          0o600), "wb") as f:
+            f.write(msgspec.json.encode(final))
+        os.rename(temporary, os.path.join(self.directory, f"{self.entry['id']}.exited"))
+        for pid in list(self.execs):
+            pidfd, conn = self.execs.pop(pid)
+            _kill_session(pid, pidfd)
+            try:
+                os.waitid(os.P_PIDFD, pidfd, os.WEXITED | sc.WALL)
+            except (ProcessLookupError, ChildProcessError):
+                pass
+            os.close(pidfd)
+            conn.close()
+        for conn in self.watchers:
+            _reply(conn, ControlReply(op="exited", status=status))
+            conn.close()
+        self.watchers.clear()
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        self.listener.close()
+
+
+def _kill_session(pid: int, pidfd: int) -> None:
+    """SIGKILL an exec'd command and its process group (it leads its own session and group).
+    Not reaped yet, its pid cannot have been reused for another group."""
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except OSError:
+        pass
+    try:
+        sc.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _same_user(conn: socket.socket) -> bool:
+    import struct
+
+    raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    return struct.unpack("3i", raw)[1] == os.getuid()
+
+
+def _reply(conn: socket.socket, reply: ControlReply, fds: list[int] = ()) -> None:
+    try:
+        send(conn, reply, fds)
+    except OSError:
+        pass  # the requester is gone
+
+
+def _close(fds) -> None:
+    for fd in fds:
+        os.close(fd)

@@ -1,0 +1,206 @@
+"""bbld's registry of instances (trio): the live ones, the recently ended ones, and the way to
+each instance's monitor (its control socket, bbld.daemon.control).
+
+The monitors, not bbld, hold the instances: when bbld dies they run on, and a new bbld
+re-adopts them from the sockets in RUNTIME/instances/. An instance that ended while no bbld
+ran left ID.exited there; the next bbld reads it into the ended list and removes it.
+"""
+
+from __future__ import annotations
+
+import collections
+import os
+import signal as _signal
+import socket
+import traceback
+from array import array
+
+import msgspec
+import trio
+
+from bbld import protocol
+from bbld.daemon.messages import MAX_CONTROL, ControlReply, ControlRequest, decode_reply
+
+KEEP_ENDED = 100  # ended instances `ps --all` still shows
+
+
+class InstanceRecord:
+    """What the daemon knows of one instance: its entry in the registry."""
+
+    def __init__(self, id: str, state: str, started: float):
+        self.id = id
+        self.state = state  # starting, running, exited
+        self.started = started  # seconds since the epoch
+        self.name: str | None = None
+        self.command: list[str] = []
+        self.pid: int | None = None  # the main command's pid
+        self.layers: list[dict] = []
+        self.status: int | None = None
+        self.monitor: int | None = None  # pidfd of the monitor, for instances we started
+
+    @classmethod
+    def from_entry(cls, entry: dict) -> "InstanceRecord":
+        record = cls(entry["id"], entry.get("state", "running"), entry.get("started", 0.0))
+        record.name, record.command = entry.get("name"), entry.get("command", [])
+        record.pid, record.layers = entry.get("pid"), entry.get("layers", [])
+        record.status = entry.get("status")
+        return record
+
+    def entry(self) -> dict:
+        """The record as io.bbl.Manager.List shows it."""
+        return {"id": self.id, "name": self.name or "", "state": self.state,
+                "started": self.started, "pid": self.pid, "command": self.command,
+                "layers": self.layers, "status": self.status}
+
+    def kill(self) -> None:
+        """SIGKILL the instance's monitor; layer 1 (die_with_parent) and all below follow."""
+        if self.monitor is not None:
+            try:
+                _signal.pidfd_send_signal(self.monitor, _signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+    def close(self) -> None:
+        if self.monitor is not None:
+            os.close(self.monitor)
+            self.monitor = None
+
+
+class Registry:
+    def __init__(self, directory: str):
+        self.directory = directory
+        self.live: dict[str, InstanceRecord] = {}
+        self.ended: collections.deque[InstanceRecord] = collections.deque(maxlen=KEEP_ENDED)
+        self.changed = trio.Event()  # set (and replaced) whenever an instance starts or ends
+
+    def control_path(self, instance_id: str) -> str:
+        return os.path.join(self.directory, f"{instance_id}.sock")
+
+    def find(self, key: str) -> InstanceRecord | None:
+        """A live instance by id, or by name when exactly one live instance has it."""
+        if key in self.live:
+            return self.live[key]
+        named = [r for r in self.live.values() if r.name == key]
+        return named[0] if len(named) == 1 else None
+
+    def add(self, record: InstanceRecord) -> None:
+        self.live[record.id] = record
+        self._changed()
+
+    def finish(self, record: InstanceRecord, status: int | None) -> None:
+        """The instance ended (idempotent): it moves to the ended list."""
+        if self.live.pop(record.id, None) is None:
+            return
+        record.state, record.status, record.pid = "exited", status, None
+        record.close()
+        self.ended.append(record)
+        try:
+            os.unlink(os.path.join(self.directory, f"{record.id}.exited"))
+        except FileNotFoundError:
+            pass
+        self._changed()
+
+    def drop(self, record: InstanceRecord) -> None:
+        """An instance that never started."""
+        self.live.pop(record.id, None)
+        record.close()
+        self._changed()
+
+    def _changed(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    # ------------------------------------------------------------ monitors
+
+    async def follow(self, record: InstanceRecord) -> None:
+        """Until the instance ends: its monitor answers a watch request when it does."""
+        status = None
+        try:
+            status = await self._watch(record)
+        except Exception:  # a bug here must not take the daemon down
+            traceback.print_exc()
+        self.finish(record, status)
+
+    async def _watch(self, record: InstanceRecord) -> int | None:
+        status = None
+        try:
+            with await connect(self.control_path(record.id),
+                                     ControlRequest(op="watch")) as sock:
+                async for reply, _ in replies(sock):
+                    if reply.op == "exited":
+                        status = reply.status
+                        break
+        except OSError:
+            status = self._ended_status(record.id)
+        return status
+
+    def _ended_status(self, instance_id: str) -> int | None:
+        try:
+            with open(os.path.join(self.directory, f"{instance_id}.exited"), "rb") as f:
+                return msgspec.json.decode(f.read()).get("status")
+        except (OSError, msgspec.DecodeError, AttributeError):
+            return None
+
+    async def adopt(self, nursery: trio.Nursery) -> None:
+        """Take over the instances a previous bbld left running, and those that ended."""
+        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        for name in sorted(os.listdir(self.directory)):
+            path = os.path.join(self.directory, name)
+            if name.endswith(".exited"):
+                self._adopt_ended(path)
+            elif name.endswith(".sock"):
+                await self._adopt_running(path, nursery)
+
+    def _adopt_ended(self, path: str) -> None:
+        try:
+            with open(path, "rb") as f:
+                record = InstanceRecord.from_entry(msgspec.json.decode(f.read()))
+            record.state = "exited"
+            self.ended.append(record)
+        except (OSError, msgspec.DecodeError, KeyError, TypeError, AttributeError):
+            pass  # unreadable: nothing to report
+        os.unlink(path)
+
+    async def _adopt_running(self, path: str, nursery: trio.Nursery) -> None:
+        try:
+            with await connect(path, ControlRequest(op="status")) as sock:
+                async for reply, _ in replies(sock):
+                    record = InstanceRecord.from_entry(reply.entry)
+                    break
+                else:
+                    raise OSError("no answer")
+        except (OSError, TypeError, KeyError, AttributeError, msgspec.DecodeError):
+            os.unlink(path)  # its monitor is gone (killed): a stale socket
+            return
+        self.live[record.id] = record
+        nursery.start_soon(self.follow, record)
+
+
+async def connect(path: str, request: ControlRequest, fds: list[int] = ()):
+    """A connection to an instance's monitor with `request` sent (and `fds` with it)."""
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        await sock.connect(path)
+        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", fds))] if fds else []
+        await sock.sendmsg([msgspec.json.encode(request)], ancillary)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+async def replies(sock):
+    """(ControlReply, fds) until the monitor closes the connection."""
+    while True:
+        data, ancdata, _flags, _ = await sock.recvmsg(
+            MAX_CONTROL, socket.CMSG_SPACE(4 * 4), socket.MSG_CMSG_CLOEXEC)
+        fds = protocol.fds_from_ancillary(ancdata)
+        if not data:
+            return
+        try:
+            reply: ControlReply = decode_reply(data)
+        except msgspec.DecodeError:
+            for fd in fds:
+                os.close(fd)
+            return
+        yield reply, fds

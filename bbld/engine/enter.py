@@ -1,0 +1,244 @@
+"""Entering a running layer: `bblctl exec` and `bblctl attach`.
+
+The new process gets exactly what the layer's own commands get: its namespaces, uid/gid,
+capabilities, no_new_privs, seccomp filter, environment and working directory. It goes
+through the same last steps as they do (supervisor.restrict_and_exec).
+
+Supervisors are not dumpable, so nobody can open their /proc/PID/ns files, their owner
+included; instead each supervisor opened its own namespace files while it built its layer and
+handed them to the engine's caller with its Built report. Here a forked child of the caller
+enters them (the user namespace first, which gives it the right to enter the others), then
+clones the command with CLONE_PARENT: the command is born in the layer's pid namespace as the
+caller's own child, and the caller follows it by pidfd. For a terminal the command opens a
+pty from the layer's own /dev/ptmx, so the pty belongs to the sandbox, not to the host.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import signal
+import socket
+
+from msgspec import Struct
+
+from bbld import spec
+from bbld.engine import privileges
+from bbld.engine import syscalls as sc
+from bbld.engine.errors import EXIT_USAGE, StartError
+from bbld.engine.plan import LayerPlan, Plan
+from bbld.engine.supervisor import restrict_and_exec
+
+# The order matters: the user namespace first; time last (it applies to children).
+ORDER = (("user", sc.CLONE_NEWUSER), ("mnt", sc.CLONE_NEWNS), ("pid", sc.CLONE_NEWPID),
+         ("net", sc.CLONE_NEWNET), ("ipc", sc.CLONE_NEWIPC), ("uts", sc.CLONE_NEWUTS),
+         ("cgroup", sc.CLONE_NEWCGROUP), ("time_for_children", sc.CLONE_NEWTIME))
+
+
+class Entered(Struct):
+    pidfd: int  # the command, a child of the caller that sends no SIGCHLD: wait with sc.WALL
+    master: int | None = None  # the pty master, when a terminal was asked for
+
+
+def enter(plan: Plan, layer: LayerPlan, namespace_fds: dict[str, int], argv: list[str],
+          env: dict[str, str], cwd: str | None, stdio: tuple[int, int, int] | None) -> Entered:
+    """Start `argv` in `layer`; stdio None means a new pty. Raises StartError."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    own = {name: _inode(f"/proc/self/ns/{name}") for name, _ in ORDER}  # before any setns
+    entering = os.fork()
+    if entering == 0:
+        ours.close()
+        try:
+            _enter(plan, layer, namespace_fds, own, argv, env, cwd, stdio, theirs)
+        except BaseException as exc:
+            _say_failure(theirs, exc)
+        os._exit(0)
+    theirs.close()
+    try:
+        return _receive(ours)
+    finally:
+        ours.close()
+        os.waitpid(entering, 0)
+
+
+def _inode(path: str) -> tuple[int, int] | None:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+def _enter(plan, layer, namespace_fds, own, argv, env, cwd, stdio, channel) -> None:
+    """In the forked child: join the layer, then clone the command as the caller's child."""
+    _join(namespace_fds, own)
+    command_side, ours = socket.socketpair(socket.AF_UNIX,
+                                           socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    pid, pidfd = sc.clone(sc.CLONE_PARENT, exit_signal=0)
+    if pid == 0:
+        ours.close()
+        channel.close()
+        try:
+            _command(plan, layer, argv, env, cwd, stdio, command_side)
+        except BaseException as exc:
+            _say_failure(command_side, exc)
+        os._exit(127)
+    command_side.close()
+    socket.send_fds(channel, [b"entered"], [pidfd, ours.fileno()])
+
+
+def _join(namespace_fds: dict[str, int], own: dict) -> None:
+    """Enter the layer's namespaces. Entering one takes CAP_SYS_ADMIN in the user namespace
+    that owns it *and* in our current one, and capabilities never reach up to an ancestor;
+    so walk down the chain of user namespaces from ours to the layer's, entering each
+    namespace right after the user namespace that owns it."""
+    chain = _user_chain(namespace_fds.get("user"), own["user"])
+    owned: dict[tuple, list[tuple[str, int, int]]] = {}
+    for name, flag in ORDER[1:]:
+        fd = namespace_fds.get(name)
+        if fd is None or own.get(name) == _identity(fd):
+            continue  # the caller's own: setns() would refuse to enter it again
+        owner = _owner(fd)
+        owned.setdefault(owner, []).append((name, fd, flag))
+    steps = [(None, owned.pop(own["user"], []))]
+    steps += [(user_fd, owned.pop(_identity(user_fd), [])) for user_fd in chain]
+    if owned:
+        raise StartError("the layer's namespaces are owned outside its user namespaces")
+    for user_fd, members in steps:
+        if user_fd is not None:
+            _setns("user", user_fd, sc.CLONE_NEWUSER)
+        for name, fd, flag in members:
+            _setns(name, fd, flag)
+
+
+def _setns(name: str, fd: int, flag: int) -> None:
+    try:
+        sc.setns(fd, flag)
+    except OSError as exc:
+        raise StartError(f"entering the layer's {name} namespace: {exc.strerror}") from None
+
+
+def _identity(fd: int) -> tuple[int, int]:
+    info = os.fstat(fd)
+    return info.st_dev, info.st_ino
+
+
+def _owner(fd: int) -> tuple[int, int]:
+    owner = fcntl.ioctl(fd, sc.NS_GET_USERNS)
+    try:
+        return _identity(owner)
+    finally:
+        os.close(owner)
+
+
+def _user_chain(layer_user: int | None, ours: tuple) -> list[int]:
+    """The user namespaces from just below ours down to the layer's, as fds (top first)."""
+    if layer_user is None or _identity(layer_user) == ours:
+        return []
+    chain = [os.dup(layer_user)]
+    while True:
+        parent = fcntl.ioctl(chain[0], sc.NS_GET_PARENT)
+        if _identity(parent) == ours:
+            os.close(parent)
+            return chain
+        chain.insert(0, parent)
+
+
+def _command(plan: Plan, layer: LayerPlan, argv, env, cwd, stdio, channel) -> None:
+    """In the command process, inside the layer: terminal, identity, then the last steps."""
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+    for signo in (signal.SIGPIPE, signal.SIGXFSZ):
+        signal.signal(signo, signal.SIG_DFL)
+    sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+    os.setsid()  # never the caller's terminal session
+    if stdio is None:
+        _open_terminal(channel)
+    else:
+        for target, source in enumerate(stdio):
+            os.dup2(source, target)
+    if "user" in layer.layer.namespaces or layer.layer.join and layer.layer.join.user is not None:
+        privileges.become(layer.layer)
+    cwd = _change_directory(cwd, env)
+    try:
+        restrict_and_exec(plan, layer, spec.Command(argv=argv), {**env, "PWD": cwd},
+                          channel.fileno())
+    except StartError as exc:
+        raise StartError(f"{argv[0]!r}: {exc.message}", exc.exit_code) from None
+
+
+def _open_terminal(channel: socket.socket) -> None:
+    """A pty from the layer's own devpts: its slave becomes our controlling terminal and
+    stdio; the master goes back to the caller."""
+    try:
+        master = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise StartError(f"the layer has no usable /dev/ptmx ({exc.strerror}); give it a "
+                         "dev or devpts operation", EXIT_USAGE) from None
+    fcntl.ioctl(master, sc.TIOCSPTLCK, b"\0\0\0\0")
+    slave = fcntl.ioctl(master, sc.TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY)
+    fcntl.ioctl(slave, sc.TIOCSCTTY, 0)
+    for target in (0, 1, 2):
+        os.dup2(slave, target)
+    os.close(slave)
+    socket.send_fds(channel, [b"pty"], [master])
+    os.close(master)
+
+
+def _change_directory(cwd: str | None, env: dict[str, str]) -> str:
+    """The layer's cwd; else, like its commands: the caller's, $HOME, then /."""
+    for path in (cwd, env.get("HOME"), "/"):
+        if not path:
+            continue
+        try:
+            os.chdir(path)
+        except OSError:
+            continue
+        return path
+    raise StartError("no usable working directory")
+
+
+def _say_failure(channel: socket.socket, exc: BaseException) -> None:
+    code = exc.exit_code if isinstance(exc, StartError) else 1
+    message = exc.message if isinstance(exc, StartError) else repr(exc)
+    try:
+        channel.send(f"error:{code}:{message}".encode()[:4000])
+    except OSError:
+        pass
+
+
+def _receive(channel: socket.socket) -> Entered:
+    """What the entering child, then the command, say: its pidfd, maybe a pty, or an error."""
+    data, fds, _, _ = socket.recv_fds(channel, 4096, 2, socket.MSG_CMSG_CLOEXEC)
+    _check_failure(data, fds)
+    if data != b"entered" or len(fds) != 2:
+        _close(fds)
+        raise StartError("the layer could not be entered")
+    entered = Entered(pidfd=fds[0])
+    with socket.socket(fileno=fds[1]) as command:
+        try:
+            while True:  # until exec closes the command's end (close-on-exec)
+                data, fds, _, _ = socket.recv_fds(command, 4096, 1, socket.MSG_CMSG_CLOEXEC)
+                if not data:
+                    return entered
+                _check_failure(data, fds)
+                if data == b"pty" and len(fds) == 1 and entered.master is None:
+                    entered.master = fds[0]
+                else:
+                    _close(fds)
+        except BaseException:
+            os.waitid(os.P_PIDFD, entered.pidfd, os.WEXITED | sc.WALL)  # it exits: reap it
+            _close([entered.pidfd, entered.master] if entered.master is not None
+                   else [entered.pidfd])
+            raise
+
+
+def _check_failure(data: bytes, fds: list[int]) -> None:
+    if data.startswith(b"error:"):
+        _close(fds)
+        _, code, message = data.decode(errors="replace").split(":", 2)
+        raise StartError(message, int(code))
+
+
+def _close(fds) -> None:
+    for fd in fds:
+        os.close(fd)

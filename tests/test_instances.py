@@ -1,0 +1,260 @@
+"""Instance management through bbld and bblctl: ps, tree, exec, attach, stop, kill."""
+
+import json
+import os
+import signal
+import time
+
+import pytest
+
+from tests.conftest import app_layer, layer, processes_with, sandbox, sh, system_ops, wait_gone
+
+# What a process sees of its own restrictions; compared between a layer's command and exec.
+REPORT = ("grep -E '^(Cap(Inh|Prm|Eff|Bnd|Amb)|NoNewPrivs|Seccomp|Uid|Gid):' /proc/self/status; "
+          "cat /proc/self/uid_map /proc/self/gid_map; "
+          "for ns in user mnt pid net ipc uts cgroup; do readlink /proc/self/ns/$ns; done; "
+          "env | grep -v '^PWD=' | sort; pwd; umask")
+
+
+def nested_spec(out: str, marker: str) -> dict:
+    """Two layers: the outer builds the view; the app runs with dropped ids, a capability,
+    a seccomp policy and its own environment, writes REPORT to OUT/main, then waits."""
+    app = layer("app", namespaces=["user", "mount", "pid", "net", "uts"], uid=1000, gid=1000,
+                hostname="inner", caps=["net_bind_service"], seccomp={"policy": "default"},
+                env={"set": {"LAYER": "app"}, "unset": ["HOME"]}, cwd="/tmp",
+                command=[*sh(f"({REPORT}) > /out/main; exec sleep 600"), marker])
+    outer = app_layer("outer", fs=[*system_ops(), {"op": "bind", "src": out, "dest": "/out"}],
+                      env={"set": {"OUTER": "1"}}, layers=[app])
+    return sandbox(outer)
+
+
+def wait_for(path, timeout=30):
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path) or not open(path).read():
+        assert time.monotonic() < deadline, f"{path} never appeared"
+        time.sleep(0.02)
+    return open(path).read()
+
+
+@pytest.fixture
+def app(instances, tmp_path, marker):
+    out = tmp_path / "out"
+    out.mkdir()
+    instance = instances.start(nested_spec(str(out), marker))
+    wait_for(out / "main")
+    return instance, out
+
+
+def test_exec_gets_exactly_the_layers_restrictions(instances, app):
+    instance, out = app
+    result = instances.ctl("exec", instance, "--", "sh", "-c", REPORT)
+    assert result.returncode == 0, result.stderr
+    main = (out / "main").read_text()
+    assert result.stdout == main
+    assert "Seccomp:\t2" in main and "NoNewPrivs:\t1" in main and "LAYER=app" in main
+    assert "OUTER=1" in main and "\nHOME=" not in main and main.endswith("/tmp\n0022\n")
+    outer = instances.ctl("exec", "--layer", "outer", instance, "--", "sh", "-c", REPORT)
+    assert outer.returncode == 0 and outer.stdout != main and "LAYER=app" not in outer.stdout
+
+
+def test_exec_status_stdio_and_errors(instances, app):
+    instance, _ = app
+    result = instances.ctl("exec", instance, "--", "sh", "-c", "read x; echo got $x; exit 5",
+                           input="line\n")
+    assert (result.returncode, result.stdout) == (5, "got line\n")
+    for argv, message in [
+        (["exec", instance, "--", "/no/such/program"],
+         "bblctl: '/no/such/program': cannot execute: No such file or directory\n"),
+        (["exec", "--layer", "nope", instance, "--", "true"],
+         "bblctl: no layer named 'nope' runs in this instance\n"),
+        (["exec", "feedbeef", "--", "true"],
+         "bblctl: no running instance 'feedbeef'; see bblctl ps\n"),
+        (["exec", instance], "bblctl exec: exec needs a command after the instance: "
+                             "bblctl exec ID -- CMD...\n"),
+        (["exec", "--bogus", instance, "true"], "bblctl exec: unknown option --bogus\n"),
+    ]:
+        bad = instances.ctl(*argv)
+        assert (bad.returncode, bad.stderr) == (2, message), argv
+
+
+def test_exec_forwards_signals_and_dies_with_its_client(instances, app, marker):
+    import subprocess
+    import sys
+
+    instance, _ = app
+    proc = subprocess.Popen([sys.executable, "-m", "bblctl", "exec", instance, "--", "sh", "-c",
+                             f"trap 'echo term; exit 7' TERM; echo ready; "
+                             f"while :; do sleep 0.05; done; : {marker}-exec"],
+                            env=instances.env, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "ready\n"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 7 and proc.stdout.read() == "term\n"
+    proc = subprocess.Popen([sys.executable, "-m", "bblctl", "exec", instance, "--", "sh", "-c",
+                             f"echo ready; sleep 600; : {marker}-orphan"],
+                            env=instances.env, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline() == "ready\n"
+    started = processes_with(f"{marker}-orphan")
+    proc.kill()
+    proc.wait(timeout=10)
+    assert wait_gone(started) == []
+
+
+def test_ps_tree_kill_and_ps_all(instances, app):
+    instance, _ = app
+    listed = json.loads(instances.ctl("ps", "--json").stdout)
+    (entry,) = listed
+    assert entry["id"] == instance and entry["state"] == "running"
+    assert entry["name"] == "sandbox" and entry["layers"] == 2 and entry["command"][0] == "sh"
+    with open(f"/proc/{entry['pid']}/status") as f:
+        assert "NoNewPrivs:\t1" in f.read()  # the main command's own host pid
+    table = instances.ctl("ps").stdout.splitlines()
+    assert table[0].split() == ["ID", "NAME", "STATE", "STARTED", "PID", "LAYERS", "COMMAND"]
+    assert table[1].startswith(instance)
+    (tree,) = json.loads(instances.ctl("tree", instance, "--json").stdout)
+    (outer,) = tree["layers"]
+    (inner,) = outer["children"]
+    assert (outer["name"], outer["uid"], inner["name"], inner["uid"]) == ("outer", 0, "app", 1000)
+    assert outer["namespaces"]["user"] != inner["namespaces"]["user"]
+    assert [p["command"] for p in inner["processes"]] == [["sleep", "600"]]
+    assert outer["processes"] == []
+    drawn = instances.ctl("tree").stdout
+    assert "\n  outer  pid " in drawn and "\n    app  pid " in drawn and "· " in drawn
+    killed = instances.ctl("kill", instance, "--signal", "TERM")
+    assert killed.returncode == 0, killed.stderr
+    deadline = time.monotonic() + 30
+    while json.loads(instances.ctl("ps", "--json").stdout):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    (ended,) = json.loads(instances.ctl("ps", "--all", "--json").stdout)
+    assert (ended["id"], ended["state"], ended["status"], ended["pid"]) == (
+        instance, "exited", 128 + signal.SIGTERM, None)
+
+
+def test_stop_escalates_to_sigkill_after_the_timeout(instances, marker):
+    instance = instances.start(sandbox(app_layer(
+        command=[*sh("trap '' TERM; echo ready; sleep 600"), marker])))
+    before = processes_with(marker)
+    started = time.monotonic()
+    result = instances.ctl("stop", instance, "--timeout", "0.5")
+    assert result.returncode == 0, result.stderr
+    assert 0.5 <= time.monotonic() - started < 20
+    assert wait_gone(before) == []
+    (ended,) = json.loads(instances.ctl("ps", "--all", "--json").stdout)
+    assert ended["status"] == 128 + signal.SIGKILL
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["ps", "extra"], "bblctl ps: ps takes no arguments (got 'extra')\n"),
+    (["stop"], "bblctl stop: stop takes one instance id or name; see bblctl ps\n"),
+    (["stop", "x", "--timeout", "soon"], "bblctl stop: --timeout 'soon': give seconds, e.g. 5\n"),
+    (["kill", "x", "--signal", "NOPE"],
+     "bblctl kill: unknown signal 'NOPE'; use a name like TERM or a number\n"),
+    (["tree", "nope"], "bblctl: no running instance 'nope'; see bblctl ps\n"),
+    (["frobnicate"], "bblctl: unknown command 'frobnicate'; see bblctl --help\n"),
+])
+def test_bad_command_lines(instances, argv, message):
+    result = instances.ctl(*argv)
+    assert (result.returncode, result.stderr) == (2, message)
+
+
+# ---------------------------------------------------------------- attach, through a real pty
+
+
+class Session:
+    """`bblctl attach` with a pty of ours as its controlling terminal."""
+
+    def __init__(self, argv: list[str], env: dict):
+        import fcntl
+        import subprocess
+        import sys
+        import termios
+
+        self.master, self.slave = os.openpty()
+        fcntl.ioctl(self.slave, termios.TIOCSWINSZ, _winsize(24, 80))
+        self.modes = termios.tcgetattr(self.slave)
+
+        def controlling_terminal():
+            os.setsid()
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+        self.proc = subprocess.Popen([sys.executable, "-m", "bblctl", *argv], env=env,
+                                     stdin=self.slave, stdout=self.slave, stderr=self.slave,
+                                     preexec_fn=controlling_terminal)
+        self.seen = b""
+
+    def expect(self, text: str, timeout: float = 30) -> str:
+        import select
+
+        deadline = time.monotonic() + timeout
+        while text.encode() not in self.seen:
+            left = deadline - time.monotonic()
+            assert left > 0, f"never saw {text!r}; saw {self.seen!r}"
+            if select.select([self.master], [], [], left)[0]:
+                try:
+                    self.seen += os.read(self.master, 65536)
+                except OSError:
+                    break
+        found = self.seen.decode(errors="replace")
+        self.seen = self.seen[self.seen.index(text.encode()) + len(text):]
+        return found
+
+    def send(self, data: str) -> None:
+        os.write(self.master, data.encode())
+
+    def resize(self, rows: int, cols: int) -> None:
+        import fcntl
+        import termios
+
+        fcntl.ioctl(self.master, termios.TIOCSWINSZ, _winsize(rows, cols))  # SIGWINCH to it
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+        os.close(self.master)
+        os.close(self.slave)
+
+
+def _winsize(rows: int, cols: int) -> bytes:
+    import struct
+
+    return struct.pack("HHHH", rows, cols, 0, 0)
+
+
+def test_attach_gives_a_terminal_made_inside_the_sandbox(instances, app):
+    import termios
+
+    instance, _ = app
+    session = Session(["attach", instance, "--", "sh", "-i"], instances.env)
+    try:
+        session.expect("$ ")
+        session.send("tty; stty size; echo $LAYER\r")
+        out = session.expect("app")
+        assert "/dev/pts/0" in out and "24 80" in out  # the sandbox's own devpts, our size
+        session.expect("$ ")
+        session.resize(50, 132)
+        time.sleep(0.3)  # the client's SIGWINCH handler copies the size to the pty
+        session.send("stty size\r")
+        assert "50 132" in session.expect("132")
+        session.expect("$ ")
+        session.send("sleep 600\r")
+        time.sleep(0.5)
+        session.send("\x03")  # Ctrl-C: SIGINT to the sandbox's foreground job, not the shell
+        session.expect("$ ")
+        session.send("echo alive $?\r")
+        assert "alive 130" in session.expect("130")
+        session.send("exit 6\r")
+        assert session.proc.wait(timeout=30) == 6
+        assert termios.tcgetattr(session.slave) == session.modes  # raw mode undone
+    finally:
+        session.close()
+    (entry,) = json.loads(instances.ctl("ps", "--json").stdout)
+    assert entry["state"] == "running"  # the instance itself goes on
+
+
+def test_attach_without_a_devpts_is_a_clear_error(instances):
+    no_dev = sandbox(app_layer(fs=[op for op in system_ops() if op["op"] != "dev"],
+                               command=["sleep", "600"]))
+    instance = instances.start(no_dev)
+    result = instances.ctl("attach", instance, "--", "sh")
+    assert result.returncode == 2
+    assert result.stderr.startswith("bblctl: the layer has no usable /dev/ptmx")

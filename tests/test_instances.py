@@ -258,3 +258,70 @@ def test_attach_without_a_devpts_is_a_clear_error(instances):
     result = instances.ctl("attach", instance, "--", "sh")
     assert result.returncode == 2
     assert result.stderr.startswith("bblctl: the layer has no usable /dev/ptmx")
+
+
+# ---------------------------------------------------------------- bbld may die
+
+
+def test_instances_outlive_the_daemon_and_are_adopted_again(instances, marker):
+    from tests.conftest import daemon_pid
+
+    long = sandbox(app_layer(command=[*sh("sleep 600"), marker]))
+    ids = [instances.start(long) for _ in range(20)]
+    short = instances.start(sandbox(app_layer(command=sh("sleep 1.5"))))
+    pid = daemon_pid(instances.env)
+    os.kill(pid, signal.SIGKILL)
+    assert wait_gone([pid]) == []
+    time.sleep(2)  # the short one ends while no daemon runs
+    listed = json.loads(instances.ctl("ps", "--json").stdout)  # starts a new bbld
+    assert daemon_pid(instances.env) != pid
+    assert sorted(entry["id"] for entry in listed) == sorted(ids)
+    assert {entry["state"] for entry in listed} == {"running"}
+    ended = [e for e in json.loads(instances.ctl("ps", "--all", "--json").stdout)
+             if e["state"] == "exited"]
+    assert [(e["id"], e["status"]) for e in ended] == [(short, 0)]
+    for instance in ids:
+        result = instances.ctl("exec", instance, "--", "sh", "-c", "echo $$")
+        assert result.returncode == 0 and result.stdout.strip().isdigit(), result.stderr
+    assert instances.ctl("stop", ids[0]).returncode == 0
+    assert len(json.loads(instances.ctl("ps", "--json").stdout)) == 19
+    directory = os.path.join(instances.env["XDG_RUNTIME_DIR"], "bbl", "instances")
+    assert sorted(os.listdir(directory)) == sorted(f"{i}.sock" for i in ids[1:])
+
+
+def test_a_hundred_starts_and_stops_leave_nothing_behind(bbl_env, monkeypatch, marker):
+    from bblctl.client import connect
+    from tests.test_daemon_run import _children, _open_fds
+
+    for name in ("XDG_RUNTIME_DIR", "XDG_STATE_HOME"):
+        monkeypatch.setenv(name, bbl_env[name])
+    spec = json.dumps(sandbox(app_layer(command=[*sh("echo up; exec sleep 600"), marker])))
+    null = os.open(os.devnull, os.O_RDWR)
+    cwd = os.open("/", os.O_PATH | os.O_DIRECTORY)
+    try:
+        with connect() as conn:
+            pid = conn.call("io.bbl.Manager.Ping")["pid"]
+
+        def cycle():
+            with connect() as conn:
+                replies = conn.stream("io.bbl.Manager.Run", fds=(null, null, null, cwd),
+                                      spec=spec, args=[], env={"PATH": "/usr/bin:/bin"})
+                instance = next(replies)["id"]
+                with connect() as other:
+                    assert other.call("io.bbl.Manager.Stop", id=instance,
+                                      timeout=5)["status"] == 128 + signal.SIGTERM
+                assert next(replies)["event"] == "exited"
+
+        cycle()  # the helper now runs
+        fds, children = _open_fds(pid), _children(pid)
+        for _ in range(100):
+            cycle()
+    finally:
+        os.close(null)
+        os.close(cwd)
+    assert wait_gone(processes_with(marker)) == []
+    (helper,) = children
+    assert wait_gone(_children(helper)) == []  # every monitor has ended
+    assert _open_fds(pid) == fds and _children(pid) == children
+    directory = os.path.join(bbl_env["XDG_RUNTIME_DIR"], "bbl", "instances")
+    assert os.listdir(directory) == []

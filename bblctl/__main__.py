@@ -5,9 +5,11 @@ import sys
 USAGE = """usage: bblctl COMMAND [ARGS...]
 
 commands:
-  run [bubblewrap options] [--] COMMAND [ARGS...]
+  run [--name NAME [--single-instance]] [bubblewrap options] [--] COMMAND [ARGS...]
                  run a command in a sandbox described by a bubblewrap command line,
-                 as an instance of the daemon (bbld; started when needed)
+                 as an instance of the daemon (bbld; started when needed); with
+                 --single-instance, a second run with the same name hands its arguments
+                 to the running instance instead
   ps [--all] [--json]
                  list running instances (--all: also recently ended ones, with status)
   tree [ID] [--json]
@@ -17,6 +19,9 @@ commands:
                  command's layer), with exactly that layer's restrictions
   attach [--layer NAME] ID [-- COMMAND [ARGS...]]
                  the same with a terminal made inside the sandbox (default: a shell)
+  send-args ID [--] ARGS...
+                 hand arguments to a running instance: its main program runs again in
+                 its main layer with them (or the spec's send_args command)
   stop ID [--timeout SECONDS]
                  SIGTERM to the main command; SIGKILL to the whole tree after the timeout
                  (default 10)
@@ -24,11 +29,12 @@ commands:
                  send a signal to the main command (default KILL)
 
 ID is an instance id, or a name that only one running instance has (see bblctl ps).
-The other commands (start, send-args, profile, desktop) are not built yet."""
+The other commands (start, profile, desktop) are not built yet."""
 
 COMMANDS = {"ps": ("bblctl.manage", "ps"), "tree": ("bblctl.manage", "tree"),
             "stop": ("bblctl.manage", "stop"), "kill": ("bblctl.manage", "kill"),
-            "exec": ("bblctl.enter", "exec_"), "attach": ("bblctl.enter", "attach")}
+            "exec": ("bblctl.enter", "exec_"), "attach": ("bblctl.enter", "attach"),
+            "send-args": ("bblctl.enter", "send_args")}
 
 
 def main(argv=None) -> int:

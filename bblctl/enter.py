@@ -59,6 +59,23 @@ def exec_(argv: list[str]) -> int:
     return 1
 
 
+def send_args(argv: list[str]) -> int:
+    """`ID|NAME [--] ARGS...`: hand ARGS to the running instance (its spec says how)."""
+    if not argv or argv[0] == "--":
+        raise UsageError("send-args needs an instance id or name; see bblctl ps")
+    instance, args = argv[0], argv[1:]
+    if args and args[0] == "--":
+        args = args[1:]
+    with SignalForwarder() as forwarder, connect() as conn:
+        for reply in conn.stream("io.bbl.Manager.SendArgs", fds=(0, 1, 2), id=instance,
+                                 args=args):
+            if reply["event"] == "started":
+                forwarder.aim(id=instance, pid=reply["pid"])
+            elif reply["event"] == "exited":
+                return reply["status"]
+    return 1
+
+
 def attach(argv: list[str]) -> int:
     instance, layer, command = parse(argv, "attach")
     with connect() as conn:

@@ -25,6 +25,13 @@ def main(argv: list[str], prog: str = "bbl-bwrap") -> int:
         prefix = f"<{level}>" if level_prefix else ""
         print(f"{prefix}bwrap: {message}", file=sys.stderr)
 
+    instance = {}
+    if prog == "bblctl run":  # BBL's own options, before bubblewrap's
+        try:
+            instance, argv = _instance_options(argv)
+        except ValueError as exc:
+            print(f"bblctl run: {exc}", file=sys.stderr)
+            return 2
     if not argv:
         sys.stderr.write(bwrap.usage(prog))
         return 1
@@ -34,6 +41,8 @@ def main(argv: list[str], prog: str = "bbl-bwrap") -> int:
         for warning in inv.warnings:
             say(warning, 4)
         sandbox = bwrap.to_sandbox(inv, os.getuid(), os.getgid())
+        for key, value in instance.items():
+            setattr(sandbox, key, value)
     except bwrap.Help:
         sys.stdout.write(bwrap.usage(prog))
         return 0
@@ -78,11 +87,29 @@ def _run(sandbox: spec.Sandbox, say) -> int:
             for reply in replies:
                 if reply.get("event") == "started":
                     forwarder.aim(id=reply["id"])
+                elif reply.get("event") == "forwarded":  # to a running single instance
+                    forwarder.aim(id=reply["id"], pid=reply["pid"])
                 elif reply.get("event") == "exited":
                     return reply["status"]
         return 1
     finally:
         os.close(cwd)
+
+
+def _instance_options(argv: list[str]) -> tuple[dict, list[str]]:
+    """`--name NAME` and `--single-instance`, which only `bblctl run` takes (before any
+    bubblewrap option)."""
+    found = {}
+    while argv and argv[0] in ("--name", "--single-instance"):
+        if argv[0] == "--single-instance":
+            found["single_instance"], argv = True, argv[1:]
+        elif len(argv) < 2 or not spec.NAME_PATTERN.match(argv[1]):
+            raise ValueError(f"--name needs a name matching {spec.NAME_PATTERN.pattern}")
+        else:
+            found["name"], argv = argv[1], argv[2:]
+    if found.get("single_instance") and "name" not in found:
+        raise ValueError("--single-instance needs --name NAME (what a second start looks for)")
+    return found, argv
 
 
 def bwrap_main() -> int:

@@ -65,8 +65,12 @@ method Ping() -> (version: string, pid: int)
 # end. Call it with "more": the first reply has event "started" (the
 # instance id and, per layer, its name, the host pid of its supervisor and
 # its namespace ids); the last has event "exited" and the main command's
-# status. Four file descriptors travel with the call (SCM_RIGHTS), in this
-# order: stdin, stdout and stderr for the sandbox, and its working directory;
+# status. A spec with single_instance whose name a running instance already
+# has starts nothing: its main command's arguments (and args) go to that
+# instance as SendArgs would send them; the first reply is then "forwarded"
+# (id and pid), the last "exited" with the forwarding command's status.
+# Four file descriptors travel with the call (SCM_RIGHTS), in this order:
+# stdin, stdout and stderr for the sandbox, and its working directory;
 # then one fd for each entry of fd_numbers, which the spec refers to by that
 # number (bind-fd, file and data fds). env is the environment layer 1 starts
 # from; args extend the main command. With die_with_client, the instance is
@@ -81,6 +85,7 @@ method Run(
   event: string,
   id: string,
   layers: ?[]object,
+  pid: ?int,
   status: ?int
 )
 
@@ -127,6 +132,16 @@ method Exec(
   layer: ?string,
   tty: ?bool
 ) -> (
+  event: string,
+  pid: ?int,
+  status: ?int
+)
+
+# Hand arguments to a running instance, the way its spec's send_args says
+# (default: its main program runs again in its main layer with them, as a
+# desktop app's own single-instance logic expects). Three fds travel with the
+# call: stdin, stdout, stderr. Replies as Exec's.
+method SendArgs(id: string, args: []string) -> (
   event: string,
   pid: ?int,
   status: ?int

@@ -265,6 +265,12 @@ class Layer(Struct, forbid_unknown_fields=True, kw_only=True):
 class Sandbox(Struct, forbid_unknown_fields=True, kw_only=True):
     name: str = "sandbox"
     main: str | None = None  # layer whose command is the main one; default: the first with one
+    # a second start with the same name hands its arguments to the running instance instead
+    single_instance: bool = False
+    # how the instance takes arguments sent to it (bblctl send-args, a second single-instance
+    # start): this command runs in the main layer, an element "{args}" standing for them;
+    # default: the main command's program with the new arguments
+    send_args: list[str] | None = None
     die_with_parent: bool = False  # layer 1 gets SIGKILL when the engine's caller dies
     info_fd: int | None = None  # bubblewrap's --info-fd document is written here, then closed
     json_status_fd: int | None = None  # bubblewrap's --json-status-fd lines
@@ -304,6 +310,17 @@ def path_to(root: Layer, name: str) -> list[Layer]:
         if found:
             return [root, *found]
     return []
+
+
+def send_args_argv(sandbox: Sandbox, args: list[str]) -> list[str]:
+    """The command that hands `args` to a running instance of `sandbox`."""
+    if sandbox.send_args is None:
+        main = path_to(sandbox.layer, main_layer_name(sandbox))[-1]
+        return [main.command.argv[0], *args]
+    argv = []
+    for element in sandbox.send_args:
+        argv += args if element == "{args}" else [element]
+    return argv
 
 
 def caller_fds(sandbox: Sandbox) -> set[int]:
@@ -392,6 +409,9 @@ def check(sandbox: Sandbox, caller_uid: int | None = None, caller_gid: int | Non
         problems.append(f"main: names layer {main!r}, which does not exist")
     elif not path_to(sandbox.layer, main)[-1].command:
         problems.append(f"main: layer {main!r} has no command")
+    if sandbox.send_args is not None and (not sandbox.send_args or not sandbox.send_args[0]):
+        problems.append("send_args: must name a program, e.g. [\"app\", \"--remote\", "
+                        "\"{args}\"]")
     if problems:
         raise SpecError(problems)
 

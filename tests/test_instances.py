@@ -325,3 +325,84 @@ def test_a_hundred_starts_and_stops_leave_nothing_behind(bbl_env, monkeypatch, m
     assert _open_fds(pid) == fds and _children(pid) == children
     directory = os.path.join(bbl_env["XDG_RUNTIME_DIR"], "bbl", "instances")
     assert os.listdir(directory) == []
+
+
+# ---------------------------------------------------------------- send-args, single instance
+
+APP = """#!/bin/sh
+echo "got $*" >> "$(dirname "$0")/log"
+mkdir "$(dirname "$0")/running" 2>&- && exec sleep 600
+exit 0
+"""
+
+
+def app_script(tmp_path) -> str:
+    script = tmp_path / "app.sh"
+    script.write_text(APP)
+    script.chmod(0o755)
+    return str(script)
+
+
+def lines(path) -> list[str]:
+    return path.read_text().splitlines() if path.exists() else []
+
+
+def test_send_args_reruns_the_main_program_once(instances, tmp_path):
+    script = app_script(tmp_path)
+    outer = app_layer(fs=[*system_ops(), {"op": "bind", "src": str(tmp_path),
+                                          "dest": str(tmp_path)}], command=[script, "first"])
+    instance = instances.start(sandbox(outer, name="editor"))
+    deadline = time.monotonic() + 30
+    while lines(tmp_path / "log") != ["got first"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    result = instances.ctl("send-args", "editor", "--", "second", "two words")
+    assert result.returncode == 0, result.stderr
+    assert lines(tmp_path / "log") == ["got first", "got second two words"]
+    assert json.loads(instances.ctl("ps", "--json").stdout)[0]["id"] == instance
+
+
+def test_send_args_through_the_specs_template(instances, tmp_path):
+    outer = app_layer(fs=[*system_ops(), {"op": "bind", "src": str(tmp_path), "dest": "/out"}],
+                      command=["sleep", "600"])
+    template = ["sh", "-c", 'printf "%s|" "$@" >> /out/log', "sh", "--remote", "{args}"]
+    instance = instances.start(sandbox(outer, send_args=template))
+    assert instances.ctl("send-args", instance, "a b", "c").returncode == 0
+    assert (tmp_path / "log").read_text() == "--remote|a b|c|"
+
+
+def test_racing_single_instance_starts_end_with_one_instance(instances, tmp_path):
+    import subprocess
+    import sys
+
+    script = app_script(tmp_path)
+    argv = [sys.executable, "-m", "bblctl", "run", "--name", "one", "--single-instance",
+            "--ro-bind", "/", "/", "--bind", str(tmp_path), str(tmp_path), "--", script, "hi"]
+    instances.ctl("ps")  # the daemon runs: both clients race for the instance, not for it
+    racers = [subprocess.Popen(argv, env=instances.env, stdin=subprocess.DEVNULL)
+              for _ in range(2)]
+    try:
+        deadline = time.monotonic() + 30
+        while len(lines(tmp_path / "log")) < 2:
+            assert time.monotonic() < deadline, lines(tmp_path / "log")
+            time.sleep(0.02)
+        listed = json.loads(instances.ctl("ps", "--json").stdout)
+        assert [entry["name"] for entry in listed] == ["one"]
+        assert lines(tmp_path / "log") == ["got hi", "got hi"]
+        instances.ids.append(listed[0]["id"])  # stopped at the end
+        deadline = time.monotonic() + 30
+        while all(racer.poll() is None for racer in racers):
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        statuses = [racer.poll() for racer in racers]  # one forwarded and returned 0; the
+        assert sorted(statuses, key=str) == [0, None]  # other is the instance's own client
+    finally:
+        for racer in racers:
+            racer.kill()
+            racer.wait(timeout=10)
+
+
+def test_single_instance_needs_a_name(instances):
+    result = instances.ctl("run", "--single-instance", "--ro-bind", "/", "/", "true")
+    assert (result.returncode, result.stderr) == (
+        2, "bblctl run: --single-instance needs --name NAME (what a second start looks for)\n")

@@ -12,6 +12,8 @@ instances. One request per connection, JSON (ControlRequest); replies are Contro
                        a process this instance's exec started (`pid`)
   exec (+3 fds)     -> started (pid; with the pty master fd if `tty`), then exited (status);
                        the process dies if the connection closes first
+  send-args (+3 fds) -> the same, for the command that hands `args` to the instance (the
+                       spec's send_args template, or the main program with the arguments)
 
 When the instance ends the monitor writes ID.exited (the final entry) for a bbld that was not
 there to see it, answers every watcher, and removes its socket.
@@ -30,6 +32,7 @@ from bbld.daemon.messages import CONTROL_FDS, MAX_CONTROL, ControlReply, Control
 from bbld.engine import StartError
 from bbld.engine import syscalls as sc
 from bbld.engine.monitor import pidfd_pid
+from bbld.spec import send_args_argv
 
 
 def socket_name(directory: str, instance_id: str) -> str:
@@ -82,7 +85,7 @@ class Control:
 
     def _handle(self, conn: socket.socket, data: bytes, fds: list[int]) -> None:
         request = msgspec.json.decode(data, type=ControlRequest)
-        if request.op != "exec" and fds:
+        if request.op not in ("exec", "send-args") and fds:
             _close(fds)
             raise ValueError("file descriptors sent with a request that takes none")
         if request.op == "status":
@@ -98,6 +101,9 @@ class Control:
             conn.close()
         elif request.op == "exec":
             self._exec(conn, request, fds)
+        elif request.op == "send-args":  # exec of the command the spec says takes them
+            argv = send_args_argv(self.instance.plan.sandbox, request.args)
+            self._exec(conn, ControlRequest(op="exec", argv=argv), fds)
         else:
             raise ValueError(f"unknown request {request.op!r}")
 

@@ -103,7 +103,8 @@ def _monitor(data: bytes, fds: list[int], directory: str) -> int:
     layers = instance.layers_info()
     main = next(p for p in plan.layers() if p.runs_main)
     entry = {"id": request.id, "name": plan.sandbox.name, "command": main.layer.command.argv,
-             "started": started, "layers": layers}
+             "started": started, "layers": layers,
+             "single_instance": plan.sandbox.single_instance}
     control = Control(instance, directory, entry)
     own = os.pidfd_open(os.getpid())  # the daemon signals the instance through its monitor
     _send(report, Event(event="started", name=entry["name"], command=entry["command"],

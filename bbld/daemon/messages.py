@@ -36,11 +36,12 @@ CONTROL_FDS = 3
 
 
 class ControlRequest(msgspec.Struct, forbid_unknown_fields=True):
-    op: str  # status, watch, signal, exec
+    op: str  # status, watch, signal, exec, send-args
     signal: int = 0
     pid: int | None = None
     layer: str | None = None
     argv: list[str] = []
+    args: list[str] = []  # send-args: the arguments; the instance's spec says how they go in
     tty: bool = False
 
 

@@ -37,6 +37,7 @@ class InstanceRecord:
         self.layers: list[dict] = []
         self.status: int | None = None
         self.monitor: int | None = None  # pidfd of the monitor, for instances we started
+        self.single_instance = False
 
     @classmethod
     def from_entry(cls, entry: dict) -> "InstanceRecord":
@@ -44,13 +45,15 @@ class InstanceRecord:
         record.name, record.command = entry.get("name"), entry.get("command", [])
         record.pid, record.layers = entry.get("pid"), entry.get("layers", [])
         record.status = entry.get("status")
+        record.single_instance = bool(entry.get("single_instance"))
         return record
 
     def entry(self) -> dict:
         """The record as io.bbl.Manager.List shows it."""
         return {"id": self.id, "name": self.name or "", "state": self.state,
                 "started": self.started, "pid": self.pid, "command": self.command,
-                "layers": self.layers, "status": self.status}
+                "layers": self.layers, "status": self.status,
+                "single_instance": self.single_instance}
 
     def kill(self) -> None:
         """SIGKILL the instance's monitor; layer 1 (die_with_parent) and all below follow."""
@@ -83,9 +86,20 @@ class Registry:
         named = [r for r in self.live.values() if r.name == key]
         return named[0] if len(named) == 1 else None
 
+    async def running_single(self, name: str) -> InstanceRecord | None:
+        """The running single-instance instance called `name`; one that is starting is
+        waited for (two starts racing end with one instance)."""
+        while True:
+            found = [r for r in self.live.values() if r.single_instance and r.name == name]
+            if not found:
+                return None
+            if found[0].state == "running":
+                return found[0]
+            await self.changed.wait()
+
     def add(self, record: InstanceRecord) -> None:
         self.live[record.id] = record
-        self._changed()
+        self.notify()
 
     def finish(self, record: InstanceRecord, status: int | None) -> None:
         """The instance ended (idempotent): it moves to the ended list."""
@@ -98,15 +112,16 @@ class Registry:
             os.unlink(os.path.join(self.directory, f"{record.id}.exited"))
         except FileNotFoundError:
             pass
-        self._changed()
+        self.notify()
 
     def drop(self, record: InstanceRecord) -> None:
         """An instance that never started."""
         self.live.pop(record.id, None)
         record.close()
-        self._changed()
+        self.notify()
 
-    def _changed(self) -> None:
+    def notify(self) -> None:
+        """Wake everyone waiting for a change (a start, a state change, an end)."""
         self.changed.set()
         self.changed = trio.Event()
 

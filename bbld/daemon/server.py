@@ -18,7 +18,7 @@ from array import array
 
 import trio
 
-from bbld import __version__, protocol
+from bbld import __version__, protocol, spec
 from bbld.daemon.helper_client import Helper
 from bbld.daemon.messages import MAX_EXTRA_FDS, ControlRequest
 from bbld.daemon.registry import InstanceRecord, Registry, connect, replies
@@ -48,6 +48,7 @@ class Daemon:
             "io.bbl.Manager.Signal": self.signal,
             "io.bbl.Manager.Stop": self.stop,
             "io.bbl.Manager.Exec": self.exec,
+            "io.bbl.Manager.SendArgs": self.send_args,
         }
 
     # ------------------------------------------------------------ methods
@@ -70,7 +71,15 @@ class Daemon:
         if len(fds) != 4 + len(fd_numbers) or len(fd_numbers) > MAX_EXTRA_FDS \
                 or not all(isinstance(n, int) and 3 <= n < 1000 for n in fd_numbers):
             raise VarlinkError(f"{SERVICE}.InvalidParameter", parameter="fds")
+        single = _single_instance_name(spec)
+        running = await self.registry.running_single(single) if single else None
+        if running is not None:  # hand the arguments over instead of starting a second one
+            async for reply in self._forward(running, spec, list(args), fds[:3],
+                                             on_client_gone):
+                yield reply
+            return
         record = InstanceRecord(id=secrets.token_hex(8), state="starting", started=time.time())
+        record.name, record.single_instance = single, bool(single)
         self.registry.add(record)
         status, started = None, False
         try:
@@ -101,12 +110,27 @@ class Daemon:
 
     run.takes_fds = True
 
+    async def _forward(self, record: InstanceRecord, spec_text: str, args: list[str],
+                       fds: list[int], on_client_gone: list):
+        """A single-instance start that found its instance running: its main command's
+        arguments go to that instance (events: forwarded, then exited)."""
+        sandbox = spec.decode(spec_text, "json", "request")
+        main = spec.path_to(sandbox.layer, spec.main_layer_name(sandbox))[-1]
+        request = ControlRequest(op="send-args", args=[*main.command.argv[1:], *args])
+        async for reply in self._exec_stream(record, request, fds, on_client_gone):
+            if isinstance(reply, WithFds):
+                reply = reply.reply
+            if reply.parameters["event"] == "started":
+                reply.parameters["event"] = "forwarded"
+            yield reply
+
     def _started(self, record: InstanceRecord, event, layer_fds: list[int]) -> None:
         record.state, record.layers = "running", event.layers
         record.name, record.command = event.name, event.command
         record.pid, record.started = event.main_pid, event.started or record.started
         record.monitor = layer_fds[0] if layer_fds else None
         _close_all(layer_fds[1:])
+        self.registry.notify()
         self.nursery.start_soon(self.registry.follow, record)
 
     async def list(self, all: bool = False) -> dict:
@@ -162,10 +186,29 @@ class Daemon:
             raise VarlinkError(f"{SERVICE}.InvalidParameter", parameter="fds" if
                                len(fds) != (0 if tty else 3) else "argv")
         request = ControlRequest(op="exec", argv=argv, layer=layer, tty=tty)
+        async for reply in self._exec_stream(record, request, fds, on_client_gone):
+            yield reply
+
+    exec.takes_fds = True
+
+    async def send_args(self, id: str, args: list, *, fds: list[int], on_client_gone: list):
+        """Hand arguments to a running instance the way its spec says (see Exec's replies)."""
+        record = self._live(id)
+        if len(fds) != 3 or not all(isinstance(a, str) for a in args):
+            raise VarlinkError(f"{SERVICE}.InvalidParameter",
+                               parameter="fds" if len(fds) != 3 else "args")
+        request = ControlRequest(op="send-args", args=args)
+        async for reply in self._exec_stream(record, request, fds, on_client_gone):
+            yield reply
+
+    send_args.takes_fds = True
+
+    async def _exec_stream(self, record: InstanceRecord, request: ControlRequest,
+                           fds: list[int], on_client_gone: list):
         try:
             sock = await connect(self.registry.control_path(record.id), request, fds)
         except OSError:
-            raise VarlinkError("io.bbl.Manager.NoSuchInstance", id=id) from None
+            raise VarlinkError("io.bbl.Manager.NoSuchInstance", id=record.id) from None
         on_client_gone.append(sock.close)  # the monitor then kills what it started
         with sock:
             try:
@@ -174,16 +217,16 @@ class Daemon:
                         raise VarlinkError("io.bbl.Manager.ExecFailed", message=reply.message,
                                            exit_code=reply.exit_code or 1)
                     if reply.op == "started":
-                        yield WithFds(Reply(parameters={"event": "started", "pid": reply.pid},
-                                            continues=True), reply_fds)
+                        yield WithFds(Reply(parameters={"event": "started", "id": record.id,
+                                                        "pid": reply.pid}, continues=True),
+                                      reply_fds)
                     elif reply.op == "exited":
-                        yield Reply(parameters={"event": "exited", "status": reply.status})
+                        yield Reply(parameters={"event": "exited", "id": record.id,
+                                                "status": reply.status})
                         return
             except (OSError, trio.ClosedResourceError):
                 pass
-        raise VarlinkError("io.bbl.Manager.NoSuchInstance", id=id)
-
-    exec.takes_fds = True
+        raise VarlinkError("io.bbl.Manager.NoSuchInstance", id=record.id)
 
     # ------------------------------------------------------------ plumbing
 
@@ -281,6 +324,16 @@ class WithFds:
 
     def __init__(self, reply: Reply, fds: list[int]):
         self.reply, self.fds = reply, fds
+
+
+def _single_instance_name(text: str) -> str | None:
+    """The spec's name if it asks for a single instance (an invalid spec: None; the helper
+    reports what is wrong with it)."""
+    try:
+        sandbox = spec.decode(text, "json", "request")
+    except spec.SpecError:
+        return None
+    return sandbox.name if sandbox.single_instance else None
 
 
 def _close_all(fds: list[int]) -> None:

@@ -10,8 +10,9 @@ commands:
                  as an instance of the daemon (bbld; started when needed); with
                  --single-instance, a second run with the same name hands its arguments
                  to the running instance instead
-  ps [--all] [--json]
-                 list running instances (--all: also recently ended ones, with status)
+  ps [--all] [--json] [--watch]
+                 list running instances (--all: also recently ended ones, with status;
+                 --watch: then follow instances starting and ending, a line each)
   tree [ID] [--json]
                  the layer tree of each running instance, with its processes
   exec [--layer NAME] ID [--] COMMAND [ARGS...]

@@ -55,9 +55,11 @@ def signal_number(text: str) -> int:
 
 
 def ps(argv: list[str]) -> int:
-    flags, _, positional = parse(argv, {"--json": False, "--all": False}, {})
+    flags, _, positional = parse(argv, {"--json": False, "--all": False, "--watch": False}, {})
     if positional:
         raise UsageError(f"ps takes no arguments (got {positional[0]!r})")
+    if flags["--watch"]:
+        return _watch(flags["--json"])
     with connect() as conn:
         instances = conn.call("io.bbl.Manager.List", all=flags["--all"])["instances"]
     rows = [_ps_row(entry) for entry in instances]
@@ -73,6 +75,23 @@ def ps(argv: list[str]) -> int:
     for line in table:
         cells = [cell.ljust(width) for cell, width in zip(line[:-1], widths, strict=True)]
         print("  ".join([*cells, line[-1]]))
+    return 0
+
+
+def _watch(as_json: bool) -> int:
+    """Instances starting and ending, a line each (JSON lines with --json), until Ctrl-C."""
+    try:
+        with connect() as conn:
+            for event in conn.stream("io.bbl.Manager.Events"):
+                if as_json:
+                    print(json.dumps(event), flush=True)
+                    continue
+                when = datetime.datetime.fromtimestamp(event["time"]).strftime("%H:%M:%S")
+                status = f" status {event['status']}" if event["event"] == "exited" else ""
+                print(f"{when} {event['event']} {event['id']} {event['name']}{status}",
+                      flush=True)
+    except KeyboardInterrupt:
+        return 130
     return 0
 
 

@@ -108,6 +108,17 @@ type Instance (
   status: ?int
 )
 
+# Instances starting and ending, as it happens, until the caller hangs up.
+# Call it with "more"; every reply is one event: "started" or "exited" (with
+# the instance's status), its id, name and time (seconds since the epoch).
+method Events() -> (
+  event: string,
+  id: string,
+  name: string,
+  time: float,
+  status: ?int
+)
+
 # Send a signal to a running instance (id, or a name only one running
 # instance has): its main command gets it, through every layer's supervisor,
 # as bubblewrap's command would; with pid, the process Exec started instead.

@@ -406,3 +406,24 @@ def test_single_instance_needs_a_name(instances):
     result = instances.ctl("run", "--single-instance", "--ro-bind", "/", "/", "true")
     assert (result.returncode, result.stderr) == (
         2, "bblctl run: --single-instance needs --name NAME (what a second start looks for)\n")
+
+
+def test_ps_watch_follows_starts_and_ends(instances):
+    import subprocess
+    import sys
+
+    instances.ctl("ps")  # the daemon runs
+    watcher = subprocess.Popen([sys.executable, "-m", "bblctl", "ps", "--watch", "--json"],
+                               env=instances.env, stdout=subprocess.PIPE, text=True)
+    try:
+        time.sleep(0.5)  # subscribed
+        instance = instances.start(sandbox(app_layer(command=["sleep", "600"]), name="watched"))
+        started = json.loads(watcher.stdout.readline())
+        assert (started["event"], started["id"], started["name"]) == (
+            "started", instance, "watched")
+        instances.ctl("stop", instance, "--timeout", "5")
+        ended = json.loads(watcher.stdout.readline())
+        assert (ended["event"], ended["id"], ended["status"]) == ("exited", instance, 143)
+    finally:
+        watcher.kill()
+        watcher.wait(timeout=10)

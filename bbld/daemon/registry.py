@@ -12,6 +12,7 @@ import collections
 import os
 import signal as _signal
 import socket
+import time
 import traceback
 from array import array
 
@@ -75,6 +76,7 @@ class Registry:
         self.live: dict[str, InstanceRecord] = {}
         self.ended: collections.deque[InstanceRecord] = collections.deque(maxlen=KEEP_ENDED)
         self.changed = trio.Event()  # set (and replaced) whenever an instance starts or ends
+        self.subscribers: set[trio.MemorySendChannel] = set()  # Events callers
 
     def control_path(self, instance_id: str) -> str:
         return os.path.join(self.directory, f"{instance_id}.sock")
@@ -108,6 +110,7 @@ class Registry:
         record.state, record.status, record.pid = "exited", status, None
         record.close()
         self.ended.append(record)
+        self.publish(record, "exited")
         try:
             os.unlink(os.path.join(self.directory, f"{record.id}.exited"))
         except FileNotFoundError:
@@ -118,6 +121,18 @@ class Registry:
         """An instance that never started."""
         self.live.pop(record.id, None)
         record.close()
+        self.notify()
+
+    def publish(self, record: InstanceRecord, event: str) -> None:
+        """Tell the Events callers (one that fell too far behind is dropped) and the waiters."""
+        message = {"event": event, "id": record.id, "name": record.name or "",
+                   "time": time.time(), "status": record.status}
+        for channel in list(self.subscribers):
+            try:
+                channel.send_nowait(message)
+            except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
+                self.subscribers.discard(channel)
+                channel.close()
         self.notify()
 
     def notify(self) -> None:

@@ -25,6 +25,7 @@ from bbld.daemon.registry import InstanceRecord, Registry, connect, replies
 from bbld.protocol import Call, Reply, VarlinkError
 
 SERVICE = "org.varlink.service"
+EVENT_BACKLOG = 256  # events a slow Events caller may fall behind by before it is dropped
 
 
 def peer_uid(sock: trio.socket.SocketType) -> int:
@@ -49,6 +50,7 @@ class Daemon:
             "io.bbl.Manager.Stop": self.stop,
             "io.bbl.Manager.Exec": self.exec,
             "io.bbl.Manager.SendArgs": self.send_args,
+            "io.bbl.Manager.Events": self.events,
         }
 
     # ------------------------------------------------------------ methods
@@ -130,7 +132,7 @@ class Daemon:
         record.pid, record.started = event.main_pid, event.started or record.started
         record.monitor = layer_fds[0] if layer_fds else None
         _close_all(layer_fds[1:])
-        self.registry.notify()
+        self.registry.publish(record, "started")
         self.nursery.start_soon(self.registry.follow, record)
 
     async def list(self, all: bool = False) -> dict:
@@ -203,6 +205,19 @@ class Daemon:
 
     send_args.takes_fds = True
 
+    async def events(self, *, on_client_gone: list):
+        """Instances starting and ending, as they happen, until the caller hangs up."""
+        send, receive = trio.open_memory_channel(EVENT_BACKLOG)
+        self.registry.subscribers.add(send)
+        on_client_gone.append(receive.close)
+        try:
+            async for event in receive:
+                yield Reply(parameters=event, continues=True)
+        except trio.ClosedResourceError:
+            pass
+        finally:
+            self.registry.subscribers.discard(send)
+
     async def _exec_stream(self, record: InstanceRecord, request: ControlRequest,
                            fds: list[int], on_client_gone: list):
         try:
@@ -247,8 +262,11 @@ class Daemon:
                 return
             if not call.more:
                 raise VarlinkError(f"{SERVICE}.ExpectedMore")
-            kwargs = {"fds": fds, "on_client_gone": on_client_gone if on_client_gone is not None
-                      else []} if getattr(method, "takes_fds", False) else {}
+            kwargs = {}
+            if getattr(method, "takes_fds", False):
+                kwargs["fds"] = fds
+            if inspect.signature(method).parameters.get("on_client_gone"):
+                kwargs["on_client_gone"] = on_client_gone if on_client_gone is not None else []
             async for reply in method(**call.parameters, **kwargs):  # streams yield Replies
                 yield reply
         except VarlinkError as exc:

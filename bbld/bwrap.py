@@ -579,13 +579,21 @@ def to_sandbox(inv: Invocation, uid: int, gid: int) -> spec.Sandbox:
 
 
 def _caps(inv: Invocation, uid: int) -> list[str]:
-    """bubblewrap: no capabilities for an unprivileged caller, all for root; then in order."""
-    kept = set(spec.CAPABILITIES) if uid == 0 else set()
+    """bubblewrap: no capabilities for an unprivileged caller; root keeps those it has (a
+    container's root may lack some); then --cap-add/--cap-drop in order."""
+    kept = _own_capabilities() if uid == 0 else set()
     for kind, name in inv.caps:
         names = set(spec.CAPABILITIES) if name.upper() == "ALL" else \
             {spec.CAPABILITIES[spec.capability_number(name)]}
         kept = kept | names if kind == "add" else kept - names
     return sorted(kept, key=spec.CAPABILITIES.index)
+
+
+def _own_capabilities() -> set[str]:
+    """The names of the capabilities in this process's effective set."""
+    with open("/proc/self/status") as f:
+        bits = next(int(line.split()[1], 16) for line in f if line.startswith("CapEff:"))
+    return {name for number, name in enumerate(spec.CAPABILITIES) if bits >> number & 1}
 
 
 def _seccomp(inv: Invocation) -> spec.Seccomp | None:

@@ -58,3 +58,17 @@ def test_supervisors_hold_no_fd_of_the_caller(tmp_path):
             assert running.finish().returncode == 143
     finally:
         os.close(leaked)
+
+
+def test_root_runs_and_enters_instances_through_the_daemon(instances):
+    import json
+
+    result = instances.ctl("run", "--ro-bind", "/", "/", "--unshare-pid", "sh", "-c",
+                           "id -u; exit 3")
+    assert (result.returncode, result.stdout) == (3, "0\n"), result.stderr
+    instance = instances.start(sandbox(app_layer(command=["sleep", "600"])))
+    entered = instances.ctl("exec", instance, "--", "sh", "-c",
+                            "id -u; grep CapEff /proc/self/status")
+    assert entered.stdout.split() == ["0", "CapEff:", "0000000000000000"], entered.stderr
+    assert [e["id"] for e in json.loads(instances.ctl("ps", "--json").stdout)] == [instance]
+    assert instances.ctl("stop", instance).returncode == 0

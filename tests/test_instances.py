@@ -251,6 +251,13 @@ def test_attach_gives_a_terminal_made_inside_the_sandbox(instances, app):
     assert entry["state"] == "running"  # the instance itself goes on
 
 
+def test_attach_gets_exactly_the_layers_restrictions(instances, app):
+    instance, out = app
+    result = instances.ctl("attach", instance, "--", "sh", "-c", f"({REPORT}) > /out/attached")
+    assert result.returncode == 0, result.stderr
+    assert (out / "attached").read_text() == (out / "main").read_text()
+
+
 def test_attach_without_a_devpts_is_a_clear_error(instances):
     no_dev = sandbox(app_layer(fs=[op for op in system_ops() if op["op"] != "dev"],
                                command=["sleep", "600"]))
@@ -283,6 +290,8 @@ def test_instances_outlive_the_daemon_and_are_adopted_again(instances, marker):
     for instance in ids:
         result = instances.ctl("exec", instance, "--", "sh", "-c", "echo $$")
         assert result.returncode == 0 and result.stdout.strip().isdigit(), result.stderr
+    attached = instances.ctl("attach", ids[-1], "--", "sh", "-c", "tty; exit 4")
+    assert (attached.returncode, attached.stdout) == (4, "/dev/pts/0\n"), attached.stderr
     assert instances.ctl("stop", ids[0]).returncode == 0
     assert len(json.loads(instances.ctl("ps", "--json").stdout)) == 19
     directory = os.path.join(instances.env["XDG_RUNTIME_DIR"], "bbl", "instances")

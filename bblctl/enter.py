@@ -49,14 +49,8 @@ def exec_(argv: list[str]) -> int:
     instance, layer, command = parse(argv, "exec")
     if not command:
         raise UsageError("exec needs a command after the instance: bblctl exec ID -- CMD...")
-    with SignalForwarder() as forwarder, connect() as conn:
-        for reply in conn.stream("io.bbl.Manager.Exec", fds=(0, 1, 2), id=instance,
-                                 argv=command, **({"layer": layer} if layer else {})):
-            if reply["event"] == "started":
-                forwarder.aim(id=instance, pid=reply["pid"])
-            elif reply["event"] == "exited":
-                return reply["status"]
-    return 1
+    return _run_in(instance, "io.bbl.Manager.Exec", argv=command,
+                   **({"layer": layer} if layer else {}))
 
 
 def send_args(argv: list[str]) -> int:
@@ -66,9 +60,13 @@ def send_args(argv: list[str]) -> int:
     instance, args = argv[0], argv[1:]
     if args and args[0] == "--":
         args = args[1:]
+    return _run_in(instance, "io.bbl.Manager.SendArgs", args=args)
+
+
+def _run_in(instance: str, method: str, **parameters) -> int:
+    """Exec or SendArgs with our stdio; signals we get go to the command; its status."""
     with SignalForwarder() as forwarder, connect() as conn:
-        for reply in conn.stream("io.bbl.Manager.SendArgs", fds=(0, 1, 2), id=instance,
-                                 args=args):
+        for reply in conn.stream(method, fds=(0, 1, 2), id=instance, **parameters):
             if reply["event"] == "started":
                 forwarder.aim(id=instance, pid=reply["pid"])
             elif reply["event"] == "exited":

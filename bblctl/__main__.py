@@ -10,6 +10,13 @@ commands:
                  as an instance of the daemon (bbld; started when needed); with
                  --single-instance, a second run with the same name hands its arguments
                  to the running instance instead
+  start PROFILE [--name NAME] [--detach] [-- ARGS...]
+                 start a sandbox from a profile (a name, see `profile list`, or a file):
+                 in the foreground, with a terminal made inside the sandbox when stdin
+                 is one; --detach prints the instance id and returns
+  profile list | show NAME [--expanded] | validate FILE|NAME
+                 the profiles; show prints one (--expanded: the whole layer tree it
+                 means); validate reports every problem with file:line (exit 2)
   ps [--all] [--json] [--watch]
                  list running instances (--all: also recently ended ones, with status;
                  --watch: then follow instances starting and ending, a line each)
@@ -30,12 +37,14 @@ commands:
                  send a signal to the main command (default KILL)
 
 ID is an instance id, or a name that only one running instance has (see bblctl ps).
-The other commands (start, profile, desktop) are not built yet."""
+The desktop command is not built yet."""
 
 COMMANDS = {"ps": ("bblctl.manage", "ps"), "tree": ("bblctl.manage", "tree"),
             "stop": ("bblctl.manage", "stop"), "kill": ("bblctl.manage", "kill"),
             "exec": ("bblctl.enter", "exec_"), "attach": ("bblctl.enter", "attach"),
-            "send-args": ("bblctl.enter", "send_args")}
+            "send-args": ("bblctl.enter", "send_args"),
+            "start": ("bblctl.profiles", "start"),
+            "profile": ("bblctl.profiles", "profile_command")}
 
 
 def main(argv=None) -> int:

@@ -85,7 +85,7 @@ def attach(argv: list[str]) -> int:
         master = conn.fds.pop(0)
         try:
             with Terminal(master):
-                _relay(master, conn.sock)
+                relay(master, conn.sock)
         finally:
             os.close(master)
         for reply in replies:
@@ -124,7 +124,7 @@ class Terminal:
             pass
 
 
-def _relay(master: int, daemon) -> None:
+def relay(master: int, daemon) -> None:
     """Copy stdin to the pty and the pty to stdout until the pty's other side is gone."""
     inputs = [0, master, daemon]
     while True:

@@ -136,9 +136,12 @@ def _layer_tree(layers: list[dict]) -> list[dict]:
     nodes = {}
     roots = []
     for layer in layers:
-        node = {"name": layer["layer"], "pid": layer["pid"], "uid": layer.get("uid"),
-                "gid": layer.get("gid"), "namespaces": layer["namespaces"],
-                "processes": _processes(layer["pid"], supervisors), "children": []}
+        alive = layer["pid"] > 0 and os.path.exists(f"/proc/{layer['pid']}")
+        node = {"name": layer["layer"], "pid": layer["pid"] if alive else None,
+                "uid": layer.get("uid"), "gid": layer.get("gid"),
+                "namespaces": layer["namespaces"],
+                "processes": _processes(layer["pid"], supervisors) if alive else [],
+                "children": []}
         nodes[node["name"]] = node
         parent = nodes.get(layer.get("parent"))
         (parent["children"] if parent else roots).append(node)
@@ -178,8 +181,8 @@ def _cmdline(pid: int) -> list[str]:
 
 def _draw(node: dict, indent: str) -> None:
     ns = " ".join(f"{name}:{inode}" for name, inode in sorted(node["namespaces"].items()))
-    print(f"{indent}{node['name']}  pid {node['pid']}  uid {node['uid']} gid {node['gid']}  "
-          f"[{ns}]")
+    pid = f"pid {node['pid']}" if node["pid"] else "ended (nothing left to run)"
+    print(f"{indent}{node['name']}  {pid}  uid {node['uid']} gid {node['gid']}  [{ns}]")
     for process in node["processes"]:
         print(f"{indent}  · {process['pid']} {' '.join(process['command'])}")
     for child in node["children"]:

@@ -69,6 +69,10 @@ method Ping() -> (version: string, pid: int)
 # has starts nothing: its main command's arguments (and args) go to that
 # instance as SendArgs would send them; the first reply is then "forwarded"
 # (id and pid), the last "exited" with the forwarding command's status.
+# When the main command has tty (a pty from its layer's devpts), the
+# "started" reply says tty and carries the pty's master (SCM_RIGHTS); with
+# detach, the instance's monitor keeps the master instead (and discards what
+# is written to it), so the caller may leave.
 # Four file descriptors travel with the call (SCM_RIGHTS), in this order:
 # stdin, stdout and stderr for the sandbox, and its working directory;
 # then one fd for each entry of fd_numbers, which the spec refers to by that
@@ -80,11 +84,13 @@ method Run(
   args: []string,
   env: [string]string,
   fd_numbers: ?[]int,
-  die_with_client: ?bool
+  die_with_client: ?bool,
+  detach: ?bool
 ) -> (
   event: string,
   id: string,
   layers: ?[]object,
+  tty: ?bool,
   pid: ?int,
   status: ?int
 )

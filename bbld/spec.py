@@ -215,6 +215,9 @@ class Command(Struct, forbid_unknown_fields=True):
     new_session: bool = True  # setsid(): the command never holds the caller's terminal
     pass_fds: list[int] = []  # fds of the engine's caller kept open; all others are closed
     stdin: Literal["inherit", "null"] | None = None  # default: main inherits, companions null
+    # a new pty from the layer's own devpts as stdio and controlling terminal (in a new
+    # session); the main command's pty master goes to the engine's caller
+    tty: bool = False
 
 
 class Seccomp(Struct, forbid_unknown_fields=True):
@@ -384,8 +387,13 @@ def _locate(raw, message: str) -> str:
 # ---------------------------------------------------------------- rules
 
 
+# The named seccomp policies the engine has (bbld.engine.seccomp.POLICIES; a test keeps the
+# two in step), so that front ends check specs without importing the engine.
+SECCOMP_POLICIES = ("default", "no-terminal-injection")
+
+
 def check(sandbox: Sandbox, caller_uid: int | None = None, caller_gid: int | None = None,
-          known_policies=()) -> None:
+          known_policies=SECCOMP_POLICIES) -> None:
     """Raise SpecError listing every rule the spec breaks (nothing when it is sound)."""
     problems: list[str] = []
     seen: set[str] = set()
@@ -526,6 +534,8 @@ def _check_layer(layer: Layer, say, known_policies) -> None:
             say("user_namespaces", "\"deny\" cannot hold with cap sys_resource kept: it "
                 "could raise the limit again")
     if layer.command_replaces_supervisor:
+        if layer.command is not None and layer.command.tty:
+            say("command.tty", "cannot be combined with command_replaces_supervisor")
         for fieldname, present in (("command", layer.command is None),
                                    ("companions", layer.companions), ("layers", layer.layers),
                                    ("lock_files", layer.lock_files)):

@@ -187,3 +187,9 @@ def test_unopened_fd_in_spec_is_a_usage_error(tmp_path):
     result = run_engine(str(path))
     assert result.returncode == 2
     assert result.stderr == "bbl: layer 'app': fd 77 is not open in the caller\n"
+
+
+def test_the_specs_policy_names_are_the_engines():
+    from bbld.engine import seccomp
+
+    assert set(spec.SECCOMP_POLICIES) == set(seccomp.POLICIES)

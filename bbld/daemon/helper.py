@@ -107,10 +107,17 @@ def _monitor(data: bytes, fds: list[int], directory: str) -> int:
              "single_instance": plan.sandbox.single_instance}
     control = Control(instance, directory, entry)
     own = os.pidfd_open(os.getpid())  # the daemon signals the instance through its monitor
+    tty = [instance.main_tty] if instance.main_tty is not None else []
+    if request.hold_tty and tty:  # detached: the terminal stays open here, its output unread
+        instance.watch(tty[0], lambda: _discard(tty[0]))
+        tty = []
     _send(report, Event(event="started", name=entry["name"], command=entry["command"],
-                        started=started, main_pid=instance.main_pid, layers=layers),
-          [own, *(instance.pidfds[entry["layer"]] for entry in layers)])
+                        started=started, main_pid=instance.main_pid, layers=layers,
+                        tty=bool(tty)), [own, *tty])
     os.close(own)
+    for fd in tty:  # the caller's now: when it closes, the sandbox's terminal hangs up
+        os.close(fd)
+        instance.main_tty = None
     status = None
     try:
         status = instance.wait()
@@ -121,6 +128,14 @@ def _monitor(data: bytes, fds: list[int], directory: str) -> int:
         control.close(status)
     _send(report, Event(event="exited", status=status))
     return 0
+
+
+def _discard(fd: int) -> None:
+    """Read what a detached instance writes to its terminal, so that it never blocks."""
+    try:
+        os.read(fd, 65536)
+    except OSError:
+        pass
 
 
 def _send(report: socket.socket, event: Event, fds: list[int] = ()) -> None:

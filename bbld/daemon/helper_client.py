@@ -39,12 +39,13 @@ class Helper:
         self.sock = trio.socket.from_stdlib_socket(mine)
 
     async def start(self, instance_id: str, spec: str, args: list[str], env: dict[str, str],
-                    fd_numbers: list[int], fds: list[int]):
+                    fd_numbers: list[int], fds: list[int], hold_tty: bool = False):
         """Yield (Event, fds) for one new instance until its monitor ends."""
         self._ensure_running()
         mine, theirs = _seqpacket_pair()
         request = msgspec.json.encode(StartRequest(id=instance_id, spec=spec, args=args,
-                                                   env=env, fd_numbers=fd_numbers))
+                                                   env=env, fd_numbers=fd_numbers,
+                                                   hold_tty=hold_tty))
         try:
             await self.sock.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
                                                  array("i", [theirs.fileno(), *fds]))])

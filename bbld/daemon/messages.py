@@ -13,6 +13,7 @@ class StartRequest(msgspec.Struct):
     args: list[str] = []
     env: dict[str, str] = {}
     fd_numbers: list[int] = []  # where the extra fds go in the monitor, in order
+    hold_tty: bool = False  # keep the main command's pty in the monitor (a detached start)
 
 
 class Event(msgspec.Struct, omit_defaults=True):
@@ -21,7 +22,8 @@ class Event(msgspec.Struct, omit_defaults=True):
     name: str | None = None  # started: the sandbox's name,
     command: list[str] = []  # its main command (argv, with the call's args),
     started: float | None = None  # its start time (seconds since the epoch),
-    main_pid: int | None = None  # and the main command's pid, if it still runs
+    main_pid: int | None = None  # and the main command's pid, if it still runs;
+    tty: bool = False  # its pty master came with the event (after the monitor's pidfd)
     layers: list[dict] = []
     status: int | None = None
     message: str | None = None

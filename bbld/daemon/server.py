@@ -68,7 +68,8 @@ class Daemon:
         return {"version": __version__, "pid": os.getpid()}
 
     async def run(self, spec: str, args: list = (), env: dict = None, fd_numbers: list = (),
-                  die_with_client: bool = False, *, fds: list[int], on_client_gone: list):
+                  die_with_client: bool = False, detach: bool = False, *, fds: list[int],
+                  on_client_gone: list):
         """Replies as they happen: started (more follow), then exited (the last)."""
         if len(fds) != 4 + len(fd_numbers) or len(fd_numbers) > MAX_EXTRA_FDS \
                 or not all(isinstance(n, int) and 3 <= n < 1000 for n in fd_numbers):
@@ -86,17 +87,20 @@ class Daemon:
         status, started = None, False
         try:
             async for event, layer_fds in self.helper.start(record.id, spec, list(args),
-                                                            env or {}, list(fd_numbers), fds):
+                                                            env or {}, list(fd_numbers), fds,
+                                                            hold_tty=detach):
                 if event.event == "failed":
                     raise VarlinkError("io.bbl.Manager.StartFailed", message=event.message,
                                        exit_code=event.exit_code)
                 if event.event == "started":
                     started = True
-                    self._started(record, event, layer_fds)
+                    tty = self._started(record, event, layer_fds)
                     if die_with_client:  # bubblewrap's --die-with-parent, for our caller
                         on_client_gone.append(record.kill)
-                    yield Reply(parameters={"event": "started", "id": record.id,
-                                            "layers": event.layers}, continues=True)
+                    reply = Reply(parameters={"event": "started", "id": record.id,
+                                              "layers": event.layers, "tty": tty is not None},
+                                  continues=True)
+                    yield reply if tty is None else WithFds(reply, [tty])
                 elif event.event == "exited":
                     status = event.status
                     yield Reply(parameters={"event": "exited", "id": record.id,
@@ -126,14 +130,17 @@ class Daemon:
                 reply.parameters["event"] = "forwarded"
             yield reply
 
-    def _started(self, record: InstanceRecord, event, layer_fds: list[int]) -> None:
+    def _started(self, record: InstanceRecord, event, fds: list[int]) -> int | None:
+        """Record a start; returns the main command's pty master, if it came."""
         record.state, record.layers = "running", event.layers
         record.name, record.command = event.name, event.command
         record.pid, record.started = event.main_pid, event.started or record.started
-        record.monitor = layer_fds[0] if layer_fds else None
-        _close_all(layer_fds[1:])
+        record.monitor = fds[0] if fds else None
+        tty = fds[1] if event.tty and len(fds) == 2 else None
+        _close_all([fd for fd in fds[1:] if fd != tty])
         self.registry.publish(record, "started")
         self.nursery.start_soon(self.registry.follow, record)
+        return tty
 
     async def list(self, all: bool = False) -> dict:
         records = [*self.registry.ended] if all else []

@@ -23,9 +23,9 @@ import socket
 from msgspec import Struct
 
 from bbld import spec
-from bbld.engine import privileges
+from bbld.engine import privileges, terminal
 from bbld.engine import syscalls as sc
-from bbld.engine.errors import EXIT_USAGE, StartError
+from bbld.engine.errors import StartError
 from bbld.engine.plan import LayerPlan, Plan
 from bbld.engine.supervisor import restrict_and_exec
 
@@ -169,17 +169,8 @@ def _command(plan: Plan, layer: LayerPlan, argv, env, cwd, stdio, channel) -> No
 def _open_terminal(channel: socket.socket) -> None:
     """A pty from the layer's own devpts: its slave becomes our controlling terminal and
     stdio; the master goes back to the caller."""
-    try:
-        master = os.open("/dev/ptmx", os.O_RDWR | os.O_NOCTTY | os.O_CLOEXEC)
-    except OSError as exc:
-        raise StartError(f"the layer has no usable /dev/ptmx ({exc.strerror}); give it a "
-                         "dev or devpts operation", EXIT_USAGE) from None
-    fcntl.ioctl(master, sc.TIOCSPTLCK, b"\0\0\0\0")
-    slave = fcntl.ioctl(master, sc.TIOCGPTPEER, os.O_RDWR | os.O_NOCTTY)
-    fcntl.ioctl(slave, sc.TIOCSCTTY, 0)
-    for target in (0, 1, 2):
-        os.dup2(slave, target)
-    os.close(slave)
+    master, slave = terminal.open_pty()
+    terminal.take(slave)
     socket.send_fds(channel, [b"pty"], [master])
     os.close(master)
 

@@ -44,6 +44,7 @@ class Instance:
         self.pidfds: dict[str, int] = {}  # layer name -> pidfd of its supervisor
         self.main_layer = next(p.name for p in plan.layers() if p.runs_main)
         self.main_pidfd: int | None = None  # the main command, once it runs
+        self.main_tty: int | None = None  # its pty master (Command.tty), for our caller to take
         self.namespace_fds: dict[str, dict[str, int]] = {}  # layer -> /proc/PID/ns name -> fd
         self.watches: dict[int, object] = {}  # fd -> callback (Instance.watch)
         self.running: set[str] = set()
@@ -241,10 +242,11 @@ class Instance:
             self.built[name] = report
             self.pidfds[name] = fds[0]
             self.namespace_fds[name] = dict(zip(report.namespace_fds, fds[1:], strict=True))
-        elif isinstance(report, reports.Running) and name in self.built and len(fds) <= 1:
+        elif isinstance(report, reports.Running) and name in self.built and len(fds) <= 2:
             self.running.add(name)
             if fds and name == self.main_layer and self.main_pidfd is None:
                 self.main_pidfd = fds[0]
+                self.main_tty = fds[1] if len(fds) == 2 else None
             else:
                 for fd in fds:
                     os.close(fd)
@@ -279,11 +281,13 @@ class Instance:
             os.close(layer1.pidfd)
         namespace_fds = [fd for fds in self.namespace_fds.values() for fd in fds.values()]
         for fd in (*self.pidfds.values(), getattr(self, "sigfd", -1), self.proc_fd,
-                   self.main_pidfd if self.main_pidfd is not None else -1, *namespace_fds):
+                   self.main_pidfd if self.main_pidfd is not None else -1,
+                   self.main_tty if self.main_tty is not None else -1, *namespace_fds):
             if fd >= 0:
                 os.close(fd)
         self.pidfds.clear()
         self.namespace_fds.clear()
+        self.main_tty = None
         self.main_pidfd = None
         self.sigfd = -1
         if self.plan.sandbox.sync_fd is not None:  # bubblewrap's --sync-fd: closes at the end

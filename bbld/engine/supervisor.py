@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from msgspec import Struct
 
 from bbld import spec
-from bbld.engine import filesystem, network, privileges, reports
+from bbld.engine import filesystem, network, privileges, reports, terminal
 from bbld.engine import syscalls as sc
 from bbld.engine.errors import EXIT_USAGE, StartError
 from bbld.engine.plan import LayerPlan, Plan
@@ -167,6 +167,7 @@ class LayerSupervisor:
         self.children: dict[int, LayerPlan] = {}  # sub-layer supervisors by pid
         self.commands: set[int] = set()  # this layer's commands (main and companions)
         self.main_pid: int | None = None
+        self.main_tty: int | None = None  # the main command's pty master, until reported
 
     @property
     def has_pid_namespace(self) -> bool:
@@ -325,13 +326,16 @@ class LayerSupervisor:
                 os.close(fd)
 
     def _report_running(self, main_command: int | None) -> None:
-        """Running, with a pidfd of the instance's main command if it runs here: the caller
-        learns its pid in its own pid namespace from the pidfd, not from a number we say."""
+        """Running, with a pidfd of the instance's main command if it runs here (the caller
+        learns its pid in its own pid namespace from the pidfd, not from a number we say),
+        then its pty master if it has one."""
+        tty, self.main_tty = self.main_tty, None
         fds = (sc.pidfd_open(main_command),) if main_command is not None else ()
         try:
-            reports.send(self.ctx.report, reports.Running(layer=self.plan.name), fds)
+            reports.send(self.ctx.report, reports.Running(layer=self.plan.name),
+                         fds + (tty,) if fds and tty is not None else fds)
         finally:
-            for fd in fds:
+            for fd in fds if tty is None else (*fds, tty):
                 os.close(fd)
 
     def _wait_for_go(self) -> int | None:
@@ -381,13 +385,14 @@ class LayerSupervisor:
 
     def _spawn(self, command: spec.Command, companion: bool) -> int:
         """Fork and exec one command; raises StartError if it cannot be executed."""
+        master, slave = terminal.open_pty() if command.tty else (None, None)
         errors_r, errors_w = os.pipe2(os.O_CLOEXEC)
         supervisor = os.getpid()
         pid = os.fork()
         if pid == 0:
             try:
                 os.close(errors_r)
-                self._exec(command, companion, errors_w, supervisor)
+                self._exec(command, companion, errors_w, supervisor, slave=slave)
             except StartError as exc:
                 os.write(errors_w, f"{exc.exit_code}:{exc}".encode())
             except BaseException as exc:
@@ -395,6 +400,12 @@ class LayerSupervisor:
             finally:
                 os._exit(127)
         os.close(errors_w)
+        if slave is not None:
+            os.close(slave)
+            if companion or self.main_tty is not None:
+                os.close(master)
+            else:
+                self.main_tty = master  # reported with Running, then closed here
         failure = b"".join(iter(lambda: os.read(errors_r, 4096), b""))
         os.close(errors_r)
         self.commands.add(pid)
@@ -404,14 +415,17 @@ class LayerSupervisor:
         return pid
 
     def _exec(self, command: spec.Command, companion: bool, errors_fd: int,
-              supervisor: int, parent_death_signal: bool = True) -> None:
+              supervisor: int, parent_death_signal: bool = True,
+              slave: int | None = None) -> None:
         """In the forked command process (or the supervisor itself, with
         command_replaces_supervisor): the last steps before execve, in this order."""
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
         for signo in (signal.SIGPIPE, signal.SIGXFSZ):  # Python ignores these; exec keeps that
             signal.signal(signo, signal.SIG_DFL)
-        if command.new_session:
+        if command.new_session or slave is not None:
             os.setsid()  # no controlling terminal: TIOCSTI cannot reach the caller's
+        if slave is not None:
+            terminal.take(slave)  # the sandbox's own pty
         if "user" in self.layer.namespaces or self.layer.join and self.layer.join.user is not None:
             privileges.become(self.layer)
         if parent_death_signal:
@@ -420,7 +434,7 @@ class LayerSupervisor:
                 os._exit(1)
         if self.layer.user_namespaces == "assert-denied":
             privileges.assert_user_namespaces_denied()
-        if (command.stdin or ("null" if companion else "inherit")) == "null":
+        if slave is None and (command.stdin or ("null" if companion else "inherit")) == "null":
             empty_r, empty_w = os.pipe()
             os.close(empty_w)
             os.dup2(empty_r, 0)

@@ -1,0 +1,332 @@
+"""Profiles: TOML files that say what to sandbox, expanded into a layer-tree spec.
+
+A profile either holds a few user options (this module's `Profile`), which expand into BBL's
+default nested template, or spells out its own tree with a `[layer]` table, exactly as a
+spec does (docs/spec.md). Both are checked before anything starts; errors name the file, the
+line and the field. Pure data: no trio, no engine.
+
+The template (see docs/profiles.md):
+
+    layer1   user + pid namespaces, uid 0: holds the instance together
+    └─ layer2   semi-trusted: its own mount namespace, the host view with private paths masked
+       ├─ layer2a  trusted companions (capabilities dropped)
+       └─ layer2h  intermediary
+          └─ layer3   untrusted zone: every namespace, a new root of system directories
+             ├─ layer4   the app, back to the user's uid
+             └─ layer4a  untrusted companions
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from typing import Literal
+
+import msgspec
+from msgspec import Struct, field
+
+from bbld import spec
+
+BUILTIN = os.path.join(os.path.dirname(__file__), "profiles")
+SHELL = ["/bin/sh", "-c", 'command -v bash >/dev/null && exec bash -i; exec sh -i']
+# Commands that would open a URL or file outside the sandbox (or a second, unsandboxed
+# browser): hidden in layer3 so that an app cannot hand anything to the host's desktop.
+OPENERS = ("xdg-open", "gio", "kde-open", "kde-open5", "gnome-open", "exo-open",
+           "sensible-browser", "x-www-browser", "www-browser", "firefox", "firefox-esr",
+           "chromium", "chromium-browser", "google-chrome", "google-chrome-stable", "brave",
+           "brave-browser", "microsoft-edge", "opera", "vivaldi", "epiphany", "konqueror",
+           "falkon", "qutebrowser", "midori", "librewolf")
+SYSTEM_LINKS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
+PASSED_ENV = ["LANG", "LC_ALL", "LC_CTYPE", "LC_MESSAGES", "TERM", "COLORTERM", "TZ"]
+
+
+class ProfileError(ValueError):
+    """Problems with a profile, one line each: `FILE:LINE: field: what is wrong`."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class Mount(Struct, forbid_unknown_fields=True, kw_only=True):
+    type: Literal["bind", "ro-bind", "appimage"] = "ro-bind"
+    src: str  # ~ is the user's home
+    dest: str | None = None  # default: the same path inside
+
+
+class Masks(Struct, forbid_unknown_fields=True, kw_only=True):
+    openers: bool = True  # xdg-open and browsers
+    os_release: bool = True
+    machine_id: bool = True  # zeroed
+    paths: list[str] = []  # never exposed, in any layer below layer2
+
+
+class Environment(Struct, forbid_unknown_fields=True, kw_only=True):
+    pass_: list[str] = field(default_factory=lambda: list(PASSED_ENV), name="pass")
+    set: dict[str, str] = {}
+
+
+class Profile(Struct, forbid_unknown_fields=True, kw_only=True):
+    name: str | None = None  # default: the file's name
+    instance: Literal["single", "multi"] = "multi"
+    command: list[str] = field(default_factory=lambda: list(SHELL))
+    send_args: list[str] | None = None
+    home: str = "tmpfs"  # or a host directory, bound at the same $HOME path inside
+    gui: Literal["none", "host-x11"] = "none"
+    dbus: Literal["none", "host"] = "none"
+    mounts: list[Mount] = []
+    opt: bool = False
+    hardware: Literal["none", "gpu", "all"] = "none"
+    masks: Masks = field(default_factory=Masks)
+    env: Environment = field(default_factory=Environment)
+    net: Literal["host", "none"] = "host"
+    dns: list[str] = []
+    companions: list[list[str]] = []  # trusted helpers, in layer2a
+    untrusted_companions: list[list[str]] = []  # in layer4a, beside the app
+
+
+# ---------------------------------------------------------------- finding and loading
+
+
+def directories() -> list[str]:
+    """Where profiles are looked up by name: the user's, then the built-in ones."""
+    config = os.environ.get("XDG_CONFIG_HOME")
+    if not (config and os.path.isabs(config)):
+        config = os.path.join(os.path.expanduser("~"), ".config")
+    return [os.path.join(config, "bbl", "profiles"), BUILTIN]
+
+
+def find(name_or_path: str) -> str:
+    """A profile file by path (contains a /, or ends in .toml) or by name."""
+    if "/" in name_or_path or name_or_path.endswith(".toml"):
+        if not os.path.isfile(name_or_path):
+            raise ProfileError([f"{name_or_path}: no such profile file"])
+        return name_or_path
+    if not spec.NAME_PATTERN.match(name_or_path):
+        raise ProfileError([f"{name_or_path!r}: not a profile name (letters, digits, . _ -)"])
+    for directory in directories():
+        path = os.path.join(directory, f"{name_or_path}.toml")
+        if os.path.isfile(path):
+            return path
+    raise ProfileError([f"no profile named {name_or_path!r} in "
+                        f"{' or '.join(directories())}; see `bblctl profile list`"])
+
+
+def available() -> dict[str, str]:
+    """Profile name -> file, the user's shadowing the built-in ones."""
+    found: dict[str, str] = {}
+    for directory in reversed(directories()):
+        try:
+            names = sorted(os.listdir(directory))
+        except OSError:
+            continue
+        for name in names:
+            if name.endswith(".toml"):
+                found[name[:-5]] = os.path.join(directory, name)
+    return dict(sorted(found.items()))
+
+
+def load(path: str, environ: dict[str, str] | None = None, uid: int | None = None,
+         gid: int | None = None) -> spec.Sandbox:
+    """The checked spec a profile file means. Raises ProfileError with every problem."""
+    environ = dict(os.environ) if environ is None else environ
+    uid = os.getuid() if uid is None else uid
+    gid = os.getgid() if gid is None else gid
+    try:
+        with open(path, "rb") as f:
+            text = f.read().decode()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ProfileError([f"{path}: cannot read: {getattr(exc, 'strerror', exc)}"]) from None
+    try:
+        raw = msgspec.toml.decode(text)
+    except msgspec.DecodeError as exc:
+        raise ProfileError([f"{path}: not valid TOML: {exc}"]) from None
+    if "layer" in raw:  # a tree of its own, with the spec's keys
+        sandbox = _convert(raw, spec.Sandbox, path, text)
+        if "name" not in raw:
+            sandbox.name = _default_name(path)
+    else:
+        options = _convert(raw, Profile, path, text)
+        sandbox = expand(options, options.name or _default_name(path), environ, uid, gid)
+    try:
+        spec.check(sandbox, uid, gid)
+    except spec.SpecError as exc:
+        raise ProfileError([f"{path}: {problem}" for problem in exc.problems]) from None
+    return sandbox
+
+
+def _default_name(path: str) -> str:
+    return os.path.basename(path).removesuffix(".toml")
+
+
+def _convert(raw: dict, kind, path: str, text: str):
+    try:
+        return msgspec.convert(raw, kind)
+    except msgspec.ValidationError as exc:
+        message, _, where = str(exc).rpartition(" - at `")
+        if not where:
+            raise ProfileError([f"{path}: {exc}"]) from None
+        where = where.rstrip("`")
+        line = line_of(text, where)
+        field_name = where.removeprefix("$.") or "top level"
+        raise ProfileError([f"{path}:{line}: {field_name}: {message}"]) from None
+
+
+def line_of(text: str, where: str) -> int:
+    """The line of the TOML key msgspec's `$.a[1].b` names (best effort; 1 if unknown)."""
+    steps = re.findall(r"\.([\w-]+)|\[(\d+)\]", where)
+    lines = text.splitlines()
+    table, counts, best = "", {}, 1
+    wanted = ""
+    for key, index in steps:
+        wanted += f".{key}" if key else f"[{index}]"
+    for number, line in enumerate(lines, 1):
+        stripped = line.strip()
+        header = re.match(r"^\[\[\s*([\w.-]+)\s*\]\]", stripped)
+        if header:
+            name = header.group(1)
+            counts[name] = counts.get(name, -1) + 1
+            table = f".{name}[{counts[name]}]"
+        elif (header := re.match(r"^\[\s*([\w.-]+)\s*\]", stripped)):
+            table = "." + header.group(1)
+        else:
+            key = re.match(r"^([\w-]+)\s*=", stripped)
+            if key is None:
+                continue
+            path = f"{table}.{key.group(1)}"
+            if wanted == path or wanted.startswith(path + ".") or wanted.startswith(path + "["):
+                return number
+            continue
+        if wanted == table or wanted.startswith(table + ".") or wanted.startswith(table + "["):
+            best = number
+    return best
+
+
+# ---------------------------------------------------------------- the template
+
+
+def expand(options: Profile, name: str, environ: dict[str, str], uid: int,
+           gid: int) -> spec.Sandbox:
+    """BBL's default nested template, shaped by the user options."""
+    home = environ.get("HOME") or f"/home/{uid}"
+    layer4 = spec.Layer(name="layer4", namespaces=["user", "pid", "mount"], uid=uid, gid=gid,
+                        seccomp=spec.Seccomp(policy="default"),
+                        command=spec.Command(argv=list(options.command), new_session=False))
+    layer4a = spec.Layer(name="layer4a", namespaces=["user", "pid", "mount"], uid=uid, gid=gid,
+                         seccomp=spec.Seccomp(policy="default"),
+                         companions=[list(c) for c in options.untrusted_companions])
+    namespaces = ["mount", "pid", "ipc", "uts", "cgroup"]
+    if options.net == "none":
+        namespaces.append("net")
+    layer3 = spec.Layer(name="layer3", namespaces=namespaces, hostname=name[:64],
+                        new_root=True, fs=_layer3_fs(options, home, environ),
+                        env=_layer3_env(options, home, environ), cwd=home,
+                        layers=[layer4, layer4a])
+    layer2h = spec.Layer(name="layer2h", namespaces=["mount"], layers=[layer3])
+    layer2a = spec.Layer(name="layer2a", namespaces=["user", "pid", "mount"], uid=uid, gid=gid,
+                         companions=[list(c) for c in options.companions])
+    masks = [spec.Mask(path=_home_path(p, home)) for p in options.masks.paths]
+    layer2 = spec.Layer(name="layer2", namespaces=["mount"], fs=masks,
+                        layers=[layer2a, layer2h])
+    layer1 = spec.Layer(name="layer1", namespaces=["user", "pid", "mount"], uid=0, gid=0,
+                        layers=[layer2])
+    return spec.Sandbox(name=name, main="layer4", layer=layer1,
+                        single_instance=options.instance == "single",
+                        send_args=options.send_args)
+
+
+def _home_path(path: str, home: str) -> str:
+    return home + path[1:] if path == "~" or path.startswith("~/") else path
+
+
+def _layer3_fs(options: Profile, home: str, environ: dict[str, str]) -> list:
+    fs: list = [spec.RoBind(src="/usr", dest="/usr"), spec.RoBind(src="/etc", dest="/etc")]
+    for link in SYSTEM_LINKS:
+        if os.path.islink(f"/{link}"):
+            fs.append(spec.Symlink(target_path=os.readlink(f"/{link}"), dest=f"/{link}"))
+    fs.append(spec.Proc(dest="/proc"))
+    if options.hardware == "all":
+        fs += [spec.RoBind(src="/dev", dest="/dev"), spec.Tmpfs(dest="/dev/shm", mode=0o1777),
+               spec.RoBind(src="/sys", dest="/sys")]
+    else:
+        fs.append(spec.Dev(dest="/dev"))
+        if options.hardware == "gpu":
+            fs.append(spec.DevBind(src="/dev/dri", dest="/dev/dri", try_=True))
+    fs += [spec.Mqueue(dest="/dev/mqueue"), spec.Tmpfs(dest="/tmp", mode=0o1777),
+           spec.Tmpfs(dest="/run", mode=0o755), spec.Tmpfs(dest="/var", mode=0o755),
+           spec.Dir(dest="/var/tmp", mode=0o1777)]
+    if options.opt:
+        fs.append(spec.RoBind(src="/opt", dest="/opt", try_=True))
+    if options.home == "tmpfs":
+        fs.append(spec.Tmpfs(dest=home, mode=0o700))
+    else:
+        fs.append(spec.Bind(src=_home_path(options.home, home), dest=home))
+    for mount in options.mounts:
+        src = _home_path(mount.src, home)
+        dest = _home_path(mount.dest, home) if mount.dest else src
+        fs.append((spec.Bind if mount.type == "bind" else spec.RoBind)(src=src, dest=dest))
+    fs += _masks(options)
+    if options.dns:
+        resolv = "".join(f"nameserver {server}\n" for server in options.dns)
+        fs.append(spec.RoBindData(dest="/etc/resolv.conf", content=resolv, mode=0o444))
+    fs += _desktop(options, environ)
+    return fs
+
+
+def _masks(options: Profile) -> list:
+    fs: list = []
+    if options.masks.machine_id:
+        fs.append(spec.RoBindData(dest="/etc/machine-id", content="0" * 32 + "\n", mode=0o444))
+    if options.masks.os_release:
+        # /etc/os-release is usually a link to /usr/lib/os-release: cover the file once
+        for path in sorted({os.path.realpath(p) for p in ("/etc/os-release",
+                                                          "/usr/lib/os-release")}):
+            if os.path.isfile(path):
+                fs.append(spec.RoBindData(dest=path, content="ID=linux\nNAME=Linux\n",
+                                          mode=0o444))
+    if options.masks.openers:
+        seen = set()
+        for name in OPENERS:
+            for directory in ("/usr/bin", "/usr/local/bin", "/usr/games"):
+                path = os.path.realpath(os.path.join(directory, name))
+                if os.path.isfile(path) and path not in seen and path.startswith("/usr/"):
+                    seen.add(path)
+                    fs.append(spec.Mask(path=path))
+    return fs
+
+
+def _desktop(options: Profile, environ: dict[str, str]) -> list:
+    fs: list = []
+    display = environ.get("DISPLAY", "")
+    number = re.fullmatch(r":(\d+)(\.\d+)?", display)
+    if options.gui == "host-x11" and number:
+        socket = f"/tmp/.X11-unix/X{number.group(1)}"
+        fs.append(spec.RoBind(src=socket, dest=socket, try_=True))
+        authority = environ.get("XAUTHORITY") or os.path.expanduser("~/.Xauthority")
+        if os.path.isfile(authority):
+            with open(authority, "rb") as f:  # a copy: the sandbox cannot change the host's
+                cookie = f.read().decode("latin-1")
+            fs.append(spec.RoBindData(dest="/run/bbl/Xauthority", content=cookie, mode=0o400))
+    if options.dbus == "host":
+        bus = environ.get("DBUS_SESSION_BUS_ADDRESS", "")
+        if bus.startswith("unix:path="):
+            path = bus.removeprefix("unix:path=").split(",")[0]
+            fs.append(spec.Bind(src=path, dest="/run/bbl/bus", try_=True))
+    return fs
+
+
+def _layer3_env(options: Profile, home: str, environ: dict[str, str]) -> spec.Env:
+    env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": home, "TMPDIR": "/tmp",
+           "USER": environ.get("USER", ""), "LOGNAME": environ.get("LOGNAME", ""),
+           "SHELL": "/bin/sh"}
+    for variable in options.env.pass_:
+        if variable in environ:
+            env[variable] = environ[variable]
+    if options.gui == "host-x11" and environ.get("DISPLAY"):
+        env["DISPLAY"] = environ["DISPLAY"]
+        env["XAUTHORITY"] = "/run/bbl/Xauthority"
+    if options.dbus == "host" and environ.get("DBUS_SESSION_BUS_ADDRESS", "").startswith(
+            "unix:path="):
+        env["DBUS_SESSION_BUS_ADDRESS"] = "unix:path=/run/bbl/bus"
+    env.update(options.env.set)
+    return spec.Env(clear=True, set={k: v for k, v in env.items() if v != ""})

@@ -91,8 +91,8 @@ def profile_command(argv: list[str]) -> int:
         print(f"{positional[0]}: valid")
         return 0
     path = _find(positional[0])
-    if flags["--expanded"]:
-        sys.stdout.write(msgspec.toml.encode(_load(path)).decode())
+    if flags["--expanded"]:  # the spec, as `python -m bbld.engine` takes it (JSON)
+        print(msgspec.json.format(msgspec.json.encode(_load(path)).decode(), indent=2))
     else:
         with open(path) as f:
             sys.stdout.write(f.read())

@@ -147,12 +147,50 @@ def load(path: str, environ: dict[str, str] | None = None, uid: int | None = Non
             sandbox.name = _default_name(path)
     else:
         options = _convert(raw, Profile, path, text)
+        _check_options(options, path, text)
         sandbox = expand(options, options.name or _default_name(path), environ, uid, gid)
     try:
         spec.check(sandbox, uid, gid)
     except spec.SpecError as exc:
         raise ProfileError([f"{path}: {problem}" for problem in exc.problems]) from None
     return sandbox
+
+
+def _check_options(options: Profile, path: str, text: str) -> None:
+    """What the types cannot say, each problem with its line."""
+    problems = []
+
+    def say(where: str, message: str) -> None:
+        problems.append(f"{path}:{line_of(text, where)}: {where.removeprefix('$.')}: {message}")
+
+    def absolute(where: str, value: str) -> None:
+        if not (value.startswith("/") or value == "~" or value.startswith("~/")):
+            say(where, f"{value!r} must be an absolute path (or start with ~/)")
+        elif ".." in value.split("/"):
+            say(where, f"{value!r} must not contain '..'")
+
+    if options.name is not None and not spec.NAME_PATTERN.match(options.name):
+        say("$.name", f"{options.name!r} must match {spec.NAME_PATTERN.pattern}")
+    if not options.command or not options.command[0]:
+        say("$.command", "must name a program, e.g. [\"firefox\"]")
+    if options.home != "tmpfs":
+        absolute("$.home", options.home)
+    for index, mount in enumerate(options.mounts):
+        absolute(f"$.mounts[{index}].src", mount.src)
+        if mount.dest is not None:
+            absolute(f"$.mounts[{index}].dest", mount.dest)
+        if mount.type == "appimage":
+            say(f"$.mounts[{index}].type", "appimage mounts are not supported yet")
+    for index, masked in enumerate(options.masks.paths):
+        absolute(f"$.masks.paths[{index}]", masked)
+    for index, server in enumerate(options.dns):
+        if not re.fullmatch(r"[0-9.]+|[0-9a-fA-F:]+", server):
+            say(f"$.dns[{index}]", f"{server!r} is not an IP address")
+    for name in [*options.env.pass_, *options.env.set]:
+        if not spec.ENV_NAME_PATTERN.match(name):
+            say("$.env", f"{name!r} is not a variable name")
+    if problems:
+        raise ProfileError(problems)
 
 
 def _default_name(path: str) -> str:
@@ -163,10 +201,12 @@ def _convert(raw: dict, kind, path: str, text: str):
     try:
         return msgspec.convert(raw, kind)
     except msgspec.ValidationError as exc:
-        message, _, where = str(exc).rpartition(" - at `")
-        if not where:
-            raise ProfileError([f"{path}: {exc}"]) from None
-        where = where.rstrip("`")
+        message, found, where = str(exc).rpartition(" - at `")
+        message, where = (message, where.rstrip("`")) if found else (str(exc), "$")
+        unknown = re.match(r"Object contains unknown field `([\w-]+)`", message)
+        if unknown:  # point at the key itself
+            where = f"{where}.{unknown.group(1)}"
+            message = "unknown key; see docs/profiles.md for the keys there are"
         line = line_of(text, where)
         field_name = where.removeprefix("$.") or "top level"
         raise ProfileError([f"{path}:{line}: {field_name}: {message}"]) from None

@@ -1,0 +1,183 @@
+"""Profiles: validation with file:line, the template they expand into, and bblctl start."""
+
+import json
+import os
+import time
+
+import pytest
+
+from bbld import profile
+from tests.test_instances import Session
+
+BROKEN = [
+    ('name = "x"\ngui = "wayland"\n', 2, "gui: Invalid enum value 'wayland'"),
+    ('name = "x"\n\n[[mounts]]\nsrc = "/a"\n\n[[mounts]]\nsrc = 5\n', 7,
+     "mounts[1].src: Expected `str`, got `int`"),
+    ('name = "x"\ncolour = 1\n', 2, "colour: unknown key"),
+    ('[masks]\nos_release = "yes"\n', 2, "masks.os_release: Expected `bool`, got `str`"),
+    ('name = "x"\ndns = ["not-an-ip"]\n', 2, "dns[0]: 'not-an-ip' is not an IP address"),
+    ('command = []\n', 1, "command: must name a program"),
+    ('home = "relative"\n', 1, "home: 'relative' must be an absolute path"),
+    ('name = "x"\n[[mounts]]\ntype = "bind"\nsrc = "/a"\ndest = "b/../c"\n', 5,
+     "mounts[0].dest: 'b/../c' must be an absolute path"),
+    ('name = "has space"\n', 1, "name: 'has space' must match"),
+    ('[[mounts]]\ntype = "loop"\nsrc = "/a"\n', 2, "mounts[0].type: Invalid enum value 'loop'"),
+    ('[env]\npass = ["A=B"]\n', 1, "env: 'A=B' is not a variable name"),
+]
+
+
+@pytest.mark.parametrize("text, line, message", BROKEN, ids=[b[2][:30] for b in BROKEN])
+def test_broken_profiles_name_file_line_and_field(tmp_path, text, line, message):
+    path = tmp_path / "broken.toml"
+    path.write_text(text)
+    with pytest.raises(profile.ProfileError) as err:
+        profile.load(str(path), {"HOME": "/home/u"}, 1000, 1000)
+    assert any(p.startswith(f"{path}:{line}: {message}") for p in err.value.problems), \
+        err.value.problems
+
+
+def test_invalid_toml_and_a_broken_custom_tree(tmp_path):
+    path = tmp_path / "p.toml"
+    path.write_text('name = "x"\ngui = \n')
+    with pytest.raises(profile.ProfileError) as err:
+        profile.load(str(path))
+    assert err.value.problems[0].startswith(f"{path}: not valid TOML")
+    path.write_text('[layer]\nname = "only"\nfs = [{ op = "bind", src = "/a", dest = "b" }]\n')
+    with pytest.raises(profile.ProfileError) as err:
+        profile.load(str(path))
+    assert f"{path}: layer 'only': fs[0] (bind): dest: 'b' must be an absolute path" in \
+        err.value.problems
+
+
+def test_validate_reports_and_exits_2(instances, tmp_path):
+    path = tmp_path / "p.toml"
+    path.write_text('name = "x"\ndns = ["nope"]\n[[mounts]]\nsrc = "rel"\n')
+    result = instances.ctl("profile", "validate", str(path))
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        f"{path}:4: mounts[0].src: 'rel' must be an absolute path (or start with ~/)",
+        f"{path}:2: dns[0]: 'nope' is not an IP address"]
+    assert instances.ctl("profile", "validate", "default").stdout == "default: valid\n"
+    assert instances.ctl("start", str(path)).returncode == 2
+
+
+def test_profiles_are_found_by_name_and_shown_expanded(instances, tmp_path):
+    config = tmp_path / "config" / "bbl" / "profiles"
+    config.mkdir(parents=True)
+    (config / "mine.toml").write_text('command = ["true"]\n')
+    instances.env["XDG_CONFIG_HOME"] = str(tmp_path / "config")
+    listed = instances.ctl("profile", "list").stdout.split()
+    assert listed[listed.index("mine") + 1] == str(config / "mine.toml") and "default" in listed
+    assert instances.ctl("profile", "show", "mine").stdout == 'command = ["true"]\n'
+    expanded = instances.ctl("profile", "show", "mine", "--expanded").stdout
+    assert '"main": "layer4"' in expanded and '"name": "layer3"' in expanded
+    missing = instances.ctl("profile", "show", "nope")
+    assert missing.returncode == 2 and "no profile named 'nope'" in missing.stderr
+
+
+def write_profile(tmp_path, text: str) -> str:
+    path = tmp_path / "profile.toml"
+    path.write_text(text)
+    return str(path)
+
+
+def test_user_options_as_seen_from_the_app(instances, tmp_path):
+    home, shared, secret = tmp_path / "home", tmp_path / "shared", tmp_path / "secret"
+    for directory in (home, shared, home / "work"):  # a mount point in a host directory
+        directory.mkdir()                                # must exist there already
+    (shared / "note").write_text("shared\n")
+    secret.write_text("secret\n")
+    (home / "kept").write_text("home\n")
+    script = ("cat ~/kept; cat /srv/shared/note; touch /srv/shared/x 2>&- || echo ro; "
+              "touch ~/work/y && echo rw; cat " + str(secret) + " 2>&- || echo masked; "
+              "echo $BBL_PASSED $BBL_SET ${BBL_OTHER:-unset}; cat /etc/resolv.conf; "
+              "cat /etc/machine-id; grep -c : /proc/net/dev; [ -d /opt ] && echo opt; "
+              "command -v xdg-open || echo no-opener; pwd")
+    path = write_profile(tmp_path, f'''
+name = "options"
+command = ["sh", "-c", {json.dumps(script)}]
+home = "{home}"
+opt = true
+net = "none"
+dns = ["192.0.2.53"]
+[[mounts]]
+src = "{shared}"
+dest = "/srv/shared"
+[[mounts]]
+type = "bind"
+src = "{shared}"
+dest = "~/work"
+[masks]
+paths = ["{secret}"]
+[env]
+pass = ["BBL_PASSED"]
+set = {{ BBL_SET = "set" }}
+''')
+    instances.env.update(BBL_PASSED="passed", BBL_OTHER="other")
+    result = instances.ctl("start", path, stdin=open(os.devnull))
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "home", "shared", "ro", "rw", "masked", "passed set unset", "nameserver 192.0.2.53",
+        "0" * 32, "1", "opt", "no-opener", instances.env["HOME"]]
+    assert (shared / "y").exists()  # the bind is writable through to the host
+
+
+def test_the_templates_layers(instances, tmp_path):
+    path = write_profile(tmp_path, '''
+command = ["sleep", "600"]
+companions = [["sleep", "600"]]
+untrusted_companions = [["sleep", "600"]]
+''')
+    instance = instances.ctl("start", path, "--detach").stdout.strip()
+    instances.ids.append(instance)
+    probe = ("id -u; grep -E '^(CapEff|NoNewPrivs|Seccomp):' /proc/self/status | cut -f2; "
+             "for ns in user pid net mnt; do readlink /proc/self/ns/$ns; done")
+    seen = {}
+    for name in ("layer1", "layer2", "layer2a", "layer2h", "layer3", "layer4", "layer4a"):
+        result = instances.ctl("exec", "--layer", name, instance, "--", "sh", "-c", probe)
+        assert result.returncode == 0, (name, result.stderr)
+        uid, cap, nnp, seccomp, user, pid, net, mnt = result.stdout.split()
+        seen[name] = dict(uid=uid, cap=cap, nnp=nnp, seccomp=seccomp, user=user, pid=pid,
+                          net=net, mnt=mnt)
+    me = str(os.getuid())
+    assert [seen[n]["uid"] for n in seen] == ["0", "0", me, "0", "0", me, me]
+    assert {seen[n]["cap"] for n in seen} == {"0000000000000000"}  # commands keep none
+    assert {seen[n]["nnp"] for n in seen} == {"1"}
+    assert [n for n in seen if seen[n]["seccomp"] == "2"] == ["layer4", "layer4a"]
+    host = {ns: os.readlink(f"/proc/self/ns/{ns}") for ns in ("user", "pid", "net", "mnt")}
+    assert len({seen[n]["user"] for n in ("layer1", "layer2", "layer2h", "layer3")}) == 1
+    users = [seen[n]["user"] for n in ("layer1", "layer2a", "layer4", "layer4a")]
+    assert len(set(users)) == 4 and host["user"] not in users
+    assert seen["layer1"]["pid"] == seen["layer2"]["pid"] == seen["layer2h"]["pid"]
+    assert len({seen[n]["pid"] for n in ("layer1", "layer3", "layer4", "layer4a")}) == 4
+    assert len({seen[n]["mnt"] for n in seen}) == 7  # every layer its own view
+    assert {seen[n]["net"] for n in seen} == {host["net"]}  # net = "host" (the default)
+
+
+def test_start_default_detached_then_exec(instances):
+    started = instances.ctl("start", "default", "--detach", "--name", "shell")
+    assert started.returncode == 0, started.stderr
+    instance = started.stdout.strip()
+    instances.ids.append(instance)
+    (entry,) = json.loads(instances.ctl("ps", "--json").stdout)
+    assert (entry["id"], entry["name"], entry["layers"]) == (instance, "shell", 7)
+    result = instances.ctl("exec", "shell", "--", "sh", "-c", "id -u; echo $HOME; ls ~ | wc -l")
+    assert result.stdout.split() == [str(os.getuid()), instances.env["HOME"], "0"]
+
+
+def test_start_in_the_foreground_gives_the_app_a_terminal(instances):
+    session = Session(["start", "default"], instances.env)
+    try:
+        session.expect("$ ")
+        session.send("tty; echo $((6*7))\r")
+        out = session.expect("42")
+        assert "/dev/pts/0" in out
+        session.expect("$ ")
+        session.send("exit 3\r")
+        assert session.proc.wait(timeout=30) == 3
+    finally:
+        session.close()
+    deadline = time.monotonic() + 10
+    while json.loads(instances.ctl("ps", "--json").stdout):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)

@@ -36,15 +36,19 @@ commands:
   kill ID [--signal SIG]
                  send a signal to the main command (default KILL)
 
-ID is an instance id, or a name that only one running instance has (see bblctl ps).
-The desktop command is not built yet."""
+  desktop install PROFILE [--from APP.desktop]
+                 a menu launcher (~/.local/share/applications) that starts the profile;
+                 --from takes the original entry's id, names, icon and MIME types
+
+ID is an instance id, or a name that only one running instance has (see bblctl ps)."""
 
 COMMANDS = {"ps": ("bblctl.manage", "ps"), "tree": ("bblctl.manage", "tree"),
             "stop": ("bblctl.manage", "stop"), "kill": ("bblctl.manage", "kill"),
             "exec": ("bblctl.enter", "exec_"), "attach": ("bblctl.enter", "attach"),
             "send-args": ("bblctl.enter", "send_args"),
             "start": ("bblctl.profiles", "start"),
-            "profile": ("bblctl.profiles", "profile_command")}
+            "profile": ("bblctl.profiles", "profile_command"),
+            "desktop": ("bblctl.desktop", "desktop")}
 
 
 def main(argv=None) -> int:

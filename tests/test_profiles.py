@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import time
 
 import pytest
@@ -181,3 +182,34 @@ def test_start_in_the_foreground_gives_the_app_a_terminal(instances):
     while json.loads(instances.ctl("ps", "--json").stdout):
         assert time.monotonic() < deadline
         time.sleep(0.05)
+
+
+@pytest.mark.skipif(shutil.which("desktop-file-validate") is None,
+                    reason="desktop-file-utils is not installed")
+def test_desktop_launchers_validate_and_shadow_the_original(instances, tmp_path):
+    import subprocess
+
+    instances.env["XDG_DATA_HOME"] = str(tmp_path / "data")
+    original = tmp_path / "editor.desktop"
+    original.write_text("[Desktop Entry]\nType=Application\nName=Editor\nName[de]=Editor DE\n"
+                        "Exec=/usr/bin/editor %F\nTryExec=/usr/bin/editor\nIcon=editor\n"
+                        "MimeType=text/plain;\nStartupWMClass=EditorWin\nDBusActivatable=true\n"
+                        "Actions=new;\n\n[Desktop Action new]\nName=New\nExec=/usr/bin/editor -n\n")
+    result = instances.ctl("desktop", "install", "default", "--from", str(original))
+    assert result.returncode == 0, result.stderr
+    launcher = tmp_path / "data" / "applications" / "editor.desktop"
+    assert result.stdout == f"{launcher}\n"
+    text = launcher.read_text()
+    exec_line = next(line for line in text.splitlines() if line.startswith("Exec="))
+    assert exec_line.endswith(" start default -- %U") and "/usr/bin/editor" not in text
+    for kept in ("Name=Editor", "Name[de]=Editor DE", "Icon=editor", "MimeType=text/plain;",
+                 "StartupWMClass=EditorWin", "DBusActivatable=false"):
+        assert kept in text.splitlines()
+    assert "Actions" not in text and "TryExec" not in text
+    check = subprocess.run(["desktop-file-validate", str(launcher)], capture_output=True,
+                           text=True, timeout=30)
+    assert check.returncode == 0 and check.stdout == "", check.stdout
+    plain = instances.ctl("desktop", "install", "default")
+    assert plain.stdout == f"{tmp_path / 'data' / 'applications' / 'bbl-default.desktop'}\n"
+    bad = instances.ctl("desktop", "install", "nope")
+    assert bad.returncode == 2 and "no profile named 'nope'" in bad.stderr

@@ -213,3 +213,27 @@ def test_desktop_launchers_validate_and_shadow_the_original(instances, tmp_path)
     assert plain.stdout == f"{tmp_path / 'data' / 'applications' / 'bbl-default.desktop'}\n"
     bad = instances.ctl("desktop", "install", "nope")
     assert bad.returncode == 2 and "no profile named 'nope'" in bad.stderr
+
+
+def test_a_second_start_of_a_single_instance_profile_forwards_its_arguments(instances,
+                                                                             tmp_path):
+    from tests.test_instances import app_script, lines
+
+    script = app_script(tmp_path)
+    path = write_profile(tmp_path, f'''
+name = "single"
+instance = "single"
+command = ["{script}"]
+mounts = [{{ type = "bind", src = "{tmp_path}" }}]
+''')
+    first = instances.ctl("start", path, "--detach", "--", "one")
+    assert first.returncode == 0, first.stderr
+    instances.ids.append(first.stdout.strip())
+    deadline = time.monotonic() + 30
+    while lines(tmp_path / "log") != ["got one"]:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    second = instances.ctl("start", path, "--", "two", "https://example.org/?a b")
+    assert second.returncode == 0, second.stderr
+    assert lines(tmp_path / "log") == ["got one", "got two https://example.org/?a b"]
+    assert len(json.loads(instances.ctl("ps", "--json").stdout)) == 1

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 from typing import Literal
 
 import msgspec
@@ -51,7 +52,7 @@ class ProfileError(ValueError):
 class Mount(Struct, forbid_unknown_fields=True, kw_only=True):
     type: Literal["bind", "ro-bind", "appimage"] = "ro-bind"
     src: str  # ~ is the user's home
-    dest: str | None = None  # default: the same path inside
+    dest: str | None = None  # default: the same path inside (an AppImage: /sbx/apps/NAME)
 
 
 class Masks(Struct, forbid_unknown_fields=True, kw_only=True):
@@ -179,8 +180,6 @@ def _check_options(options: Profile, path: str, text: str) -> None:
         absolute(f"$.mounts[{index}].src", mount.src)
         if mount.dest is not None:
             absolute(f"$.mounts[{index}].dest", mount.dest)
-        if mount.type == "appimage":
-            say(f"$.mounts[{index}].type", "appimage mounts are not supported yet")
     for index, masked in enumerate(options.masks.paths):
         absolute(f"$.masks.paths[{index}]", masked)
     for index, server in enumerate(options.dns):
@@ -303,6 +302,9 @@ def _layer3_fs(options: Profile, home: str, environ: dict[str, str]) -> list:
         fs.append(spec.Bind(src=_home_path(options.home, home), dest=home))
     for mount in options.mounts:
         src = _home_path(mount.src, home)
+        if mount.type == "appimage":
+            fs += _appimage(src, mount.dest and _home_path(mount.dest, home))
+            continue
         dest = _home_path(mount.dest, home) if mount.dest else src
         fs.append((spec.Bind if mount.type == "bind" else spec.RoBind)(src=src, dest=dest))
     fs += _masks(options)
@@ -311,6 +313,24 @@ def _layer3_fs(options: Profile, home: str, environ: dict[str, str]) -> list:
         fs.append(spec.RoBindData(dest="/etc/resolv.conf", content=resolv, mode=0o444))
     fs += _desktop(options, environ)
     return fs
+
+
+def appimage_name(src: str) -> str:
+    """`~/Apps/Some App-1.2.AppImage` -> `Some_App-1.2`."""
+    stem = re.sub(r"\.appimage$", "", os.path.basename(src), flags=re.IGNORECASE)
+    return re.sub(r"[^A-Za-z0-9_.-]", "_", stem) or "app"
+
+
+def _appimage(src: str, dest: str | None) -> list:
+    """The AppImage's squashfs at /sbx/apps/NAME and a launcher /sbx/apps/run_NAME that
+    sets what an AppImage's own runtime would (APPDIR, APPIMAGE)."""
+    name = appimage_name(src)
+    mounted = dest or f"/sbx/apps/{name}"
+    q = shlex.quote
+    launcher = (f'#!/bin/sh\nAPPDIR={q(mounted)} APPIMAGE={q(src)} ARGV0={q(name)} '
+                f'exec {q(mounted + "/AppRun")} "$@"\n')
+    return [spec.Squashfs(src=src, dest=mounted),
+            spec.File(dest=f"/sbx/apps/run_{name}", content=launcher, mode=0o555)]
 
 
 def _masks(options: Profile) -> list:

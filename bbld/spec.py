@@ -181,6 +181,13 @@ class RoOverlay(FsOp, tag="ro-overlay", kw_only=True):
     dest: str
 
 
+class Squashfs(FsOp, tag="squashfs", kw_only=True):
+    """A squashfs image, or an AppImage, mounted read-only (FUSE, served by squashfuse)."""
+    src: str
+    dest: str
+    offset: int | None = None  # bytes before the image; default: found (0, or an AppImage's)
+
+
 class Mask(FsOp, tag="mask", kw_only=True):
     """Make a path empty and unreadable (skipped when it does not exist)."""
     path: str
@@ -189,7 +196,7 @@ class Mask(FsOp, tag="mask", kw_only=True):
 AnyFsOp = (
     Bind | RoBind | DevBind | BindFd | RoBindFd | RemountRo | Tmpfs | Dir | Symlink | File
     | BindData | RoBindData | Chmod | Proc | Dev | Devpts | Mqueue | Overlay | TmpOverlay
-    | RoOverlay | Mask
+    | RoOverlay | Mask | Squashfs
 )
 
 # ---------------------------------------------------------------- layers
@@ -591,5 +598,7 @@ def _check_op(layer: Layer, index: int, op: FsOp, ids: Ids, say) -> None:
         say("op", f"a devpts mount needs uid 0 and gid 0 mapped in the layer's user namespace "
             f"(this layer is {ids.uid}:{ids.gid}); build /dev in a layer mapped to 0 and switch "
             "to the user's uid in a sub-layer")
+    if isinstance(op, Squashfs) and op.offset is not None and op.offset < 0:
+        say("offset", "must be >= 0")
     if isinstance(op, Mqueue) and "ipc" not in layer.namespaces:
         say("op", "mqueue needs an ipc namespace; add \"ipc\" to namespaces")

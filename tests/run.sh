@@ -36,6 +36,9 @@ chmod -R a+rX "$base/src"
 make_venv "$base/venv" "$base/src"
 chmod -R a+rX "$base/venv"
 
+# FUSE (AppImage mounts) is root-only on some machines; desktop systems ship /dev/fuse 0666.
+[ -c /dev/fuse ] && chmod 0666 /dev/fuse
+
 cd "$base/src"
 status=0
 runuser -u "$user" -- env -i PATH=/usr/local/bin:/usr/bin:/bin HOME="$(getent passwd "$user" | cut -d: -f6)" \

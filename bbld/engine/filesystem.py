@@ -22,6 +22,7 @@ import posixpath
 import stat
 
 from bbld import spec
+from bbld.engine import squashfs
 from bbld.engine import syscalls as sc
 from bbld.engine.errors import EXIT_USAGE, StartError
 
@@ -503,6 +504,25 @@ def _mask(ws: Workspace, op, _data) -> None:
         os.close(target)
 
 
+def _squashfs(ws: Workspace, op, _data) -> None:
+    """A squashfs image (or an AppImage's) mounted read-only, served by squashfuse."""
+    image = _source(ws, op.src)
+    try:
+        readable = os.open(f"self/fd/{image}", os.O_RDONLY | os.O_CLOEXEC, dir_fd=ws.proc_fd)
+    finally:
+        os.close(image)
+    try:
+        offset = op.offset if op.offset is not None else squashfs.image_offset(readable)
+    finally:
+        os.close(readable)
+    fuse = squashfs.open_fuse(ws.old)
+    try:
+        _attach(ws, squashfs.new_mount(fuse), op.dest)
+        squashfs.serve(ws.old, op.src, offset, fuse)
+    finally:
+        os.close(fuse)
+
+
 HANDLERS = {
     spec.Bind: _bind, spec.RoBind: _bind, spec.DevBind: _bind,
     spec.BindFd: _bind_fd, spec.RoBindFd: _bind_fd,
@@ -510,5 +530,5 @@ HANDLERS = {
     spec.File: _file, spec.BindData: _bind_data, spec.RoBindData: _bind_data,
     spec.Chmod: _chmod, spec.Proc: _proc, spec.Dev: _dev, spec.Devpts: _devpts,
     spec.Mqueue: _mqueue, spec.Overlay: _overlay, spec.TmpOverlay: _overlay,
-    spec.RoOverlay: _overlay, spec.Mask: _mask,
+    spec.RoOverlay: _overlay, spec.Mask: _mask, spec.Squashfs: _squashfs,
 }

@@ -284,14 +284,18 @@ def _layer3_fs(options: Profile, home: str, environ: dict[str, str]) -> list:
         if os.path.islink(f"/{link}"):
             fs.append(spec.Symlink(target_path=os.readlink(f"/{link}"), dest=f"/{link}"))
     fs.append(spec.Proc(dest="/proc"))
-    if options.hardware == "all":
-        fs += [spec.RoBind(src="/dev", dest="/dev"), spec.Tmpfs(dest="/dev/shm", mode=0o1777),
-               spec.RoBind(src="/sys", dest="/sys")]
+    host_dev = options.hardware == "all"
+    if host_dev:  # mount points can only be the host's own (BBL never creates host files)
+        fs += [spec.RoBind(src="/dev", dest="/dev"), spec.RoBind(src="/sys", dest="/sys")]
+        if os.path.isdir("/dev/shm"):
+            fs.append(spec.Tmpfs(dest="/dev/shm", mode=0o1777))
     else:
         fs.append(spec.Dev(dest="/dev"))
         if options.hardware == "gpu":
             fs.append(spec.DevBind(src="/dev/dri", dest="/dev/dri", try_=True))
-    fs += [spec.Mqueue(dest="/dev/mqueue"), spec.Tmpfs(dest="/tmp", mode=0o1777),
+    if not host_dev or os.path.isdir("/dev/mqueue"):
+        fs.append(spec.Mqueue(dest="/dev/mqueue"))
+    fs += [spec.Tmpfs(dest="/tmp", mode=0o1777),
            spec.Tmpfs(dest="/run", mode=0o755), spec.Tmpfs(dest="/var", mode=0o755),
            spec.Dir(dest="/var/tmp", mode=0o1777)]
     if options.opt:
@@ -363,10 +367,8 @@ def _desktop(options: Profile, environ: dict[str, str]) -> list:
         socket = f"/tmp/.X11-unix/X{number.group(1)}"
         fs.append(spec.RoBind(src=socket, dest=socket, try_=True))
         authority = environ.get("XAUTHORITY") or os.path.expanduser("~/.Xauthority")
-        if os.path.isfile(authority):
-            with open(authority, "rb") as f:  # a copy: the sandbox cannot change the host's
-                cookie = f.read().decode("latin-1")
-            fs.append(spec.RoBindData(dest="/run/bbl/Xauthority", content=cookie, mode=0o400))
+        if os.path.isfile(authority):  # read-only: the sandbox cannot change the host's
+            fs.append(spec.RoBind(src=authority, dest="/run/bbl/Xauthority"))
     if options.dbus == "host":
         bus = environ.get("DBUS_SESSION_BUS_ADDRESS", "")
         if bus.startswith("unix:path="):

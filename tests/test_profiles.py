@@ -237,3 +237,35 @@ mounts = [{{ type = "bind", src = "{tmp_path}" }}]
     assert second.returncode == 0, second.stderr
     assert lines(tmp_path / "log") == ["got one", "got two https://example.org/?a b"]
     assert len(json.loads(instances.ctl("ps", "--json").stdout)) == 1
+
+
+def test_gui_dbus_and_hardware_options(instances, tmp_path):
+    import socket
+
+    bus_path = tmp_path / "bus"
+    bus = socket.socket(socket.AF_UNIX)
+    bus.bind(str(bus_path))
+    cookie = tmp_path / "Xauthority"
+    cookie.write_bytes(b"MIT-MAGIC-COOKIE-1 \x00\xffsecret")
+    instances.env.update(DISPLAY=":97", XAUTHORITY=str(cookie),
+                         DBUS_SESSION_BUS_ADDRESS=f"unix:path={bus_path},guid=1")
+    script = ("echo $DISPLAY $XAUTHORITY $DBUS_SESSION_BUS_ADDRESS; "
+              "cmp -s $XAUTHORITY /out/Xauthority && echo cookie-copied; "
+              "echo x >> $XAUTHORITY 2>&- || echo cookie-read-only; "
+              "[ -S /run/bbl/bus ] && echo bus; [ -d /sys/class ] && echo sys; "
+              "touch /sys/x 2>&- || echo sys-read-only; grep -c ID=linux /etc/os-release")
+    path = write_profile(tmp_path, f'''
+command = ["sh", "-c", {json.dumps(script)}]
+gui = "host-x11"
+dbus = "host"
+hardware = "all"
+mounts = [{{ src = "{tmp_path}", dest = "/out" }}]
+''')
+    try:
+        result = instances.ctl("start", path, stdin=open(os.devnull))
+    finally:
+        bus.close()
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        ":97 /run/bbl/Xauthority unix:path=/run/bbl/bus", "cookie-copied", "cookie-read-only",
+        "bus", "sys", "sys-read-only", "1"]

@@ -229,6 +229,8 @@ class Command(Struct, forbid_unknown_fields=True):
 
 class Seccomp(Struct, forbid_unknown_fields=True):
     policy: str | None = None  # a named built-in policy (bbld.engine.seccomp.POLICIES)
+    extend: list[str] = []  # groups added to the policy (bbld.engine.seccomp.ALL_GROUPS)
+    relax: list[str] = []  # groups taken out of it, e.g. "ptrace" for a debugger
     programs: list[bytes] = []  # compiled classic-BPF programs (base64 in JSON), in order
 
 
@@ -397,6 +399,9 @@ def _locate(raw, message: str) -> str:
 # The named seccomp policies the engine has (bbld.engine.seccomp.POLICIES; a test keeps the
 # two in step), so that front ends check specs without importing the engine.
 SECCOMP_POLICIES = ("default", "no-terminal-injection")
+SECCOMP_GROUPS = ("keyring", "kernel-modules", "kexec", "kernel-tracing", "userfaultfd",
+                  "file-handles", "mount", "ptrace", "namespace-join", "terminal-injection",
+                  "user-namespaces", "personality")
 
 
 def check(sandbox: Sandbox, caller_uid: int | None = None, caller_gid: int | None = None,
@@ -520,6 +525,14 @@ def _check_layer(layer: Layer, say, known_policies) -> None:
             and layer.seccomp.policy not in known_policies:
         say("seccomp.policy", f"unknown policy {layer.seccomp.policy!r}; known: "
             + ", ".join(sorted(known_policies)))
+    for key in ("extend", "relax"):
+        for index, group in enumerate(getattr(layer.seccomp, key) if layer.seccomp else []):
+            if group not in SECCOMP_GROUPS:
+                say(f"seccomp.{key}[{index}]", f"unknown group {group!r}; known: "
+                    + ", ".join(SECCOMP_GROUPS))
+    if layer.seccomp and (layer.seccomp.extend or layer.seccomp.relax) \
+            and layer.seccomp.policy is None:
+        say("seccomp", "extend and relax change a named policy; give `policy` too")
     for index, program in enumerate(layer.seccomp.programs if layer.seccomp else []):
         if not program or len(program) % 8:
             say(f"seccomp.programs[{index}]", "a BPF program is a non-empty multiple of 8 bytes")

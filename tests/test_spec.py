@@ -193,3 +193,4 @@ def test_the_specs_policy_names_are_the_engines():
     from bbld.engine import seccomp
 
     assert set(spec.SECCOMP_POLICIES) == set(seccomp.POLICIES)
+    assert set(spec.SECCOMP_GROUPS) == set(seccomp.ALL_GROUPS)

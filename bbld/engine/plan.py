@@ -108,7 +108,8 @@ def _plan_layer(layer: spec.Layer, main: str, main_path: set[str], gated: bool) 
     if layer.seccomp:
         if layer.seccomp.policy:
             try:
-                plan.seccomp.append(seccomp.compile_policy(layer.seccomp.policy))
+                plan.seccomp.append(seccomp.compile_policy(
+                    layer.seccomp.policy, layer.seccomp.extend, layer.seccomp.relax))
             except OSError as exc:
                 raise StartError(f"layer '{layer.name}': seccomp policy "
                                  f"{layer.seccomp.policy!r}: {exc.strerror}") from None

@@ -80,8 +80,9 @@ class Profile(Struct, forbid_unknown_fields=True, kw_only=True):
     hardware: Literal["none", "gpu", "all"] = "none"
     masks: Masks = field(default_factory=Masks)
     env: Environment = field(default_factory=Environment)
-    net: Literal["host", "none"] = "host"
+    net: Literal["host", "none"] = "none"  # untrusted apps get no network unless asked
     dns: list[str] = []
+    limits: dict[str, int] = {}  # rlimits of the app and its untrusted helpers ("nproc")
     companions: list[list[str]] = []  # trusted helpers, in layer2a
     untrusted_companions: list[list[str]] = []  # in layer4a, beside the app
 
@@ -249,10 +250,10 @@ def expand(options: Profile, name: str, environ: dict[str, str], uid: int,
     """BBL's default nested template, shaped by the user options."""
     home = environ.get("HOME") or f"/home/{uid}"
     layer4 = spec.Layer(name="layer4", namespaces=["user", "pid", "mount"], uid=uid, gid=gid,
-                        seccomp=spec.Seccomp(policy="default"),
+                        seccomp=spec.Seccomp(policy="default"), rlimits=dict(options.limits),
                         command=spec.Command(argv=list(options.command), new_session=False))
     layer4a = spec.Layer(name="layer4a", namespaces=["user", "pid", "mount"], uid=uid, gid=gid,
-                         seccomp=spec.Seccomp(policy="default"),
+                         seccomp=spec.Seccomp(policy="default"), rlimits=dict(options.limits),
                          companions=[list(c) for c in options.untrusted_companions])
     namespaces = ["mount", "pid", "ipc", "uts", "cgroup"]
     if options.net == "none":

@@ -261,6 +261,7 @@ class Layer(Struct, forbid_unknown_fields=True, kw_only=True):
     companions: list[Command | list[str]] = []
     start_after: list[str] = []  # unix socket paths (parent's view) that must accept first
     start_timeout: float = 30.0
+    rlimits: dict[str, int] = {}  # for its commands: "nproc" = 512 sets soft and hard limit
     lock_files: list[str] = []  # read-locked (fcntl) by the supervisor while the layer lives
     # "deny": nothing in this layer or below creates user namespaces any more;
     # "assert-denied": commands refuse to start if they could create one
@@ -398,6 +399,8 @@ def _locate(raw, message: str) -> str:
 
 # The named seccomp policies the engine has (bbld.engine.seccomp.POLICIES; a test keeps the
 # two in step), so that front ends check specs without importing the engine.
+RLIMITS = ("as", "core", "cpu", "data", "fsize", "locks", "memlock", "msgqueue", "nice",
+           "nofile", "nproc", "rss", "rtprio", "rttime", "sigpending", "stack")
 SECCOMP_POLICIES = ("default", "no-terminal-injection")
 SECCOMP_GROUPS = ("keyring", "kernel-modules", "kexec", "kernel-tracing", "userfaultfd",
                   "file-handles", "mount", "ptrace", "namespace-join", "terminal-injection",
@@ -544,6 +547,11 @@ def _check_layer(layer: Layer, say, known_policies) -> None:
     for index, path in enumerate(layer.start_after):
         if not path.startswith("/"):
             say(f"start_after[{index}]", "must be an absolute socket path")
+    for name, value in layer.rlimits.items():
+        if name not in RLIMITS:
+            say("rlimits", f"unknown limit {name!r}; known: {', '.join(RLIMITS)}")
+        elif value < 0:
+            say(f"rlimits.{name}", "must be >= 0")
     for index, path in enumerate(layer.lock_files):
         _abs_path(say, f"lock_files[{index}]", path)
     if layer.user_namespaces == "deny":

@@ -152,7 +152,9 @@ untrusted_companions = [["sleep", "600"]]
     assert seen["layer1"]["pid"] == seen["layer2"]["pid"] == seen["layer2h"]["pid"]
     assert len({seen[n]["pid"] for n in ("layer1", "layer3", "layer4", "layer4a")}) == 4
     assert len({seen[n]["mnt"] for n in seen}) == 7  # every layer its own view
-    assert {seen[n]["net"] for n in seen} == {host["net"]}  # net = "host" (the default)
+    outside = {seen[n]["net"] for n in ("layer1", "layer2", "layer2a", "layer2h")}
+    inside = {seen[n]["net"] for n in ("layer3", "layer4", "layer4a")}
+    assert outside == {host["net"]} and len(inside) == 1 and inside != outside  # net = none
 
 
 def test_start_default_detached_then_exec(instances):

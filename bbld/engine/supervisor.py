@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import resource
 import select
 import signal
 import socket
@@ -504,8 +505,11 @@ class LayerSupervisor:
 def restrict_and_exec(plan: Plan, layer: LayerPlan, command: spec.Command,
                       env: dict[str, str], errors_fd: int) -> None:
     """The last steps of every process a layer runs (its commands, and what exec and attach
-    start in it later), in this order: umask, capabilities, no_new_privs, fds, seccomp."""
+    start in it later), in this order: umask, rlimits, capabilities, no_new_privs, fds,
+    seccomp."""
     os.umask(plan.umask)
+    for name, value in layer.layer.rlimits.items():  # lowering needs no capability
+        resource.setrlimit(getattr(resource, f"RLIMIT_{name.upper()}"), (value, value))
     privileges.restrict_capabilities(layer.caps, plan.cap_last)
     privileges.no_new_privs()
     sc.close_all_fds_except({0, 1, 2, errors_fd, *command.pass_fds})

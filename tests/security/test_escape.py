@@ -90,3 +90,14 @@ def test_exec_into_the_app_layer_holds_as_well(instances, tmp_path, targets):
     found = probe_output(instances.ctl("exec", instance, "--", "python3", "-c", PROBE,
                                        *targets))
     assert {name: verdict for name, verdict in found.items() if verdict != "blocked"} == {}
+
+
+def test_a_fork_bomb_stops_at_the_layers_process_limit(instances, tmp_path):
+    bomb = ("import os, time\ncount = 0\nfor _ in range(500):\n    try:\n        pid = os.fork()\n"
+            "    except OSError:\n        break\n    if pid == 0:\n        time.sleep(30)\n"
+            "        os._exit(0)\n    count += 1\nprint(count)\n")
+    path = tmp_path / "bomb.toml"
+    path.write_text(f'limits = {{ nproc = 40 }}\ncommand = {json.dumps(["python3", "-c", bomb])}\n')
+    result = instances.ctl("start", str(path), stdin=open(os.devnull))
+    assert result.returncode == 0, result.stderr
+    assert 0 < int(result.stdout) < 40  # the layer's processes count, not the host's

@@ -230,7 +230,7 @@ def encode(message: Call | Reply) -> bytes:
 def decode_call(frame: bytes) -> Call:
     try:
         call = _call_decoder.decode(frame)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, RecursionError) as exc:  # RecursionError: nested too deeply
         raise InvalidMessage(f"not a varlink call: {exc}") from None
     if "." not in call.method:
         raise InvalidMessage(f"method {call.method!r} is not qualified by an interface")
@@ -240,7 +240,7 @@ def decode_call(frame: bytes) -> Call:
 def decode_reply(frame: bytes) -> Reply:
     try:
         return _reply_decoder.decode(frame)
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, RecursionError) as exc:
         raise InvalidMessage(f"not a varlink reply: {exc}") from None
 
 

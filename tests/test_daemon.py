@@ -79,6 +79,8 @@ def test_typed_errors_keep_the_connection(daemon, message, error, parameters):
     (b'{"method": "Ping"}\0', "is not qualified"),
     (b'{"method": "io.bbl.Manager.Ping", "bogus": 1}\0', "not a varlink call"),
     (b"x" * (protocol.MAX_MESSAGE + 10), "message larger than"),
+    (b'{"method": "io.bbl.Manager.Ping", "parameters": {"x": ' + b"[" * 300000 + b"]" * 300000
+     + b"}}\0", "maximum recursion depth"),
 ])
 def test_malformed_messages_end_only_that_connection(daemon, message, reason):
     replies = exchange(daemon, message, call("io.bbl.Manager.Ping"))

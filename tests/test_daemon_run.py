@@ -176,3 +176,12 @@ def test_bad_input_leaves_nothing_behind_in_the_daemon(daemon, tmp_path):
     assert wait_gone(_children(helper)) == []  # every monitor has ended
     assert _children(pid) == children_before
     assert _open_fds(pid) == fds_before
+
+
+def test_the_forker_and_its_monitors_import_no_trio():
+    import subprocess
+    import sys
+
+    code = "import sys, bbld.daemon.helper; print('trio' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=30).stdout == "False\n"

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import fcntl
 import os
-import re
 import signal
 import socket
 import sys
@@ -26,6 +25,7 @@ import msgspec
 from bbld import spec
 from bbld.daemon.control import Control
 from bbld.daemon.messages import (
+    INSTANCE_ID,
     MAX_EXTRA_FDS,
     MAX_REQUEST,
     REQUEST_FDS,
@@ -35,7 +35,7 @@ from bbld.daemon.messages import (
 from bbld.engine import Instance, StartError, prepare
 
 _request_decoder = msgspec.json.Decoder(StartRequest)
-INSTANCE_ID = re.compile(r"[0-9a-f]{8,32}")  # becomes a file name: nothing else
+
 
 
 def main(fd: int, directory: str) -> int:

@@ -1,6 +1,10 @@
 """What bbld and its forker (bbld.daemon.helper) say to each other. No trio, no engine."""
 
+import re
+
 import msgspec
+
+INSTANCE_ID = re.compile(r"[0-9a-f]{8,32}")  # ids become file names: nothing else
 
 MAX_REQUEST = 1 << 20
 REQUEST_FDS = 5  # the instance's report channel, stdin, stdout, stderr, working directory

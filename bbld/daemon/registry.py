@@ -20,7 +20,13 @@ import msgspec
 import trio
 
 from bbld import protocol
-from bbld.daemon.messages import MAX_CONTROL, ControlReply, ControlRequest, decode_reply
+from bbld.daemon.messages import (
+    INSTANCE_ID,
+    MAX_CONTROL,
+    ControlReply,
+    ControlRequest,
+    decode_reply,
+)
 
 KEEP_ENDED = 100  # ended instances `ps --all` still shows
 
@@ -192,6 +198,9 @@ class Registry:
         os.unlink(path)
 
     async def _adopt_running(self, path: str, nursery: trio.Nursery) -> None:
+        expected = os.path.basename(path).removesuffix(".sock")
+        if not INSTANCE_ID.fullmatch(expected):
+            return  # not one of ours: leave it alone
         try:
             with await connect(path, ControlRequest(op="status")) as sock:
                 async for reply, _ in replies(sock):
@@ -201,6 +210,8 @@ class Registry:
                     raise OSError("no answer")
         except (OSError, TypeError, KeyError, AttributeError, msgspec.DecodeError):
             os.unlink(path)  # its monitor is gone (killed): a stale socket
+            return
+        if record.id != expected:  # a monitor only ever names its own socket
             return
         self.live[record.id] = record
         nursery.start_soon(self.follow, record)

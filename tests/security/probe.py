@@ -1,6 +1,7 @@
 """A probe run *inside* a sandbox: it tries to get out, and says what worked.
 
     python3 probe.py [CANARY_PATH] [TCP_PORT] [DAEMON_SOCKET] [ABSTRACT_NAME] [SHM_KEY]
+                     [HOST_PID]
 
 prints one JSON object: check name -> "blocked" or "OPEN: what happened". Standard library
 only (it runs with whatever Python the sandbox has). Syscalls are called with arguments the
@@ -95,6 +96,39 @@ def seccomp_checks():
     in_child("x32 ABI", lambda: machine_code(b"\xb8\x27\x00\x00\x40\x0f\x05\xc3"))
 
 
+def privilege_checks(host_pid):
+    if host_pid:
+        results["host process visible"] = "OPEN: in /proc" if os.path.exists(
+            f"/proc/{host_pid}") else "blocked"
+    try:  # our pid namespace's pid 1 is a supervisor: it must ignore us
+        os.kill(1, signal.SIGKILL)
+        results["signal the supervisor"] = "blocked" if os.path.exists("/proc/1") else \
+            "OPEN: pid 1 is gone"
+    except OSError:
+        results["signal the supervisor"] = "blocked"
+    try:
+        with open("/proc/self/uid_map", "w") as f:
+            f.write("0 0 1\n")
+        results["write uid_map"] = "OPEN: written"
+    except OSError:
+        results["write uid_map"] = "blocked"
+    try:
+        os.setgroups([0])
+        results["setgroups"] = "OPEN: now in group 0"
+    except OSError:
+        results["setgroups"] = "blocked"
+    try:
+        os.setuid(0)
+        results["setuid(0)"] = "blocked" if os.getuid() == 0 and _no_caps() else "OPEN"
+    except OSError:
+        results["setuid(0)"] = "blocked"
+
+
+def _no_caps():
+    status = dict(line.split(":", 1) for line in open("/proc/self/status"))
+    return status["CapEff"].strip() == "0000000000000000"
+
+
 def isolation_checks(canary, port, daemon_socket, abstract, shm_key):
     if abstract:
         with socket.socket(socket.AF_UNIX) as probe:
@@ -154,7 +188,8 @@ def _unreadable(path):
 
 
 if __name__ == "__main__":
-    args = sys.argv[1:] + [""] * 5
+    args = sys.argv[1:] + [""] * 6
     seccomp_checks()
     isolation_checks(*args[:5])
+    privilege_checks(args[5])
     print(json.dumps(results, indent=1, sort_keys=True))

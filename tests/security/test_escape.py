@@ -16,7 +16,8 @@ SECCOMP = ["ioctl TIOCSTI", "ioctl TIOCLINUX", "ioctl TIOCSTI (high bits)", "key
            "ptrace(TRACEME)", "i386 ABI", "x32 ABI"]
 ISOLATION = ["host canary", "daemon socket", "host TCP listener", "leaked fds", "capabilities",
              "no_new_privs", "write /usr", "/proc/1/root", "host abstract socket",
-             "host SysV shm"]
+             "host SysV shm", "host process visible", "signal the supervisor", "write uid_map",
+             "setgroups", "setuid(0)"]
 SYSTEM = ["--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib",
           "/lib", "--symlink", "usr/lib64", "/lib64", "--proc", "/proc", "--dev", "/dev"]
 
@@ -44,7 +45,8 @@ def targets(tmp_path, bbl_env, marker):
     assert segment >= 0
     socket_path = os.path.join(bbl_env["XDG_RUNTIME_DIR"], "bbl", "bbld.sock")
     try:
-        yield [str(canary), str(listener.getsockname()[1]), socket_path, marker, str(key)]
+        yield [str(canary), str(listener.getsockname()[1]), socket_path, marker, str(key),
+               str(os.getpid())]
     finally:
         listener.close()
         abstract.close()

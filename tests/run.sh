@@ -5,6 +5,7 @@
 # As root: BBL's real user is unprivileged, so the suite runs first as an unprivileged account
 # ($BBL_TEST_USER, default bbltest, created if missing) from a copy of the tree and a virtualenv
 # under /var/tmp/bbl-test that the account can read; then the tests marked `root` run as root.
+# `--prepare-only` (as root) sets up the account, the copy and the virtualenv, and stops.
 set -euo pipefail
 src=$(cd "$(dirname "$0")/.." && pwd)
 python=${BBL_TEST_PYTHON:-/usr/bin/python3}
@@ -38,6 +39,8 @@ chmod -R a+rX "$base/venv"
 
 # FUSE (AppImage mounts) is root-only on some machines; desktop systems ship /dev/fuse 0666.
 [ -c /dev/fuse ] && chmod 0666 /dev/fuse
+
+[ "${1:-}" = "--prepare-only" ] && exit 0  # tests/bench/run.sh: the account and venv only
 
 cd "$base/src"
 status=0

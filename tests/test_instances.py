@@ -436,3 +436,18 @@ def test_ps_watch_follows_starts_and_ends(instances):
     finally:
         watcher.kill()
         watcher.wait(timeout=10)
+
+
+def test_a_detached_instance_costs_the_daemon_two_fds(instances, tmp_path):
+    from tests.conftest import daemon_pid
+    from tests.test_daemon_run import _open_fds
+
+    path = tmp_path / "idle.toml"
+    path.write_text('command = ["sleep", "600"]\n')
+    first = instances.ctl("start", str(path), "--detach").stdout.strip()
+    instances.ids.append(first)
+    pid = daemon_pid(instances.env)
+    before = _open_fds(pid)
+    for _ in range(5):
+        instances.ids.append(instances.ctl("start", str(path), "--detach").stdout.strip())
+    assert _open_fds(pid) - before == 5 * 2  # the monitor's pidfd and its watch connection

@@ -51,6 +51,9 @@ class Helper:
                                                  array("i", [theirs.fileno(), *fds]))])
         finally:
             theirs.close()
+        for fd in fds:  # the forker has its own copies: ours would be held for the whole run
+            os.close(fd)
+        fds.clear()  # (in place: the caller's list, so that nobody closes them again)
         with trio.socket.from_stdlib_socket(mine) as events:
             while True:
                 data, ancdata, _flags, _ = await events.recvmsg(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import resource
 import signal
 import socket
 import sys
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bbld: cannot listen on {socket_path or paths.socket_path()}: {exc.strerror}",
               file=sys.stderr)
         return 1
+    _raise_fd_limit()
     try:
         trio.run(_run, listener, instances)
     finally:
@@ -60,6 +62,14 @@ def main(argv: list[str] | None = None) -> int:
         except OSError:
             pass
     return 0
+
+
+def _raise_fd_limit() -> None:
+    """Every running instance holds a few of bbld's fds (its monitor's pidfd, a connection to
+    its control socket): take the hard limit, not the soft default of 1024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 class AlreadyRunning(Exception):

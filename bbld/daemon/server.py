@@ -85,34 +85,41 @@ class Daemon:
         record.name, record.single_instance = single, bool(single)
         self.registry.add(record)
         status, started = None, False
+        # A caller that leaves after the start (a detached start) stops only this stream; the
+        # registry follows the instance on its own.
+        followed = trio.CancelScope()
+        on_client_gone.append(lambda: started and followed.cancel())
         try:
-            async for event, layer_fds in self.helper.start(record.id, spec, list(args),
-                                                            env or {}, list(fd_numbers), fds,
-                                                            hold_tty=detach):
-                if event.event == "failed":
-                    raise VarlinkError("io.bbl.Manager.StartFailed", message=event.message,
-                                       exit_code=event.exit_code)
-                if event.event == "started":
-                    started = True
-                    tty = self._started(record, event, layer_fds)
-                    if die_with_client:  # bubblewrap's --die-with-parent, for our caller
-                        on_client_gone.append(record.kill)
-                    reply = Reply(parameters={"event": "started", "id": record.id,
-                                              "layers": event.layers, "tty": tty is not None},
-                                  continues=True)
-                    yield reply if tty is None else WithFds(reply, [tty])
-                elif event.event == "exited":
-                    status = event.status
-                    yield Reply(parameters={"event": "exited", "id": record.id,
-                                            "status": status})
-                    return
+            with followed:
+                async for event, layer_fds in self.helper.start(
+                        record.id, spec, list(args), env or {}, list(fd_numbers), fds,
+                        hold_tty=detach):
+                    if event.event == "failed":
+                        raise VarlinkError("io.bbl.Manager.StartFailed", message=event.message,
+                                           exit_code=event.exit_code)
+                    if event.event == "started":
+                        started = True
+                        tty = self._started(record, event, layer_fds)
+                        if die_with_client:  # bubblewrap's --die-with-parent, for our caller
+                            on_client_gone.insert(0, record.kill)
+                        reply = Reply(parameters={"event": "started", "id": record.id,
+                                                  "layers": event.layers,
+                                                  "tty": tty is not None}, continues=True)
+                        yield reply if tty is None else WithFds(reply, [tty])
+                    elif event.event == "exited":
+                        status = event.status
+                        yield Reply(parameters={"event": "exited", "id": record.id,
+                                                "status": status})
+                        return
+            if followed.cancelled_caught:
+                return
             raise VarlinkError("io.bbl.Manager.StartFailed", exit_code=1,
                                message="the instance's monitor ended without a status")
         finally:
-            if started:
-                self.registry.finish(record, status)
-            else:
+            if not started:
                 self.registry.drop(record)
+            elif status is not None:
+                self.registry.finish(record, status)
 
     run.takes_fds = True
 

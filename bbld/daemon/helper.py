@@ -32,7 +32,7 @@ from bbld.daemon.messages import (
     Event,
     StartRequest,
 )
-from bbld.engine import Instance, StartError, prepare
+from bbld.engine import Instance, StartError, network, prepare
 
 _request_decoder = msgspec.json.Decoder(StartRequest)
 
@@ -41,6 +41,10 @@ _request_decoder = msgspec.json.Decoder(StartRequest)
 def main(fd: int, directory: str) -> int:
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # monitors are reaped by the kernel
     sock = socket.socket(fileno=fd)
+    try:  # once here, not in every monitor: net namespaces need pyroute2 (slow to import)
+        network.preload()
+    except StartError:
+        pass  # the instances that need it will say so
     while True:
         try:
             data, fds, _flags, _addr = socket.recv_fds(sock, MAX_REQUEST,

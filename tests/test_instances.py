@@ -451,3 +451,16 @@ def test_a_detached_instance_costs_the_daemon_two_fds(instances, tmp_path):
     for _ in range(5):
         instances.ids.append(instances.ctl("start", str(path), "--detach").stdout.strip())
     assert _open_fds(pid) - before == 5 * 2  # the monitor's pidfd and its watch connection
+
+
+def test_a_silent_peer_on_the_control_socket_stalls_nothing(instances, app):
+    import socket
+
+    instance, _ = app
+    path = os.path.join(instances.env["XDG_RUNTIME_DIR"], "bbl", "instances",
+                        f"{instance}.sock")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as silent:
+        silent.connect(path)  # and says nothing
+        started = time.monotonic()
+        result = instances.ctl("exec", instance, "--", "true")
+        assert result.returncode == 0 and time.monotonic() - started < 3, result.stderr

@@ -71,13 +71,18 @@ class Control:
             conn, _ = self.listener.accept()
         except BlockingIOError:
             return
-        conn.setblocking(True)
-        conn.settimeout(5)  # a peer that connects and says nothing does not stall the monitor
+        if not _same_user(conn):
+            return conn.close()
+        conn.setblocking(False)  # its request is read when it arrives: a silent peer costs
+        self.instance.watch(conn.fileno(), lambda: self._request(conn))  # nothing
+
+    def _request(self, conn: socket.socket) -> None:
+        self.instance.unwatch(conn.fileno())
         try:
-            if not _same_user(conn):
-                return conn.close()
             data, fds, _, _ = socket.recv_fds(conn, MAX_CONTROL, CONTROL_FDS,
                                               socket.MSG_CMSG_CLOEXEC)
+            conn.setblocking(True)
+            conn.settimeout(5)  # replies are small; a peer that stops reading is dropped
             self._handle(conn, data, fds)
         except (OSError, msgspec.DecodeError, ValueError) as exc:
             _reply(conn, ControlReply(op="error", message=str(exc)))

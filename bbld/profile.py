@@ -368,14 +368,45 @@ def _desktop(options: Profile, environ: dict[str, str]) -> list:
         socket = f"/tmp/.X11-unix/X{number.group(1)}"
         fs.append(spec.RoBind(src=socket, dest=socket, try_=True))
         authority = environ.get("XAUTHORITY") or os.path.expanduser("~/.Xauthority")
-        if os.path.isfile(authority):  # read-only: the sandbox cannot change the host's
-            fs.append(spec.RoBind(src=authority, dest="/run/bbl/Xauthority"))
+        try:
+            with open(authority, "rb") as f:
+                cookie = xauthority_for(f.read(), number.group(1))
+        except OSError:
+            cookie = b""
+        if cookie:
+            fs.append(spec.RoBindData(dest="/run/bbl/Xauthority", data=cookie, mode=0o400))
     if options.dbus == "host":
         bus = environ.get("DBUS_SESSION_BUS_ADDRESS", "")
         if bus.startswith("unix:path="):
             path = bus.removeprefix("unix:path=").split(",")[0]
             fs.append(spec.Bind(src=path, dest="/run/bbl/bus", try_=True))
     return fs
+
+
+FAMILY_WILD = 0xFFFF
+
+
+def xauthority_for(data: bytes, display: str) -> bytes:
+    """The Xauthority entries for display `display` only, rewritten to the wildcard family:
+    the sandbox has a hostname of its own, so entries tied to the host's name would not
+    match, and cookies of other displays stay out."""
+    kept, offset = [], 0
+    try:
+        while offset < len(data):
+            offset += 2  # the family: replaced below
+            fields = []
+            for _ in range(4):  # address, display number, auth name, auth data
+                length = int.from_bytes(data[offset:offset + 2], "big")
+                fields.append(data[offset + 2:offset + 2 + length])
+                offset += 2 + length
+            if offset > len(data):
+                return b""  # truncated: not an Xauthority file
+            if fields[1].decode(errors="replace") == display:
+                kept.append(FAMILY_WILD.to_bytes(2, "big") + b"".join(
+                    len(f).to_bytes(2, "big") + f for f in (b"", *fields[1:])))
+    except ValueError:
+        return b""
+    return b"".join(kept)
 
 
 def _layer3_env(options: Profile, home: str, environ: dict[str, str]) -> spec.Env:

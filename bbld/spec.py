@@ -119,6 +119,7 @@ class Symlink(FsOp, tag="symlink", kw_only=True):
 class _Data(FsOp, kw_only=True):
     dest: str
     content: str | None = None
+    data: bytes | None = None  # raw bytes (base64 in JSON and TOML), e.g. a binary cookie
     fd: int | None = None  # read to EOF by the engine before the sandbox starts
     mode: int | str = 0o666
 
@@ -609,8 +610,8 @@ def _check_op(layer: Layer, index: int, op: FsOp, ids: Ids, say) -> None:
             say("lower", f"needs at least {needed} lower director{'ies' if needed > 1 else 'y'}")
         for i, path in enumerate(op.lower):
             _abs_path(say, f"lower[{i}]", path)
-    if isinstance(op, _Data) and (op.content is None) == (op.fd is None):
-        say("content", "give exactly one of content or fd")
+    if isinstance(op, _Data) and [op.content, op.data, op.fd].count(None) != 2:
+        say("content", "give exactly one of content, data or fd")
     if isinstance(op, (BindFd,)) and op.fd < 0 or isinstance(op, _Data) and (op.fd or 0) < 0:
         say("fd", "must be >= 0")
     if isinstance(op, Tmpfs) and op.size is not None and op.size <= 0:

@@ -247,12 +247,19 @@ def test_gui_dbus_and_hardware_options(instances, tmp_path):
     bus_path = tmp_path / "bus"
     bus = socket.socket(socket.AF_UNIX)
     bus.bind(str(bus_path))
+    def entry(family: int, address: bytes, number: bytes, data: bytes) -> bytes:
+        fields = (address, number, b"MIT-MAGIC-COOKIE-1", data)
+        return family.to_bytes(2, "big") + b"".join(len(f).to_bytes(2, "big") + f
+                                                    for f in fields)
+
     cookie = tmp_path / "Xauthority"
-    cookie.write_bytes(b"MIT-MAGIC-COOKIE-1 \x00\xffsecret")
+    cookie.write_bytes(entry(256, b"myhost", b"97", b"\x00\xffsecret97")
+                       + entry(256, b"myhost", b"98", b"other display"))
+    (tmp_path / "expected").write_bytes(entry(0xFFFF, b"", b"97", b"\x00\xffsecret97"))
     instances.env.update(DISPLAY=":97", XAUTHORITY=str(cookie),
                          DBUS_SESSION_BUS_ADDRESS=f"unix:path={bus_path},guid=1")
     script = ("echo $DISPLAY $XAUTHORITY $DBUS_SESSION_BUS_ADDRESS; "
-              "cmp -s $XAUTHORITY /out/Xauthority && echo cookie-copied; "
+              "cmp -s $XAUTHORITY /out/expected && echo cookie-filtered; "
               "echo x >> $XAUTHORITY 2>&- || echo cookie-read-only; "
               "[ -S /run/bbl/bus ] && echo bus; [ -d /sys/class ] && echo sys; "
               "touch /sys/x 2>&- || echo sys-read-only; grep -c ID=linux /etc/os-release")
@@ -269,5 +276,5 @@ mounts = [{{ src = "{tmp_path}", dest = "/out" }}]
         bus.close()
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
-        ":97 /run/bbl/Xauthority unix:path=/run/bbl/bus", "cookie-copied", "cookie-read-only",
+        ":97 /run/bbl/Xauthority unix:path=/run/bbl/bus", "cookie-filtered", "cookie-read-only",
         "bus", "sys", "sys-read-only", "1"]

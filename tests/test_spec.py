@@ -104,7 +104,7 @@ def test_rules_are_all_reported_with_layer_op_index_and_field():
     ({"name": "l", "namespaces": ["mount"], "command": ["x"], "new_root": True,
       "fs": [{"op": "ro-overlay", "lower": ["/a"], "dest": "/o"}]}, {}, "at least 2 lower"),
     ({"name": "l", "namespaces": ["mount"], "command": ["x"], "new_root": True,
-      "fs": [{"op": "file", "dest": "/f"}]}, {}, "give exactly one of content or fd"),
+      "fs": [{"op": "file", "dest": "/f"}]}, {}, "give exactly one of content, data or fd"),
     ({"name": "l", "command": ["x"], "caps": ["sys_wizard"]}, {}, "unknown capability"),
     ({"name": "l", "command": ["x"], "seccomp": {"policy": "nope"}}, {}, "unknown policy"),
     ({"name": "l", "namespaces": ["user"], "command": ["x"], "uid": 5,

@@ -134,6 +134,8 @@ def _check_fd_open(layer: str, fd: int) -> None:
 def _read_data(layer: str, index: int, op) -> bytes:
     if op.content is not None:
         return op.content.encode()
+    if op.data is not None:
+        return op.data
     _check_fd_open(layer, op.fd)
     chunks = []
     try:

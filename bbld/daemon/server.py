@@ -131,7 +131,8 @@ class Daemon:
         main = spec.path_to(sandbox.layer, spec.main_layer_name(sandbox))[-1]
         request = ControlRequest(op="send-args", args=[*main.command.argv[1:], *args])
         async for reply in self._exec_stream(record, request, fds, on_client_gone):
-            if isinstance(reply, WithFds):
+            if isinstance(reply, WithFds):  # (send-args has no terminal to pass)
+                _close_all(reply.fds)
                 reply = reply.reply
             if reply.parameters["event"] == "started":
                 reply.parameters["event"] = "forwarded"

@@ -65,8 +65,8 @@ def main(argv=None) -> int:
         return 2
     import importlib
 
+    from bblctl.cli import UsageError, report
     from bblctl.client import ClientError
-    from bblctl.manage import UsageError, report
 
     module, function = COMMANDS[argv[0]]
     try:

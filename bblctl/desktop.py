@@ -13,7 +13,7 @@ import os
 import shutil
 import sys
 
-from bblctl.manage import UsageError, parse
+from bblctl.cli import UsageError, parse
 from bbld import profile
 
 # Keys of the original entry worth keeping; anything else (Exec, TryExec, Actions, X-...)

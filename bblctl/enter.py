@@ -15,12 +15,8 @@ import signal
 import termios
 import tty
 
+from bblctl.cli import UsageError
 from bblctl.client import SignalForwarder, connect
-from bblctl.manage import UsageError
-
-# The user's shell if the layer has it, else sh; interactive either way.
-DEFAULT_SHELL = ["/bin/sh", "-c", 'command -v "${SHELL:-sh}" >/dev/null 2>&1 && '
-                 'exec "${SHELL:-sh}" -i; exec sh -i']
 
 
 def parse(argv: list[str], command: str) -> tuple[str, str | None, list[str]]:
@@ -76,8 +72,12 @@ def _run_in(instance: str, method: str, **parameters) -> int:
 
 def attach(argv: list[str]) -> int:
     instance, layer, command = parse(argv, "attach")
+    if not command:
+        from bbld.spec import INTERACTIVE_SHELL  # only here: exec's start stays light
+
+        command = INTERACTIVE_SHELL
     with connect() as conn:
-        replies = conn.stream("io.bbl.Manager.Exec", id=instance, argv=command or DEFAULT_SHELL,
+        replies = conn.stream("io.bbl.Manager.Exec", id=instance, argv=command,
                               tty=True, **({"layer": layer} if layer else {}))
         next(replies)  # started: the pty's master came with it
         if not conn.fds:

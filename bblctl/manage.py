@@ -8,35 +8,8 @@ import os
 import signal
 import sys
 
-from bblctl.client import ClientError, RemoteError, connect
-
-
-class UsageError(Exception):
-    """A bad command line: the message says what and how to fix it (exit status 2)."""
-
-
-def parse(argv: list[str], flags: dict[str, bool], values: dict[str, str]):
-    """Options (`--name` flags, `--name VALUE` values) and positional arguments, in any order;
-    everything after `--` is positional."""
-    positional = []
-    flags, values = dict(flags), dict(values)
-    while argv:
-        arg, argv = argv[0], argv[1:]
-        if arg == "--":
-            positional += argv
-            break
-        name, eq, inline = arg.partition("=")
-        if name in flags and not eq:
-            flags[name] = True
-        elif name in values:
-            if not eq and not argv:
-                raise UsageError(f"{name} needs a value")
-            values[name], argv = (inline, argv) if eq else (argv[0], argv[1:])
-        elif arg.startswith("-") and arg != "-":
-            raise UsageError(f"unknown option {arg}")
-        else:
-            positional.append(arg)
-    return flags, values, positional
+from bblctl.cli import UsageError, parse
+from bblctl.client import connect
 
 
 def signal_number(text: str) -> int:
@@ -217,16 +190,3 @@ def _one_instance(positional: list[str], command: str) -> str:
     if len(positional) != 1:
         raise UsageError(f"{command} takes one instance id or name; see bblctl ps")
     return positional[0]
-
-
-def report(error: ClientError) -> int:
-    """Print a client error as one line; the exit status for it."""
-    if isinstance(error, RemoteError) and error.name == "io.bbl.Manager.NoSuchInstance":
-        print(f"bblctl: no running instance {error.parameters.get('id')!r}; see bblctl ps",
-              file=sys.stderr)
-        return 2
-    if isinstance(error, RemoteError) and "message" in error.parameters:
-        print(f"bblctl: {error.parameters['message']}", file=sys.stderr)
-        return error.parameters.get("exit_code", 1)
-    print(f"bblctl: {error}", file=sys.stderr)
-    return 1

@@ -7,9 +7,9 @@ import sys
 
 import msgspec
 
+from bblctl.cli import UsageError, parse
 from bblctl.client import SignalForwarder, connect
 from bblctl.enter import Terminal, relay
-from bblctl.manage import UsageError, parse
 from bbld import profile, spec
 
 

@@ -29,7 +29,6 @@ from msgspec import Struct, field
 from bbld import spec
 
 BUILTIN = os.path.join(os.path.dirname(__file__), "profiles")
-SHELL = ["/bin/sh", "-c", 'command -v bash >/dev/null && exec bash -i; exec sh -i']
 # Commands that would open a URL or file outside the sandbox (or a second, unsandboxed
 # browser): hidden in layer3 so that an app cannot hand anything to the host's desktop.
 OPENERS = ("xdg-open", "gio", "kde-open", "kde-open5", "gnome-open", "exo-open",
@@ -70,7 +69,7 @@ class Environment(Struct, forbid_unknown_fields=True, kw_only=True):
 class Profile(Struct, forbid_unknown_fields=True, kw_only=True):
     name: str | None = None  # default: the file's name
     instance: Literal["single", "multi"] = "multi"
-    command: list[str] = field(default_factory=lambda: list(SHELL))
+    command: list[str] = field(default_factory=lambda: list(spec.INTERACTIVE_SHELL))
     send_args: list[str] | None = None
     home: str = "tmpfs"  # or a host directory, bound at the same $HOME path inside
     gui: Literal["none", "host-x11"] = "none"

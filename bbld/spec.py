@@ -400,6 +400,10 @@ def _locate(raw, message: str) -> str:
 
 # The named seccomp policies the engine has (bbld.engine.seccomp.POLICIES; a test keeps the
 # two in step), so that front ends check specs without importing the engine.
+# An interactive shell, whatever the layer has: the default command of the `default` profile
+# and of `bblctl attach`.
+INTERACTIVE_SHELL = ["/bin/sh", "-c", "command -v bash >/dev/null && exec bash -i; exec sh -i"]
+
 RLIMITS = ("as", "core", "cpu", "data", "fsize", "locks", "memlock", "msgqueue", "nice",
            "nofile", "nproc", "rss", "rtprio", "rttime", "sigpending", "stack")
 SECCOMP_POLICIES = ("default", "no-terminal-injection")

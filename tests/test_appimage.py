@@ -97,3 +97,17 @@ def test_an_appimage_profile_runs_its_launcher_and_ends_with_the_app(instances, 
     (ended,) = json.loads(instances.ctl("ps", "--all", "--json").stdout)
     assert (ended["state"], ended["status"]) == ("exited", 3)
     assert wait_gone(processes_with(app)) == []  # squashfuse went with the sandbox
+
+
+@needs_fuse
+def test_squashfuse_parses_the_image_without_privileges(instances, tmp_path):
+    app = make_appimage(tmp_path)
+    path = tmp_path / "idle.toml"
+    path.write_text(f'command = ["sleep", "600"]\n'
+                    f'mounts = [{{ type = "appimage", src = "{app}" }}]\n')
+    instances.ids.append(instances.ctl("start", str(path), "--detach").stdout.strip())
+    (server,) = [pid for pid in processes_with(app) if "squashfuse" in open(
+        f"/proc/{pid}/cmdline").read()]
+    status = dict(line.split(":", 1) for line in open(f"/proc/{server}/status"))
+    assert {key: status[key].strip() for key in ("CapEff", "CapPrm", "CapBnd", "NoNewPrivs")} \
+        == {"CapEff": "0" * 16, "CapPrm": "0" * 16, "CapBnd": "0" * 16, "NoNewPrivs": "1"}

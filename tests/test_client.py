@@ -49,7 +49,7 @@ def test_without_autostart_a_missing_daemon_is_a_clear_error(tmp_path):
 
 def test_the_client_imports_neither_trio_nor_the_engine():
     code = ("import sys, bblctl.__main__, bblctl.run, bblctl.client, bblctl.manage, "
-            "bblctl.enter, bblctl.profiles, bblctl.desktop;"
+            "bblctl.enter, bblctl.profiles, bblctl.desktop, bblctl.cli;"
             "print(sorted(m for m in sys.modules if m == 'trio' or m.startswith('bbld.engine')"
             " or m.startswith('bbld.daemon')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,

@@ -28,7 +28,13 @@ from array import array
 
 import msgspec
 
-from bbld.daemon.messages import CONTROL_FDS, MAX_CONTROL, ControlReply, ControlRequest
+from bbld.daemon.messages import (
+    CONTROL_FDS,
+    MAX_CONTROL,
+    ControlReply,
+    ControlRequest,
+    peer_uid,
+)
 from bbld.engine import StartError
 from bbld.engine import syscalls as sc
 from bbld.engine.monitor import pidfd_pid
@@ -71,7 +77,7 @@ class Control:
             conn, _ = self.listener.accept()
         except BlockingIOError:
             return
-        if not _same_user(conn):
+        if peer_uid(conn) != os.getuid():
             return conn.close()
         conn.setblocking(False)  # its request is read when it arrives: a silent peer costs
         self.instance.watch(conn.fileno(), lambda: self._request(conn))  # nothing
@@ -212,13 +218,6 @@ def _kill_session(pid: int, pidfd: int) -> None:
         sc.pidfd_send_signal(pidfd, signal.SIGKILL)
     except ProcessLookupError:
         pass
-
-
-def _same_user(conn: socket.socket) -> bool:
-    import struct
-
-    raw = conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return struct.unpack("3i", raw)[1] == os.getuid()
 
 
 def _reply(conn: socket.socket, reply: ControlReply, fds: list[int] = ()) -> None:

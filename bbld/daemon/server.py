@@ -11,27 +11,21 @@ import os
 import secrets
 import signal as _signal
 import socket
-import struct
 import time
 import traceback
 from array import array
 
+import msgspec
 import trio
 
 from bbld import __version__, protocol, spec
 from bbld.daemon.helper_client import Helper
-from bbld.daemon.messages import MAX_EXTRA_FDS, ControlRequest
+from bbld.daemon.messages import MAX_EXTRA_FDS, ControlRequest, peer_uid
 from bbld.daemon.registry import InstanceRecord, Registry, connect, replies
 from bbld.protocol import Call, Reply, VarlinkError
 
 SERVICE = "org.varlink.service"
 EVENT_BACKLOG = 256  # events a slow Events caller may fall behind by before it is dropped
-
-
-def peer_uid(sock: trio.socket.SocketType) -> int:
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    _pid, uid, _gid = struct.unpack("3i", raw)
-    return uid
 
 
 class Daemon:
@@ -359,14 +353,24 @@ class WithFds:
         self.reply, self.fds = reply, fds
 
 
+class _Naming(msgspec.Struct):
+    """The two top-level keys of a spec the daemon looks at; the rest is skipped unread (the
+    forker checks the whole spec)."""
+    name: str = "sandbox"
+    single_instance: bool = False
+
+
+_naming = msgspec.json.Decoder(_Naming)
+
+
 def _single_instance_name(text: str) -> str | None:
-    """The spec's name if it asks for a single instance (an invalid spec: None; the helper
-    reports what is wrong with it)."""
+    """The spec's name if it asks for a single instance (not a spec: None; the forker says
+    what is wrong with it)."""
     try:
-        sandbox = spec.decode(text, "json", "request")
-    except spec.SpecError:
+        naming = _naming.decode(text)
+    except (msgspec.DecodeError, RecursionError):
         return None
-    return sandbox.name if sandbox.single_instance else None
+    return naming.name if naming.single_instance else None
 
 
 def _close_all(fds: list[int]) -> None:

@@ -44,7 +44,7 @@ def enter(plan: Plan, layer: LayerPlan, namespace_fds: dict[str, int], argv: lis
           env: dict[str, str], cwd: str | None, stdio: tuple[int, int, int] | None) -> Entered:
     """Start `argv` in `layer`; stdio None means a new pty. Raises StartError."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    own = {name: _inode(f"/proc/self/ns/{name}") for name, _ in ORDER}  # before any setns
+    own = {name: _identity(f"/proc/self/ns/{name}") for name, _ in ORDER}  # before any setns
     entering = os.fork()
     if entering == 0:
         ours.close()
@@ -59,14 +59,6 @@ def enter(plan: Plan, layer: LayerPlan, namespace_fds: dict[str, int], argv: lis
     finally:
         ours.close()
         os.waitpid(entering, 0)
-
-
-def _inode(path: str) -> tuple[int, int] | None:
-    try:
-        info = os.stat(path)
-    except OSError:
-        return None
-    return info.st_dev, info.st_ino
 
 
 def _enter(plan, layer, namespace_fds, own, argv, env, cwd, stdio, channel) -> None:
@@ -118,8 +110,12 @@ def _setns(name: str, fd: int, flag: int) -> None:
         raise StartError(f"entering the layer's {name} namespace: {exc.strerror}") from None
 
 
-def _identity(fd: int) -> tuple[int, int]:
-    info = os.fstat(fd)
+def _identity(target: int | str) -> tuple[int, int] | None:
+    """(device, inode) of an fd or a path: what tells two namespaces apart."""
+    try:
+        info = os.stat(target)
+    except OSError:
+        return None
     return info.st_dev, info.st_ino
 
 

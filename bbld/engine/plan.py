@@ -13,7 +13,7 @@ import msgspec
 from msgspec import Struct, field
 
 from bbld import spec
-from bbld.engine import seccomp
+from bbld.engine import privileges, seccomp
 from bbld.engine.errors import EXIT_USAGE, StartError
 
 
@@ -50,15 +50,8 @@ class Plan(Struct, kw_only=True):
 
     def path_to(self, name: str) -> list[LayerPlan]:
         """The layer plans from layer 1 down to `name` (empty if there is none)."""
-        def search(node: LayerPlan) -> list[LayerPlan]:
-            if node.name == name:
-                return [node]
-            for child in node.children:
-                found = search(child)
-                if found:
-                    return [node, *found]
-            return []
-        return search(self.root)
+        plans = {plan.name: plan for plan in self.layers()}
+        return [plans[layer.name] for layer in spec.path_to(self.sandbox.layer, name)]
 
     def environment(self, name: str, base: dict[str, str]) -> tuple[dict[str, str], str | None]:
         """The environment and explicit cwd the commands of layer `name` start from, given
@@ -93,7 +86,7 @@ def prepare(sandbox: spec.Sandbox, args: list[str] = ()) -> Plan:
     umask = os.umask(0)
     os.umask(umask)
     needs_network = any("net" in p.layer.namespaces for p in root.walk())
-    return Plan(sandbox=sandbox, root=root, umask=umask, cap_last=_cap_last(),
+    return Plan(sandbox=sandbox, root=root, umask=umask, cap_last=privileges.cap_last(),
                 needs_network=needs_network)
 
 
@@ -146,10 +139,3 @@ def _read_data(layer: str, index: int, op) -> bytes:
                          f"{exc.strerror}", EXIT_USAGE) from None
     return b"".join(chunks)
 
-
-def _cap_last() -> int:
-    try:
-        with open("/proc/sys/kernel/cap_last_cap") as f:
-            return int(f.read())
-    except OSError:
-        return len(spec.CAPABILITIES) - 1

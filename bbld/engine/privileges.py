@@ -85,6 +85,15 @@ def settle_supervisor(layer: spec.Layer) -> bool:
     return True
 
 
+def cap_last() -> int:
+    """The highest capability number this kernel knows."""
+    try:
+        with open("/proc/sys/kernel/cap_last_cap") as f:
+            return int(f.read())
+    except OSError:
+        return len(spec.CAPABILITIES) - 1
+
+
 def restrict_capabilities(keep: frozenset[int], cap_last: int) -> None:
     """Leave exactly `keep` in the bounding, permitted, effective, inheritable and ambient sets."""
     permitted = sc.capget_permitted()

@@ -77,7 +77,7 @@ def serve(old_root: int, image: str, offset: int, fuse: int) -> int:
         os.chroot(".")
         os.dup2(fuse, 3, inheritable=True)
         sc.close_all_fds_except({0, 1, 2, 3})
-        privileges.restrict_capabilities(frozenset(), _cap_last())
+        privileges.restrict_capabilities(frozenset(), privileges.cap_last())
         privileges.no_new_privs()
         os.execv(program, [program, "-f", "-o", f"offset={offset}", image, "/dev/fd/3"])
     finally:
@@ -91,7 +91,3 @@ def _exists(root: int, path: str) -> bool:
     except OSError:
         return False
 
-
-def _cap_last() -> int:
-    with open("/proc/sys/kernel/cap_last_cap") as f:
-        return int(f.read())

@@ -57,9 +57,6 @@ class Instance:
     # ------------------------------------------------------------ start
 
     def start(self) -> None:
-        if self.plan.needs_network:
-            from bbld.engine import network
-            network.preload()
         self.proc_fd = os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         if sc.fstatfs_type(self.proc_fd) != sc.PROC_SUPER_MAGIC:
             raise StartError("/proc is not a procfs")

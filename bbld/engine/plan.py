@@ -43,7 +43,6 @@ class Plan(Struct, kw_only=True):
     root: LayerPlan
     umask: int
     cap_last: int
-    needs_network: bool
 
     def layers(self):
         return self.root.walk()
@@ -85,9 +84,7 @@ def prepare(sandbox: spec.Sandbox, args: list[str] = ()) -> Plan:
         main_plan.layer = msgspec.structs.replace(main_plan.layer, command=command)
     umask = os.umask(0)
     os.umask(umask)
-    needs_network = any("net" in p.layer.namespaces for p in root.walk())
-    return Plan(sandbox=sandbox, root=root, umask=umask, cap_last=privileges.cap_last(),
-                needs_network=needs_network)
+    return Plan(sandbox=sandbox, root=root, umask=umask, cap_last=privileges.cap_last())
 
 
 def _plan_layer(layer: spec.Layer, main: str, main_path: set[str], gated: bool) -> LayerPlan:

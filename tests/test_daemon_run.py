@@ -54,6 +54,18 @@ def test_run_streams_started_then_exited_with_the_status(daemon):
     assert out == "got hello\n/\n/usr/bin:/bin\n", err
 
 
+def test_a_call_longer_than_one_read_keeps_its_fds(daemon):
+    """The fds come with a call's first bytes; a 90 KB call arrives in several reads."""
+    words = [f"word{i:06}" for i in range(8000)]
+    events, out, _ = run_through(daemon, sandbox(app_layer(command=[*sh('echo "$#"'), "-"])),
+                                 args=words)
+    assert events[-1].get("status") == 0 and out == "8000\n", events
+    words = [f"word{i:06}" for i in range(25000)]  # longer than the forker's socket takes
+    events, _, _ = run_through(daemon, sandbox(app_layer(command=["true"])), args=words)
+    assert events[-1]["error"] == "io.bbl.Manager.StartFailed" and events[-1]["exit_code"] == 2
+    assert "is too large" in events[-1]["message"]
+
+
 def test_run_with_arguments_and_a_nested_tree(daemon):
     from tests.conftest import layer
 

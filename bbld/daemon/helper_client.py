@@ -13,7 +13,8 @@ import msgspec
 import trio
 
 from bbld import protocol
-from bbld.daemon.messages import Event, StartRequest
+from bbld.daemon.messages import MAX_CONTROL, Event, StartRequest
+from bbld.protocol import VarlinkError
 
 _event_decoder = msgspec.json.Decoder(Event)
 
@@ -38,17 +39,20 @@ class Helper:
         theirs.close()
         self.sock = trio.socket.from_stdlib_socket(mine)
 
-    async def start(self, instance_id: str, spec: str, args: list[str], env: dict[str, str],
-                    fd_numbers: list[int], fds: list[int], hold_tty: bool = False):
-        """Yield (Event, fds) for one new instance until its monitor ends."""
+    async def start(self, request: StartRequest, fds: list[int]):
+        """Yield (Event, fds) for one new instance until its monitor ends. `fds`: stdin,
+        stdout, stderr, working directory, then one per request.fd_numbers."""
         self._ensure_running()
         mine, theirs = _seqpacket_pair()
-        request = msgspec.json.encode(StartRequest(id=instance_id, spec=spec, args=args,
-                                                   env=env, fd_numbers=fd_numbers,
-                                                   hold_tty=hold_tty))
+        data = msgspec.json.encode(request)
         try:
-            await self.sock.sendmsg([request], [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
-                                                 array("i", [theirs.fileno(), *fds]))])
+            await self.sock.sendmsg([data], [(
+                socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", [theirs.fileno(), *fds]))])
+        except OSError as exc:  # EMSGSIZE: longer than the socket's buffer (about 200 KB)
+            mine.close()
+            raise VarlinkError("io.bbl.Manager.StartFailed", exit_code=2,
+                               message=f"the start request ({len(data)} bytes) is too large: "
+                                       f"{exc.strerror}") from None
         finally:
             theirs.close()
         for fd in fds:  # the forker has its own copies: ours would be held for the whole run
@@ -57,7 +61,8 @@ class Helper:
         with trio.socket.from_stdlib_socket(mine) as events:
             while True:
                 data, ancdata, _flags, _ = await events.recvmsg(
-                    1 << 16, socket.CMSG_SPACE(protocol.MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC)
+                    MAX_CONTROL, socket.CMSG_SPACE(protocol.MAX_FDS * 4),
+                    socket.MSG_CMSG_CLOEXEC)
                 fds_in = protocol.fds_from_ancillary(ancdata)
                 if not data:
                     return

@@ -17,12 +17,15 @@ def peer_uid(sock) -> int:
 
 MAX_REQUEST = 1 << 20
 REQUEST_FDS = 5  # the instance's report channel, stdin, stdout, stderr, working directory
-MAX_EXTRA_FDS = 32  # fds the spec names (bind-fd, data fds), placed at their numbers
+MAX_EXTRA_FDS = 56  # fds the spec names (bind-fd, data fds), placed at their numbers
 
 
 class StartRequest(msgspec.Struct):
     id: str  # the instance id bbld gave it
-    spec: str  # JSON of a bbld.spec.Sandbox
+    spec: str = ""  # JSON of a bbld.spec.Sandbox, or
+    bwrap: list[str] | None = None  # a bubblewrap command line, interpreted by the monitor
+    prog: str = "bbl-bwrap"  # (its program name, for usage messages)
+    name: str | None = None  # (the instance's name, instead of "bwrap")
     args: list[str] = []
     env: dict[str, str] = {}
     fd_numbers: list[int] = []  # where the extra fds go in the monitor, in order
@@ -37,6 +40,8 @@ class Event(msgspec.Struct, omit_defaults=True):
     started: float | None = None  # its start time (seconds since the epoch),
     main_pid: int | None = None  # and the main command's pid, if it still runs;
     tty: bool = False  # its pty master came with the event (after the monitor's pidfd)
+    die_with_parent: bool = False  # the spec asks to end the instance with its caller
+    reported: bool = False  # failed: the caller's stderr already has the message
     layers: list[dict] = []
     status: int | None = None
     message: str | None = None
@@ -46,7 +51,7 @@ class Event(msgspec.Struct, omit_defaults=True):
 # ---------------------------------------------------------------- an instance's control socket
 # (bbld.daemon.control serves it in the monitor; bbld.daemon.registry calls it)
 
-MAX_CONTROL = 1 << 16
+MAX_CONTROL = 1 << 20  # (an entry holds the main command's argv: it may be long)
 CONTROL_FDS = 3
 
 

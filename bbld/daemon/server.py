@@ -20,7 +20,7 @@ import trio
 
 from bbld import __version__, protocol, spec
 from bbld.daemon.helper_client import Helper
-from bbld.daemon.messages import MAX_EXTRA_FDS, ControlRequest, peer_uid
+from bbld.daemon.messages import MAX_EXTRA_FDS, ControlRequest, StartRequest, peer_uid
 from bbld.daemon.registry import InstanceRecord, Registry, connect, replies
 from bbld.protocol import Call, Reply, VarlinkError
 
@@ -61,14 +61,19 @@ class Daemon:
     async def ping(self) -> dict:
         return {"version": __version__, "pid": os.getpid()}
 
-    async def run(self, spec: str, args: list = (), env: dict = None, fd_numbers: list = (),
+    async def run(self, spec: str = None, bwrap: list = None, prog: str = "bbl-bwrap",
+                  name: str = None, args: list = (), env: dict = None, fd_numbers: list = (),
                   die_with_client: bool = False, detach: bool = False, *, fds: list[int],
                   on_client_gone: list):
         """Replies as they happen: started (more follow), then exited (the last)."""
         if len(fds) != 4 + len(fd_numbers) or len(fd_numbers) > MAX_EXTRA_FDS \
                 or not all(isinstance(n, int) and 3 <= n < 1000 for n in fd_numbers):
             raise VarlinkError(f"{SERVICE}.InvalidParameter", parameter="fds")
-        single = _single_instance_name(spec)
+        if (spec is None) == (bwrap is None) or bwrap is not None and \
+                not all(isinstance(word, str) for word in bwrap):
+            raise VarlinkError(f"{SERVICE}.InvalidParameter",
+                               parameter="bwrap" if spec is None else "spec")
+        single = _single_instance_name(spec) if spec is not None else None
         running = await self.registry.running_single(single) if single else None
         if running is not None:  # hand the arguments over instead of starting a second one
             async for reply in self._forward(running, spec, list(args), fds[:3],
@@ -85,16 +90,17 @@ class Daemon:
         on_client_gone.append(lambda: started and followed.cancel())
         try:
             with followed:
-                async for event, layer_fds in self.helper.start(
-                        record.id, spec, list(args), env or {}, list(fd_numbers), fds,
-                        hold_tty=detach):
+                request = StartRequest(id=record.id, spec=spec or "", bwrap=bwrap, prog=prog,
+                                       name=name, args=list(args), env=env or {},
+                                       fd_numbers=list(fd_numbers), hold_tty=detach)
+                async for event, layer_fds in self.helper.start(request, fds):
                     if event.event == "failed":
                         raise VarlinkError("io.bbl.Manager.StartFailed", message=event.message,
-                                           exit_code=event.exit_code)
+                                           exit_code=event.exit_code, reported=event.reported)
                     if event.event == "started":
                         started = True
                         tty = self._started(record, event, layer_fds)
-                        if die_with_client:  # bubblewrap's --die-with-parent, for our caller
+                        if die_with_client or event.die_with_parent:  # for our caller
                             on_client_gone.insert(0, record.kill)
                         reply = Reply(parameters={"event": "started", "id": record.id,
                                                   "layers": event.layers,
@@ -196,6 +202,8 @@ class Daemon:
         if len(fds) != (0 if tty else 3) or not all(isinstance(a, str) for a in argv):
             raise VarlinkError(f"{SERVICE}.InvalidParameter", parameter="fds" if
                                len(fds) != (0 if tty else 3) else "argv")
+        if tty and not argv:
+            argv = spec.INTERACTIVE_SHELL
         request = ControlRequest(op="exec", argv=argv, layer=layer, tty=tty)
         async for reply in self._exec_stream(record, request, fds, on_client_gone):
             yield reply
@@ -297,13 +305,20 @@ class Daemon:
                 await _close_gently(stream)
                 return
             framer = protocol.Framer()
+            fds: list[int] = []  # they come with a call's first bytes, kept until its end
             while True:
-                fds: list[int] = []
                 try:
-                    data, fds = await _receive(stream.socket)
+                    data, more_fds = await _receive(stream.socket)
+                    fds += more_fds
                     if not data:
+                        _close_all(fds)
                         return
+                    if len(fds) > protocol.MAX_FDS:
+                        raise protocol.InvalidMessage(
+                            f"more than {protocol.MAX_FDS} file descriptors")
                     calls = [protocol.decode_call(frame) for frame in framer.feed(data)]
+                    if not calls:
+                        continue  # a call longer than one read: its fds wait for its end
                     if fds and not (len(calls) == 1 and self._takes_fds(calls[0])):
                         raise protocol.InvalidMessage(
                             f"{len(fds)} file descriptor(s) sent with a call that takes none")
@@ -323,6 +338,7 @@ class Daemon:
                                     await self._send(stream, reply)
                         finally:
                             _close_all(fds)  # the helper has its own copies by now
+                            fds = []
                             nursery.cancel_scope.cancel()
 
     def _takes_fds(self, call: Call) -> bool:

@@ -1,6 +1,7 @@
 """Talking to bbld: connect (starting the daemon when nothing listens) and make Varlink calls.
 
-Plain blocking sockets: the client imports neither trio nor the engine. When no daemon
+Plain blocking sockets (bblctl.wire): the client imports neither trio nor msgspec nor the
+engine, because every command pays for its imports. When no daemon
 answers, the first client takes a lock in the user's state directory, starts `bbld` fully
 detached (its own session, logging to the state directory) and waits until it accepts; other
 clients starting at the same moment wait on the same lock and then find the daemon running,
@@ -11,14 +12,15 @@ from __future__ import annotations
 
 import fcntl
 import os
-import signal
-import socket
 import sys
 import time
 
-from bbld import paths, protocol
+from bblctl import wire
+from bblctl.wire import signal
+from bbld import paths
 
 START_TIMEOUT = 10.0  # seconds for a freshly started bbld to accept connections
+MAX_REPLY = 1 << 26  # bytes; a daemon that says more than this is not one we understand
 
 
 class ClientError(Exception):
@@ -35,9 +37,9 @@ class RemoteError(ClientError):
 
 
 class Connection:
-    def __init__(self, sock: socket.socket):
+    def __init__(self, sock):
         self.sock = sock
-        self.framer = protocol.Framer()
+        self.buffer = bytearray()
         self.pending: list[bytes] = []
         self.fds: list[int] = []  # fds that came with replies (SCM_RIGHTS); the caller's now
 
@@ -55,44 +57,50 @@ class Connection:
 
     def call(self, method: str, fds: tuple[int, ...] = (), **parameters) -> dict:
         """One call, one reply. Raises RemoteError for an error reply."""
-        message = protocol.encode(protocol.Call(method=method, parameters=parameters))
-        if fds:
-            socket.send_fds(self.sock, [message], list(fds))
-        else:
-            self.sock.sendall(message)
-        reply = protocol.decode_reply(self._next_frame())
-        if reply.error is not None:
-            raise RemoteError(reply.error, reply.parameters)
-        return reply.parameters
+        self._send({"method": method, "parameters": parameters}, fds)
+        reply = self._next_reply()
+        if reply.get("error") is not None:
+            raise RemoteError(reply["error"], reply.get("parameters") or {})
+        return reply.get("parameters") or {}
 
     def stream(self, method: str, fds: tuple[int, ...] = (), **parameters):
         """A `more` call, sent now: returns an iterator over each reply's parameters until
         the last one. Once this returns, the daemon holds its own copies of `fds`."""
-        message = protocol.encode(protocol.Call(method=method, parameters=parameters,
-                                                more=True))
-        if fds:
-            socket.send_fds(self.sock, [message], list(fds))
-        else:
-            self.sock.sendall(message)
+        self._send({"method": method, "parameters": parameters, "more": True}, fds)
         return self._replies()
 
     def _replies(self):
         while True:
-            reply = protocol.decode_reply(self._next_frame())
-            if reply.error is not None:
-                raise RemoteError(reply.error, reply.parameters)
-            yield reply.parameters
-            if not reply.continues:
+            reply = self._next_reply()
+            if reply.get("error") is not None:
+                raise RemoteError(reply["error"], reply.get("parameters") or {})
+            yield reply.get("parameters") or {}
+            if not reply.get("continues"):
                 return
 
-    def _next_frame(self) -> bytes:
+    def _send(self, call: dict, fds: tuple[int, ...]) -> None:
+        """A Varlink message: one JSON object and a NUL byte."""
+        wire.send(self.sock, wire.dumps(call).encode() + b"\0", fds)
+
+    def _next_reply(self) -> dict:
         while not self.pending:
-            data, fds, _, _ = socket.recv_fds(self.sock, 65536, 4, socket.MSG_CMSG_CLOEXEC)
+            data, fds = wire.receive(self.sock, 65536, 4)
             self.fds.extend(fds)
             if not data:
                 raise ClientError("bbld closed the connection")
-            self.pending.extend(self.framer.feed(data))
-        return self.pending.pop(0)
+            self.buffer += data
+            *frames, rest = self.buffer.split(b"\0")
+            self.pending.extend(frames)
+            self.buffer = bytearray(rest)
+            if len(self.buffer) > MAX_REPLY:
+                raise ClientError(f"bbld sent a reply larger than {MAX_REPLY} bytes")
+        try:
+            reply = wire.loads(self.pending.pop(0).decode())
+        except (wire.ProtocolError, UnicodeDecodeError) as exc:
+            raise ClientError(f"bbld sent something that is not JSON: {exc}") from None
+        if not isinstance(reply, dict):
+            raise ClientError("bbld sent a reply that is not a JSON object")
+        return reply
 
 
 def connect(autostart: bool = True) -> Connection:
@@ -105,8 +113,8 @@ def connect(autostart: bool = True) -> Connection:
     return Connection(sock)
 
 
-def _try_connect(path: str) -> socket.socket | None:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+def _try_connect(path: str):
+    sock = wire.unix_socket()
     try:
         sock.connect(path)
         return sock
@@ -125,7 +133,7 @@ def state_dir() -> str:
     return os.path.join(base, "bbl")
 
 
-def _start_daemon(path: str) -> socket.socket:
+def _start_daemon(path: str):
     directory = state_dir()
     os.makedirs(directory, mode=0o700, exist_ok=True)
     lock = os.open(os.path.join(directory, "autostart.lock"),

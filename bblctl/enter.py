@@ -11,12 +11,12 @@ import errno
 import fcntl
 import os
 import select
-import signal
 import termios
 import tty
 
 from bblctl.cli import UsageError
 from bblctl.client import SignalForwarder, connect
+from bblctl.wire import signal
 
 
 def parse(argv: list[str], command: str) -> tuple[str, str | None, list[str]]:
@@ -71,11 +71,7 @@ def _run_in(instance: str, method: str, **parameters) -> int:
 
 
 def attach(argv: list[str]) -> int:
-    instance, layer, command = parse(argv, "attach")
-    if not command:
-        from bbld.spec import INTERACTIVE_SHELL  # only here: exec's start stays light
-
-        command = INTERACTIVE_SHELL
+    instance, layer, command = parse(argv, "attach")  # no command: bbld starts a shell
     with connect() as conn:
         replies = conn.stream("io.bbl.Manager.Exec", id=instance, argv=command,
                               tty=True, **({"layer": layer} if layer else {}))

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import datetime
-import json
 import os
-import signal
 import sys
+import time
 
 from bblctl.cli import UsageError, parse
 from bblctl.client import connect
@@ -16,6 +14,8 @@ def signal_number(text: str) -> int:
     """9, KILL, SIGKILL, sigkill -> 9."""
     if text.isdigit() and 1 <= int(text) <= 64:
         return int(text)
+    import signal  # (its enum costs milliseconds: only for names)
+
     name = text.upper()
     name = name if name.startswith("SIG") else f"SIG{name}"
     try:
@@ -37,7 +37,7 @@ def ps(argv: list[str]) -> int:
         instances = conn.call("io.bbl.Manager.List", all=flags["--all"])["instances"]
     rows = [_ps_row(entry) for entry in instances]
     if flags["--json"]:
-        print(json.dumps(rows, indent=2))
+        _print_json(rows)
         return 0
     table = [["ID", "NAME", "STATE", "STARTED", "PID", "LAYERS", "COMMAND"]]
     for row in rows:
@@ -57,9 +57,9 @@ def _watch(as_json: bool) -> int:
         with connect() as conn:
             for event in conn.stream("io.bbl.Manager.Events"):
                 if as_json:
-                    print(json.dumps(event), flush=True)
+                    _print_json(event, indent=None)
                     continue
-                when = datetime.datetime.fromtimestamp(event["time"]).strftime("%H:%M:%S")
+                when = time.strftime("%H:%M:%S", time.localtime(event["time"]))
                 status = f" status {event['status']}" if event["event"] == "exited" else ""
                 print(f"{when} {event['event']} {event['id']} {event['name']}{status}",
                       flush=True)
@@ -68,10 +68,22 @@ def _watch(as_json: bool) -> int:
     return 0
 
 
+def _print_json(value, indent: int | None = 2) -> None:
+    import json  # only for --json: plain output stays light
+
+    print(json.dumps(value, indent=indent), flush=True)
+
+
+def _local_time(seconds: float) -> str:
+    """ISO 8601 with the UTC offset, e.g. 2026-11-29T18:25:46+01:00."""
+    when = time.localtime(seconds)
+    offset = time.strftime("%z", when)
+    return time.strftime("%Y-%m-%dT%H:%M:%S", when) + f"{offset[:3]}:{offset[3:]}"
+
+
 def _ps_row(entry: dict) -> dict:
-    started = datetime.datetime.fromtimestamp(entry["started"]).astimezone()
     return {"id": entry["id"], "name": entry["name"], "state": entry["state"],
-            "pid": entry["pid"], "started": started.isoformat(timespec="seconds"),
+            "pid": entry["pid"], "started": _local_time(entry["started"]),
             "command": entry["command"], "layers": len(entry["layers"]),
             "status": entry["status"]}
 
@@ -94,7 +106,7 @@ def tree(argv: list[str]) -> int:
     trees = [{"id": i["id"], "name": i["name"], "command": i["command"],
               "layers": _layer_tree(i["layers"])} for i in instances]
     if flags["--json"]:
-        print(json.dumps(trees, indent=2))
+        _print_json(trees)
         return 0
     for instance in trees:
         print(f"{instance['id']} {instance['name']}: {' '.join(instance['command'])}")

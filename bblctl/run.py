@@ -1,10 +1,13 @@
 """`bblctl run [bubblewrap options] [--] COMMAND [ARGS...]` and `bbl-bwrap`: a bubblewrap
 command line, run as an instance of the daemon.
 
-The client parses the command line (bbld.bwrap), turns it into a spec, and calls
-io.bbl.Manager.Run with its own stdin, stdout, stderr, working directory and the fds the
-options name. It forwards the signals it receives to the instance and exits with the command's
-status. Messages and exit codes are bubblewrap's: `bwrap: MESSAGE`, status 1.
+The client stays light: it hands the command line to io.bbl.Manager.Run as it is, with its
+stdin, stdout, stderr, working directory, environment and every other fd it has open. The
+instance's monitor, which takes all of them over, interprets the command line the way
+bubblewrap would in this process (bbld.bwrap.FrontEnd): warnings, errors, --help and
+--version reach our stdout and stderr from there. The client forwards the signals it
+receives to the instance and exits with the command's status. Messages and exit codes are
+bubblewrap's: `bwrap: MESSAGE`, status 1.
 """
 
 from __future__ import annotations
@@ -12,19 +15,13 @@ from __future__ import annotations
 import os
 import sys
 
-import msgspec
-
 from bblctl.client import ClientError, RemoteError, SignalForwarder, connect
-from bbld import bwrap, spec
+
+MAX_FDS = 56  # fds besides stdio that travel with the command line (bbld's limit)
+NAME_CHARACTERS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
 
 def main(argv: list[str], prog: str = "bbl-bwrap") -> int:
-    level_prefix = False  # set by the parse: --level-prefix affects the messages after it
-
-    def say(message: str, level: int = 3) -> None:
-        prefix = f"<{level}>" if level_prefix else ""
-        print(f"{prefix}bwrap: {message}", file=sys.stderr)
-
     instance = {}
     if prog == "bblctl run":  # BBL's own options, before bubblewrap's
         try:
@@ -32,58 +29,32 @@ def main(argv: list[str], prog: str = "bbl-bwrap") -> int:
         except ValueError as exc:
             print(f"bblctl run: {exc}", file=sys.stderr)
             return 2
-    if not argv:
-        sys.stderr.write(bwrap.usage(prog))
+    if instance.get("single_instance") or not _daemon_runs():
+        return _run_spec(argv, prog, instance)
+    fds = _open_fds()
+    if len(fds) > MAX_FDS:
+        _say(argv, f"{len(fds)} file descriptors are open besides stdin, stdout and stderr; "
+                   f"at most {MAX_FDS} can go to a sandbox: close the others")
         return 1
     try:
-        inv = bwrap.parse(argv, dict(os.environ))
-        level_prefix = inv.level_prefix
-        for warning in inv.warnings:
-            say(warning, 4)
-        sandbox = bwrap.to_sandbox(inv, os.getuid(), os.getgid())
-        for key, value in instance.items():
-            setattr(sandbox, key, value)
-    except bwrap.Help:
-        sys.stdout.write(bwrap.usage(prog))
-        return 0
-    except bwrap.Version:
-        print(bwrap.VERSION)
-        return 0
-    except bwrap.ParseError as exc:
-        level_prefix = exc.level_prefix
-        if str(exc) == "usage":
-            sys.stderr.write(bwrap.usage(prog))
-        else:
-            say(str(exc))
-        return 1
-    try:
-        return _run(sandbox, say)
+        return _run(argv, fds, dict(prog=prog, bwrap=argv, **instance))
     except RemoteError as exc:
-        say(bwrap.bwrap_message(exc.parameters.get("message", exc.name)))
+        if not exc.parameters.get("reported"):  # else the monitor printed it already
+            _say(argv, exc.parameters.get("message", exc.name))
         return 1
     except ClientError as exc:
-        say(str(exc))
+        _say(argv, str(exc))
         return 1
 
 
-def _run(sandbox: spec.Sandbox, say) -> int:
-    numbers = sorted(spec.caller_fds(sandbox))
-    for number in numbers:
-        try:
-            os.fstat(number)
-        except OSError:
-            say(f"fd {number} is not open")
-            return 1
+def _run(argv: list[str], fds: list[int], parameters: dict) -> int:
     cwd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         with SignalForwarder() as forwarder, connect() as conn:
-            replies = conn.stream("io.bbl.Manager.Run", fds=(0, 1, 2, cwd, *numbers),
-                                  spec=msgspec.json.encode(sandbox).decode(), args=[], env={},
-                                  fd_numbers=numbers,
-                                  die_with_client=sandbox.die_with_parent)
-            for number in numbers:  # like bwrap, which closes them: readers see EOF in time
-                if number > 2:
-                    os.close(number)
+            replies = conn.stream("io.bbl.Manager.Run", fds=(0, 1, 2, cwd, *fds), args=[],
+                                  env=dict(os.environ), fd_numbers=fds, **parameters)
+            for number in fds:  # like bwrap, which closes them: readers see EOF in time
+                os.close(number)
             for reply in replies:
                 if reply.get("event") == "started":
                     forwarder.aim(id=reply["id"])
@@ -96,6 +67,65 @@ def _run(sandbox: spec.Sandbox, say) -> int:
         os.close(cwd)
 
 
+def _open_fds() -> list[int]:
+    """Our open fds above stderr: what the command line may name (bwrap would see them)."""
+    return sorted(fd for fd in map(int, os.listdir("/proc/self/fd")) if fd > 2
+                  and _is_open(fd))
+
+
+def _is_open(fd: int) -> bool:
+    try:  # (listdir's own directory fd is in its listing, closed by now)
+        os.fstat(fd)
+        return True
+    except OSError:
+        return False
+
+
+def _say(argv: list[str], message: str) -> None:
+    prefix = "<3>" if "--level-prefix" in argv else ""
+    print(f"{prefix}bwrap: {message}", file=sys.stderr)
+
+
+def _daemon_runs() -> bool:
+    try:
+        connect(autostart=False).close()
+        return True
+    except ClientError:
+        return False
+
+
+def _run_spec(argv: list[str], prog: str, instance: dict) -> int:
+    """The command line made into a spec here (the slower path: it imports bbld.bwrap).
+    For --single-instance, since bbld looks for a running instance with the spec's name
+    before it starts anything; and when no bbld runs yet, so that a bad command line
+    starts no daemon (which then takes longer to start than this path to import)."""
+    import msgspec
+
+    from bbld import bwrap, spec
+
+    front = bwrap.FrontEnd(prog)
+    try:
+        sandbox = front.sandbox(argv, dict(os.environ), os.getuid(), os.getgid(),
+                                instance.get("name"))
+    except bwrap.Done as done:
+        return done.status
+    sandbox.single_instance = bool(instance.get("single_instance"))
+    numbers = sorted(spec.caller_fds(sandbox))
+    for number in numbers:
+        if not _is_open(number):
+            front.say(f"fd {number} is not open")
+            return 1
+    try:
+        return _run(argv, numbers, dict(spec=msgspec.json.encode(sandbox).decode(),
+                                        die_with_client=sandbox.die_with_parent))
+    except RemoteError as exc:
+        front.start_failed(exc.parameters.get("message", exc.name))
+        return 1
+    except ClientError as exc:
+        front.say(str(exc))
+        return 1
+
+
 def _instance_options(argv: list[str]) -> tuple[dict, list[str]]:
     """`--name NAME` and `--single-instance`, which only `bblctl run` takes (before any
     bubblewrap option)."""
@@ -103,13 +133,20 @@ def _instance_options(argv: list[str]) -> tuple[dict, list[str]]:
     while argv and argv[0] in ("--name", "--single-instance"):
         if argv[0] == "--single-instance":
             found["single_instance"], argv = True, argv[1:]
-        elif len(argv) < 2 or not spec.NAME_PATTERN.match(argv[1]):
-            raise ValueError(f"--name needs a name matching {spec.NAME_PATTERN.pattern}")
+        elif len(argv) < 2 or not _is_name(argv[1]):
+            raise ValueError("--name needs a name of letters, digits, '.', '_' and '-' "
+                             "(at most 64, starting with a letter or digit)")
         else:
             found["name"], argv = argv[1], argv[2:]
     if found.get("single_instance") and "name" not in found:
         raise ValueError("--single-instance needs --name NAME (what a second start looks for)")
     return found, argv
+
+
+def _is_name(text: str) -> bool:
+    """bbld.spec.NAME_PATTERN, without importing the spec (a test keeps the two equal)."""
+    return 0 < len(text) <= 64 and text[0].isascii() and text[0].isalnum() \
+        and set(text) <= NAME_CHARACTERS
 
 
 def bwrap_main() -> int:

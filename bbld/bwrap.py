@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import sys
 
 import msgspec
 
@@ -73,6 +74,66 @@ class Help(Exception):
 
 class Version(Exception):
     """--version: print VERSION and exit 0."""
+
+
+class Done(Exception):
+    """The command line started nothing (--help, --version, an error): what bubblewrap
+    would print is printed; exit with `status`."""
+
+    def __init__(self, status: int):
+        super().__init__(status)
+        self.status = status
+
+
+class FrontEnd:
+    """What bubblewrap does with its command line before it builds anything, in this
+    process: warnings and errors on stderr in its words (`bwrap: ...`, with `<N>` after
+    --level-prefix), --help and --version on stdout. Runs in the instance's monitor, which
+    holds the caller's stdio, fds, cwd and environment (the client stays light), and in
+    the client for --single-instance, which needs the spec before anything starts."""
+
+    def __init__(self, prog: str = "bbl-bwrap"):
+        self.prog = prog
+        self.level_prefix = False  # set by the parse: it affects the messages after it
+
+    def say(self, message: str, level: int = 3) -> None:
+        prefix = f"<{level}>" if self.level_prefix else ""
+        sys.stderr.write(f"{prefix}bwrap: {message}\n")
+        sys.stderr.flush()
+
+    def sandbox(self, argv: list[str], environ: dict[str, str], uid: int, gid: int,
+                name: str | None = None) -> spec.Sandbox:
+        """The sandbox the command line means. Raises Done."""
+        if not argv:
+            sys.stderr.write(usage(self.prog))
+            raise Done(1)
+        try:
+            inv = parse(argv, environ)
+            self.level_prefix = inv.level_prefix
+            for warning in inv.warnings:
+                self.say(warning, 4)
+            sandbox = to_sandbox(inv, uid, gid)
+        except Help:
+            sys.stdout.write(usage(self.prog))
+            sys.stdout.flush()
+            raise Done(0) from None
+        except Version:
+            print(VERSION, flush=True)
+            raise Done(0) from None
+        except ParseError as exc:
+            self.level_prefix = exc.level_prefix
+            if str(exc) == "usage":
+                sys.stderr.write(usage(self.prog))
+            else:
+                self.say(str(exc))
+            raise Done(1) from None
+        if name is not None:
+            sandbox.name = name
+        return sandbox
+
+    def start_failed(self, message: str) -> None:
+        """A start error, in bubblewrap's words."""
+        self.say(bwrap_message(message))
 
 
 def usage(prog: str) -> str:

@@ -61,12 +61,18 @@ interface io.bbl.Manager
 # Who answers: the daemon's version and process id.
 method Ping() -> (version: string, pid: int)
 
-# Start a sandbox from a spec (JSON, see docs/spec.md) and follow it to its
-# end. Call it with "more": the first reply has event "started" (the
-# instance id and, per layer, its name, the host pid of its supervisor and
-# its namespace ids); the last has event "exited" and the main command's
-# status. A spec with single_instance whose name a running instance already
-# has starts nothing: its main command's arguments (and args) go to that
+# Start a sandbox and follow it to its end. The sandbox is a spec (JSON, see
+# docs/spec.md) or a bubblewrap command line (bwrap, its options and
+# command): the instance's monitor interprets it with the caller's fds,
+# working directory and environment, and prints what bubblewrap would print
+# on the caller's stderr and stdout (warnings, errors, --help, --version; prog
+# names the program in usage texts); name replaces its name "bwrap".
+# Call it with "more": the first reply has event "started" (the instance id
+# and, per layer, its name, the host pid of its supervisor and its namespace
+# ids); the last has event "exited" and the main command's status (a
+# command line that starts nothing, such as --help, has only that one).
+# A spec with single_instance whose name a running instance already has
+# starts nothing: its main command's arguments (and args) go to that
 # instance as SendArgs would send them; the first reply is then "forwarded"
 # (id and pid), the last "exited" with the forwarding command's status.
 # When the main command has tty (a pty from its layer's devpts), the
@@ -75,12 +81,18 @@ method Ping() -> (version: string, pid: int)
 # is written to it), so the caller may leave.
 # Four file descriptors travel with the call (SCM_RIGHTS), in this order:
 # stdin, stdout and stderr for the sandbox, and its working directory;
-# then one fd for each entry of fd_numbers, which the spec refers to by that
-# number (bind-fd, file and data fds). env is the environment layer 1 starts
-# from; args extend the main command. With die_with_client, the instance is
-# killed when the caller's connection ends.
+# then one fd for each entry of fd_numbers, which the spec or command line
+# refers to by that number (bind-fd, file and data fds; the monitor closes
+# those a command line does not name). env is the environment layer 1
+# starts from; args extend the main command. With die_with_client (or a
+# spec's die_with_parent), the instance is killed when the caller's
+# connection ends. StartFailed's reported says the caller's stderr has the
+# message already.
 method Run(
-  spec: string,
+  spec: ?string,
+  bwrap: ?[]string,
+  prog: ?string,
+  name: ?string,
   args: []string,
   env: [string]string,
   fd_numbers: ?[]int,
@@ -140,9 +152,10 @@ method Stop(id: string, timeout: ?float) -> (status: ?int)
 # no_new_privs, seccomp filter, environment and working directory. Call it
 # with "more". Without tty, three fds travel with the call: stdin, stdout,
 # stderr. With tty, none: the command gets a new pty from the layer's own
-# devpts, and the "started" reply carries the pty's master (SCM_RIGHTS).
-# Replies: event "started" (pid: the command's host pid), then event
-# "exited" (status). The command is killed if the caller's connection ends.
+# devpts, the "started" reply carries the pty's master (SCM_RIGHTS), and an
+# empty argv means an interactive shell. Replies: event "started" (pid: the
+# command's host pid), then event "exited" (status). The command is killed
+# if the caller's connection ends.
 method Exec(
   id: string,
   argv: []string,
@@ -172,8 +185,10 @@ error ExecFailed (message: string, exit_code: int)
 error NoSuchInstance (id: string)
 
 # The sandbox did not start: nothing of it runs. exit_code is 2 when the
-# spec is invalid or does not fit this machine, else 1.
-error StartFailed (message: string, exit_code: int)
+# spec is invalid or does not fit this machine, else 1 (always 1 for a
+# bubblewrap command line, as bubblewrap). reported: the caller's stderr has
+# the message already (see Run).
+error StartFailed (message: string, exit_code: int, reported: ?bool)
 
 # The caller runs under another uid than the daemon; only the daemon's own
 # user may talk to it.

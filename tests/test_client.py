@@ -55,3 +55,40 @@ def test_the_client_imports_neither_trio_nor_the_engine():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=30).stdout
     assert out == "[]\n"
+
+
+def test_everyday_commands_import_only_the_wire():
+    """run, exec, attach, send-args, ps, tree, stop and kill pay for no heavy import: msgspec,
+    the spec, json, re, socket.py, signal.py and enum cost about 50 ms together."""
+    code = ("import sys; before = set(sys.modules); import bblctl.__main__, bblctl.run, "
+            "bblctl.client, bblctl.manage, bblctl.enter, bblctl.cli; heavy = {'msgspec', "
+            "'bbld.spec', 'bbld.bwrap', 'json', 're', 'socket', 'signal', 'enum', 'datetime', "
+            "'typing'}; print(sorted(heavy & (set(sys.modules) - before)))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         timeout=30).stdout
+    assert out == "[]\n"
+
+
+def test_the_client_wire_speaks_json_like_the_json_module():
+    import json
+
+    from bblctl import wire
+
+    value = {"a": [1, -2.5, None, True, False, "é\n\0\"\\", {"b": []}], "": {}}
+    assert json.loads(wire.dumps(value)) == value
+    assert wire.loads(json.dumps(value)) == value
+    for bad in ("", "{", '{"a": 1} x', "[1,]"):
+        try:
+            wire.loads(bad)
+        except wire.ProtocolError:
+            continue
+        raise AssertionError(f"{bad!r} was accepted")
+
+
+def test_bblctl_run_checks_names_as_the_spec_does():
+    from bblctl.run import _is_name
+    from bbld.spec import NAME_PATTERN
+
+    for name in ("a", "A0", "0a", "a.b_c-d", "a" * 64, "a" * 65, "", ".a", "-a", "_a", "a b",
+                 "a/b", "a\n", "é", "a\0", "ab:c"):
+        assert _is_name(name) == bool(NAME_PATTERN.fullmatch(name)), name

@@ -13,6 +13,7 @@ this helper. The namespace work never happens in the daemon's event loop.
 from __future__ import annotations
 
 import fcntl
+import gc
 import os
 import signal
 import socket
@@ -22,7 +23,7 @@ from array import array
 
 import msgspec
 
-from bbld import spec
+from bbld import bwrap, spec
 from bbld.daemon.control import Control
 from bbld.daemon.messages import (
     INSTANCE_ID,
@@ -32,7 +33,7 @@ from bbld.daemon.messages import (
     Event,
     StartRequest,
 )
-from bbld.engine import Instance, StartError, network, prepare
+from bbld.engine import Instance, StartError, prepare
 
 _request_decoder = msgspec.json.Decoder(StartRequest)
 
@@ -41,10 +42,7 @@ _request_decoder = msgspec.json.Decoder(StartRequest)
 def main(fd: int, directory: str) -> int:
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # monitors are reaped by the kernel
     sock = socket.socket(fileno=fd)
-    try:  # once here, not in every monitor: net namespaces need pyroute2 (slow to import)
-        network.preload()
-    except StartError:
-        pass  # the instances that need it will say so
+    _warm_up()
     while True:
         try:
             data, fds, _flags, _addr = socket.recv_fds(sock, MAX_REQUEST,
@@ -68,6 +66,16 @@ def main(fd: int, directory: str) -> int:
             os.close(descriptor)
 
 
+def _warm_up() -> None:
+    """Do once here what every forked monitor would otherwise do again: msgspec builds a
+    type's decoding and encoding tables on first use (about 5 ms for the spec's types), and
+    objects the collector visits would be copied into every child (copy-on-write).
+    """
+    spec.decode(b'{"layer": {"name": "warm", "command": {"argv": ["true"]}}}', "json")
+    msgspec.json.encode(Event(event="exited", status=0))
+    gc.freeze()
+
+
 def _monitor(data: bytes, fds: list[int], directory: str) -> int:
     """One instance, in a forked child of the helper."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)
@@ -77,6 +85,7 @@ def _monitor(data: bytes, fds: list[int], directory: str) -> int:
         os.close(fd)
     report_fd, stdin, stdout, stderr, cwd, *extras = high
     report = socket.socket(fileno=report_fd)
+    front = None  # a bubblewrap command line's, which words our errors
     try:
         request = _request_decoder.decode(data)
         if len(extras) != len(request.fd_numbers):
@@ -91,19 +100,29 @@ def _monitor(data: bytes, fds: list[int], directory: str) -> int:
         os.environ.update(request.env)
         if not INSTANCE_ID.fullmatch(request.id):
             raise ValueError(f"bad instance id {request.id!r}")
-        plan = prepare(spec.decode(request.spec, "json", "request"), request.args)
+        if request.bwrap is not None:
+            front = bwrap.FrontEnd(request.prog)
+            received = {number: _identity(number) for number in request.fd_numbers}
+            sandbox = front.sandbox(request.bwrap, request.env, os.getuid(), os.getgid(),
+                                    request.name)
+            for number in received.keys() - spec.caller_fds(sandbox):  # the caller's others
+                if _identity(number) == received[number]:  # (not closed by the parse)
+                    os.close(number)
+        else:
+            sandbox = spec.decode(request.spec, "json", "request")
+        plan = prepare(sandbox, request.args)
         started = time.time()
         instance = Instance(plan)
         instance.start()
+    except bwrap.Done as done:  # --help, --version, or a bad command line: already said
+        _send(report, Event(event="exited", status=done.status))
+        return 0
     except spec.SpecError as exc:
-        _send(report, Event(event="failed", message="\n".join(exc.problems), exit_code=2))
-        return 0
+        return _failed(report, front, "\n".join(exc.problems), 2)
     except StartError as exc:
-        _send(report, Event(event="failed", message=str(exc), exit_code=exc.exit_code))
-        return 0
+        return _failed(report, front, str(exc), exc.exit_code)
     except (msgspec.DecodeError, ValueError, OSError) as exc:
-        _send(report, Event(event="failed", message=f"bad start request: {exc}", exit_code=1))
-        return 0
+        return _failed(report, front, f"bad start request: {exc}", 1)
     layers = instance.layers_info()
     main = next(p for p in plan.layers() if p.runs_main)
     entry = {"id": request.id, "name": plan.sandbox.name, "command": main.layer.command.argv,
@@ -117,7 +136,8 @@ def _monitor(data: bytes, fds: list[int], directory: str) -> int:
         tty = []
     _send(report, Event(event="started", name=entry["name"], command=entry["command"],
                         started=started, main_pid=instance.main_pid, layers=layers,
-                        tty=bool(tty)), [own, *tty])
+                        tty=bool(tty), die_with_parent=plan.sandbox.die_with_parent),
+          [own, *tty])
     os.close(own)
     for fd in tty:  # the caller's now: when it closes, the sandbox's terminal hangs up
         os.close(fd)
@@ -126,11 +146,30 @@ def _monitor(data: bytes, fds: list[int], directory: str) -> int:
     try:
         status = instance.wait()
     except StartError as exc:
-        _send(report, Event(event="failed", message=str(exc), exit_code=exc.exit_code))
-        return 0
+        return _failed(report, front, str(exc), exc.exit_code)
     finally:
         control.close(status)
     _send(report, Event(event="exited", status=status))
+    return 0
+
+
+def _identity(fd: int) -> tuple[int, int] | None:
+    try:
+        status = os.fstat(fd)
+        return status.st_dev, status.st_ino
+    except OSError:
+        return None
+
+
+def _failed(report: socket.socket, front: bwrap.FrontEnd | None, message: str,
+            code: int) -> int:
+    """Report a failed start; a bubblewrap command line's caller reads it on its stderr
+    first, in bubblewrap's words and with its status (1)."""
+    if front is not None:
+        front.start_failed(message)
+        code = 1
+    _send(report, Event(event="failed", message=message, exit_code=code,
+                        reported=front is not None))
     return 0
 
 

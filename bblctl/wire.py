@@ -1,0 +1,93 @@
+"""The client's Varlink wire: JSON text over a Unix stream socket, with fds (SCM_RIGHTS).
+
+Built on CPython's C modules (_json, _socket, _signal) rather than json, socket and signal:
+those three import enum and re, about 20 ms on the development machine, more than a whole
+`bblctl exec` costs otherwise (docs/performance.md). Where the C modules are missing (another
+Python implementation) the standard modules do the same job.
+"""
+
+from __future__ import annotations
+
+import sys
+
+try:
+    import _json
+    import _signal as signal
+    import _socket as socket
+except ImportError:  # not CPython: the same names from the standard modules
+    _json = None
+    import signal
+    import socket
+
+__all__ = ["dumps", "loads", "signal", "unix_socket", "send", "receive", "ProtocolError"]
+
+_INT_SIZE = 4  # sizeof(int): one fd in an SCM_RIGHTS record
+
+
+class ProtocolError(Exception):
+    """What came is not JSON (or not all of it is)."""
+
+
+if _json is not None:
+    class _Options:
+        """What _json's scanner reads from json.JSONDecoder: the defaults."""
+        strict = True
+        object_hook = None
+        object_pairs_hook = None
+        parse_float = float
+        parse_int = int
+        parse_constant = float
+
+    _scan = _json.make_scanner(_Options())
+    _encode = _json.make_encoder(None, None, _json.encode_basestring_ascii, None, ":", ",",
+                                 False, False, False)
+
+    def dumps(value) -> str:
+        return "".join(_encode(value, 0))
+
+    def loads(text: str):
+        try:
+            value, end = _scan(text, 0)
+        except (StopIteration, ValueError) as exc:
+            raise ProtocolError(f"not JSON: {exc}") from None
+        if end != len(text):
+            raise ProtocolError(f"not JSON: extra data at {end}")
+        return value
+else:
+    import json
+
+    def dumps(value) -> str:
+        return json.dumps(value, separators=(",", ":"))
+
+    def loads(text: str):
+        try:
+            return json.loads(text)
+        except ValueError as exc:
+            raise ProtocolError(f"not JSON: {exc}") from None
+
+
+def unix_socket():
+    return socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+
+
+def send(sock, data: bytes, fds=()) -> None:
+    """All of `data`, the fds with its first byte."""
+    if fds:
+        record = b"".join(fd.to_bytes(_INT_SIZE, sys.byteorder) for fd in fds)
+        sent = sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, record)])
+        data = data[sent:]
+    if data:
+        sock.sendall(data)
+
+
+def receive(sock, size: int, max_fds: int) -> tuple[bytes, list[int]]:
+    """Up to `size` bytes and the fds that came with them (close-on-exec)."""
+    data, ancillary, _flags, _ = sock.recvmsg(size, socket.CMSG_SPACE(max_fds * _INT_SIZE),
+                                              socket.MSG_CMSG_CLOEXEC)
+    fds = []
+    for level, kind, record in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            usable = len(record) - len(record) % _INT_SIZE
+            fds += [int.from_bytes(record[i:i + _INT_SIZE], sys.byteorder, signed=True)
+                    for i in range(0, usable, _INT_SIZE)]
+    return data, fds

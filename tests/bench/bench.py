@@ -18,7 +18,16 @@ import tempfile
 import time
 
 PY = sys.executable
-BBLCTL = [PY, "-m", "bblctl"]
+
+
+def _script(name: str, module: str) -> list[str]:
+    """The installed script, as users run it (tests/bench/run.sh installs one); else -m."""
+    path = os.path.join(os.path.dirname(PY), name)
+    return [path] if os.path.exists(path) else [PY, "-m", module]
+
+
+BBLCTL = _script("bblctl", "bblctl")
+BBL_BWRAP = _script("bbl-bwrap", "bblctl.run")
 BWRAP = shutil.which("bwrap")
 FLATPAK_LIKE = ["--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin", "--symlink",
                 "usr/lib", "/lib", "--symlink", "usr/lib64", "/lib64", "--proc", "/proc",
@@ -65,7 +74,7 @@ def startup(rounds: int, work: str) -> None:
         timed([*BBLCTL, "run", "--ro-bind", "/", "/", "true"], rounds))
     if BWRAP:
         row("bwrap, Flatpak-like", "ms", timed([BWRAP, *FLATPAK_LIKE], rounds))
-    row("bbl-bwrap, Flatpak-like", "ms", timed([PY, "-m", "bblctl.run", *FLATPAK_LIKE], rounds))
+    row("bbl-bwrap, Flatpak-like", "ms", timed([*BBL_BWRAP, *FLATPAK_LIKE], rounds))
     exits = profile(work, "exits", 'command = ["true"]\n')
     row("template: start -> exit", "ms", timed([*BBLCTL, "start", exits], rounds,
                                                 stdin=subprocess.DEVNULL))
@@ -180,8 +189,60 @@ def daemon_pid() -> int:
                               capture_output=True, text=True, check=True).stdout)
 
 
+def run_spec(conn, sandbox: dict) -> float:
+    """Milliseconds from a Run call to the end of its instance (an already running client)."""
+    from bblctl.wire import dumps
+
+    cwd = os.open("/", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    start = time.perf_counter()
+    try:
+        for reply in conn.stream("io.bbl.Manager.Run", fds=(0, 1, 2, cwd), spec=dumps(sandbox),
+                                 args=[], env={"PATH": "/usr/bin:/bin"}):
+            if reply.get("event") == "exited":
+                assert reply["status"] == 0, reply
+    finally:
+        os.close(cwd)
+    return (time.perf_counter() - start) * 1000
+
+
+def nested(depth: int) -> dict:
+    """`depth` layers, each with its own user, mount and pid namespaces; true in the last."""
+    layer = {"name": f"l{depth}", "namespaces": ["user", "mount", "pid"],
+             "command": {"argv": ["true"]}}
+    for level in range(depth - 1, 0, -1):
+        layer = {"name": f"l{level}", "namespaces": ["user", "mount", "pid"],
+                 "layers": [layer]}
+    return {"name": "depth", "layer": layer}
+
+
+def binds(count: int) -> dict:
+    """One layer on a new root: /usr read-only, then `count` more binds of /usr/bin."""
+    fs = [{"op": "ro-bind", "src": "/usr", "dest": "/usr"},
+          {"op": "symlink", "target": "usr/bin", "dest": "/bin"},
+          {"op": "symlink", "target": "usr/lib", "dest": "/lib"},
+          {"op": "symlink", "target": "usr/lib64", "dest": "/lib64"}]
+    fs += [{"op": "ro-bind", "src": "/usr/bin", "dest": f"/b/{i}"} for i in range(count)]
+    return {"name": "binds", "layer": {"name": "l1", "namespaces": ["user", "mount"],
+                                        "new_root": True, "fs": fs,
+                                        "command": {"argv": ["true"]}}}
+
+
+def scaling(rounds: int) -> None:
+    """How start-to-exit grows with layer depth and with filesystem operations."""
+    from bblctl.client import connect
+
+    with connect() as conn:
+        for depth in (1, 2, 4, 8, 16):
+            row(f"depth {depth}: Run -> exit", "ms",
+                [run_spec(conn, nested(depth)) for _ in range(rounds)])
+        for count in (10, 100, 1000):
+            row(f"{count} binds: Run -> exit", "ms",
+                [run_spec(conn, binds(count)) for _ in range(max(3, rounds // 3))])
+
+
 def import_time() -> None:
-    out = subprocess.run([PY, "-X", "importtime", "-c", "import bblctl.__main__, bblctl.run"],
+    out = subprocess.run([PY, "-X", "importtime", "-c", "import bblctl.__main__, bblctl.run, "
+                          "bblctl.enter, bblctl.manage"],
                          capture_output=True, text=True).stderr
     total = sum(int(line.split("|")[0].split(":")[1]) for line in out.splitlines()
                 if line.startswith("import time:") and line.split("|")[0].split(":")[1]
@@ -203,6 +264,7 @@ def main() -> int:
             startup(rounds, work)
             running_instance(rounds, work)
             scale(work, 200)
+            scaling(rounds)
             import_time()
         finally:
             subprocess.run([PY, "-c", "import os, signal; from bblctl.client import connect\n"

@@ -14,8 +14,14 @@ if [ "$(id -u)" != 0 ]; then
     cd "$src" && exec "$venv/bin/python" -m tests.bench.bench "$@"
 fi
 bash "$src/tests/run.sh" --prepare-only
+# Measured as users run it: the `bblctl` and `bbl-bwrap` scripts of a plain (not editable)
+# install, as the README's first command makes.
+venv=/var/tmp/bbl-test/bench-venv
+[ -x "$venv/bin/python" ] || /usr/bin/python3 -m venv "$venv"
+"$venv/bin/python" -m pip install -q --disable-pip-version-check /var/tmp/bbl-test/src
+chmod -R a+rX "$venv"
 user=${BBL_TEST_USER:-bbltest}
 cd /var/tmp/bbl-test/src
 exec runuser -u "$user" -- env -i PATH=/usr/local/bin:/usr/bin:/bin LANG=C.UTF-8 \
     HOME="$(getent passwd "$user" | cut -d: -f6)" \
-    /var/tmp/bbl-test/venv/bin/python -m tests.bench.bench "$@"
+    "$venv/bin/python" -m tests.bench.bench "$@"

@@ -241,12 +241,15 @@ def scaling(rounds: int) -> None:
 
 
 def import_time() -> None:
-    out = subprocess.run([PY, "-X", "importtime", "-c", "import bblctl.__main__, bblctl.run, "
-                          "bblctl.enter, bblctl.manage"],
+    """What importing the client's everyday modules costs, beyond the interpreter's start."""
+    modules = ("bblctl.__main__", "bblctl.run", "bblctl.enter", "bblctl.manage")
+    out = subprocess.run([PY, "-X", "importtime", "-c", f"import {', '.join(modules)}"],
                          capture_output=True, text=True).stderr
-    total = sum(int(line.split("|")[0].split(":")[1]) for line in out.splitlines()
-                if line.startswith("import time:") and line.split("|")[0].split(":")[1]
-                .strip().isdigit())
+    total = 0
+    for line in out.splitlines():  # "import time: SELF | CUMULATIVE | NAME", top level only
+        fields = line.removeprefix("import time:").split("|")
+        if len(fields) == 3 and fields[2].strip() in modules and fields[2][1] != " ":
+            total += int(fields[1])
     row("client imports (python -X importtime)", "ms", [total / 1000])
 
 

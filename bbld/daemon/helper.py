@@ -4,7 +4,8 @@ bbld starts it once (`python -m bbld.daemon.helper FD INSTANCES_DIR`) and sends 
 requests over a SOCK_SEQPACKET socket, each with its file descriptors (SCM_RIGHTS): the
 instance's report channel, the caller's stdin, stdout, stderr and working directory. For
 every request the helper forks a monitor (no new interpreter): the monitor takes the caller's
-stdio, cwd and environment, runs the engine's Instance, serves the instance's control socket
+stdio, cwd, fds and environment, makes the sandbox from the request's spec or bubblewrap
+command line (bbld.bwrap.FrontEnd), runs the engine's Instance, serves the control socket
 in INSTANCES_DIR (bbld.daemon.control), and reports `started` (layer pids and namespaces)
 and `exited` (the main command's status) on the report channel. Monitors outlive bbld and
 this helper. The namespace work never happens in the daemon's event loop.

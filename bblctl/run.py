@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import sys
 
-from bblctl.client import ClientError, RemoteError, SignalForwarder, connect
+from bblctl.client import ClientError, Connection, RemoteError, SignalForwarder, connect
 
 MAX_FDS = 56  # fds besides stdio that travel with the command line (bbld's limit)
 NAME_CHARACTERS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
@@ -29,15 +29,17 @@ def main(argv: list[str], prog: str = "bbl-bwrap") -> int:
         except ValueError as exc:
             print(f"bblctl run: {exc}", file=sys.stderr)
             return 2
-    if instance.get("single_instance") or not _daemon_runs():
+    conn = None if instance.get("single_instance") else _running_daemon()
+    if conn is None:
         return _run_spec(argv, prog, instance)
-    fds = _open_fds()
+    fds = _open_fds(besides=conn.sock.fileno())
     if len(fds) > MAX_FDS:
+        conn.close()
         _say(argv, f"{len(fds)} file descriptors are open besides stdin, stdout and stderr; "
                    f"at most {MAX_FDS} can go to a sandbox: close the others")
         return 1
     try:
-        return _run(argv, fds, dict(prog=prog, bwrap=argv, **instance))
+        return _run(fds, dict(prog=prog, bwrap=argv, **instance), conn)
     except RemoteError as exc:
         if not exc.parameters.get("reported"):  # else the monitor printed it already
             _say(argv, exc.parameters.get("message", exc.name))
@@ -47,10 +49,10 @@ def main(argv: list[str], prog: str = "bbl-bwrap") -> int:
         return 1
 
 
-def _run(argv: list[str], fds: list[int], parameters: dict) -> int:
+def _run(fds: list[int], parameters: dict, conn: Connection | None = None) -> int:
     cwd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        with SignalForwarder() as forwarder, connect() as conn:
+        with SignalForwarder() as forwarder, conn or connect() as conn:
             replies = conn.stream("io.bbl.Manager.Run", fds=(0, 1, 2, cwd, *fds), args=[],
                                   env=dict(os.environ), fd_numbers=fds, **parameters)
             for number in fds:  # like bwrap, which closes them: readers see EOF in time
@@ -67,10 +69,11 @@ def _run(argv: list[str], fds: list[int], parameters: dict) -> int:
         os.close(cwd)
 
 
-def _open_fds() -> list[int]:
-    """Our open fds above stderr: what the command line may name (bwrap would see them)."""
+def _open_fds(besides: int) -> list[int]:
+    """Our open fds above stderr but `besides` (the connection): what the command line may
+    name (bwrap would see them)."""
     return sorted(fd for fd in map(int, os.listdir("/proc/self/fd")) if fd > 2
-                  and _is_open(fd))
+                  and fd != besides and _is_open(fd))
 
 
 def _is_open(fd: int) -> bool:
@@ -86,12 +89,11 @@ def _say(argv: list[str], message: str) -> None:
     print(f"{prefix}bwrap: {message}", file=sys.stderr)
 
 
-def _daemon_runs() -> bool:
+def _running_daemon() -> Connection | None:
     try:
-        connect(autostart=False).close()
-        return True
+        return connect(autostart=False)
     except ClientError:
-        return False
+        return None
 
 
 def _run_spec(argv: list[str], prog: str, instance: dict) -> int:
@@ -116,8 +118,8 @@ def _run_spec(argv: list[str], prog: str, instance: dict) -> int:
             front.say(f"fd {number} is not open")
             return 1
     try:
-        return _run(argv, numbers, dict(spec=msgspec.json.encode(sandbox).decode(),
-                                        die_with_client=sandbox.die_with_parent))
+        return _run(numbers, dict(spec=msgspec.json.encode(sandbox).decode(),
+                                  die_with_client=sandbox.die_with_parent))
     except RemoteError as exc:
         front.start_failed(exc.parameters.get("message", exc.name))
         return 1

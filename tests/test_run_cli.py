@@ -29,6 +29,52 @@ def bblrun(env, *argv, **kw):
                           **kw)
 
 
+def test_with_bbld_running_the_monitor_says_what_bwrap_says_and_leaves_nothing(env, tmp_path):
+    """With a daemon, the command line is interpreted in the instance's monitor: the same
+    words and statuses, and nothing left behind."""
+    assert bblrun(env, "--ro-bind", "/", "/", "true").returncode == 0  # bbld runs now
+    result = bblrun(env, "--foo", "true")
+    assert (result.returncode, result.stderr) == (1, "bwrap: Unknown option --foo\n")
+    prefixed = bblrun(env, "--level-prefix", "--ro-bind", "/nonexistent", "/x", "true")
+    assert prefixed.returncode == 1 and prefixed.stderr.startswith("<3>bwrap: Can't find")
+    assert bblrun(env, "--version").stdout == "bubblewrap 0.11.1\n"
+    assert bblrun(env, "--help").stdout.startswith("usage: bblctl run [OPTIONS...]")
+    warned = bblrun(env, "--ro-bind", "/", "/", "--chdir", "/", "--chdir", "/", "true")
+    assert (warned.returncode, warned.stderr) == (
+        0, "bwrap: Only the last --chdir option will take effect\n")
+    assert os.listdir(tmp_path / "run" / "bbl" / "instances") == []
+    ps = subprocess.run([sys.executable, "-m", "bblctl", "ps", "--json"], env=env,
+                        capture_output=True, text=True, timeout=30)
+    assert json.loads(ps.stdout) == []
+
+
+def test_fds_the_command_line_does_not_name_stay_out_and_are_let_go(env):
+    """bbl-bwrap sends every open fd along; the monitor closes the ones not named, so the
+    sandbox never sees them and nobody holds them once the client has gone."""
+    assert bblrun(env, "--ro-bind", "/", "/", "true").returncode == 0  # bbld runs now
+    unnamed_r, unnamed_w = os.pipe()
+    named_r, named_w = os.pipe()
+    os.write(named_w, b"named\n")
+    os.close(named_w)
+
+    def place():
+        os.dup2(unnamed_w, 7)
+        os.dup2(named_r, 8)
+
+    result = subprocess.run(
+        [*RUN, "--ro-bind", "/", "/", "--tmpfs", "/tmp", "--file", "8", "/tmp/named",
+         "sh", "-c", "ls /proc/self/fd; cat /tmp/named"], env=env, capture_output=True,
+        text=True, timeout=60, preexec_fn=place, pass_fds=(7, 8))
+    os.close(unnamed_w)
+    os.close(named_r)
+    fds = result.stdout.split()
+    assert result.returncode == 0 and fds[-1] == "named", result.stderr
+    assert "7" not in fds[:-1] and "8" not in fds[:-1]
+    ready, _, _ = select.select([unnamed_r], [], [], 10)  # EOF: no copy is left anywhere
+    assert ready and os.read(unnamed_r, 1) == b""
+    os.close(unnamed_r)
+
+
 def test_status_stdio_and_the_whole_host_root(env):
     result = bblrun(env, "--ro-bind", "/", "/", "--unshare-all", "sh", "-c",
                     "read x; echo got $x; echo err >&2; touch /x; exit 9", input="line\n")

@@ -18,6 +18,7 @@ import time
 from bblctl import wire
 from bblctl.wire import signal
 from bbld import paths
+from bbld.framing import Framer, FrameTooLarge
 
 START_TIMEOUT = 10.0  # seconds for a freshly started bbld to accept connections
 MAX_REPLY = 1 << 26  # bytes; a daemon that says more than this is not one we understand
@@ -39,7 +40,7 @@ class RemoteError(ClientError):
 class Connection:
     def __init__(self, sock):
         self.sock = sock
-        self.buffer = bytearray()
+        self.framer = Framer(MAX_REPLY)
         self.pending: list[bytes] = []
         self.fds: list[int] = []  # fds that came with replies (SCM_RIGHTS); the caller's now
 
@@ -88,12 +89,10 @@ class Connection:
             self.fds.extend(fds)
             if not data:
                 raise ClientError("bbld closed the connection")
-            self.buffer += data
-            *frames, rest = self.buffer.split(b"\0")
-            self.pending.extend(frames)
-            self.buffer = bytearray(rest)
-            if len(self.buffer) > MAX_REPLY:
-                raise ClientError(f"bbld sent a reply larger than {MAX_REPLY} bytes")
+            try:
+                self.pending.extend(self.framer.feed(data))
+            except FrameTooLarge as exc:
+                raise ClientError(f"bbld sent a reply too large: {exc}") from None
         try:
             reply = wire.loads(self.pending.pop(0).decode())
         except (wire.ProtocolError, UnicodeDecodeError) as exc:

@@ -1,7 +1,8 @@
 """The Varlink protocol as BBL speaks it: framing, message types, errors, interface texts.
 
-Shared by the daemon and the client; imports neither trio nor the engine. A message is one
-JSON object followed by a NUL byte. Calls and replies are msgspec Structs; errors are replies
+The daemon's side (imports neither trio nor the engine; the client speaks the same protocol
+without msgspec, through bblctl.wire and bbld.framing). A message is one JSON object followed
+by a NUL byte. Calls and replies are msgspec Structs; errors are replies
 with an `error` name and parameters. The interface definitions below are what
 `org.varlink.service.GetInterfaceDescription` returns and what docs/api.md shows.
 """
@@ -12,7 +13,9 @@ from typing import Any
 
 import msgspec
 
-MAX_MESSAGE = 1 << 20  # bytes; a longer message ends the connection with InvalidMessage
+from bbld import framing
+
+MAX_MESSAGE = framing.MAX_MESSAGE  # a longer message ends the connection (InvalidMessage)
 MAX_FDS = 64  # file descriptors (SCM_RIGHTS) with one message
 VENDOR, PRODUCT, URL = "BBL", "bbld", "https://example.invalid/bbl"
 
@@ -271,21 +274,11 @@ def fds_from_ancillary(ancdata) -> list[int]:
     return list(fds)
 
 
-class Framer:
-    """Splits a byte stream into NUL-terminated messages, refusing oversized ones."""
-
-    def __init__(self, limit: int = MAX_MESSAGE):
-        self.limit = limit
-        self.buffer = bytearray()
+class Framer(framing.Framer):
+    """bbld's: an oversized message is an InvalidMessage (it ends the connection)."""
 
     def feed(self, data: bytes) -> list[bytes]:
-        self.buffer += data
-        frames = []
-        while (end := self.buffer.find(b"\0")) >= 0:
-            if end > self.limit:
-                break
-            frames.append(bytes(self.buffer[:end]))
-            del self.buffer[:end + 1]
-        if len(self.buffer) > self.limit:  # an oversized message, ended or not
-            raise InvalidMessage(f"message larger than {self.limit} bytes")
-        return frames
+        try:
+            return super().feed(data)
+        except framing.FrameTooLarge as exc:
+            raise InvalidMessage(str(exc)) from None

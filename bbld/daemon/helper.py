@@ -101,17 +101,8 @@ def _monitor(data: bytes, fds: list[int], directory: str) -> int:
         os.environ.update(request.env)
         if not INSTANCE_ID.fullmatch(request.id):
             raise ValueError(f"bad instance id {request.id!r}")
-        if request.bwrap is not None:
-            front = bwrap.FrontEnd(request.prog)
-            received = {number: _identity(number) for number in request.fd_numbers}
-            sandbox = front.sandbox(request.bwrap, request.env, os.getuid(), os.getgid(),
-                                    request.name)
-            for number in received.keys() - spec.caller_fds(sandbox):  # the caller's others
-                if _identity(number) == received[number]:  # (not closed by the parse)
-                    os.close(number)
-        else:
-            sandbox = spec.decode(request.spec, "json", "request")
-        plan = prepare(sandbox, request.args)
+        front = bwrap.FrontEnd(request.prog) if request.bwrap is not None else None
+        plan = prepare(_sandbox(request, front), request.args)
         started = time.time()
         instance = Instance(plan)
         instance.start()
@@ -152,6 +143,21 @@ def _monitor(data: bytes, fds: list[int], directory: str) -> int:
         control.close(status)
     _send(report, Event(event="exited", status=status))
     return 0
+
+
+def _sandbox(request: StartRequest, front: bwrap.FrontEnd | None) -> spec.Sandbox:
+    """The request's spec, or its bubblewrap command line interpreted here, where the
+    caller's fds, cwd and environment are (raises bwrap.Done once it has said why not).
+    The caller's fds the command line does not name are closed."""
+    if front is None:
+        return spec.decode(request.spec, "json", "request")
+    received = {number: _identity(number) for number in request.fd_numbers}
+    sandbox = front.sandbox(request.bwrap, request.env, os.getuid(), os.getgid(),
+                            request.name)
+    for number in received.keys() - spec.caller_fds(sandbox):
+        if _identity(number) == received[number]:  # (not one the parse read and closed)
+            os.close(number)
+    return sandbox
 
 
 def _identity(fd: int) -> tuple[int, int] | None:

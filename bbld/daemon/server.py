@@ -83,11 +83,18 @@ class Daemon:
         record = InstanceRecord(id=secrets.token_hex(8), state="starting", started=time.time())
         record.name, record.single_instance = single, bool(single)
         self.registry.add(record)
-        status, started = None, False
+        status, started, gone = None, False, False
         # A caller that leaves after the start (a detached start) stops only this stream; the
         # registry follows the instance on its own.
         followed = trio.CancelScope()
-        on_client_gone.append(lambda: started and followed.cancel())
+
+        def caller_left() -> None:
+            nonlocal gone
+            gone = True
+            if started:
+                followed.cancel()
+
+        on_client_gone.append(caller_left)
         try:
             with followed:
                 request = StartRequest(id=record.id, spec=spec or "", bwrap=bwrap, prog=prog,
@@ -102,6 +109,9 @@ class Daemon:
                         tty = self._started(record, event, layer_fds)
                         if die_with_client or event.die_with_parent:  # for our caller
                             on_client_gone.insert(0, record.kill)
+                        if gone:  # it left before the start was known (the command ran)
+                            for callback in on_client_gone:
+                                callback()
                         reply = Reply(parameters={"event": "started", "id": record.id,
                                                   "layers": event.layers,
                                                   "tty": tty is not None}, continues=True)

@@ -197,3 +197,30 @@ def test_the_forker_and_its_monitors_import_no_trio():
     code = "import sys, bbld.daemon.helper; print('trio' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=30).stdout == "False\n"
+
+
+@pytest.mark.parametrize("bad", ["../../escape", "a/../../b", "/etc/passwd", ".", ""])
+def test_path_traversal_in_names_and_ids_finds_nothing_and_makes_nothing(daemon, tmp_path, bad):
+    """Names and ids never become paths: a start under such a name fails and a call for such
+    an id finds no instance; bbld answers the next call and nothing new exists on disk."""
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    events, _, _ = run_through(daemon, {**sandbox(app_layer(command=["true"])), "name": bad})
+    assert events[-1]["error"] == "io.bbl.Manager.StartFailed"
+    assert events[-1]["exit_code"] == 2
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        with connect(daemon) as conn:
+            for method, parameters in (("Stop", {}), ("Signal", {"signal": 15}),
+                                       ("SendArgs", {"args": []}), ("Exec", {"argv": ["true"]})):
+                streamed = method in ("SendArgs", "Exec")  # these take stdio along
+                with pytest.raises(RemoteError) as caught:
+                    if streamed:
+                        list(conn.stream(f"io.bbl.Manager.{method}", fds=(null,) * 3, id=bad,
+                                         **parameters))
+                    else:
+                        conn.call(f"io.bbl.Manager.{method}", id=bad, **parameters)
+                assert caught.value.name == "io.bbl.Manager.NoSuchInstance", method
+            assert conn.call("io.bbl.Manager.Ping")["pid"] > 0
+    finally:
+        os.close(null)
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before

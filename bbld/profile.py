@@ -81,7 +81,9 @@ class Profile(Struct, forbid_unknown_fields=True, kw_only=True):
     env: Environment = field(default_factory=Environment)
     net: Literal["host", "none"] = "none"  # untrusted apps get no network unless asked
     dns: list[str] = []
-    limits: dict[str, int] = {}  # rlimits of the app and its untrusted helpers ("nproc")
+    # rlimits of the app and its untrusted helpers ("nproc"), and "pids": a cgroup pids limit
+    # of the whole untrusted zone (needs BBL_CGROUP)
+    limits: dict[str, int] = {}
     companions: list[list[str]] = []  # trusted helpers, in layer2a
     untrusted_companions: list[list[str]] = []  # in layer4a, beside the app
 
@@ -248,11 +250,12 @@ def expand(options: Profile, name: str, environ: dict[str, str], uid: int,
            gid: int) -> spec.Sandbox:
     """BBL's default nested template, shaped by the user options."""
     home = environ.get("HOME") or f"/home/{uid}"
+    rlimits = {name: value for name, value in options.limits.items() if name != "pids"}
     layer4 = spec.Layer(name="layer4", namespaces=["user", "pid", "mount"], uid=uid, gid=gid,
-                        seccomp=spec.Seccomp(policy="default"), rlimits=dict(options.limits),
+                        seccomp=spec.Seccomp(policy="default"), rlimits=rlimits,
                         command=spec.Command(argv=list(options.command), new_session=False))
     layer4a = spec.Layer(name="layer4a", namespaces=["user", "pid", "mount"], uid=uid, gid=gid,
-                         seccomp=spec.Seccomp(policy="default"), rlimits=dict(options.limits),
+                         seccomp=spec.Seccomp(policy="default"), rlimits=rlimits,
                          companions=[list(c) for c in options.untrusted_companions])
     namespaces = ["mount", "pid", "ipc", "uts", "cgroup"]
     if options.net == "none":
@@ -260,7 +263,7 @@ def expand(options: Profile, name: str, environ: dict[str, str], uid: int,
     layer3 = spec.Layer(name="layer3", namespaces=namespaces, hostname=name[:64],
                         new_root=True, fs=_layer3_fs(options, home, environ),
                         env=_layer3_env(options, home, environ), cwd=home,
-                        layers=[layer4, layer4a])
+                        pids_limit=options.limits.get("pids"), layers=[layer4, layer4a])
     layer2h = spec.Layer(name="layer2h", namespaces=["mount"], layers=[layer3])
     layer2a = spec.Layer(name="layer2a", namespaces=["user", "pid", "mount"], uid=uid, gid=gid,
                          companions=[list(c) for c in options.companions])

@@ -263,6 +263,7 @@ class Layer(Struct, forbid_unknown_fields=True, kw_only=True):
     start_after: list[str] = []  # unix socket paths (parent's view) that must accept first
     start_timeout: float = 30.0
     rlimits: dict[str, int] = {}  # for its commands: "nproc" = 512 sets soft and hard limit
+    pids_limit: int | None = None  # processes of the layer and all below it (a cgroup's pids.max)
     lock_files: list[str] = []  # read-locked (fcntl) by the supervisor while the layer lives
     # "deny": nothing in this layer or below creates user namespaces any more;
     # "assert-denied": commands refuse to start if they could create one
@@ -557,6 +558,8 @@ def _check_layer(layer: Layer, say, known_policies) -> None:
             say("rlimits", f"unknown limit {name!r}; known: {', '.join(RLIMITS)}")
         elif value < 0:
             say(f"rlimits.{name}", "must be >= 0")
+    if layer.pids_limit is not None and layer.pids_limit < 1:
+        say("pids_limit", "must be >= 1")
     for index, path in enumerate(layer.lock_files):
         _abs_path(say, f"lock_files[{index}]", path)
     if layer.user_namespaces == "deny":

@@ -189,6 +189,52 @@ def marker(request) -> str:
     return f"bbl-test-{os.getpid()}-{request.node.name}"[:80]
 
 
+# ---------------------------------------------------------------- a delegated cgroup
+
+
+def _own_cgroup() -> str | None:
+    """This process's cgroup v2 directory, if cgroup2 is mounted."""
+    with open("/proc/self/mountinfo") as f:
+        roots = [line.split()[4] for line in f if line.split(" - ")[1].startswith("cgroup2 ")]
+    with open("/proc/self/cgroup") as f:
+        path = next((line[3:].strip() for line in f if line.startswith("0::")), None)
+    return roots[0] + path if roots and path else None
+
+
+@pytest.fixture
+def pids_cgroup(request):
+    """A fresh cgroup for BBL_CGROUP under the delegated one tests/run.sh makes as root (as
+    systemd's Delegate= would), skipped without one. It must be empty again afterwards: the
+    instances' cgroups were removed."""
+    delegated = os.environ.get("BBL_TEST_CGROUP", "")
+    own = _own_cgroup() or ""
+    if not delegated or not own.startswith(delegated + "/"):
+        pytest.skip("no delegated cgroup v2 with the pids controller here (tests/run.sh, run "
+                    "as root, makes one where cgroup v2 has the pids controller)")
+    path = os.path.join(delegated, f"t-{os.getpid()}-{request.node.name}"[:200])
+    os.mkdir(path)
+    try:
+        yield path
+        deadline = time.monotonic() + 10  # the monitor removes them as the instance ends
+        while _subdirectories(path) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert _subdirectories(path) == []
+    finally:
+        with open(os.path.join(path, "cgroup.kill"), "w") as f:  # what the test left, if any
+            f.write("1")
+        deadline = time.monotonic() + 10
+        while "populated 1" in open(os.path.join(path, "cgroup.events")).read() and \
+                time.monotonic() < deadline:
+            time.sleep(0.02)
+        for directory in sorted(_subdirectories(path), reverse=True):
+            os.rmdir(directory)
+        os.rmdir(path)
+
+
+def _subdirectories(path: str) -> list[str]:
+    return [os.path.join(top, name) for top, names, _ in os.walk(path) for name in names]
+
+
 # ---------------------------------------------------------------- the daemon
 
 

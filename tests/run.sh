@@ -44,12 +44,37 @@ chmod -R a+rX "$base/venv" "$base/src"
 # FUSE (AppImage mounts) is root-only on some machines; desktop systems ship /dev/fuse 0666.
 [ -c /dev/fuse ] && chmod 0666 /dev/fuse
 
+# A cgroup v2 subtree delegated to the account, as systemd's Delegate= gives one, for the
+# pids-limit tests (they skip without): $cgroup, holding no processes, with the account's
+# test run started in its leaf "tests". Only where cgroup v2 has the pids controller.
+cgroup=
+cgroup2=$(awk '{ i = 7; while ($i != "-") i++ } $(i + 1) == "cgroup2" { print $5; exit }' \
+    /proc/self/mountinfo)
+if [ -n "$cgroup2" ] && grep -qw pids "$cgroup2/cgroup.controllers" 2>/dev/null \
+        && { grep -qw pids "$cgroup2/cgroup.subtree_control" \
+             || echo +pids >"$cgroup2/cgroup.subtree_control"; } 2>/dev/null; then
+    cgroup=$cgroup2/bbl-test-$user
+    mkdir -p "$cgroup/tests"
+    chown "$user:" "$cgroup" "$cgroup"/cgroup.procs "$cgroup"/cgroup.subtree_control \
+        "$cgroup"/cgroup.threads
+    chown -R "$user:" "$cgroup/tests"
+    grep -qw pids "$cgroup/cgroup.subtree_control" || echo +pids >"$cgroup/cgroup.subtree_control"
+fi
+in_cgroup() {  # in_cgroup COMMAND...: run it in $cgroup/tests when there is one
+    if [ -n "$cgroup" ]; then
+        sh -c 'echo $$ >"$0/tests/cgroup.procs" && exec "$@"' "$cgroup" "$@"
+    else
+        "$@"
+    fi
+}
+
 [ "${1:-}" = "--prepare-only" ] && exit 0  # tests/bench/run.sh: the account and venv only
 
 cd "$base/src"
 status=0
-runuser -u "$user" -- env -i PATH=/usr/local/bin:/usr/bin:/bin HOME="$(getent passwd "$user" | cut -d: -f6)" \
-    LANG=C.UTF-8 "$base/venv/bin/python" -m pytest -p no:cacheprovider -m "not root" tests "$@" \
+in_cgroup runuser -u "$user" -- env -i PATH=/usr/local/bin:/usr/bin:/bin \
+    HOME="$(getent passwd "$user" | cut -d: -f6)" LANG=C.UTF-8 BBL_TEST_CGROUP="$cgroup" \
+    "$base/venv/bin/python" -m pytest -p no:cacheprovider -m "not root" tests "$@" \
     </dev/null || status=$?
 "$base/venv/bin/python" -m pytest -p no:cacheprovider -m root tests "$@" </dev/null || status=$?
 exit $status

@@ -127,6 +127,7 @@ def test_rules_are_all_reported_with_layer_op_index_and_field():
     ({"name": "l", "namespaces": ["mount", "pid"], "command": ["x"], "join": {"pid": 3}}, {},
      "put \"pid\" in a sub-layer's namespaces"),
     ({"name": "l", "command": ["x"], "rlimits": {"forks": 5}}, {}, "unknown limit 'forks'"),
+    ({"name": "l", "command": ["x"], "pids_limit": 0}, {}, "pids_limit: must be >= 1"),
     ({"name": "l", "command": ["x"], "seccomp": {"policy": "default", "relax": ["nope"]}}, {},
      "seccomp.relax[0]: unknown group 'nope'"),
     ({"name": "l", "command": ["x"]}, {"userns_block_fd": 3},

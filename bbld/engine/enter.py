@@ -41,15 +41,17 @@ class Entered(Struct):
 
 
 def enter(plan: Plan, layer: LayerPlan, namespace_fds: dict[str, int], argv: list[str],
-          env: dict[str, str], cwd: str | None, stdio: tuple[int, int, int] | None) -> Entered:
-    """Start `argv` in `layer`; stdio None means a new pty. Raises StartError."""
+          env: dict[str, str], cwd: str | None, stdio: tuple[int, int, int] | None,
+          cgroup_fd: int | None = None) -> Entered:
+    """Start `argv` in `layer` (and in `cgroup_fd`, the cgroup its processes count in);
+    stdio None means a new pty. Raises StartError."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     own = {name: _identity(f"/proc/self/ns/{name}") for name, _ in ORDER}  # before any setns
     entering = os.fork()
     if entering == 0:
         ours.close()
         try:
-            _enter(plan, layer, namespace_fds, own, argv, env, cwd, stdio, theirs)
+            _enter(plan, layer, namespace_fds, own, argv, env, cwd, stdio, theirs, cgroup_fd)
         except BaseException as exc:
             _say_failure(theirs, exc)
         os._exit(0)
@@ -61,12 +63,12 @@ def enter(plan: Plan, layer: LayerPlan, namespace_fds: dict[str, int], argv: lis
         os.waitpid(entering, 0)
 
 
-def _enter(plan, layer, namespace_fds, own, argv, env, cwd, stdio, channel) -> None:
+def _enter(plan, layer, namespace_fds, own, argv, env, cwd, stdio, channel, cgroup_fd) -> None:
     """In the forked child: join the layer, then clone the command as the caller's child."""
     _join(namespace_fds, own)
     command_side, ours = socket.socketpair(socket.AF_UNIX,
                                            socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    pid, pidfd = sc.clone(sc.CLONE_PARENT, exit_signal=0)
+    pid, pidfd = sc.clone(sc.CLONE_PARENT, exit_signal=0, cgroup_fd=cgroup_fd)
     if pid == 0:
         ours.close()
         channel.close()

@@ -20,6 +20,7 @@ import msgspec
 
 from bbld.engine import reports, status
 from bbld.engine import syscalls as sc
+from bbld.engine.cgroups import Cgroups
 from bbld.engine.enter import Entered, enter
 from bbld.engine.errors import EXIT_USAGE, StartError
 from bbld.engine.plan import Plan
@@ -72,6 +73,7 @@ class Instance:
         external_maps = self._await_external_maps if sandbox.userns_block_fd is not None else None
         try:
             try:
+                self.cgroups = Cgroups(self.plan)
                 _join_namespaces(self.plan.root.layer.join)
                 self.environ, self.cwd = dict(os.environ), os.getcwd()
                 self.layer1 = spawn_layer(self.plan.root, ctx, self.proc_fd, self.environ,
@@ -170,8 +172,10 @@ class Instance:
         if not argv or not argv[0]:
             raise StartError("no command given", EXIT_USAGE)
         env, cwd = self.plan.environment(name, self.environ)
-        return enter(self.plan, self.plan.path_to(name)[-1], self.namespace_fds[name], argv,
-                     env, cwd or self.cwd, stdio)
+        path = self.plan.path_to(name)
+        cgroup = next((n.cgroup_fd for n in reversed(path) if n.cgroup_fd is not None), None)
+        return enter(self.plan, path[-1], self.namespace_fds[name], argv, env, cwd or self.cwd,
+                     stdio, cgroup)
 
     @property
     def main_pid(self) -> int | None:
@@ -276,6 +280,8 @@ class Instance:
                     pass
                 self.status = exit_code(os.waitpid(layer1.pid, 0)[1])
             os.close(layer1.pidfd)
+        if hasattr(self, "cgroups"):
+            self.cgroups.remove()
         namespace_fds = [fd for fds in self.namespace_fds.values() for fd in fds.values()]
         for fd in (*self.pidfds.values(), getattr(self, "sigfd", -1), self.proc_fd,
                    self.main_pidfd if self.main_pidfd is not None else -1,

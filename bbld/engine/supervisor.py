@@ -98,7 +98,7 @@ def spawn_layer(plan: LayerPlan, ctx: Context, proc_fd: int, env: dict[str, str]
     uid, gid = os.getuid(), os.getgid()
     release_r, release_w = os.pipe2(os.O_CLOEXEC)
     try:
-        pid, pidfd = sc.clone(flags)
+        pid, pidfd = sc.clone(flags, cgroup_fd=plan.cgroup_fd)
     except OSError as exc:
         os.close(release_r)
         os.close(release_w)
@@ -225,7 +225,8 @@ class LayerSupervisor:
 
     def _close_inherited_fds(self) -> None:
         keep = {0, 1, 2, self.ctx.report.fileno(), self.ctx.go_fd, self.proc_fd}
-        sc.close_all_fds_except(keep | self.plan.fds)
+        cgroups = {node.cgroup_fd for node in self.plan.walk() if node.cgroup_fd is not None}
+        sc.close_all_fds_except(keep | self.plan.fds | cgroups)
 
     def _lock(self, path: str) -> int:
         """bubblewrap's --lock-file: a read lock on `path`, held until the layer ends."""

@@ -36,6 +36,7 @@ CLONE_NEWTIME = 0x00000080
 CLONE_NEWNS = 0x00020000
 CLONE_PIDFD = 0x00001000
 CLONE_PARENT = 0x00008000  # clone3 wants exit_signal 0 with it; wait with __WALL
+CLONE_INTO_CGROUP = 0x200000000  # clone3 only: the child starts in the cgroup args.cgroup names
 WALL = 0x40000000  # __WALL: wait for children whatever their exit signal
 CLONE_NEWCGROUP = 0x02000000
 CLONE_NEWUTS = 0x04000000
@@ -128,16 +129,22 @@ class _CloneArgs(ctypes.Structure):
     ]
 
 
-def clone(flags: int, exit_signal: int = signal.SIGCHLD) -> tuple[int, int]:
+def clone(flags: int, exit_signal: int = signal.SIGCHLD,
+          cgroup_fd: int | None = None) -> tuple[int, int]:
     """fork() into new namespaces in one step, like clone3(2) in C.
 
     Returns (pid, pidfd) in the parent and (0, -1) in the child. Creating the user and pid
     namespaces in the same call makes the child pid 1 of a pid namespace owned by its own
     user namespace, and keeps it a direct child of the caller (no intermediate process).
+    With `cgroup_fd` (a cgroup directory opened O_RDONLY) the child is born in that cgroup:
+    nothing it forks can be counted anywhere else first.
     """
     pidfd = ctypes.c_int(-1)
     args = _CloneArgs(flags=flags | CLONE_PIDFD, pidfd=ctypes.addressof(pidfd),
                       exit_signal=exit_signal)
+    if cgroup_fd is not None:
+        args.flags |= CLONE_INTO_CGROUP
+        args.cgroup = cgroup_fd
     ctypes.pythonapi.PyOS_BeforeFork()
     pid = _libc_gil.syscall(SYS_clone3, ctypes.byref(args), ctypes.c_size_t(ctypes.sizeof(args)))
     if pid == 0:

@@ -263,6 +263,9 @@ def isolation_checks(targets):
     if "daemon_socket" in targets:
         results["daemon socket"] = "OPEN: visible" if os.path.exists(targets["daemon_socket"]) \
             else "blocked"
+        runtime = os.path.dirname(targets["daemon_socket"])  # also every instance's socket
+        results["daemon's runtime directory"] = "OPEN: visible" if os.path.exists(runtime) \
+            else "blocked"
     results["find the daemon"] = find_the_daemon()
     if "port" in targets:
         with socket.socket() as probe:

@@ -19,15 +19,14 @@ SECCOMP = ["ioctl TIOCSTI", "ioctl TIOCLINUX", "ioctl TIOCSTI (high bits)", "key
            "move_mount", "mount_setattr", "clone3", "personality", "unshare(CLONE_NEWUSER)",
            "clone(CLONE_NEWUSER)", "ptrace(TRACEME)", "i386 ABI", "x32 ABI",
            "blocked syscalls (x86_64)", "blocked syscalls (i386)"]
-ISOLATION = ["host canary", "daemon socket", "find the daemon", "host TCP listener",
-             "leaked fds", "capabilities", "no_new_privs", "write /usr", "/proc/1/root",
-             "/proc/PID/root and cwd",
-             "host under a mount point", "host abstract socket", "host SysV shm",
-             "host POSIX shm", "host POSIX message queue", "host process visible",
-             "signal the supervisor", "ptrace the supervisor", "supervisor's /proc files",
-             "write uid_map", "setgroups", "setuid(0)", "setuid binaries", "chroot escape",
-             "open_by_handle_at escape", "write read-only mounts", "remount read-only mounts",
-             "unmount a mount"]
+ISOLATION = ["host canary", "daemon socket", "daemon's runtime directory", "find the daemon",
+             "host TCP listener", "leaked fds", "capabilities", "no_new_privs", "write /usr",
+             "/proc/1/root", "/proc/PID/root and cwd", "host under a mount point",
+             "host abstract socket", "host SysV shm", "host POSIX shm",
+             "host POSIX message queue", "host process visible", "signal the supervisor",
+             "ptrace the supervisor", "supervisor's /proc files", "write uid_map", "setgroups",
+             "setuid(0)", "setuid binaries", "chroot escape", "open_by_handle_at escape",
+             "write read-only mounts", "remount read-only mounts", "unmount a mount"]
 SCMP_ARCH_X86_64, SCMP_ARCH_X86 = 0xC000003E, 0x40000003
 libc = ctypes.CDLL(None, use_errno=True)
 SYSTEM = ["--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib",
@@ -119,11 +118,10 @@ def test_the_probe_sees_a_weak_sandbox(instances, tmp_path, targets):
     result = instances.ctl("run", "--ro-bind", "/", "/", "--bind", str(tmp_path),
                            str(tmp_path), "--", *probe_command(targets))
     found = probe_output(result)
-    for name in ("host canary", "daemon socket", "find the daemon", "host TCP listener",
-                 "host abstract socket", "host SysV shm", "host POSIX shm",
-                 "host POSIX message queue",
-                 "host under a mount point", "chroot escape", "ioctl TIOCSTI",
-                 "unshare(CLONE_NEWUSER)", "personality", "i386 ABI"):
+    for name in ("host canary", "daemon socket", "daemon's runtime directory", "find the daemon",
+                 "host TCP listener", "host abstract socket", "host SysV shm", "host POSIX shm",
+                 "host POSIX message queue", "host under a mount point", "chroot escape",
+                 "ioctl TIOCSTI", "unshare(CLONE_NEWUSER)", "personality", "i386 ABI"):
         assert found[name].startswith("OPEN"), (name, found[name])
 
 

@@ -7,6 +7,14 @@ import sys
 
 from bblctl.client import ClientError, RemoteError
 
+NAME_CHARACTERS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
+
+
+def is_name(text: str) -> bool:
+    """bbld.spec.NAME_PATTERN, without importing the spec (a test keeps the two equal)."""
+    return 0 < len(text) <= 64 and text[0].isascii() and text[0].isalnum() \
+        and set(text) <= NAME_CHARACTERS
+
 
 class UsageError(Exception):
     """A bad command line: the message says what and how to fix it (exit status 2)."""

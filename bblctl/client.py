@@ -112,6 +112,14 @@ def connect(autostart: bool = True) -> Connection:
     return Connection(sock)
 
 
+def running_daemon() -> Connection | None:
+    """A connection to bbld if it runs; None (and no daemon started) if not."""
+    try:
+        return connect(autostart=False)
+    except ClientError:
+        return None
+
+
 def _try_connect(path: str):
     sock = wire.unix_socket()
     try:

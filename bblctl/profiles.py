@@ -5,37 +5,40 @@ from __future__ import annotations
 import os
 import sys
 
-import msgspec
-
-from bblctl.cli import UsageError, parse
-from bblctl.client import SignalForwarder, connect
+from bblctl.cli import UsageError, is_name, parse
+from bblctl.client import SignalForwarder, connect, running_daemon
 from bblctl.enter import Terminal, relay
-from bbld import profile, spec
 
 
 def start(argv: list[str]) -> int:
     """`PROFILE [--name N] [--detach] [-- ARGS...]`: foreground by default, with a pty made
-    inside the sandbox when stdin is a terminal; --detach prints the instance id."""
+    inside the sandbox when stdin is a terminal; --detach prints the instance id.
+
+    With bbld running, the daemon finds and expands the profile with our environment (the
+    client imports no spec). Otherwise it is expanded here, so that a bad profile starts no
+    daemon."""
     flags, values, positional = parse(argv, {"--detach": False}, {"--name": None})
     if not positional:
         raise UsageError("start needs a profile name or file; see bblctl profile list")
-    name, args = positional[0], positional[1:]
-    sandbox = _load(name)
-    if values["--name"] is not None:
-        if not spec.NAME_PATTERN.match(values["--name"]):
-            raise UsageError(f"--name {values['--name']!r}: use letters, digits, . _ -")
-        sandbox.name = values["--name"]
+    target, args = positional[0], positional[1:]
+    if "/" in target or target.endswith(".toml"):
+        target = os.path.abspath(target)  # a file: the daemon has another working directory
+    new_name = values["--name"]
+    if new_name is not None and not is_name(new_name):
+        raise UsageError(f"--name {new_name!r}: use letters, digits, . _ -")
     tty = flags["--detach"] or os.isatty(0)  # detached: the monitor holds the terminal
-    main = spec.path_to(sandbox.layer, spec.main_layer_name(sandbox))[-1]
-    main.command = msgspec.structs.replace(main.command, tty=tty)
+    conn = running_daemon()
+    if conn is None:
+        request = {"spec": _local_spec(target, new_name, tty)}
+    else:
+        request = {"profile": target, "tty": tty, **({"name": new_name} if new_name else {})}
     null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
     cwd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     stdio = (null, null, null) if flags["--detach"] else (0, 1, 2)
     try:
-        with SignalForwarder() as forwarder, connect() as conn:
-            replies = conn.stream("io.bbl.Manager.Run", fds=(*stdio, cwd),
-                                  spec=msgspec.json.encode(sandbox).decode(), args=args,
-                                  env=dict(os.environ), detach=flags["--detach"])
+        with SignalForwarder() as forwarder, conn or connect() as conn:
+            replies = conn.stream("io.bbl.Manager.Run", fds=(*stdio, cwd), args=args,
+                                  env=dict(os.environ), detach=flags["--detach"], **request)
             for reply in replies:
                 if reply["event"] in ("started", "forwarded") and flags["--detach"]:
                     print(reply["id"])
@@ -54,6 +57,15 @@ def start(argv: list[str]) -> int:
     return 1
 
 
+def _local_spec(target: str, name: str | None, tty: bool) -> str:
+    from bbld import profile
+
+    try:
+        return profile.spec_for_start(target, dict(os.environ), name, tty)
+    except profile.ProfileError as exc:
+        raise UsageError("\n".join(exc.problems)) from None
+
+
 def _terminal(master: int, daemon) -> None:
     try:
         with Terminal(master):
@@ -62,7 +74,9 @@ def _terminal(master: int, daemon) -> None:
         os.close(master)
 
 
-def _load(name: str) -> spec.Sandbox:
+def _load(name: str):
+    from bbld import profile
+
     try:
         return profile.load(profile.find(name))
     except profile.ProfileError as exc:
@@ -70,6 +84,8 @@ def _load(name: str) -> spec.Sandbox:
 
 
 def profile_command(argv: list[str]) -> int:
+    from bbld import profile
+
     if not argv or argv[0] not in ("list", "show", "validate"):
         raise UsageError("use `bblctl profile list`, `show NAME [--expanded]` or "
                          "`validate FILE|NAME`")
@@ -92,6 +108,8 @@ def profile_command(argv: list[str]) -> int:
         return 0
     path = _find(positional[0])
     if flags["--expanded"]:  # the spec, as `python -m bbld.engine` takes it (JSON)
+        import msgspec
+
         print(msgspec.json.format(msgspec.json.encode(_load(path)).decode(), indent=2))
     else:
         with open(path) as f:
@@ -100,6 +118,8 @@ def profile_command(argv: list[str]) -> int:
 
 
 def _find(name: str) -> str:
+    from bbld import profile
+
     try:
         return profile.find(name)
     except profile.ProfileError as exc:

@@ -15,10 +15,17 @@ from __future__ import annotations
 import os
 import sys
 
-from bblctl.client import ClientError, Connection, RemoteError, SignalForwarder, connect
+from bblctl.cli import is_name
+from bblctl.client import (
+    ClientError,
+    Connection,
+    RemoteError,
+    SignalForwarder,
+    connect,
+    running_daemon,
+)
 
 MAX_FDS = 56  # fds besides stdio that travel with the command line (bbld's limit)
-NAME_CHARACTERS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
 
 def main(argv: list[str], prog: str = "bbl-bwrap") -> int:
@@ -29,7 +36,7 @@ def main(argv: list[str], prog: str = "bbl-bwrap") -> int:
         except ValueError as exc:
             print(f"bblctl run: {exc}", file=sys.stderr)
             return 2
-    conn = None if instance.get("single_instance") else _running_daemon()
+    conn = None if instance.get("single_instance") else running_daemon()
     if conn is None:
         return _run_spec(argv, prog, instance)
     fds = _open_fds(besides=conn.sock.fileno())
@@ -89,13 +96,6 @@ def _say(argv: list[str], message: str) -> None:
     print(f"{prefix}bwrap: {message}", file=sys.stderr)
 
 
-def _running_daemon() -> Connection | None:
-    try:
-        return connect(autostart=False)
-    except ClientError:
-        return None
-
-
 def _run_spec(argv: list[str], prog: str, instance: dict) -> int:
     """The command line made into a spec here (the slower path: it imports bbld.bwrap).
     For --single-instance, since bbld looks for a running instance with the spec's name
@@ -135,7 +135,7 @@ def _instance_options(argv: list[str]) -> tuple[dict, list[str]]:
     while argv and argv[0] in ("--name", "--single-instance"):
         if argv[0] == "--single-instance":
             found["single_instance"], argv = True, argv[1:]
-        elif len(argv) < 2 or not _is_name(argv[1]):
+        elif len(argv) < 2 or not is_name(argv[1]):
             raise ValueError("--name needs a name of letters, digits, '.', '_' and '-' "
                              "(at most 64, starting with a letter or digit)")
         else:
@@ -143,12 +143,6 @@ def _instance_options(argv: list[str]) -> tuple[dict, list[str]]:
     if found.get("single_instance") and "name" not in found:
         raise ValueError("--single-instance needs --name NAME (what a second start looks for)")
     return found, argv
-
-
-def _is_name(text: str) -> bool:
-    """bbld.spec.NAME_PATTERN, without importing the spec (a test keeps the two equal)."""
-    return 0 < len(text) <= 64 and text[0].isascii() and text[0].isalnum() \
-        and set(text) <= NAME_CHARACTERS
 
 
 def bwrap_main() -> int:

@@ -91,28 +91,35 @@ class Profile(Struct, forbid_unknown_fields=True, kw_only=True):
 # ---------------------------------------------------------------- finding and loading
 
 
-def directories() -> list[str]:
+def directories(environ: dict[str, str] | None = None) -> list[str]:
     """Where profiles are looked up by name: the user's, then the built-in ones."""
-    config = os.environ.get("XDG_CONFIG_HOME")
+    environ = os.environ if environ is None else environ
+    config = environ.get("XDG_CONFIG_HOME")
     if not (config and os.path.isabs(config)):
-        config = os.path.join(os.path.expanduser("~"), ".config")
+        config = os.path.join(_home(environ), ".config")
     return [os.path.join(config, "bbl", "profiles"), BUILTIN]
 
 
-def find(name_or_path: str) -> str:
-    """A profile file by path (contains a /, or ends in .toml) or by name."""
+def _home(environ) -> str:
+    home = environ.get("HOME")
+    return home if home and os.path.isabs(home) else os.path.expanduser("~")
+
+
+def find(name_or_path: str, environ: dict[str, str] | None = None) -> str:
+    """A profile file by path (contains a /, or ends in .toml) or by name (looked up in the
+    directories `environ` names)."""
     if "/" in name_or_path or name_or_path.endswith(".toml"):
         if not os.path.isfile(name_or_path):
             raise ProfileError([f"{name_or_path}: no such profile file"])
         return name_or_path
     if not spec.NAME_PATTERN.match(name_or_path):
         raise ProfileError([f"{name_or_path!r}: not a profile name (letters, digits, . _ -)"])
-    for directory in directories():
+    for directory in directories(environ):
         path = os.path.join(directory, f"{name_or_path}.toml")
         if os.path.isfile(path):
             return path
     raise ProfileError([f"no profile named {name_or_path!r} in "
-                        f"{' or '.join(directories())}; see `bblctl profile list`"])
+                        f"{' or '.join(directories(environ))}; see `bblctl profile list`"])
 
 
 def available() -> dict[str, str]:
@@ -157,6 +164,21 @@ def load(path: str, environ: dict[str, str] | None = None, uid: int | None = Non
     except spec.SpecError as exc:
         raise ProfileError([f"{path}: {problem}" for problem in exc.problems]) from None
     return sandbox
+
+
+def spec_for_start(name_or_path: str, environ: dict[str, str], name: str | None = None,
+                   tty: bool = False) -> str:
+    """The spec (JSON) `bblctl start` runs: the profile found and expanded with the caller's
+    environment, renamed to `name`, its main command on a terminal made inside the sandbox
+    with `tty`. Raises ProfileError."""
+    sandbox = load(find(name_or_path, environ), environ)
+    if name is not None:
+        if not spec.NAME_PATTERN.match(name):
+            raise ProfileError([f"--name {name!r}: use letters, digits, . _ -"])
+        sandbox.name = name
+    main = spec.path_to(sandbox.layer, spec.main_layer_name(sandbox))[-1]
+    main.command = msgspec.structs.replace(main.command, tty=tty)
+    return msgspec.json.encode(sandbox).decode()
 
 
 def _check_options(options: Profile, path: str, text: str) -> None:
@@ -369,7 +391,7 @@ def _desktop(options: Profile, environ: dict[str, str]) -> list:
     if options.gui == "host-x11" and number:
         socket = f"/tmp/.X11-unix/X{number.group(1)}"
         fs.append(spec.RoBind(src=socket, dest=socket, try_=True))
-        authority = environ.get("XAUTHORITY") or os.path.expanduser("~/.Xauthority")
+        authority = environ.get("XAUTHORITY") or os.path.join(_home(environ), ".Xauthority")
         try:
             with open(authority, "rb") as f:
                 cookie = xauthority_for(f.read(), number.group(1))

@@ -65,7 +65,11 @@ interface io.bbl.Manager
 method Ping() -> (version: string, pid: int)
 
 # Start a sandbox and follow it to its end. The sandbox is a spec (JSON, see
-# docs/spec.md) or a bubblewrap command line (bwrap, its options and
+# docs/spec.md), a profile (an absolute file path, or a name looked up with
+# env's XDG_CONFIG_HOME and HOME; the daemon expands it with env, name
+# renames it and tty gives its main command a terminal made inside the
+# sandbox; a bad profile fails with StartFailed and exit_code 2), or a
+# bubblewrap command line (bwrap, its options and
 # command): the instance's monitor interprets it with the caller's fds,
 # working directory and environment, and prints what bubblewrap would print
 # on the caller's stderr and stdout (warnings, errors, --help, --version; prog
@@ -93,6 +97,8 @@ method Ping() -> (version: string, pid: int)
 # message already.
 method Run(
   spec: ?string,
+  profile: ?string,
+  tty: ?bool,
   bwrap: ?[]string,
   prog: ?string,
   name: ?string,

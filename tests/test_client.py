@@ -58,10 +58,10 @@ def test_the_client_imports_neither_trio_nor_the_engine():
 
 
 def test_everyday_commands_import_only_the_wire():
-    """run, exec, attach, send-args, ps, tree, stop and kill pay for no heavy import: msgspec,
-    the spec, json, re, socket.py, signal.py and enum cost about 50 ms together."""
+    """run, start, exec, attach, send-args, ps, tree, stop and kill pay for no heavy import:
+    msgspec, the spec, json, re, socket.py, signal.py and enum cost about 50 ms together."""
     code = ("import sys; before = set(sys.modules); import bblctl.__main__, bblctl.run, "
-            "bblctl.client, bblctl.manage, bblctl.enter, bblctl.cli; heavy = {'msgspec', "
+            "bblctl.client, bblctl.manage, bblctl.enter, bblctl.cli, bblctl.profiles; heavy = {'msgspec', "
             "'bbld.spec', 'bbld.bwrap', 'json', 're', 'socket', 'signal', 'enum', 'datetime', "
             "'typing'}; print(sorted(heavy & (set(sys.modules) - before)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
@@ -86,9 +86,9 @@ def test_the_client_wire_speaks_json_like_the_json_module():
 
 
 def test_bblctl_run_checks_names_as_the_spec_does():
-    from bblctl.run import _is_name
+    from bblctl.cli import is_name
     from bbld.spec import NAME_PATTERN
 
     for name in ("a", "A0", "0a", "a.b_c-d", "a" * 64, "a" * 65, "", ".a", "-a", "_a", "a b",
                  "a/b", "a\n", "é", "a\0", "ab:c"):
-        assert _is_name(name) == bool(NAME_PATTERN.fullmatch(name)), name
+        assert is_name(name) == bool(NAME_PATTERN.fullmatch(name)), name

@@ -278,3 +278,31 @@ mounts = [{{ src = "{tmp_path}", dest = "/out" }}]
     assert result.stdout.splitlines() == [
         ":97 /run/bbl/Xauthority unix:path=/run/bbl/bus", "cookie-filtered", "cookie-read-only",
         "bus", "sys", "sys-read-only", "1"]
+
+
+def test_with_bbld_running_it_expands_the_profile_in_the_callers_environment(instances,
+                                                                            tmp_path):
+    """The daemon finds and expands the profile (the client imports no spec), with the
+    caller's environment and working directory, not its own."""
+    import subprocess
+
+    from tests.conftest import BBLCTL
+
+    instances.ctl("ps")  # bbld runs, started with the test's environment
+    config = tmp_path / "config"
+    (config / "bbl" / "profiles").mkdir(parents=True)
+    (config / "bbl" / "profiles" / "mine.toml").write_text('command = ["echo", "mine"]\n')
+    (tmp_path / "here.toml").write_text('command = ["echo", "here"]\n')
+    (tmp_path / "bad.toml").write_text('command = ["true"]\nnet = "sometimes"\n')
+    env = {**instances.env, "XDG_CONFIG_HOME": str(config)}
+
+    def start(*argv):
+        return subprocess.run([*BBLCTL, "start", *argv], env=env, cwd=tmp_path, text=True,
+                              capture_output=True, stdin=subprocess.DEVNULL, timeout=60)
+
+    ended_before = len(json.loads(instances.ctl("ps", "--all", "--json").stdout))
+    assert start("mine").stdout == "mine\n"
+    assert start("here.toml").stdout == "here\n"
+    bad = start("bad.toml")
+    assert bad.returncode == 2 and "bad.toml:2: net: Invalid enum value" in bad.stderr
+    assert len(json.loads(instances.ctl("ps", "--all", "--json").stdout)) == ended_before + 2

@@ -18,7 +18,7 @@ from array import array
 import msgspec
 import trio
 
-from bbld import __version__, protocol, spec
+from bbld import __version__, profile, protocol, spec
 from bbld.daemon.helper_client import Helper
 from bbld.daemon.messages import MAX_EXTRA_FDS, ControlRequest, StartRequest, peer_uid
 from bbld.daemon.registry import InstanceRecord, Registry, connect, replies
@@ -61,18 +61,24 @@ class Daemon:
     async def ping(self) -> dict:
         return {"version": __version__, "pid": os.getpid()}
 
-    async def run(self, spec: str = None, bwrap: list = None, prog: str = "bbl-bwrap",
-                  name: str = None, args: list = (), env: dict = None, fd_numbers: list = (),
+    async def run(self, spec: str = None, profile: str = None, tty: bool = False,
+                  bwrap: list = None, prog: str = "bbl-bwrap", name: str = None,
+                  args: list = (), env: dict = None, fd_numbers: list = (),
                   die_with_client: bool = False, detach: bool = False, *, fds: list[int],
                   on_client_gone: list):
         """Replies as they happen: started (more follow), then exited (the last)."""
         if len(fds) != 4 + len(fd_numbers) or len(fd_numbers) > MAX_EXTRA_FDS \
                 or not all(isinstance(n, int) and 3 <= n < 1000 for n in fd_numbers):
             raise VarlinkError(f"{SERVICE}.InvalidParameter", parameter="fds")
-        if (spec is None) == (bwrap is None) or bwrap is not None and \
+        given = [key for key, value in (("spec", spec), ("profile", profile), ("bwrap", bwrap))
+                 if value is not None]
+        if len(given) != 1 or bwrap is not None and \
                 not all(isinstance(word, str) for word in bwrap):
             raise VarlinkError(f"{SERVICE}.InvalidParameter",
-                               parameter="bwrap" if spec is None else "spec")
+                               parameter=given[-1] if given else "spec")
+        if profile is not None:
+            spec = await trio.to_thread.run_sync(_expand_profile, profile, env or {}, name, tty)
+            name = None  # it named the profile's instance
         single = _single_instance_name(spec) if spec is not None else None
         running = await self.registry.running_single(single) if single else None
         if running is not None:  # hand the arguments over instead of starting a second one
@@ -377,6 +383,15 @@ class WithFds:
 
     def __init__(self, reply: Reply, fds: list[int]):
         self.reply, self.fds = reply, fds
+
+
+def _expand_profile(name_or_path: str, env: dict, name: str | None, tty: bool) -> str:
+    """A profile's spec for Run (in a worker thread: it reads the user's files)."""
+    try:
+        return profile.spec_for_start(name_or_path, env, name, tty)
+    except profile.ProfileError as exc:
+        raise VarlinkError("io.bbl.Manager.StartFailed", message="\n".join(exc.problems),
+                           exit_code=2) from None
 
 
 class _Naming(msgspec.Struct):

@@ -194,6 +194,14 @@ def privilege_checks(host_pid):
     setuid_binaries()
 
 
+def files_under(tops, depth):
+    """Paths of the files in `tops`, at most `depth` directories down."""
+    for top in tops:
+        for directory, _, files in os.walk(top):
+            if directory.count("/") <= top.count("/") + depth:
+                yield from (os.path.join(directory, name) for name in files)
+
+
 def _can_open(path):
     try:
         os.close(os.open(path, os.O_RDONLY))
@@ -219,22 +227,18 @@ def setuid_binaries():
         results["setuid binaries"] = "blocked"
         return
     found = []
-    for top in ("/usr/bin", "/usr/sbin", "/usr/libexec", "/usr/lib", "/bin", "/sbin"):
-        for directory, _, files in os.walk(top):
-            if directory.count("/") > top.count("/") + 2:
-                continue
-            for name in files:
-                path = os.path.join(directory, name)
-                try:
-                    info = os.stat(path)
-                    nosuid = os.statvfs(path).f_flag & os.ST_NOSUID
-                except OSError:
-                    continue
-                if nosuid or not info.st_mode & 0o111:
-                    continue
-                if info.st_mode & stat.S_ISUID and info.st_uid not in (os.getuid(), 65534) or \
-                        info.st_mode & stat.S_ISGID and info.st_gid not in (os.getgid(), 65534):
-                    found.append(path)
+    for path in files_under(("/usr/bin", "/usr/sbin", "/usr/libexec", "/usr/lib", "/bin",
+                             "/sbin"), depth=2):
+        try:
+            info = os.stat(path)
+            nosuid = os.statvfs(path).f_flag & os.ST_NOSUID
+        except OSError:
+            continue
+        if nosuid or not info.st_mode & 0o111:
+            continue
+        if info.st_mode & stat.S_ISUID and info.st_uid not in (os.getuid(), 65534) or \
+                info.st_mode & stat.S_ISGID and info.st_gid not in (os.getgid(), 65534):
+            found.append(path)
     results["setuid binaries"] = "blocked" if not found else f"OPEN: {sorted(set(found))[:5]}"
 
 
@@ -295,18 +299,13 @@ def find_the_daemon():
     """Every unix socket file in the usual places (and the abstract ones /proc/net/unix
     names): none may answer bbld's Ping."""
     candidates = set()
-    for top in ("/run", "/var/run", "/tmp", "/home", "/dev/shm", "/var/tmp",
-                os.environ.get("XDG_RUNTIME_DIR", "/run")):
-        for directory, _, files in os.walk(top):
-            if directory.count("/") > top.count("/") + 4:
-                continue
-            for name in files:
-                path = os.path.join(directory, name)
-                try:
-                    if stat.S_ISSOCK(os.lstat(path).st_mode):
-                        candidates.add(path)
-                except OSError:
-                    pass
+    for path in files_under(("/run", "/var/run", "/tmp", "/home", "/dev/shm", "/var/tmp",
+                             os.environ.get("XDG_RUNTIME_DIR", "/run")), depth=4):
+        try:
+            if stat.S_ISSOCK(os.lstat(path).st_mode):
+                candidates.add(path)
+        except OSError:
+            pass
     try:
         with open("/proc/net/unix") as f:
             candidates.update("\0" + line.split()[7][1:] for line in f

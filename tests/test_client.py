@@ -61,9 +61,9 @@ def test_everyday_commands_import_only_the_wire():
     """run, start, exec, attach, send-args, ps, tree, stop and kill pay for no heavy import:
     msgspec, the spec, json, re, socket.py, signal.py and enum cost about 50 ms together."""
     code = ("import sys; before = set(sys.modules); import bblctl.__main__, bblctl.run, "
-            "bblctl.client, bblctl.manage, bblctl.enter, bblctl.cli, bblctl.profiles; heavy = {'msgspec', "
-            "'bbld.spec', 'bbld.bwrap', 'json', 're', 'socket', 'signal', 'enum', 'datetime', "
-            "'typing'}; print(sorted(heavy & (set(sys.modules) - before)))")
+            "bblctl.client, bblctl.manage, bblctl.enter, bblctl.cli, bblctl.profiles; "
+            "heavy = {'msgspec', 'bbld.spec', 'bbld.bwrap', 'json', 're', 'socket', 'signal', "
+            "'enum', 'datetime', 'typing'}; print(sorted(heavy & (set(sys.modules) - before)))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          timeout=30).stdout
     assert out == "[]\n"

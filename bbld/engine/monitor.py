@@ -51,6 +51,7 @@ class Instance:
         self.running: set[str] = set()
         self.failure: StartError | None = None
         self.status: int | None = None  # layer 1's exit status, once it ended
+        self.main_status: int | None = None  # the main command's, as its layer reported it
         self.released = False
         self.torn_down = False
         self.reports_open = True
@@ -143,7 +144,8 @@ class Instance:
                 self._forward_signals()
             elif fd == self.layer1.pidfd:
                 self._read_reports()  # what layers said before they ended comes first
-                self.status = exit_code(os.waitpid(self.layer1.pid, 0)[1])
+                status = exit_code(os.waitpid(self.layer1.pid, 0)[1])
+                self.status = status if self.main_status is None else self.main_status
                 self.poller.unregister(fd)
             elif fd == self.sock.fileno():
                 self._read_reports()
@@ -243,6 +245,8 @@ class Instance:
             self.built[name] = report
             self.pidfds[name] = fds[0]
             self.namespace_fds[name] = dict(zip(report.namespace_fds, fds[1:], strict=True))
+        elif isinstance(report, reports.MainEnded) and name == self.main_layer and not fds:
+            self._main_ended(report.status)
         elif isinstance(report, reports.Running) and name in self.built and len(fds) <= 2:
             self.running.add(name)
             if fds and name == self.main_layer and self.main_pidfd is None:
@@ -255,6 +259,16 @@ class Instance:
             for fd in fds:
                 os.close(fd)
             self._fail(name, f"unexpected report {type(report).__name__}")
+
+    def _main_ended(self, status: int) -> None:
+        """The main command ended: the tree would now end layer by layer, each noticing its
+        child's end (milliseconds each). Layer 1's end takes all of it along at once."""
+        if self.main_status is None:
+            self.main_status = status
+            try:
+                sc.pidfd_send_signal(self.layer1.pidfd, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
 
     def _fail(self, layer: str | None, message: str, code: int = 1) -> None:
         if self.failure is None:  # the first failure is the cause; later ones are echoes

@@ -40,7 +40,14 @@ class Failed(msgspec.Struct, tag=True):
     exit_code: int = 1
 
 
-Report = Built | Running | Failed
+class MainEnded(msgspec.Struct, tag=True):
+    """The instance's main command has ended with `status`: the whole tree ends with it.
+    Said at once, so the caller need not wait for every layer to end in turn."""
+    layer: str
+    status: int
+
+
+Report = Built | Running | Failed | MainEnded
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Report)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import errno
+import functools
 import os
 
 CLONE_NEWUSER = 0x10000000
@@ -95,7 +96,13 @@ def groups_of(name: str, extend=(), relax=()) -> list[str]:
 
 
 def compile_policy(name: str, extend=(), relax=()) -> bytes:
-    """The BPF program for a named policy (an array of 8-byte sock_filter)."""
+    """The BPF program for a named policy (an array of 8-byte sock_filter). Remembered: a
+    process that compiled it once (bbld's forker, at start) hands it to every fork."""
+    return _compiled(name, tuple(extend), tuple(relax))
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled(name: str, extend: tuple[str, ...], relax: tuple[str, ...]) -> bytes:
     lib = _libseccomp()
     ctx = lib.seccomp_init(SCMP_ACT_ALLOW)
     if not ctx:

@@ -473,6 +473,8 @@ class LayerSupervisor:
                 if signo == signal.SIGCHLD:
                     status = self._collect()
                     if status is not None:
+                        if self.plan.runs_main:
+                            self._report_main_ended(status)
                         return self._end(status)
                 elif not self._from_parent(code, sender):
                     continue  # only the parent layer may steer us
@@ -480,6 +482,12 @@ class LayerSupervisor:
                     os.kill(self.main_pid, signo)
                 elif signo in ENDING_SIGNALS:
                     return self._end(128 + signo)
+
+    def _report_main_ended(self, status: int) -> None:
+        try:
+            reports.send(self.ctx.report, reports.MainEnded(layer=self.plan.name, status=status))
+        except OSError:
+            pass  # the caller is gone; our exit says it as well
 
     def _collect(self) -> int | None:
         """Reap children; the layer's status once it should end, else None."""

@@ -38,6 +38,10 @@ ORDER = (("user", sc.CLONE_NEWUSER), ("mnt", sc.CLONE_NEWNS), ("pid", sc.CLONE_N
 class Entered(Struct):
     pidfd: int  # the command, a child of the caller that sends no SIGCHLD: wait with sc.WALL
     master: int | None = None  # the pty master, when a terminal was asked for
+    # A pidfd of the forked process that joined the layer: it ends right after the command
+    # is cloned; the caller reaps it when the pidfd says so (its exit, releasing a forked
+    # interpreter's memory, takes milliseconds nobody should wait for).
+    joiner: int = -1
 
 
 def enter(plan: Plan, layer: LayerPlan, namespace_fds: dict[str, int], argv: list[str],
@@ -56,11 +60,17 @@ def enter(plan: Plan, layer: LayerPlan, namespace_fds: dict[str, int], argv: lis
             _say_failure(theirs, exc)
         os._exit(0)
     theirs.close()
+    joiner = os.pidfd_open(entering)
     try:
-        return _receive(ours)
+        entered = _receive(ours)
+    except BaseException:
+        os.waitpid(entering, 0)
+        os.close(joiner)
+        raise
     finally:
         ours.close()
-        os.waitpid(entering, 0)
+    entered.joiner = joiner
+    return entered
 
 
 def _enter(plan, layer, namespace_fds, own, argv, env, cwd, stdio, channel, cgroup_fd) -> None:

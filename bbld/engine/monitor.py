@@ -176,8 +176,15 @@ class Instance:
         env, cwd = self.plan.environment(name, self.environ)
         path = self.plan.path_to(name)
         cgroup = next((n.cgroup_fd for n in reversed(path) if n.cgroup_fd is not None), None)
-        return enter(self.plan, path[-1], self.namespace_fds[name], argv, env, cwd or self.cwd,
-                     stdio, cgroup)
+        entered = enter(self.plan, path[-1], self.namespace_fds[name], argv, env,
+                        cwd or self.cwd, stdio, cgroup)
+        self.watch(entered.joiner, lambda: self._reap(entered.joiner))
+        return entered
+
+    def _reap(self, pidfd: int) -> None:
+        self.unwatch(pidfd)
+        os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
+        os.close(pidfd)
 
     @property
     def main_pid(self) -> int | None:

@@ -269,9 +269,13 @@ class Instance:
 
     def _main_ended(self, status: int) -> None:
         """The main command ended: the tree would now end layer by layer, each noticing its
-        child's end (milliseconds each). Layer 1's end takes all of it along at once."""
+        child's end (milliseconds each). When layer 1 is pid 1 of its own pid namespace, its
+        end takes all of it along at once. (Without one, the chain must run: each layer
+        kills the processes it adopted as it ends, which a SIGKILL would skip.)"""
         if self.main_status is None:
             self.main_status = status
+            if "pid" not in self.plan.root.layer.namespaces:
+                return
             try:
                 sc.pidfd_send_signal(self.layer1.pidfd, signal.SIGKILL)
             except ProcessLookupError:

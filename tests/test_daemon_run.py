@@ -100,6 +100,24 @@ def test_run_needs_more_and_its_four_fds(daemon):
         assert err.value.parameters == {"parameter": "fds"}
 
 
+@pytest.mark.parametrize("sources, named", [
+    ({}, "spec"), ({"spec": "{}", "profile": "default"}, "profile"),
+    ({"spec": "{}", "bwrap": ["true"]}, "bwrap"), ({"bwrap": ["true", 5]}, "bwrap"),
+])
+def test_run_takes_exactly_one_sandbox(daemon, sources, named):
+    """A spec, a profile or a bubblewrap command line: one of them, well typed."""
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        with connect(daemon) as conn:
+            with pytest.raises(RemoteError) as err:
+                list(conn.stream("io.bbl.Manager.Run", fds=(null,) * 4, args=[], env={},
+                                 **sources))
+            assert (err.value.name, err.value.parameters) == (
+                "org.varlink.service.InvalidParameter", {"parameter": named})
+    finally:
+        os.close(null)
+
+
 def test_instances_are_forked_by_one_helper_not_by_the_daemon(daemon, marker):
     spec = sandbox(app_layer(command={"argv": ["sleep", "0.3"], "argv0": marker}))
     events, _, _ = run_through(daemon, spec)

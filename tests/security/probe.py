@@ -195,11 +195,13 @@ def privilege_checks(host_pid):
 
 
 def files_under(tops, depth):
-    """Paths of the files in `tops`, at most `depth` directories down."""
+    """Paths of the files in `tops`, at most `depth` directories down (deeper ones are not
+    even walked: a weak sandbox may see a whole home)."""
     for top in tops:
-        for directory, _, files in os.walk(top):
-            if directory.count("/") <= top.count("/") + depth:
-                yield from (os.path.join(directory, name) for name in files)
+        for directory, subdirectories, files in os.walk(top):
+            if directory.count("/") >= top.count("/") + depth:
+                subdirectories.clear()
+            yield from (os.path.join(directory, name) for name in files)
 
 
 def _can_open(path):

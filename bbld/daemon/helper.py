@@ -102,14 +102,14 @@ def _monitor(data: bytes, fds: list[int], directory: str) -> int:
         os.fchdir(cwd)
         for descriptor in (stdin, stdout, stderr, cwd, *extras):
             os.close(descriptor)
-        os.environ.clear()
-        os.environ.update(request.env)
         if not INSTANCE_ID.fullmatch(request.id):
             raise ValueError(f"bad instance id {request.id!r}")
         front = bwrap.FrontEnd(request.prog) if request.bwrap is not None else None
         plan = prepare(_sandbox(request, front), request.args)
         started = time.time()
-        instance = Instance(plan)
+        # The caller's environment goes to layer 1 as data; os.environ stays bbld's (making
+        # it the caller's, one putenv per variable, took 1.5 ms).
+        instance = Instance(plan, request.env)
         instance.start()
     except bwrap.Done as done:  # --help, --version, or a bad command line: already said
         _send(report, Event(event="exited", status=done.status))

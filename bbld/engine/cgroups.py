@@ -39,9 +39,9 @@ class Cgroups:
         base = os.environ.get(ENV, "")
         if not base:
             raise StartError(f"layer '{limited[0].name}': pids_limit needs a delegated cgroup: "
-                             f"set {ENV} to a cgroup v2 directory you own with the pids "
-                             "controller (see docs/security.md), or use the nproc rlimit",
-                             EXIT_USAGE)
+                             f"set {ENV} in bbld's environment to a cgroup v2 directory you "
+                             "own with the pids controller (see docs/security.md), or use the "
+                             "nproc rlimit", EXIT_USAGE)
         try:
             _enable_pids(base)
             top = self._make(base, f"bbl-{os.getpid()}-{next(_counter)}")

@@ -37,8 +37,10 @@ from bbld.engine.supervisor import (
 
 
 class Instance:
-    def __init__(self, plan: Plan):
+    def __init__(self, plan: Plan, environ: dict[str, str] | None = None):
         self.plan = plan
+        # what layer 1 starts from (default: ours)
+        self.environ = dict(os.environ if environ is None else environ)
         self.layer_names = [p.name for p in plan.layers()]
         self.barrier = {p.name for p in plan.layers() if not p.gated}
         self.built: dict[str, reports.Built] = {}
@@ -76,7 +78,7 @@ class Instance:
             try:
                 self.cgroups = Cgroups(self.plan)
                 _join_namespaces(self.plan.root.layer.join)
-                self.environ, self.cwd = dict(os.environ), os.getcwd()
+                self.cwd = os.getcwd()
                 self.layer1 = spawn_layer(self.plan.root, ctx, self.proc_fd, self.environ,
                                           self.cwd, sandbox.die_with_parent, external_maps)
             finally:

@@ -34,7 +34,8 @@ def ps(argv: list[str]) -> int:
     if flags["--watch"]:
         return _watch(flags["--json"])
     with connect() as conn:
-        instances = conn.call("io.bbl.Manager.List", all=flags["--all"])["instances"]
+        instances = conn.call("io.bbl.Manager.List", all=flags["--all"],
+                              brief=True)["instances"]
     rows = [_ps_row(entry) for entry in instances]
     if flags["--json"]:
         _print_json(rows)
@@ -84,7 +85,7 @@ def _local_time(seconds: float) -> str:
 def _ps_row(entry: dict) -> dict:
     return {"id": entry["id"], "name": entry["name"], "state": entry["state"],
             "pid": entry["pid"], "started": _local_time(entry["started"]),
-            "command": entry["command"], "layers": len(entry["layers"]),
+            "command": entry["command"], "layers": entry["layer_count"],
             "status": entry["status"]}
 
 

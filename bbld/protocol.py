@@ -120,9 +120,11 @@ method Run(
 # (with all) the recently ended ones, oldest first. id, name, state
 # ("starting", "running" or "exited"), started (seconds since the epoch),
 # pid (the main command's, null when not running), command (its argv),
-# layers (as in Run's "started" reply) and status (once exited: the main
-# command's exit status, 128+N for signal N; null if unknown).
-method List(all: ?bool) -> (instances: []Instance)
+# layers (as in Run's "started" reply; left out with brief, which is what a
+# listing of many instances wants: about 2 KB each), layer_count and status
+# (once exited: the main command's exit status, 128+N for signal N; null if
+# unknown).
+method List(all: ?bool, brief: ?bool) -> (instances: []Instance)
 
 type Instance (
   id: string,
@@ -131,8 +133,10 @@ type Instance (
   started: float,
   pid: ?int,
   command: []string,
-  layers: []object,
-  status: ?int
+  layers: ?[]object,
+  layer_count: int,
+  status: ?int,
+  single_instance: bool
 )
 
 # Instances starting and ending, as it happens, until the caller hangs up.

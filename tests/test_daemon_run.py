@@ -144,6 +144,9 @@ def test_the_registry_lists_a_running_instance_until_it_ends(daemon, marker):
             assert os.read(out_r, 100) == b"ready\n"
             with connect(daemon) as other:
                 (entry,) = other.call("io.bbl.Manager.List")["instances"]
+                (brief,) = other.call("io.bbl.Manager.List", brief=True)["instances"]
+            assert brief == {key: value for key, value in entry.items() if key != "layers"}
+            assert brief["layer_count"] == 1
             assert entry["id"] == started["id"] and entry["name"] == "listed"
             assert entry["state"] == "running" and entry["status"] is None
             assert entry["command"][-1] == marker and before - 1 < entry["started"] < time.time()

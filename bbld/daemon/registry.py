@@ -55,12 +55,15 @@ class InstanceRecord:
         record.single_instance = bool(entry.get("single_instance"))
         return record
 
-    def entry(self) -> dict:
-        """The record as io.bbl.Manager.List shows it."""
-        return {"id": self.id, "name": self.name or "", "state": self.state,
-                "started": self.started, "pid": self.pid, "command": self.command,
-                "layers": self.layers, "status": self.status,
-                "single_instance": self.single_instance}
+    def entry(self, brief: bool = False) -> dict:
+        """The record as io.bbl.Manager.List shows it (brief: without the layers)."""
+        entry = {"id": self.id, "name": self.name or "", "state": self.state,
+                 "started": self.started, "pid": self.pid, "command": self.command,
+                 "layer_count": len(self.layers), "status": self.status,
+                 "single_instance": self.single_instance}
+        if not brief:
+            entry["layers"] = self.layers
+        return entry
 
     def kill(self) -> None:
         """SIGKILL the instance's monitor; layer 1 (die_with_parent) and all below follow."""

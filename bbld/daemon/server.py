@@ -166,10 +166,10 @@ class Daemon:
         self.nursery.start_soon(self.registry.follow, record)
         return tty
 
-    async def list(self, all: bool = False) -> dict:
+    async def list(self, all: bool = False, brief: bool = False) -> dict:
         records = [*self.registry.ended] if all else []
         records += self.registry.live.values()
-        return {"instances": [record.entry() for record in records]}
+        return {"instances": [record.entry(brief) for record in records]}
 
     def _live(self, id: str) -> InstanceRecord:
         record = self.registry.find(id)

@@ -143,6 +143,29 @@ def test_stop_escalates_to_sigkill_after_the_timeout(instances, marker):
     assert ended["status"] == 128 + signal.SIGKILL
 
 
+def test_stops_with_no_timeout_racing_the_instances_own_end(instances, tmp_path):
+    """SIGTERM ends the command at once, so the SIGKILL that follows (timeout 0) often meets
+    an instance that is ending: every stop still succeeds."""
+    import subprocess
+
+    from tests.conftest import BBLCTL
+
+    path = tmp_path / "idle.toml"
+    path.write_text('command = ["sleep", "600"]\nnet = "host"\n')
+    ids = [instances.ctl("start", str(path), "--detach").stdout.strip() for _ in range(8)]
+    instances.ids += ids
+    for _ in range(3):
+        stops = [subprocess.Popen([*BBLCTL, "stop", instance, "--timeout", "0"],
+                                  env=instances.env, stdout=subprocess.DEVNULL,
+                                  stderr=subprocess.PIPE, text=True) for instance in ids]
+        outcomes = [(stop.wait(timeout=60), stop.stderr.read()) for stop in stops]
+        for stop in stops:
+            stop.stderr.close()
+        assert outcomes == [(0, "")] * len(ids)
+        ids = [instances.ctl("start", str(path), "--detach").stdout.strip() for _ in range(8)]
+        instances.ids += ids
+
+
 @pytest.mark.parametrize("argv, message", [
     (["ps", "extra"], "bblctl ps: ps takes no arguments (got 'extra')\n"),
     (["stop"], "bblctl stop: stop takes one instance id or name; see bblctl ps\n"),

@@ -130,12 +130,15 @@ class Control:
     def _signal(self, request: ControlRequest) -> None:
         if not 1 <= request.signal <= 64:
             raise ValueError(f"no such signal {request.signal}")
-        if request.pid is None:
-            sc.pidfd_send_signal(self.instance.layer1.pidfd, request.signal)
-        elif request.pid in self.execs:
-            sc.pidfd_send_signal(self.execs[request.pid][0], request.signal)
-        else:
+        if request.pid is not None and request.pid not in self.execs:
             raise ValueError(f"pid {request.pid} was not started by exec in this instance")
+        if request.pid is None and self.instance.status is not None:
+            return  # it has just ended (its end and this request came in one poll)
+        pidfd = self.instance.layer1.pidfd if request.pid is None else self.execs[request.pid][0]
+        try:
+            sc.pidfd_send_signal(pidfd, request.signal)
+        except ProcessLookupError:
+            pass  # ended, not yet reaped: what the signal was for has happened
 
     def _exec(self, conn: socket.socket, request: ControlRequest, fds: list[int]) -> None:
         try:

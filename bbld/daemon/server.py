@@ -192,7 +192,10 @@ class Daemon:
             while record.state == "running":
                 await self.registry.changed.wait()
         if record.state == "running":  # layer 1 killed: every layer below goes with it
-            await self._control(record, ControlRequest(op="signal", signal=_signal.SIGKILL))
+            try:
+                await self._control(record, ControlRequest(op="signal", signal=_signal.SIGKILL))
+            except VarlinkError:
+                pass  # its monitor is ending or gone: the registry hears of it all the same
             while record.state == "running":
                 await self.registry.changed.wait()
         return {"status": record.status}

@@ -212,6 +212,11 @@ def _check_options(options: Profile, path: str, text: str) -> None:
     for name in [*options.env.pass_, *options.env.set]:
         if not spec.ENV_NAME_PATTERN.match(name):
             say("$.env", f"{name!r} is not a variable name")
+    for name, value in options.limits.items():
+        if name != "pids" and name not in spec.RLIMITS:
+            say("$.limits", f"unknown limit {name!r}; known: pids, {', '.join(spec.RLIMITS)}")
+        elif value < (1 if name == "pids" else 0):
+            say(f"$.limits.{name}", f"must be >= {1 if name == 'pids' else 0}")
     if problems:
         raise ProfileError(problems)
 

@@ -118,6 +118,20 @@ def test_run_takes_exactly_one_sandbox(daemon, sources, named):
         os.close(null)
 
 
+def test_a_profile_path_must_be_absolute(daemon):
+    null = os.open(os.devnull, os.O_RDWR)
+    try:
+        with connect(daemon) as conn:
+            with pytest.raises(RemoteError) as err:
+                list(conn.stream("io.bbl.Manager.Run", fds=(null,) * 4, args=[], env={},
+                                 profile="mine.toml"))
+        assert err.value.name == "io.bbl.Manager.StartFailed"
+        assert err.value.parameters == {
+            "message": "mine.toml: give the profile file's absolute path", "exit_code": 2}
+    finally:
+        os.close(null)
+
+
 def test_instances_are_forked_by_one_helper_not_by_the_daemon(daemon, marker):
     spec = sandbox(app_layer(command={"argv": ["sleep", "0.3"], "argv0": marker}))
     events, _, _ = run_through(daemon, spec)

@@ -391,6 +391,10 @@ class WithFds:
 def _expand_profile(name_or_path: str, env: dict, name: str | None, tty: bool) -> str:
     """A profile's spec for Run (in a worker thread: it reads the user's files)."""
     try:
+        if ("/" in name_or_path or name_or_path.endswith(".toml")) \
+                and not os.path.isabs(name_or_path):  # ours is not the caller's directory
+            raise profile.ProfileError([f"{name_or_path}: give the profile file's absolute "
+                                        "path"])
         return profile.spec_for_start(name_or_path, env, name, tty)
     except profile.ProfileError as exc:
         raise VarlinkError("io.bbl.Manager.StartFailed", message="\n".join(exc.problems),

@@ -165,9 +165,18 @@ def _cmdline(pid: int) -> list[str]:
         return []
 
 
+def _any_alive(nodes: list[dict]) -> bool:
+    return any(node["pid"] or _any_alive(node["children"]) for node in nodes)
+
+
 def _draw(node: dict, indent: str) -> None:
     ns = " ".join(f"{name}:{inode}" for name, inode in sorted(node["namespaces"].items()))
-    pid = f"pid {node['pid']}" if node["pid"] else "ended (nothing left to run)"
+    if node["pid"]:
+        pid = f"pid {node['pid']}"
+    elif _any_alive(node["children"]):  # its namespaces live on below (plan.steps_aside)
+        pid = "no supervisor (nothing to run; the layer above supervises its sub-layers)"
+    else:
+        pid = "ended (nothing left to run)"
     print(f"{indent}{node['name']}  {pid}  uid {node['uid']} gid {node['gid']}  [{ns}]")
     for process in node["processes"]:
         print(f"{indent}  · {process['pid']} {' '.join(process['command'])}")

@@ -3,6 +3,7 @@
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
 
@@ -39,10 +40,12 @@ def test_exit_status_travels_up_from_a_deep_main_command(tmp_path):
 @pytest.mark.parametrize("signo", [signal.SIGTERM, signal.SIGINT, signal.SIGHUP,
                                    signal.SIGUSR1, signal.SIGUSR2])
 def test_signals_to_the_engine_reach_the_main_command(tmp_path, signo):
+    """Through an adopted sub-layer too: `middle` steps aside, `top` forwards to `leaf`."""
     name = signal.Signals(signo).name[3:]
     script = f"trap 'echo got-{name}; exit 40' {name}; echo ready; while :; do sleep 0.05; done"
     leaf = layer("leaf", namespaces=["user", "mount", "pid"], command=sh(script))
-    running = start_sandbox(tmp_path, sandbox(app_layer("top", layers=[leaf])),
+    middle = layer("middle", namespaces=["mount"], layers=[leaf])
+    running = start_sandbox(tmp_path, sandbox(app_layer("top", layers=[middle])),
                             preexec_fn=lambda: signal.signal(signo, signal.SIG_DFL))
     assert running.proc.stdout.readline() == "ready\n"
     running.proc.send_signal(signo)
@@ -81,6 +84,63 @@ def test_companions_end_with_the_main_command_and_never_hold_the_instance(
     assert result.returncode == 0, result.stderr
     assert time.monotonic() - started < 15
     assert wait_gone(processes_with(marker)) == []
+
+
+def _parent(pid: int) -> int:
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rpartition(")")[2].split()[1])
+
+
+def test_layers_with_nothing_to_run_hand_their_sub_layers_up(tmp_path, marker):
+    """`pass1` and `pass2` (no pid namespace, no command) step aside once the tree runs: no
+    supervisor of theirs stays, their sub-layers are reparented to `top` (pid 1 of their pid
+    namespace), which takes over supervising them; the layers still work."""
+    script = "echo ready; read line; exit 42"
+    leaf = layer("leaf", namespaces=["user", "mount", "pid"], command=sh(script))
+    side = layer("side", namespaces=["user", "mount", "pid"], companions=[sleeper(marker)])
+    inner = layer("pass2", namespaces=["mount"], layers=[leaf, side])
+    outer = layer("pass1", namespaces=["mount"], layers=[inner])
+    running = start_sandbox(tmp_path, sandbox(app_layer("top", layers=[outer])),
+                            stdin=subprocess.PIPE)
+    assert running.proc.stdout.readline() == "ready\n"
+    top = running.layer("top")["pid"]
+    assert wait_gone([running.layer("pass1")["pid"], running.layer("pass2")["pid"]]) == []
+    assert _parent(running.layer("leaf")["pid"]) == top
+    assert _parent(running.layer("side")["pid"]) == top
+    running.proc.stdin.write("go\n")
+    running.proc.stdin.flush()
+    result = running.finish()
+    assert result.returncode == 42, result.stderr
+    assert wait_gone([e["pid"] for e in running.info] + processes_with(marker)) == []
+
+
+def test_a_subreaper_layer_adopts_the_sub_layers_of_a_layer_that_steps_aside(tmp_path):
+    """The adopter is the nearest layer that stays: here `keeper` (no pid namespace of its
+    own, a command to run), not `top`."""
+    leaf = layer("leaf", namespaces=["user", "mount", "pid"],
+                 command=sh("echo ready; read line; exit 5"))
+    passing = layer("passing", namespaces=["mount"], layers=[leaf])
+    keeper = layer("keeper", namespaces=["mount"], companions=[["sleep", "1000"]],
+                   layers=[passing])
+    running = start_sandbox(tmp_path, sandbox(app_layer("top", layers=[keeper])),
+                            stdin=subprocess.PIPE)
+    assert running.proc.stdout.readline() == "ready\n"
+    assert wait_gone([running.layer("passing")["pid"]]) == []
+    assert _parent(running.layer("leaf")["pid"]) == running.layer("keeper")["pid"]
+    running.proc.stdin.write("go\n")
+    running.proc.stdin.flush()
+    assert running.finish().returncode == 5
+
+
+def test_a_main_command_that_ends_at_once_still_ends_the_instance(tmp_path):
+    """The main command may end before its adopter has read the hand-over that names its
+    layer: the adopter keeps unknown pids' statuses until every hand-over has come."""
+    leaf = layer("leaf", namespaces=["user", "mount", "pid"], command=sh("exit 9"))
+    chain = layer("pass2", namespaces=["mount"], layers=[leaf])
+    chain = layer("pass1", namespaces=["mount"], layers=[chain])
+    for _ in range(10):
+        assert run_sandbox(tmp_path, sandbox(app_layer("top", layers=[chain])),
+                           timeout=20).returncode == 9
 
 
 def test_daemonized_orphans_of_a_layer_without_pid_namespace_are_killed(tmp_path, marker):

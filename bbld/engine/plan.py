@@ -28,10 +28,20 @@ class LayerPlan(Struct, kw_only=True):
     gated: bool = False  # waits for a socket (itself or an ancestor): not in the start barrier
     fds: frozenset[int] = frozenset()  # caller fds this layer's subtree still needs
     cgroup_fd: int | None = None  # its pids_limit's cgroup (engine.cgroups), set by the monitor
+    # Its supervisor exits once the tree runs; its sub-layers go to the layer that adopts them
+    # (see _steps_aside). The adopter gets every sub-layer that reaches it that way.
+    steps_aside: bool = False
 
     @property
     def name(self) -> str:
         return self.layer.name
+
+    def handed_over(self):
+        """The layers that step aside towards this one: its children that do, theirs..."""
+        for child in self.children:
+            if child.steps_aside:
+                yield child
+                yield from child.handed_over()
 
     def walk(self):
         yield self
@@ -78,6 +88,7 @@ def prepare(sandbox: spec.Sandbox, args: list[str] = ()) -> Plan:
     main = spec.main_layer_name(sandbox)
     main_path = {layer.name for layer in spec.path_to(sandbox.layer, main)}
     root = _plan_layer(sandbox.layer, main, main_path, gated=False)
+    _mark_stepping_aside(root, None, under_pid_namespace=False)
     if args:
         main_plan = next(p for p in root.walk() if p.runs_main)
         command = main_plan.layer.command
@@ -112,6 +123,25 @@ def _plan_layer(layer: spec.Layer, main: str, main_path: set[str], gated: bool) 
         _check_fd_open(layer.name, fd)
     plan.fds = frozenset(own_fds).union(*(c.fds for c in children))
     return plan
+
+
+def _mark_stepping_aside(plan: LayerPlan, adopter: LayerPlan | None,
+                         under_pid_namespace: bool) -> None:
+    """A supervisor with nothing to do once its layer runs costs about 3 MB for nothing: a
+    layer without a pid namespace of its own, inside one a layer above made (whose end takes
+    everything in it along), that runs no command and holds no locks. Its namespaces live on
+    in its sub-layers (and in the fds the engine's caller keeps for exec). Its sub-layers are
+    reparented to `adopter`, the nearest ancestor in the same pid namespace that stays (a
+    subreaper, or the namespace's init): it learns their pids from a hand-over message. Not
+    when the adopter's command replaced its supervisor: that command would adopt them."""
+    layer = plan.layer
+    plan.steps_aside = (under_pid_namespace and adopter is not None
+                        and not adopter.layer.command_replaces_supervisor
+                        and "pid" not in layer.namespaces and layer.command is None
+                        and not layer.companions and not layer.lock_files)
+    for child in plan.children:
+        _mark_stepping_aside(child, adopter if plan.steps_aside else plan,
+                             under_pid_namespace or "pid" in layer.namespaces)
 
 
 def _check_fd_open(layer: str, fd: int) -> None:

@@ -21,6 +21,7 @@ import time
 import traceback
 from contextlib import contextmanager
 
+import msgspec
 from msgspec import Struct
 
 from bbld import spec
@@ -49,6 +50,15 @@ class Context(Struct, kw_only=True):
 class Child(Struct):
     pid: int
     pidfd: int
+
+
+class HandOver(Struct, array_like=True):
+    """From a layer that steps aside to the layer that adopts its sub-layers: their pids."""
+    layer: str
+    children: dict[str, int]
+
+
+_hand_over_decoder = msgspec.msgpack.Decoder(HandOver)
 
 
 def block_signals() -> int:
@@ -86,10 +96,12 @@ def step(what: str):
 
 
 def spawn_layer(plan: LayerPlan, ctx: Context, proc_fd: int, env: dict[str, str], cwd: str,
-                die_with_parent: bool = True, maps_written_by=None) -> Child:
+                die_with_parent: bool = True, maps_written_by=None,
+                hand_over_fd: int | None = None) -> Child:
     """Clone `plan`'s layer from this process. Returns once the child is released.
 
     `maps_written_by(pid)`, if given, returns once someone else wrote the child's id maps.
+    `hand_over_fd`: where a layer that steps aside sends its HandOver.
     """
     layer = plan.layer
     flags = 0
@@ -106,7 +118,8 @@ def spawn_layer(plan: LayerPlan, ctx: Context, proc_fd: int, env: dict[str, str]
         raise StartError(f"cannot create the layer's namespaces: {exc.strerror}{hint}",
                          layer=plan.name) from None
     if pid == 0:
-        _layer_main(plan, ctx, proc_fd, env, cwd, release_r, release_w, die_with_parent)
+        _layer_main(plan, ctx, proc_fd, env, cwd, release_r, release_w, die_with_parent,
+                    hand_over_fd)
     os.close(release_r)
     try:
         if "user" in layer.namespaces:
@@ -125,7 +138,8 @@ def spawn_layer(plan: LayerPlan, ctx: Context, proc_fd: int, env: dict[str, str]
     return Child(pid, pidfd)
 
 
-def _layer_main(plan, ctx, proc_fd, env, cwd, release_r, release_w, die_with_parent):
+def _layer_main(plan, ctx, proc_fd, env, cwd, release_r, release_w, die_with_parent,
+                hand_over_fd):
     """The child side of spawn_layer(). Never returns."""
     status = 1
     try:
@@ -135,7 +149,8 @@ def _layer_main(plan, ctx, proc_fd, env, cwd, release_r, release_w, die_with_par
         if os.read(release_r, 1) != b"1":  # the parent died or failed before releasing us
             os._exit(1)
         os.close(release_r)
-        status = LayerSupervisor(plan, ctx, proc_fd, env, cwd, die_with_parent).run()
+        status = LayerSupervisor(plan, ctx, proc_fd, env, cwd, die_with_parent,
+                                 hand_over_fd).run()
     except StartError as exc:
         _report_failure(ctx, exc.layer or plan.name, exc.message, exc.exit_code)
         status = exc.exit_code
@@ -156,7 +171,7 @@ def _report_failure(ctx: Context, layer: str, message: str, code: int) -> None:
 
 class LayerSupervisor:
     def __init__(self, plan: LayerPlan, ctx: Context, proc_fd: int, env: dict[str, str],
-                 cwd: str, die_with_parent: bool):
+                 cwd: str, die_with_parent: bool, hand_over_fd: int | None = None):
         self.plan = plan
         self.die_with_parent = die_with_parent
         self.layer = plan.layer
@@ -169,6 +184,12 @@ class LayerSupervisor:
         self.commands: set[int] = set()  # this layer's commands (main and companions)
         self.main_pid: int | None = None
         self.main_tty: int | None = None  # the main command's pty master, until reported
+        self.hand_over_fd = hand_over_fd  # (steps_aside) where our HandOver goes
+        # Adopting the sub-layers of layers that step aside towards us (plan.steps_aside):
+        self.adoptions: socket.socket | None = None  # their HandOvers arrive here
+        self.awaited: set[str] = set()  # the layers whose HandOver is still to come
+        self.hand_overs: dict[str, dict[str, int]] = {}  # received, by layer name
+        self.unclaimed: dict[int, int] = {}  # reaped pids not (yet) known: maybe adopted
 
     @property
     def has_pid_namespace(self) -> bool:
@@ -200,14 +221,9 @@ class LayerSupervisor:
         self.env = self._layer_env()
         self.cwd = self.layer.cwd or self.cwd
         self.locks = [self._lock(path) for path in self.layer.lock_files]
-        if not self.has_pid_namespace:  # orphans of this layer come back to us
-            sc.prctl(sc.PR_SET_CHILD_SUBREAPER, 1)
-        for child_plan in self.plan.children:
-            child = spawn_layer(child_plan, self.ctx, self.proc_fd, self.env, self.cwd)
-            os.close(child.pidfd)
-            self.children[child.pid] = child_plan
-            if child_plan is self.plan.main_child:
-                self.main_pid = child.pid
+        if not self.has_pid_namespace and not self.plan.steps_aside:
+            sc.prctl(sc.PR_SET_CHILD_SUBREAPER, 1)  # orphans of this layer come back to us
+        self._spawn_sub_layers()
         if self.layer.user_namespaces == "deny":  # after our sub-layers: they count too
             self._deny_user_namespaces()
         sc.prctl(sc.PR_SET_DUMPABLE, 0)  # nothing in the sandbox may ptrace or read us
@@ -219,14 +235,44 @@ class LayerSupervisor:
             self._replace_with_command()
         self._start_commands()
         self._report_running(self.main_pid if self.plan.runs_main else None)
+        if self.plan.steps_aside:
+            return self._step_aside()
         if self.main_pid is None and not self.children and not self.commands:
             return 0  # nothing to run and nothing below: the layer is done
         return self._supervise()
 
     def _close_inherited_fds(self) -> None:
         keep = {0, 1, 2, self.ctx.report.fileno(), self.ctx.go_fd, self.proc_fd}
+        if self.hand_over_fd is not None:
+            keep.add(self.hand_over_fd)
         cgroups = {node.cgroup_fd for node in self.plan.walk() if node.cgroup_fd is not None}
         sc.close_all_fds_except(keep | self.plan.fds | cgroups)
+
+    def _spawn_sub_layers(self) -> None:
+        """Our sub-layers; those that step aside send their HandOver to our adopter when we
+        step aside ourselves, else to us. A layer that steps aside spawns its sub-layers
+        without the parent-death signal (its exit must not kill them: the pid namespace
+        above ends them when it ends)."""
+        hand_over_fd = self.hand_over_fd
+        awaited = {plan.name for plan in self.plan.handed_over()}
+        if awaited and not self.plan.steps_aside:
+            self.adoptions, theirs = socket.socketpair(
+                socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+            self.adoptions.setblocking(False)
+            self.awaited = awaited
+            hand_over_fd = theirs.detach()
+        try:
+            for child_plan in self.plan.children:
+                child = spawn_layer(child_plan, self.ctx, self.proc_fd, self.env, self.cwd,
+                                    die_with_parent=not self.plan.steps_aside,
+                                    hand_over_fd=hand_over_fd if child_plan.steps_aside else None)
+                os.close(child.pidfd)
+                self.children[child.pid] = child_plan
+                if child_plan is self.plan.main_child:
+                    self.main_pid = child.pid
+        finally:
+            if self.adoptions is not None:
+                os.close(hand_over_fd)
 
     def _lock(self, path: str) -> int:
         """bubblewrap's --lock-file: a read lock on `path`, held until the layer ends."""
@@ -489,9 +535,23 @@ class LayerSupervisor:
         except OSError:
             pass  # the caller is gone; our exit says it as well
 
+    def _step_aside(self) -> int:
+        """Tell the adopter our sub-layers' pids, then exit: the kernel reparents them to it
+        (plan._mark_stepping_aside)."""
+        children = {plan.name: pid for pid, plan in self.children.items()}
+        hand_over = HandOver(self.plan.name, children)
+        try:
+            os.write(self.hand_over_fd, msgspec.msgpack.encode(hand_over))
+        except OSError:
+            pass  # the adopter has ended: so has the tree
+        return 0
+
     def _collect(self) -> int | None:
         """Reap children; the layer's status once it should end, else None."""
-        for pid, status in _reap():
+        reaped = _reap()
+        if self.adoptions is not None:
+            reaped = self._adopt(reaped)
+        for pid, status in reaped:
             if pid == self.main_pid:
                 return exit_code(status)
             self.children.pop(pid, None)
@@ -499,6 +559,67 @@ class LayerSupervisor:
         if self.main_pid is None and not self.children and not self.commands:
             return 0
         return None
+
+    def _adopt(self, reaped: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Take over the sub-layers of children that stepped aside; returns what is left of
+        `reaped` for the usual bookkeeping. Their HandOver was sent before they exited. A
+        sub-layer may have ended even before its adoption was known: such unknown pids wait
+        in `unclaimed` until every awaited HandOver has arrived."""
+        self._read_hand_overs()
+        pending = {**self.unclaimed, **dict(reaped)}
+        self.unclaimed = {}
+        stepped = [pid for pid in pending
+                   if self.children.get(pid) is not None
+                   and self.children[pid].name in self.hand_overs]
+        while stepped:
+            pid = stepped.pop()
+            del pending[pid]
+            for child_pid in self._take_over(pid):
+                plan = self.children[child_pid]
+                if child_pid in pending and plan.name in self.hand_overs:
+                    stepped.append(child_pid)
+        left = []
+        for pid, status in pending.items():
+            if pid in self.children or pid in self.commands or pid == self.main_pid \
+                    or not self.awaited:
+                left.append((pid, status))
+            else:
+                self.unclaimed[pid] = status
+        if not self.awaited:
+            self.adoptions.close()
+            self.adoptions = None
+        return left
+
+    def _read_hand_overs(self) -> None:
+        while True:
+            try:
+                data = self.adoptions.recv(4096)
+            except BlockingIOError:
+                return
+            if not data:  # every layer that could hand over has exited: no more will come
+                self.awaited &= self.hand_overs.keys()
+                return
+            try:
+                hand_over = _hand_over_decoder.decode(data)
+            except msgspec.DecodeError:
+                continue
+            if hand_over.layer in self.awaited:
+                self.hand_overs[hand_over.layer] = hand_over.children
+
+    def _take_over(self, pid: int) -> list[int]:
+        """The child `pid` stepped aside: its sub-layers are ours now. Returns their pids."""
+        plan = self.children.pop(pid)
+        handed = self.hand_overs.pop(plan.name)
+        self.awaited.discard(plan.name)
+        plans = {child.name: child for child in plan.children}
+        adopted = [child_pid for name, child_pid in handed.items() if name in plans]
+        for name, child_pid in handed.items():
+            if name in plans:
+                self.children[child_pid] = plans[name]
+        if pid == self.main_pid:
+            main = plan.main_child.name if plan.main_child is not None else None
+            self.main_pid = handed.get(main)
+        return adopted
 
     def _from_parent(self, code: int, sender: int) -> bool:
         """Signals count only when the parent sent them (or anyone outside our pid ns)."""

@@ -36,6 +36,11 @@ class LayerPlan(Struct, kw_only=True):
     def name(self) -> str:
         return self.layer.name
 
+    @property
+    def runs_commands(self) -> bool:
+        """The layer has a command or companions of its own to start."""
+        return self.layer.command is not None or bool(self.layer.companions)
+
     def handed_over(self):
         """The layers that step aside towards this one: its children that do, theirs..."""
         for child in self.children:
@@ -137,8 +142,8 @@ def _mark_stepping_aside(plan: LayerPlan, adopter: LayerPlan | None,
     layer = plan.layer
     plan.steps_aside = (under_pid_namespace and adopter is not None
                         and not adopter.layer.command_replaces_supervisor
-                        and "pid" not in layer.namespaces and layer.command is None
-                        and not layer.companions and not layer.lock_files)
+                        and "pid" not in layer.namespaces and not plan.runs_commands
+                        and not layer.lock_files)
     for child in plan.children:
         _mark_stepping_aside(child, adopter if plan.steps_aside else plan,
                              under_pid_namespace or "pid" in layer.namespaces)

@@ -228,12 +228,15 @@ class LayerSupervisor:
             self._deny_user_namespaces()
         sc.prctl(sc.PR_SET_DUMPABLE, 0)  # nothing in the sandbox may ptrace or read us
         self._report_built()
-        aborted = self._wait_for_go()
-        if aborted is not None:
-            return aborted
-        if self.layer.command_replaces_supervisor:
-            self._replace_with_command()
-        self._start_commands()
+        if self.plan.runs_commands:
+            aborted = self._wait_for_go()
+            if aborted is not None:
+                return aborted
+            if self.layer.command_replaces_supervisor:
+                self._replace_with_command()
+            self._start_commands()
+        else:  # nothing of ours waits for the instance-wide go (our sub-layers' commands do)
+            os.close(self.ctx.go_fd)
         self._report_running(self.main_pid if self.plan.runs_main else None)
         if self.plan.steps_aside:
             return self._step_aside()
@@ -404,9 +407,16 @@ class LayerSupervisor:
                     return 128 + signo
 
     def _check_children_during_start(self) -> None:
-        for pid, status in _reap():
+        """A sub-layer may end before the go byte only when it has nothing to run itself
+        (its sub-layers ended, or it stepped aside): else the start failed."""
+        reaped = _reap()
+        if self.adoptions is not None:
+            reaped = self._adopt(reaped)
+        for pid, status in reaped:
             child = self.children.pop(pid, None)
-            if child is not None:
+            if pid == self.main_pid:
+                self.main_pid = None
+            if child is not None and (child.runs_commands or status != 0):
                 raise StartError(f"exited during start with status {exit_code(status)}",
                                  layer=child.name)
 

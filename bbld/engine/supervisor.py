@@ -190,6 +190,7 @@ class LayerSupervisor:
         self.awaited: set[str] = set()  # the layers whose HandOver is still to come
         self.hand_overs: dict[str, dict[str, int]] = {}  # received, by layer name
         self.unclaimed: dict[int, int] = {}  # reaped pids not (yet) known: maybe adopted
+        self.deferred_signals: list[int] = []  # for our main, once adopted (_forward)
 
     @property
     def has_pid_namespace(self) -> bool:
@@ -241,6 +242,7 @@ class LayerSupervisor:
         if self.plan.steps_aside:
             return self._step_aside()
         if self.main_pid is None and not self.children and not self.commands:
+            _exit_in_idle_time()
             return 0  # nothing to run and nothing below: the layer is done
         return self._supervise()
 
@@ -535,9 +537,18 @@ class LayerSupervisor:
                 elif not self._from_parent(code, sender):
                     continue  # only the parent layer may steer us
                 elif self.main_pid is not None:
-                    os.kill(self.main_pid, signo)
+                    self._forward(signo)
                 elif signo in ENDING_SIGNALS:
                     return self._end(128 + signo)
+
+    def _forward(self, signo: int) -> None:
+        """To our main; but a main that steps aside would exit with the signal unread: it
+        waits until its main sub-layer is ours (_adopt)."""
+        main = self.children.get(self.main_pid)
+        if main is not None and main.steps_aside:
+            self.deferred_signals.append(signo)
+        else:
+            os.kill(self.main_pid, signo)
 
     def _report_main_ended(self, status: int) -> None:
         try:
@@ -554,6 +565,7 @@ class LayerSupervisor:
             os.write(self.hand_over_fd, msgspec.msgpack.encode(hand_over))
         except OSError:
             pass  # the adopter has ended: so has the tree
+        _exit_in_idle_time()
         return 0
 
     def _collect(self) -> int | None:
@@ -598,6 +610,10 @@ class LayerSupervisor:
         if not self.awaited:
             self.adoptions.close()
             self.adoptions = None
+        deferred, self.deferred_signals = self.deferred_signals, []
+        for signo in deferred:  # to the new main (deferred again if it steps aside too)
+            if self.main_pid is not None:
+                self._forward(signo)
         return left
 
     def _read_hand_overs(self) -> None:
@@ -662,6 +678,17 @@ def restrict_and_exec(plan: Plan, layer: LayerPlan, command: spec.Command,
     except OSError as exc:
         code = EXIT_USAGE if isinstance(exc, (FileNotFoundError, PermissionError)) else 1
         raise StartError(f"cannot execute: {exc.strerror}", code) from None
+
+
+def _exit_in_idle_time() -> None:
+    """For a process about to exit while the instance starts: releasing a forked
+    interpreter's memory takes a millisecond or two of CPU, which on a small machine would
+    come out of the start's own time. SCHED_IDLE runs it when nothing else wants the CPU
+    (lowering one's own priority needs no privilege)."""
+    try:
+        os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
+    except OSError:
+        pass
 
 
 def _reap() -> list[tuple[int, int]]:

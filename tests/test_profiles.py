@@ -157,6 +157,11 @@ untrusted_companions = [["sleep", "600"]]
     outside = {seen[n]["net"] for n in ("layer1", "layer2", "layer2a", "layer2h")}
     inside = {seen[n]["net"] for n in ("layer3", "layer4", "layer4a")}
     assert outside == {host["net"]} and len(inside) == 1 and inside != outside  # net = none
+    # layer2 and layer2h run nothing: their supervisors stepped aside (exec above still works)
+    drawn = instances.ctl("tree", instance).stdout
+    for line in ("    layer2  no supervisor", "      layer2h  no supervisor",
+                 "        layer3  pid ", "          layer4  pid "):
+        assert "\n" + line in drawn, drawn
 
 
 def test_start_default_detached_then_exec(instances):

@@ -51,6 +51,13 @@ COMMANDS = {"ps": ("bblctl.manage", "ps"), "tree": ("bblctl.manage", "tree"),
             "desktop": ("bblctl.desktop", "desktop")}
 
 
+def entry() -> None:
+    """The `bblctl` script's entry point."""
+    from bblctl.cli import exit_now
+
+    exit_now(main())
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help"):
@@ -79,4 +86,4 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    entry()

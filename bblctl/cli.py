@@ -3,6 +3,7 @@ light: every command imports it at start-up."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 from bblctl.client import ClientError, RemoteError
@@ -42,6 +43,19 @@ def parse(argv: list[str], flags: dict[str, bool], values: dict[str, str]):
         else:
             positional.append(arg)
     return flags, values, positional
+
+
+def exit_now(status: int) -> None:
+    """Exit with `status`, skipping the interpreter's finalization: tearing down every module
+    object takes 4 to 6 ms, more than a whole bubblewrap run, and a client leaves nothing
+    that needs it (no threads, no atexit handlers; files close with the process). The
+    installed scripts end here."""
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except OSError:  # the reader went away: what Python's own exit would say
+        status = status or 120
+    os._exit(status)
 
 
 def report(error: ClientError) -> int:

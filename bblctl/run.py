@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 import sys
 
-from bblctl.cli import is_name
+from bblctl.cli import exit_now, is_name
 from bblctl.client import (
     ClientError,
     Connection,
@@ -145,10 +145,10 @@ def _instance_options(argv: list[str]) -> tuple[dict, list[str]]:
     return found, argv
 
 
-def bwrap_main() -> int:
+def bwrap_main() -> None:
     """The `bbl-bwrap` entry point."""
-    return main(sys.argv[1:], "bbl-bwrap")
+    exit_now(main(sys.argv[1:], "bbl-bwrap"))
 
 
 if __name__ == "__main__":
-    sys.exit(bwrap_main())
+    bwrap_main()

@@ -6,6 +6,8 @@ import subprocess
 import sys
 import time
 
+import pytest
+
 PING = ("import sys; from bblctl.client import connect; c = connect();"
         "print(c.call('io.bbl.Manager.Ping')['pid']); print('trio' in sys.modules)")
 
@@ -72,6 +74,26 @@ def test_everyday_commands_import_only_the_wire():
     heavy = {"msgspec", "bbld.spec", "bbld.bwrap", "json", "re", "socket", "signal", "enum",
              "datetime", "typing"}
     assert sorted(heavy & loaded) == []
+
+
+@pytest.mark.parametrize("entry, argv, status", [
+    ("bblctl.__main__:entry", ["bblctl", "--help"], 0),
+    ("bblctl.__main__:entry", ["bblctl", "frobnicate"], 2),
+    ("bblctl.__main__:entry", ["bblctl", "profile", "show", "no-such-profile"], 2)])
+def test_the_installed_scripts_exit_without_finalization_but_with_their_output(entry, argv,
+                                                                              status):
+    """The entry points end with os._exit (bblctl.cli.exit_now): output written to a pipe
+    (block-buffered) must still arrive, and the status must be the command's."""
+    module, function = entry.split(":")
+    code = (f"import sys; sys.argv = {argv!r}; import atexit; atexit.register(print, 'late')\n"
+            f"from {module} import {function}; {function}()")
+    buffered = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            env=buffered, timeout=30)
+    assert result.returncode == status, result.stderr
+    assert (result.stdout + result.stderr).strip() and "late" not in result.stdout
+    if status == 0:
+        assert result.stdout.startswith("usage: bblctl COMMAND")
 
 
 def test_the_client_wire_speaks_json_like_the_json_module():

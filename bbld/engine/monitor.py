@@ -14,7 +14,6 @@ import os
 import select
 import signal
 import socket
-import traceback
 
 import msgspec
 
@@ -155,6 +154,8 @@ class Instance:
                 try:
                     self.watches[fd]()
                 except Exception:  # a bug in a watcher must not end the instance
+                    import traceback  # only for bugs: not in every monitor's memory
+
                     traceback.print_exc()
 
     def watch(self, fd: int, callback) -> None:

@@ -18,7 +18,6 @@ import select
 import signal
 import socket
 import time
-import traceback
 from contextlib import contextmanager
 
 import msgspec
@@ -155,6 +154,8 @@ def _layer_main(plan, ctx, proc_fd, env, cwd, release_r, release_w, die_with_par
         _report_failure(ctx, exc.layer or plan.name, exc.message, exc.exit_code)
         status = exc.exit_code
     except BaseException as exc:  # a bug: say where, but still end cleanly
+        import traceback  # only for bugs: not in every supervisor's memory
+
         traceback.print_exc()
         _report_failure(ctx, plan.name, f"internal error: {exc!r}", 1)
     finally:

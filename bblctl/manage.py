@@ -171,7 +171,9 @@ def _any_alive(nodes: list[dict]) -> bool:
 
 def _draw(node: dict, indent: str) -> None:
     ns = " ".join(f"{name}:{inode}" for name, inode in sorted(node["namespaces"].items()))
-    if node["pid"]:
+    if node["pid"] and _cmdline(node["pid"])[:1] == [f"bbl-init {node['name']}"]:
+        pid = f"pid {node['pid']} (a minimal init: nothing to run)"  # plan.retires
+    elif node["pid"]:
         pid = f"pid {node['pid']}"
     elif _any_alive(node["children"]):  # its namespaces live on below (plan.steps_aside)
         pid = "no supervisor (nothing to run; the layer above supervises its sub-layers)"

@@ -99,6 +99,25 @@ def test_exec_forwards_signals_and_dies_with_its_client(instances, app, marker):
     assert wait_gone(started) == []
 
 
+def test_exec_into_a_retired_layer_and_its_orphans_are_reaped(instances, marker):
+    """`idle` (own pid namespace, nothing to run) retired into a minimal init: exec still
+    enters it, and what exec leaves behind there is reaped at once (SIGCHLD ignored)."""
+    leaf = layer("leaf", namespaces=["user", "mount", "pid"], command=["sleep", "600"])
+    idle = layer("idle", namespaces=["mount", "pid"], layers=[leaf])
+    instance = instances.start(sandbox(app_layer("top", layers=[idle])))
+    (tree,) = json.loads(instances.ctl("tree", instance, "--json").stdout)
+    init = tree["layers"][0]["children"][0]["pid"]
+    script = f"for i in 1 2 3; do (sleep 0.1; : {marker}) & done; echo $$"
+    result = instances.ctl("exec", "--layer", "idle", instance, "--", "sh", "-c", script)
+    assert result.returncode == 0, result.stderr
+    assert wait_gone(processes_with(marker)) == []
+    with open(f"/proc/{init}/task/{init}/children") as f:
+        children = f.read().split()
+    assert len(children) == 1  # leaf's supervisor: no zombie left by the orphans
+    assert f"\n    idle  pid {init} (a minimal init: nothing to run)  uid 0" in \
+        instances.ctl("tree", instance).stdout
+
+
 def test_ps_tree_kill_and_ps_all(instances, app):
     instance, _ = app
     listed = json.loads(instances.ctl("ps", "--json").stdout)

@@ -132,12 +132,58 @@ def test_a_subreaper_layer_adopts_the_sub_layers_of_a_layer_that_steps_aside(tmp
     assert running.finish().returncode == 5
 
 
+def _status(pid: int) -> dict[str, str]:
+    with open(f"/proc/{pid}/status") as f:
+        return dict(line.rstrip("\n").split(":\t", 1) for line in f if ":\t" in line)
+
+
+def test_a_layer_with_its_own_pid_namespace_and_nothing_to_run_retires_into_an_init(tmp_path):
+    """`idle` stays pid 1 of its pid namespace, but as `sleep infinity`: no capabilities,
+    no_new_privs, SIGCHLD ignored (the kernel reaps its orphans), the supervised signals
+    blocked. `top` then signals `leaf`, idle's main sub-layer, directly."""
+    script = "trap 'echo got-TERM; exit 40' TERM; echo ready; while :; do sleep 0.05; done"
+    leaf = layer("leaf", namespaces=["user", "mount", "pid"], command=sh(script))
+    idle = layer("idle", namespaces=["mount", "pid"], layers=[leaf])
+    running = start_sandbox(tmp_path, sandbox(app_layer("top", layers=[idle])),
+                            preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
+    assert running.proc.stdout.readline() == "ready\n"
+    init = running.layer("idle")["pid"]
+    deadline = time.monotonic() + 10
+    while not open(f"/proc/{init}/cmdline", "rb").read().startswith(b"bbl-init idle\0"):
+        assert time.monotonic() < deadline, "idle's supervisor never became an init"
+        time.sleep(0.02)
+    status = _status(init)
+    assert (status["CapEff"], status["CapPrm"], status["CapBnd"], status["NoNewPrivs"]) == (
+        "0000000000000000", "0000000000000000", "0000000000000000", "1")
+    assert int(status["SigIgn"], 16) & (1 << (signal.SIGCHLD - 1))
+    assert int(status["SigBlk"], 16) & (1 << (signal.SIGTERM - 1))
+    assert _parent(running.layer("leaf")["pid"]) == init
+    running.proc.send_signal(signal.SIGTERM)
+    result = running.finish()
+    assert (result.returncode, result.stdout) == (40, "got-TERM\n")
+    assert wait_gone([entry["pid"] for entry in running.info]) == []
+
+
+def test_the_end_of_a_main_below_a_retired_layer_ends_the_instance(tmp_path):
+    """Even when the main sub-layer's supervisor dies without a word (SIGKILL): the layer
+    that follows it watches its pidfd."""
+    leaf = layer("leaf", namespaces=["user", "mount", "pid"], command=sh("echo ready; sleep 1000"))
+    idle = layer("idle", namespaces=["mount", "pid"], layers=[leaf])
+    running = start_sandbox(tmp_path, sandbox(app_layer("top", layers=[idle])))
+    assert running.proc.stdout.readline() == "ready\n"
+    os.kill(running.layer("leaf")["pid"], signal.SIGKILL)
+    assert running.finish(timeout=20).returncode == 128 + signal.SIGKILL
+    assert wait_gone([entry["pid"] for entry in running.info]) == []
+
+
 def test_a_main_command_that_ends_at_once_still_ends_the_instance(tmp_path):
     """The main command may end before its adopter has read the hand-over that names its
     layer: the adopter keeps unknown pids' statuses until every hand-over has come."""
     leaf = layer("leaf", namespaces=["user", "mount", "pid"], command=sh("exit 9"))
     chain = layer("pass2", namespaces=["mount"], layers=[leaf])
     chain = layer("pass1", namespaces=["mount"], layers=[chain])
+    chain = layer("retired", namespaces=["mount", "pid"], layers=[chain])
+    chain = layer("pass0", namespaces=["mount"], layers=[chain])
     for _ in range(10):
         assert run_sandbox(tmp_path, sandbox(app_layer("top", layers=[chain])),
                            timeout=20).returncode == 9

@@ -28,9 +28,11 @@ class LayerPlan(Struct, kw_only=True):
     gated: bool = False  # waits for a socket (itself or an ancestor): not in the start barrier
     fds: frozenset[int] = frozenset()  # caller fds this layer's subtree still needs
     cgroup_fd: int | None = None  # its pids_limit's cgroup (engine.cgroups), set by the monitor
-    # Its supervisor exits once the tree runs; its sub-layers go to the layer that adopts them
-    # (see _steps_aside). The adopter gets every sub-layer that reaches it that way.
+    # Its supervisor has nothing to do once the layer is built (see _mark_idle_supervisors):
+    # without a pid namespace of its own it exits, and its sub-layers go to the layer above
+    # that stays; as pid 1 of its own pid namespace it becomes a minimal init instead.
     steps_aside: bool = False
+    retires: bool = False
 
     @property
     def name(self) -> str:
@@ -41,10 +43,16 @@ class LayerPlan(Struct, kw_only=True):
         """The layer has a command or companions of its own to start."""
         return self.layer.command is not None or bool(self.layer.companions)
 
+    @property
+    def stays(self) -> bool:
+        """Its supervisor supervises until the layer ends."""
+        return not (self.steps_aside or self.retires)
+
     def handed_over(self):
-        """The layers that step aside towards this one: its children that do, theirs..."""
+        """The layers whose supervisors leave towards this one (it adopts their sub-layers or
+        follows their main): its children that leave, theirs..."""
         for child in self.children:
-            if child.steps_aside:
+            if not child.stays:
                 yield child
                 yield from child.handed_over()
 
@@ -93,7 +101,9 @@ def prepare(sandbox: spec.Sandbox, args: list[str] = ()) -> Plan:
     main = spec.main_layer_name(sandbox)
     main_path = {layer.name for layer in spec.path_to(sandbox.layer, main)}
     root = _plan_layer(sandbox.layer, main, main_path, gated=False)
-    _mark_stepping_aside(root, None, under_pid_namespace=False)
+    if "pid" in root.layer.namespaces:  # its end takes every layer along (a retired one too)
+        for child in root.children:
+            _mark_idle_supervisors(child, root, init_retires=False)
     if args:
         main_plan = next(p for p in root.walk() if p.runs_main)
         command = main_plan.layer.command
@@ -130,23 +140,33 @@ def _plan_layer(layer: spec.Layer, main: str, main_path: set[str], gated: bool) 
     return plan
 
 
-def _mark_stepping_aside(plan: LayerPlan, adopter: LayerPlan | None,
-                         under_pid_namespace: bool) -> None:
-    """A supervisor with nothing to do once its layer runs costs about 3 MB for nothing: a
-    layer without a pid namespace of its own, inside one a layer above made (whose end takes
-    everything in it along), that runs no command and holds no locks. Its namespaces live on
-    in its sub-layers (and in the fds the engine's caller keeps for exec). Its sub-layers are
-    reparented to `adopter`, the nearest ancestor in the same pid namespace that stays (a
-    subreaper, or the namespace's init): it learns their pids from a hand-over message. Not
-    when the adopter's command replaced its supervisor: that command would adopt them."""
+def _mark_idle_supervisors(plan: LayerPlan, adopter: LayerPlan, init_retires: bool) -> None:
+    """An idle supervisor costs about 3 MB for nothing. A layer's supervisor is idle once the
+    layer is built when the layer runs no command and holds no locks, and layer 1 has a pid
+    namespace (whose end takes everything along, so no layer below needs its own supervisor
+    to end). Then:
+
+    - without a pid namespace of its own it steps aside: it exits, its sub-layers are
+      reparented to `adopter` (the nearest ancestor that stays: a subreaper, or the init of
+      the pid namespace they are in), which learns their pids from a hand-over message;
+    - with one it retires: it stays pid 1 of its namespace, as a minimal init (`sleep` with
+      SIGCHLD ignored: the kernel reaps its children), and tells `adopter` its main sub-layer,
+      which `adopter` then signals directly and watches.
+
+    Its namespaces live on in its sub-layers (and in the fds the engine's caller keeps for
+    exec). A layer does not step aside when the init of its pid namespace retires
+    (`init_retires`): its sub-layers would be reparented to that init. Nothing leaves when
+    the adopter's command replaced its supervisor."""
     layer = plan.layer
-    plan.steps_aside = (under_pid_namespace and adopter is not None
-                        and not adopter.layer.command_replaces_supervisor
-                        and "pid" not in layer.namespaces and not plan.runs_commands
-                        and not layer.lock_files)
+    idle = (not plan.runs_commands and not layer.lock_files
+            and not adopter.layer.command_replaces_supervisor)
+    if "pid" in layer.namespaces:
+        plan.retires = idle and bool(plan.children)  # else it just ends: nothing below
+    else:
+        plan.steps_aside = idle and not init_retires
     for child in plan.children:
-        _mark_stepping_aside(child, adopter if plan.steps_aside else plan,
-                             under_pid_namespace or "pid" in layer.namespaces)
+        _mark_idle_supervisors(child, plan if plan.stays else adopter,
+                               plan.retires if "pid" in layer.namespaces else init_retires)
 
 
 def _check_fd_open(layer: str, fd: int) -> None:

@@ -20,11 +20,10 @@ import socket
 import time
 from contextlib import contextmanager
 
-import msgspec
 from msgspec import Struct
 
 from bbld import spec
-from bbld.engine import filesystem, network, privileges, reports, terminal
+from bbld.engine import filesystem, handover, network, privileges, reports, terminal
 from bbld.engine import syscalls as sc
 from bbld.engine.errors import EXIT_USAGE, StartError
 from bbld.engine.plan import LayerPlan, Plan
@@ -49,15 +48,6 @@ class Context(Struct, kw_only=True):
 class Child(Struct):
     pid: int
     pidfd: int
-
-
-class HandOver(Struct, array_like=True):
-    """From a layer that steps aside to the layer that adopts its sub-layers: their pids."""
-    layer: str
-    children: dict[str, int]
-
-
-_hand_over_decoder = msgspec.msgpack.Decoder(HandOver)
 
 
 def block_signals() -> int:
@@ -100,7 +90,7 @@ def spawn_layer(plan: LayerPlan, ctx: Context, proc_fd: int, env: dict[str, str]
     """Clone `plan`'s layer from this process. Returns once the child is released.
 
     `maps_written_by(pid)`, if given, returns once someone else wrote the child's id maps.
-    `hand_over_fd`: where a layer that steps aside sends its HandOver.
+    `hand_over_fd`: where a layer that leaves says so (engine.handover).
     """
     layer = plan.layer
     flags = 0
@@ -185,13 +175,16 @@ class LayerSupervisor:
         self.commands: set[int] = set()  # this layer's commands (main and companions)
         self.main_pid: int | None = None
         self.main_tty: int | None = None  # the main command's pty master, until reported
-        self.hand_over_fd = hand_over_fd  # (steps_aside) where our HandOver goes
-        # Adopting the sub-layers of layers that step aside towards us (plan.steps_aside):
-        self.adoptions: socket.socket | None = None  # their HandOvers arrive here
-        self.awaited: set[str] = set()  # the layers whose HandOver is still to come
-        self.hand_overs: dict[str, dict[str, int]] = {}  # received, by layer name
-        self.unclaimed: dict[int, int] = {}  # reaped pids not (yet) known: maybe adopted
-        self.deferred_signals: list[int] = []  # for our main, once adopted (_forward)
+        self.hand_over_fd = hand_over_fd  # when we leave: where we say so (engine.handover)
+        self.main_child_pidfd: int | None = None  # kept when we retire: for our adopter
+        self.idle_init: int | None = None  # when we retire: the program we become (O_PATH)
+        self.adoptions: handover.Adoptions | None = None  # when layers leave towards us
+        # The main sub-layer of a layer that retired below us, which we signal and watch
+        # directly: its plan and a pidfd of its supervisor.
+        self.followed: tuple[LayerPlan, int] | None = None
+        self.deferred_signals: list[int] = []  # for a main that is leaving (_forward)
+        self.poller: select.poll | None = None  # while supervising
+        self.polled: set[int] = set()  # the fds it watches
 
     @property
     def has_pid_namespace(self) -> bool:
@@ -215,6 +208,8 @@ class LayerSupervisor:
                 sc.sethostname(self.layer.hostname)
         if "net" in self.layer.namespaces:
             network.bring_up_loopback()
+        if self.plan.retires:  # found in our parent's view, before ours replaces it
+            self.idle_init = _open_idle_init()
         with step("building the filesystem view"):
             self._build_filesystem()
         if "time" in self.layer.namespaces:
@@ -242,6 +237,8 @@ class LayerSupervisor:
         self._report_running(self.main_pid if self.plan.runs_main else None)
         if self.plan.steps_aside:
             return self._step_aside()
+        if self.plan.retires:
+            self._retire()  # returns only if no minimal init could be found
         if self.main_pid is None and not self.children and not self.commands:
             _exit_in_idle_time()
             return 0  # nothing to run and nothing below: the layer is done
@@ -255,30 +252,29 @@ class LayerSupervisor:
         sc.close_all_fds_except(keep | self.plan.fds | cgroups)
 
     def _spawn_sub_layers(self) -> None:
-        """Our sub-layers; those that step aside send their HandOver to our adopter when we
-        step aside ourselves, else to us. A layer that steps aside spawns its sub-layers
-        without the parent-death signal (its exit must not kill them: the pid namespace
-        above ends them when it ends)."""
+        """Our sub-layers. Those that leave (engine.handover) say so to us, or, when we leave
+        ourselves, to our adopter. A layer that steps aside clones its sub-layers without
+        the parent-death signal: its exit must not kill them (the pid namespace above ends
+        them when it ends)."""
         hand_over_fd = self.hand_over_fd
-        awaited = {plan.name for plan in self.plan.handed_over()}
-        if awaited and not self.plan.steps_aside:
-            self.adoptions, theirs = socket.socketpair(
-                socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-            self.adoptions.setblocking(False)
-            self.awaited = awaited
-            hand_over_fd = theirs.detach()
+        if self.plan.stays and any(True for _ in self.plan.handed_over()):
+            self.adoptions = handover.Adoptions(self.plan)
+            hand_over_fd = self.adoptions.sending_fd
         try:
             for child_plan in self.plan.children:
                 child = spawn_layer(child_plan, self.ctx, self.proc_fd, self.env, self.cwd,
                                     die_with_parent=not self.plan.steps_aside,
-                                    hand_over_fd=hand_over_fd if child_plan.steps_aside else None)
-                os.close(child.pidfd)
+                                    hand_over_fd=None if child_plan.stays else hand_over_fd)
                 self.children[child.pid] = child_plan
                 if child_plan is self.plan.main_child:
                     self.main_pid = child.pid
+                if child_plan is self.plan.main_child and self.plan.retires:
+                    self.main_child_pidfd = child.pidfd
+                else:
+                    os.close(child.pidfd)
         finally:
             if self.adoptions is not None:
-                os.close(hand_over_fd)
+                os.close(self.adoptions.sending_fd)
 
     def _lock(self, path: str) -> int:
         """bubblewrap's --lock-file: a read lock on `path`, held until the layer ends."""
@@ -412,9 +408,7 @@ class LayerSupervisor:
     def _check_children_during_start(self) -> None:
         """A sub-layer may end before the go byte only when it has nothing to run itself
         (its sub-layers ended, or it stepped aside): else the start failed."""
-        reaped = _reap()
-        if self.adoptions is not None:
-            reaped = self._adopt(reaped)
+        reaped = self._adopt(_reap())
         for pid, status in reaped:
             child = self.children.pop(pid, None)
             if pid == self.main_pid:
@@ -524,32 +518,80 @@ class LayerSupervisor:
     # ------------------------------------------------------------ supervising
 
     def _supervise(self) -> int:
-        poller = select.poll()
-        poller.register(self.sigfd, select.POLLIN)
+        self.poller = select.poll()
+        self.poller.register(self.sigfd, select.POLLIN)
+        self.polled = {self.sigfd}
+        if self.adoptions is not None:
+            self.poller.register(self.adoptions.fileno(), select.POLLIN)
+            self.polled.add(self.adoptions.fileno())
+            self._hand_overs_arrived()  # some may have come while we were building
         while True:
-            poller.poll()
-            for signo, code, sender in read_signals(self.sigfd):
-                if signo == signal.SIGCHLD:
-                    status = self._collect()
-                    if status is not None:
-                        if self.plan.runs_main:
-                            self._report_main_ended(status)
-                        return self._end(status)
-                elif not self._from_parent(code, sender):
-                    continue  # only the parent layer may steer us
-                elif self.main_pid is not None:
-                    self._forward(signo)
-                elif signo in ENDING_SIGNALS:
-                    return self._end(128 + signo)
+            for fd, _events in self.poller.poll():
+                if fd == self.sigfd:
+                    status = self._signals()
+                elif self.adoptions is not None and fd == self.adoptions.fileno():
+                    status = self._hand_overs_arrived()
+                elif self.followed is not None and fd == self.followed[1]:
+                    # the main we follow has ended; its status went to the engine's caller
+                    # (MainEnded), and everything in its pid namespace went with it
+                    status = 128 + signal.SIGKILL
+                else:
+                    continue
+                if status is not None:
+                    if self.plan.runs_main:
+                        self._report_main_ended(status)
+                    return self._end(status)
+
+    def _signals(self) -> int | None:
+        """Handle what the signalfd holds; the layer's status once it should end."""
+        for signo, code, sender in read_signals(self.sigfd):
+            if signo == signal.SIGCHLD:
+                status = self._collect()
+                if status is not None:
+                    return status
+            elif not self._from_parent(code, sender):
+                continue  # only the parent layer may steer us
+            elif self.main_pid is not None:
+                self._forward(signo)
+            elif signo in ENDING_SIGNALS:
+                return 128 + signo
+        return None
 
     def _forward(self, signo: int) -> None:
-        """To our main; but a main that steps aside would exit with the signal unread: it
-        waits until its main sub-layer is ours (_adopt)."""
-        main = self.children.get(self.main_pid)
-        if main is not None and main.steps_aside:
+        """To our main; but a main that is leaving would exit with the signal unread or
+        ignore it as an init: it waits until we know where its main went."""
+        main = self.followed[0] if self.followed else self.children.get(self.main_pid)
+        if self.adoptions is not None and self.adoptions.pending(main):
             self.deferred_signals.append(signo)
+        elif self.followed is not None:
+            try:
+                sc.pidfd_send_signal(self.followed[1], signo)
+            except ProcessLookupError:
+                pass  # it has ended: its pidfd says so next
         else:
             os.kill(self.main_pid, signo)
+
+    def _hand_overs_arrived(self) -> None:
+        """Follow a main that retired into an init, then send what waited for it."""
+        self.adoptions.receive()
+        if not self.adoptions.open and self.adoptions.fileno() in self.polled:
+            self.poller.unregister(self.adoptions.fileno())  # at its end: always readable
+            self.polled.discard(self.adoptions.fileno())
+        main = self.followed[0] if self.followed else self.children.get(self.main_pid)
+        followed = self.adoptions.follow(main)
+        if followed is not None:
+            if self.followed is not None:
+                self.poller.unregister(self.followed[1])
+                os.close(self.followed[1])
+            self.followed = followed
+            self.poller.register(followed[1], select.POLLIN)
+        self._send_deferred()
+
+    def _send_deferred(self) -> None:
+        deferred, self.deferred_signals = self.deferred_signals, []
+        for signo in deferred:  # deferred again if the new main is leaving as well
+            if self.main_pid is not None:
+                self._forward(signo)
 
     def _report_main_ended(self, status: int) -> None:
         try:
@@ -559,22 +601,30 @@ class LayerSupervisor:
 
     def _step_aside(self) -> int:
         """Tell the adopter our sub-layers' pids, then exit: the kernel reparents them to it
-        (plan._mark_stepping_aside)."""
+        (engine.handover)."""
         children = {plan.name: pid for pid, plan in self.children.items()}
-        hand_over = HandOver(self.plan.name, children)
-        try:
-            os.write(self.hand_over_fd, msgspec.msgpack.encode(hand_over))
-        except OSError:
-            pass  # the adopter has ended: so has the tree
+        handover.send(self.hand_over_fd, handover.HandOver(self.plan.name, children))
         _exit_in_idle_time()
         return 0
 
+    def _retire(self) -> None:
+        """Tell the adopter where our main sub-layer is, then become a minimal init: pid 1
+        of our namespace must stay, but needs no Python (engine.handover). Returns only
+        when there is no such init to become: then we supervise as before."""
+        main = self.plan.main_child.name if self.plan.main_child is not None else None
+        init = self.idle_init is not None
+        pidfd = self.main_child_pidfd
+        fds = (pidfd,) if init and main is not None else ()
+        handover.send(self.hand_over_fd, handover.Retired(self.plan.name, main, init), fds)
+        os.close(self.hand_over_fd)
+        if pidfd is not None:
+            os.close(pidfd)
+        if init:
+            _become_idle_init(self.plan.name, self.idle_init, self.ctx.plan.cap_last)
+
     def _collect(self) -> int | None:
         """Reap children; the layer's status once it should end, else None."""
-        reaped = _reap()
-        if self.adoptions is not None:
-            reaped = self._adopt(reaped)
-        for pid, status in reaped:
+        for pid, status in self._adopt(_reap()):
             if pid == self.main_pid:
                 return exit_code(status)
             self.children.pop(pid, None)
@@ -584,69 +634,15 @@ class LayerSupervisor:
         return None
 
     def _adopt(self, reaped: list[tuple[int, int]]) -> list[tuple[int, int]]:
-        """Take over the sub-layers of children that stepped aside; returns what is left of
-        `reaped` for the usual bookkeeping. Their HandOver was sent before they exited. A
-        sub-layer may have ended even before its adoption was known: such unknown pids wait
-        in `unclaimed` until every awaited HandOver has arrived."""
-        self._read_hand_overs()
-        pending = {**self.unclaimed, **dict(reaped)}
-        self.unclaimed = {}
-        stepped = [pid for pid in pending
-                   if self.children.get(pid) is not None
-                   and self.children[pid].name in self.hand_overs]
-        while stepped:
-            pid = stepped.pop()
-            del pending[pid]
-            for child_pid in self._take_over(pid):
-                plan = self.children[child_pid]
-                if child_pid in pending and plan.name in self.hand_overs:
-                    stepped.append(child_pid)
-        left = []
-        for pid, status in pending.items():
-            if pid in self.children or pid in self.commands or pid == self.main_pid \
-                    or not self.awaited:
-                left.append((pid, status))
-            else:
-                self.unclaimed[pid] = status
-        if not self.awaited:
-            self.adoptions.close()
-            self.adoptions = None
-        deferred, self.deferred_signals = self.deferred_signals, []
-        for signo in deferred:  # to the new main (deferred again if it steps aside too)
-            if self.main_pid is not None:
-                self._forward(signo)
-        return left
-
-    def _read_hand_overs(self) -> None:
-        while True:
-            try:
-                data = self.adoptions.recv(4096)
-            except BlockingIOError:
-                return
-            if not data:  # every layer that could hand over has exited: no more will come
-                self.awaited &= self.hand_overs.keys()
-                return
-            try:
-                hand_over = _hand_over_decoder.decode(data)
-            except msgspec.DecodeError:
-                continue
-            if hand_over.layer in self.awaited:
-                self.hand_overs[hand_over.layer] = hand_over.children
-
-    def _take_over(self, pid: int) -> list[int]:
-        """The child `pid` stepped aside: its sub-layers are ours now. Returns their pids."""
-        plan = self.children.pop(pid)
-        handed = self.hand_overs.pop(plan.name)
-        self.awaited.discard(plan.name)
-        plans = {child.name: child for child in plan.children}
-        adopted = [child_pid for name, child_pid in handed.items() if name in plans]
-        for name, child_pid in handed.items():
-            if name in plans:
-                self.children[child_pid] = plans[name]
-        if pid == self.main_pid:
-            main = plan.main_child.name if plan.main_child is not None else None
-            self.main_pid = handed.get(main)
-        return adopted
+        """Take over the sub-layers of children that stepped aside (engine.handover);
+        returns what is left of `reaped`."""
+        if self.adoptions is None:
+            return reaped
+        reaped, self.main_pid = self.adoptions.adopt(reaped, self.children, self.commands,
+                                                     self.main_pid)
+        if self.poller is not None:  # supervising: a main that retired may be known now
+            self._hand_overs_arrived()
+        return reaped
 
     def _from_parent(self, code: int, sender: int) -> bool:
         """Signals count only when the parent sent them (or anyone outside our pid ns)."""
@@ -679,6 +675,39 @@ def restrict_and_exec(plan: Plan, layer: LayerPlan, command: spec.Command,
     except OSError as exc:
         code = EXIT_USAGE if isinstance(exc, (FileNotFoundError, PermissionError)) else 1
         raise StartError(f"cannot execute: {exc.strerror}", code) from None
+
+
+IDLE_INIT = ("/usr/bin/sleep", "/bin/sleep")  # GNU sleep: "infinity" is a valid duration
+
+
+def _open_idle_init() -> int | None:
+    """The program a retiring supervisor becomes, opened before the layer's view replaces
+    its parent's (which may not have it); None if there is none."""
+    for path in IDLE_INIT:
+        try:
+            return os.open(path, os.O_PATH | os.O_CLOEXEC)
+        except OSError:
+            continue
+    return None
+
+
+def _become_idle_init(layer: str, program: int, cap_last: int) -> None:
+    """Exec `sleep infinity` as pid 1 of the layer: SIGCHLD ignored, so the kernel reaps
+    every child and orphan at once; the supervised signals stay blocked (only SIGKILL from
+    outside ends it, which the end of layer 1's pid namespace sends); no capabilities and
+    no_new_privs; no fd but stdio. Its memory is a few hundred KB, against 3 MB for an
+    idle supervisor. If the exec fails (the layer's view lacks the program's libraries),
+    this process waits forever instead: the adopter already follows the main below."""
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    _reap()  # those that ended before
+    privileges.restrict_capabilities(frozenset(), cap_last)
+    privileges.no_new_privs()
+    sc.close_all_fds_except({0, 1, 2, program})
+    try:
+        os.execve(program, [f"bbl-init {layer}", "infinity"], {})
+    except OSError:
+        while True:
+            select.select([], [], [])
 
 
 def _exit_in_idle_time() -> None:

@@ -176,7 +176,7 @@ def _draw(node: dict, indent: str) -> None:
     elif node["pid"]:
         pid = f"pid {node['pid']}"
     elif _any_alive(node["children"]):  # its namespaces live on below (plan.steps_aside)
-        pid = "no supervisor (nothing to run; the layer above supervises its sub-layers)"
+        pid = "no supervisor (nothing to run; its sub-layers live on)"
     else:
         pid = "ended (nothing left to run)"
     print(f"{indent}{node['name']}  {pid}  uid {node['uid']} gid {node['gid']}  [{ns}]")

@@ -158,10 +158,12 @@ untrusted_companions = [["sleep", "600"]]
     outside = {seen[n]["net"] for n in ("layer1", "layer2", "layer2a", "layer2h")}
     inside = {seen[n]["net"] for n in ("layer3", "layer4", "layer4a")}
     assert outside == {host["net"]} and len(inside) == 1 and inside != outside  # net = none
-    # Nothing runs in layer2, layer2h and layer3: the first two have no supervisor left,
-    # layer3's became a minimal init (exec above still entered all three)
+    # Nothing runs in layer1, layer2, layer2h and layer3: layer2's and layer2h's
+    # supervisors left, layer1's and layer3's became minimal inits (exec above still
+    # entered them all)
     drawn = instances.ctl("tree", instance).stdout
-    for pattern in (r"\n    layer2  no supervisor", r"\n      layer2h  no supervisor",
+    for pattern in (r"\n  layer1  pid \d+ \(a minimal init: nothing to run\)",
+                    r"\n    layer2  no supervisor", r"\n      layer2h  no supervisor",
                     r"\n        layer3  pid \d+ \(a minimal init: nothing to run\)",
                     r"\n          layer4  pid \d+  uid"):
         assert re.search(pattern, drawn), drawn

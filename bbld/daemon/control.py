@@ -134,9 +134,11 @@ class Control:
             raise ValueError(f"pid {request.pid} was not started by exec in this instance")
         if request.pid is None and self.instance.status is not None:
             return  # it has just ended (its end and this request came in one poll)
-        pidfd = self.instance.layer1.pidfd if request.pid is None else self.execs[request.pid][0]
+        if request.pid is None:
+            self.instance.signal(request.signal)
+            return
         try:
-            sc.pidfd_send_signal(pidfd, request.signal)
+            sc.pidfd_send_signal(self.execs[request.pid][0], request.signal)
         except ProcessLookupError:
             pass  # ended, not yet reaped: what the signal was for has happened
 

@@ -24,6 +24,7 @@ from bbld.engine.enter import Entered, enter
 from bbld.engine.errors import EXIT_USAGE, StartError
 from bbld.engine.plan import Plan
 from bbld.engine.supervisor import (
+    ENDING_SIGNALS,
     FORWARDED_SIGNALS,
     NAMESPACE_LINKS,
     SI_KERNEL,
@@ -45,6 +46,10 @@ class Instance:
         self.built: dict[str, reports.Built] = {}
         self.pidfds: dict[str, int] = {}  # layer name -> pidfd of its supervisor
         self.main_layer = next(p.name for p in plan.layers() if p.runs_main)
+        # Plan.direct: the signals for the main command go straight to its layer's
+        # supervisor, which sees them come from outside its pid namespace and accepts them;
+        # no layer between relays them (some have no supervisor left). Else layer 1 relays.
+        self.direct = plan.direct and self.main_layer != plan.root.name
         self.main_pidfd: int | None = None  # the main command, once it runs
         self.main_tty: int | None = None  # its pty master (Command.tty), for our caller to take
         self.namespace_fds: dict[str, dict[str, int]] = {}  # layer -> /proc/PID/ns name -> fd
@@ -150,6 +155,8 @@ class Instance:
                 self.poller.unregister(fd)
             elif fd == self.sock.fileno():
                 self._read_reports()
+            elif fd == self.pidfds.get(self.main_layer):
+                self._main_layer_ended()
             elif fd in self.watches:
                 try:
                     self.watches[fd]()
@@ -221,7 +228,32 @@ class Instance:
                 continue
             if code == SI_KERNEL and not self._main_has_own_session():
                 continue  # the terminal already signalled the command's process group
-            sc.pidfd_send_signal(self.layer1.pidfd, signo)
+            self.signal(signo)
+
+    def signal(self, signo: int) -> None:
+        """Send `signo` to the instance: the five forwarded signals are meant for the main
+        command, any other goes to layer 1 (SIGKILL ends the whole tree)."""
+        target = self.layer1.pidfd
+        if signo in FORWARDED_SIGNALS and self.direct:
+            if self.main_layer not in self.pidfds:  # still starting: layer 1 may be an init
+                if signo in ENDING_SIGNALS:
+                    self._fail(self.plan.root.name,
+                               f"exited during start with status {128 + signo}", 128 + signo)
+                return
+            target = self.pidfds[self.main_layer]
+        try:
+            sc.pidfd_send_signal(target, signo)
+        except ProcessLookupError:
+            pass  # ended, not yet reaped
+
+    def _main_layer_ended(self) -> None:
+        """The main command's layer's supervisor ended. It said MainEnded first, unless it
+        died without a word: then nothing above it may notice (their supervisors may have
+        left), so the instance ends here."""
+        self.poller.unregister(self.pidfds[self.main_layer])
+        self._read_reports()
+        if self.main_status is None and self.status is None:
+            self._main_ended(128 + signal.SIGKILL)
 
     def _main_has_own_session(self) -> bool:
         main = next(p for p in self.plan.layers() if p.runs_main)
@@ -255,6 +287,8 @@ class Instance:
             self.built[name] = report
             self.pidfds[name] = fds[0]
             self.namespace_fds[name] = dict(zip(report.namespace_fds, fds[1:], strict=True))
+            if name == self.main_layer and self.direct:
+                self.poller.register(fds[0], select.POLLIN)  # _main_layer_ended
         elif isinstance(report, reports.MainEnded) and name == self.main_layer and not fds:
             self._main_ended(report.status)
         elif isinstance(report, reports.Running) and name in self.built and len(fds) <= 2:

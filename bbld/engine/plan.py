@@ -29,8 +29,7 @@ class LayerPlan(Struct, kw_only=True):
     fds: frozenset[int] = frozenset()  # caller fds this layer's subtree still needs
     cgroup_fd: int | None = None  # its pids_limit's cgroup (engine.cgroups), set by the monitor
     # Its supervisor has nothing to do once the layer is built (see _mark_idle_supervisors):
-    # without a pid namespace of its own it exits, and its sub-layers go to the layer above
-    # that stays; as pid 1 of its own pid namespace it becomes a minimal init instead.
+    # without a pid namespace of its own it exits; as pid 1 of one it becomes a minimal init.
     steps_aside: bool = False
     retires: bool = False
 
@@ -48,13 +47,6 @@ class LayerPlan(Struct, kw_only=True):
         """Its supervisor supervises until the layer ends."""
         return not (self.steps_aside or self.retires)
 
-    def handed_over(self):
-        """The layers whose supervisors leave towards this one (it adopts their sub-layers or
-        follows their main): its children that leave, theirs..."""
-        for child in self.children:
-            if not child.stays:
-                yield child
-                yield from child.handed_over()
 
     def walk(self):
         yield self
@@ -70,6 +62,16 @@ class Plan(Struct, kw_only=True):
 
     def layers(self):
         return self.root.walk()
+
+    @property
+    def direct(self) -> bool:
+        """Layer 1 has a pid namespace (its end takes everything along) and the main command
+        does not replace its layer's supervisor: then the engine's caller signals and follows
+        the main command's layer itself, and idle supervisors leave
+        (_mark_idle_supervisors)."""
+        main = next(plan for plan in self.layers() if plan.runs_main)
+        return "pid" in self.root.layer.namespaces \
+            and not main.layer.command_replaces_supervisor
 
     def path_to(self, name: str) -> list[LayerPlan]:
         """The layer plans from layer 1 down to `name` (empty if there is none)."""
@@ -101,9 +103,6 @@ def prepare(sandbox: spec.Sandbox, args: list[str] = ()) -> Plan:
     main = spec.main_layer_name(sandbox)
     main_path = {layer.name for layer in spec.path_to(sandbox.layer, main)}
     root = _plan_layer(sandbox.layer, main, main_path, gated=False)
-    if "pid" in root.layer.namespaces:  # its end takes every layer along (a retired one too)
-        for child in root.children:
-            _mark_idle_supervisors(child, root, init_retires=False)
     if args:
         main_plan = next(p for p in root.walk() if p.runs_main)
         command = main_plan.layer.command
@@ -111,7 +110,10 @@ def prepare(sandbox: spec.Sandbox, args: list[str] = ()) -> Plan:
         main_plan.layer = msgspec.structs.replace(main_plan.layer, command=command)
     umask = os.umask(0)
     os.umask(umask)
-    return Plan(sandbox=sandbox, root=root, umask=umask, cap_last=privileges.cap_last())
+    plan = Plan(sandbox=sandbox, root=root, umask=umask, cap_last=privileges.cap_last())
+    if plan.direct:
+        _mark_idle_supervisors(root)
+    return plan
 
 
 def _plan_layer(layer: spec.Layer, main: str, main_path: set[str], gated: bool) -> LayerPlan:
@@ -140,33 +142,37 @@ def _plan_layer(layer: spec.Layer, main: str, main_path: set[str], gated: bool) 
     return plan
 
 
-def _mark_idle_supervisors(plan: LayerPlan, adopter: LayerPlan, init_retires: bool) -> None:
+def _mark_idle_supervisors(plan: LayerPlan) -> None:
     """An idle supervisor costs about 3 MB for nothing. A layer's supervisor is idle once the
-    layer is built when the layer runs no command and holds no locks, and layer 1 has a pid
-    namespace (whose end takes everything along, so no layer below needs its own supervisor
-    to end). Then:
+    layer is built when the layer runs no command and holds no locks; this is only done when
+    layer 1 has a pid namespace, whose end takes everything along, so that no layer needs
+    its own supervisor to end, and the engine's caller signals the main command's layer
+    directly (the kernel shows it a sender from outside its pid namespace). Then:
 
-    - without a pid namespace of its own it steps aside: it exits, its sub-layers are
-      reparented to `adopter` (the nearest ancestor that stays: a subreaper, or the init of
-      the pid namespace they are in), which learns their pids from a hand-over message;
+    - without a pid namespace of its own the supervisor steps aside: it exits, and the
+      kernel reparents its sub-layers to the nearest subreaper or init above;
     - with one it retires: it stays pid 1 of its namespace, as a minimal init (`sleep` with
-      SIGCHLD ignored: the kernel reaps its children), and tells `adopter` its main sub-layer,
-      which `adopter` then signals directly and watches.
+      SIGCHLD ignored, so the kernel reaps its children), unless the layer has no sub-layer
+      (then it just ends), or commands run in its pid namespace: the init is dumpable, and
+      although its capabilities keep them out of its /proc files but for the list of fd
+      numbers, nothing of a supervisor should be visible to a command.
 
-    Its namespaces live on in its sub-layers (and in the fds the engine's caller keeps for
-    exec). A layer does not step aside when the init of its pid namespace retires
-    (`init_retires`): its sub-layers would be reparented to that init. Nothing leaves when
-    the adopter's command replaced its supervisor."""
-    layer = plan.layer
-    idle = (not plan.runs_commands and not layer.lock_files
-            and not adopter.layer.command_replaces_supervisor)
-    if "pid" in layer.namespaces:
-        plan.retires = idle and bool(plan.children)  # else it just ends: nothing below
+    The layer's namespaces live on in its sub-layers (and in the fds the engine's caller
+    keeps for exec)."""
+    idle = not plan.runs_commands and not plan.layer.lock_files
+    if "pid" in plan.layer.namespaces:
+        plan.retires = idle and bool(plan.children) and not _commands_see(plan)
     else:
-        plan.steps_aside = idle and not init_retires
+        plan.steps_aside = idle
     for child in plan.children:
-        _mark_idle_supervisors(child, plan if plan.stays else adopter,
-                               plan.retires if "pid" in layer.namespaces else init_retires)
+        _mark_idle_supervisors(child)
+
+
+def _commands_see(plan: LayerPlan) -> bool:
+    """Commands run in `plan`'s pid namespace: its own, or those of sub-layers without a pid
+    namespace of their own, and so on down."""
+    return plan.runs_commands or any(_commands_see(child) for child in plan.children
+                                     if "pid" not in child.layer.namespaces)
 
 
 def _check_fd_open(layer: str, fd: int) -> None:

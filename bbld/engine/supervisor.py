@@ -23,7 +23,7 @@ from contextlib import contextmanager
 from msgspec import Struct
 
 from bbld import spec
-from bbld.engine import filesystem, handover, network, privileges, reports, terminal
+from bbld.engine import filesystem, network, privileges, reports, terminal
 from bbld.engine import syscalls as sc
 from bbld.engine.errors import EXIT_USAGE, StartError
 from bbld.engine.plan import LayerPlan, Plan
@@ -85,12 +85,10 @@ def step(what: str):
 
 
 def spawn_layer(plan: LayerPlan, ctx: Context, proc_fd: int, env: dict[str, str], cwd: str,
-                die_with_parent: bool = True, maps_written_by=None,
-                hand_over_fd: int | None = None) -> Child:
+                die_with_parent: bool = True, maps_written_by=None) -> Child:
     """Clone `plan`'s layer from this process. Returns once the child is released.
 
     `maps_written_by(pid)`, if given, returns once someone else wrote the child's id maps.
-    `hand_over_fd`: where a layer that leaves says so (engine.handover).
     """
     layer = plan.layer
     flags = 0
@@ -107,8 +105,7 @@ def spawn_layer(plan: LayerPlan, ctx: Context, proc_fd: int, env: dict[str, str]
         raise StartError(f"cannot create the layer's namespaces: {exc.strerror}{hint}",
                          layer=plan.name) from None
     if pid == 0:
-        _layer_main(plan, ctx, proc_fd, env, cwd, release_r, release_w, die_with_parent,
-                    hand_over_fd)
+        _layer_main(plan, ctx, proc_fd, env, cwd, release_r, release_w, die_with_parent)
     os.close(release_r)
     try:
         if "user" in layer.namespaces:
@@ -127,8 +124,7 @@ def spawn_layer(plan: LayerPlan, ctx: Context, proc_fd: int, env: dict[str, str]
     return Child(pid, pidfd)
 
 
-def _layer_main(plan, ctx, proc_fd, env, cwd, release_r, release_w, die_with_parent,
-                hand_over_fd):
+def _layer_main(plan, ctx, proc_fd, env, cwd, release_r, release_w, die_with_parent):
     """The child side of spawn_layer(). Never returns."""
     status = 1
     try:
@@ -138,8 +134,7 @@ def _layer_main(plan, ctx, proc_fd, env, cwd, release_r, release_w, die_with_par
         if os.read(release_r, 1) != b"1":  # the parent died or failed before releasing us
             os._exit(1)
         os.close(release_r)
-        status = LayerSupervisor(plan, ctx, proc_fd, env, cwd, die_with_parent,
-                                 hand_over_fd).run()
+        status = LayerSupervisor(plan, ctx, proc_fd, env, cwd, die_with_parent).run()
     except StartError as exc:
         _report_failure(ctx, exc.layer or plan.name, exc.message, exc.exit_code)
         status = exc.exit_code
@@ -162,7 +157,7 @@ def _report_failure(ctx: Context, layer: str, message: str, code: int) -> None:
 
 class LayerSupervisor:
     def __init__(self, plan: LayerPlan, ctx: Context, proc_fd: int, env: dict[str, str],
-                 cwd: str, die_with_parent: bool, hand_over_fd: int | None = None):
+                 cwd: str, die_with_parent: bool):
         self.plan = plan
         self.die_with_parent = die_with_parent
         self.layer = plan.layer
@@ -175,16 +170,8 @@ class LayerSupervisor:
         self.commands: set[int] = set()  # this layer's commands (main and companions)
         self.main_pid: int | None = None
         self.main_tty: int | None = None  # the main command's pty master, until reported
-        self.hand_over_fd = hand_over_fd  # when we leave: where we say so (engine.handover)
-        self.main_child_pidfd: int | None = None  # kept when we retire: for our adopter
         self.idle_init: int | None = None  # when we retire: the program we become (O_PATH)
-        self.adoptions: handover.Adoptions | None = None  # when layers leave towards us
-        # The main sub-layer of a layer that retired below us, which we signal and watch
-        # directly: its plan and a pidfd of its supervisor.
-        self.followed: tuple[LayerPlan, int] | None = None
-        self.deferred_signals: list[int] = []  # for a main that is leaving (_forward)
-        self.poller: select.poll | None = None  # while supervising
-        self.polled: set[int] = set()  # the fds it watches
+        self.sub_layer_left = False  # one stepped aside: we wait for the instance's end
 
     @property
     def has_pid_namespace(self) -> bool:
@@ -237,8 +224,8 @@ class LayerSupervisor:
         self._report_running(self.main_pid if self.plan.runs_main else None)
         if self.plan.steps_aside:
             return self._step_aside()
-        if self.plan.retires:
-            self._retire()  # returns only if no minimal init could be found
+        if self.plan.retires and self.idle_init is not None:
+            _become_idle_init(self.plan.name, self.idle_init)
         if self.main_pid is None and not self.children and not self.commands:
             _exit_in_idle_time()
             return 0  # nothing to run and nothing below: the layer is done
@@ -246,35 +233,19 @@ class LayerSupervisor:
 
     def _close_inherited_fds(self) -> None:
         keep = {0, 1, 2, self.ctx.report.fileno(), self.ctx.go_fd, self.proc_fd}
-        if self.hand_over_fd is not None:
-            keep.add(self.hand_over_fd)
         cgroups = {node.cgroup_fd for node in self.plan.walk() if node.cgroup_fd is not None}
         sc.close_all_fds_except(keep | self.plan.fds | cgroups)
 
     def _spawn_sub_layers(self) -> None:
-        """Our sub-layers. Those that leave (engine.handover) say so to us, or, when we leave
-        ourselves, to our adopter. A layer that steps aside clones its sub-layers without
-        the parent-death signal: its exit must not kill them (the pid namespace above ends
-        them when it ends)."""
-        hand_over_fd = self.hand_over_fd
-        if self.plan.stays and any(True for _ in self.plan.handed_over()):
-            self.adoptions = handover.Adoptions(self.plan)
-            hand_over_fd = self.adoptions.sending_fd
-        try:
-            for child_plan in self.plan.children:
-                child = spawn_layer(child_plan, self.ctx, self.proc_fd, self.env, self.cwd,
-                                    die_with_parent=not self.plan.steps_aside,
-                                    hand_over_fd=None if child_plan.stays else hand_over_fd)
-                self.children[child.pid] = child_plan
-                if child_plan is self.plan.main_child:
-                    self.main_pid = child.pid
-                if child_plan is self.plan.main_child and self.plan.retires:
-                    self.main_child_pidfd = child.pidfd
-                else:
-                    os.close(child.pidfd)
-        finally:
-            if self.adoptions is not None:
-                os.close(self.adoptions.sending_fd)
+        """A layer that steps aside clones its sub-layers without the parent-death signal:
+        its exit must not kill them (layer 1's pid namespace ends them when it ends)."""
+        for child_plan in self.plan.children:
+            child = spawn_layer(child_plan, self.ctx, self.proc_fd, self.env, self.cwd,
+                                die_with_parent=not self.plan.steps_aside)
+            os.close(child.pidfd)
+            self.children[child.pid] = child_plan
+            if child_plan is self.plan.main_child:
+                self.main_pid = child.pid
 
     def _lock(self, path: str) -> int:
         """bubblewrap's --lock-file: a read lock on `path`, held until the layer ends."""
@@ -408,12 +379,11 @@ class LayerSupervisor:
     def _check_children_during_start(self) -> None:
         """A sub-layer may end before the go byte only when it has nothing to run itself
         (its sub-layers ended, or it stepped aside): else the start failed."""
-        reaped = self._adopt(_reap())
-        for pid, status in reaped:
+        for pid, status in _reap():
             child = self.children.pop(pid, None)
-            if pid == self.main_pid:
-                self.main_pid = None
-            if child is not None and (child.runs_commands or status != 0):
+            if child is not None and child.steps_aside and status == 0:
+                self._stepped_aside(pid)
+            elif child is not None and (child.runs_commands or status != 0):
                 raise StartError(f"exited during start with status {exit_code(status)}",
                                  layer=child.name)
 
@@ -518,80 +488,23 @@ class LayerSupervisor:
     # ------------------------------------------------------------ supervising
 
     def _supervise(self) -> int:
-        self.poller = select.poll()
-        self.poller.register(self.sigfd, select.POLLIN)
-        self.polled = {self.sigfd}
-        if self.adoptions is not None:
-            self.poller.register(self.adoptions.fileno(), select.POLLIN)
-            self.polled.add(self.adoptions.fileno())
-            self._hand_overs_arrived()  # some may have come while we were building
+        poller = select.poll()
+        poller.register(self.sigfd, select.POLLIN)
         while True:
-            for fd, _events in self.poller.poll():
-                if fd == self.sigfd:
-                    status = self._signals()
-                elif self.adoptions is not None and fd == self.adoptions.fileno():
-                    status = self._hand_overs_arrived()
-                elif self.followed is not None and fd == self.followed[1]:
-                    # the main we follow has ended; its status went to the engine's caller
-                    # (MainEnded), and everything in its pid namespace went with it
-                    status = 128 + signal.SIGKILL
-                else:
-                    continue
-                if status is not None:
-                    if self.plan.runs_main:
-                        self._report_main_ended(status)
-                    return self._end(status)
-
-    def _signals(self) -> int | None:
-        """Handle what the signalfd holds; the layer's status once it should end."""
-        for signo, code, sender in read_signals(self.sigfd):
-            if signo == signal.SIGCHLD:
-                status = self._collect()
-                if status is not None:
-                    return status
-            elif not self._from_parent(code, sender):
-                continue  # only the parent layer may steer us
-            elif self.main_pid is not None:
-                self._forward(signo)
-            elif signo in ENDING_SIGNALS:
-                return 128 + signo
-        return None
-
-    def _forward(self, signo: int) -> None:
-        """To our main; but a main that is leaving would exit with the signal unread or
-        ignore it as an init: it waits until we know where its main went."""
-        main = self.followed[0] if self.followed else self.children.get(self.main_pid)
-        if self.adoptions is not None and self.adoptions.pending(main):
-            self.deferred_signals.append(signo)
-        elif self.followed is not None:
-            try:
-                sc.pidfd_send_signal(self.followed[1], signo)
-            except ProcessLookupError:
-                pass  # it has ended: its pidfd says so next
-        else:
-            os.kill(self.main_pid, signo)
-
-    def _hand_overs_arrived(self) -> None:
-        """Follow a main that retired into an init, then send what waited for it."""
-        self.adoptions.receive()
-        if not self.adoptions.open and self.adoptions.fileno() in self.polled:
-            self.poller.unregister(self.adoptions.fileno())  # at its end: always readable
-            self.polled.discard(self.adoptions.fileno())
-        main = self.followed[0] if self.followed else self.children.get(self.main_pid)
-        followed = self.adoptions.follow(main)
-        if followed is not None:
-            if self.followed is not None:
-                self.poller.unregister(self.followed[1])
-                os.close(self.followed[1])
-            self.followed = followed
-            self.poller.register(followed[1], select.POLLIN)
-        self._send_deferred()
-
-    def _send_deferred(self) -> None:
-        deferred, self.deferred_signals = self.deferred_signals, []
-        for signo in deferred:  # deferred again if the new main is leaving as well
-            if self.main_pid is not None:
-                self._forward(signo)
+            poller.poll()
+            for signo, code, sender in read_signals(self.sigfd):
+                if signo == signal.SIGCHLD:
+                    status = self._collect()
+                    if status is not None:
+                        if self.plan.runs_main:
+                            self._report_main_ended(status)
+                        return self._end(status)
+                elif not self._from_parent(code, sender):
+                    continue  # only the parent layer may steer us
+                elif self.main_pid is not None:
+                    os.kill(self.main_pid, signo)
+                elif signo in ENDING_SIGNALS:
+                    return self._end(128 + signo)
 
     def _report_main_ended(self, status: int) -> None:
         try:
@@ -600,49 +513,32 @@ class LayerSupervisor:
             pass  # the caller is gone; our exit says it as well
 
     def _step_aside(self) -> int:
-        """Tell the adopter our sub-layers' pids, then exit: the kernel reparents them to it
-        (engine.handover)."""
-        children = {plan.name: pid for pid, plan in self.children.items()}
-        handover.send(self.hand_over_fd, handover.HandOver(self.plan.name, children))
+        """Exit: the kernel reparents our sub-layers to the nearest subreaper or init above
+        (plan._mark_idle_supervisors)."""
         _exit_in_idle_time()
         return 0
 
-    def _retire(self) -> None:
-        """Tell the adopter where our main sub-layer is, then become a minimal init: pid 1
-        of our namespace must stay, but needs no Python (engine.handover). Returns only
-        when there is no such init to become: then we supervise as before."""
-        main = self.plan.main_child.name if self.plan.main_child is not None else None
-        init = self.idle_init is not None
-        pidfd = self.main_child_pidfd
-        fds = (pidfd,) if init and main is not None else ()
-        handover.send(self.hand_over_fd, handover.Retired(self.plan.name, main, init), fds)
-        os.close(self.hand_over_fd)
-        if pidfd is not None:
-            os.close(pidfd)
-        if init:
-            _become_idle_init(self.plan.name, self.idle_init, self.ctx.plan.cap_last)
-
     def _collect(self) -> int | None:
         """Reap children; the layer's status once it should end, else None."""
-        for pid, status in self._adopt(_reap()):
-            if pid == self.main_pid:
+        for pid, status in _reap():
+            plan = self.children.pop(pid, None)
+            if plan is not None and plan.steps_aside and status == 0:
+                self._stepped_aside(pid)
+            elif pid == self.main_pid:
                 return exit_code(status)
-            self.children.pop(pid, None)
             self.commands.discard(pid)
-        if self.main_pid is None and not self.children and not self.commands:
+        if self.main_pid is None and not self.children and not self.commands \
+                and not self.sub_layer_left:
             return 0
         return None
 
-    def _adopt(self, reaped: list[tuple[int, int]]) -> list[tuple[int, int]]:
-        """Take over the sub-layers of children that stepped aside (engine.handover);
-        returns what is left of `reaped`."""
-        if self.adoptions is None:
-            return reaped
-        reaped, self.main_pid = self.adoptions.adopt(reaped, self.children, self.commands,
-                                                     self.main_pid)
-        if self.poller is not None:  # supervising: a main that retired may be known now
-            self._hand_overs_arrived()
-        return reaped
+    def _stepped_aside(self, pid: int) -> None:
+        """A sub-layer's supervisor left on purpose; its own sub-layers live on (no longer
+        our children). Our end now comes with the instance's: the engine's caller follows
+        the main command's layer itself."""
+        self.sub_layer_left = True
+        if pid == self.main_pid:
+            self.main_pid = None
 
     def _from_parent(self, code: int, sender: int) -> bool:
         """Signals count only when the parent sent them (or anyone outside our pid ns)."""
@@ -691,16 +587,19 @@ def _open_idle_init() -> int | None:
     return None
 
 
-def _become_idle_init(layer: str, program: int, cap_last: int) -> None:
+def _become_idle_init(layer: str, program: int) -> None:
     """Exec `sleep infinity` as pid 1 of the layer: SIGCHLD ignored, so the kernel reaps
     every child and orphan at once; the supervised signals stay blocked (only SIGKILL from
-    outside ends it, which the end of layer 1's pid namespace sends); no capabilities and
-    no_new_privs; no fd but stdio. Its memory is a few hundred KB, against 3 MB for an
-    idle supervisor. If the exec fails (the layer's view lacks the program's libraries),
-    this process waits forever instead: the adopter already follows the main below."""
+    outside ends it, which the end of layer 1's pid namespace sends); no fd but stdio;
+    no_new_privs. Its memory is a few hundred KB, against 3 MB for an idle supervisor.
+
+    It keeps the supervisor's capabilities in the layer's user namespace. The exec makes it
+    dumpable again, so they are what keeps the sandbox's processes out of its /proc files
+    (root, fd, mem) and from ptrace: that needs CAP_SYS_PTRACE there, or every capability
+    it holds. If the exec fails (the layer's view lacks the program's libraries), this
+    process waits the same way, as Python, still not dumpable."""
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     _reap()  # those that ended before
-    privileges.restrict_capabilities(frozenset(), cap_last)
     privileges.no_new_privs()
     sc.close_all_fds_except({0, 1, 2, program})
     try:

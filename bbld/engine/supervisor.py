@@ -594,10 +594,11 @@ def _become_idle_init(layer: str, program: int) -> None:
     no_new_privs. Its memory is a few hundred KB, against 3 MB for an idle supervisor.
 
     It keeps the supervisor's capabilities in the layer's user namespace. The exec makes it
-    dumpable again, so they are what keeps the sandbox's processes out of its /proc files
-    (root, fd, mem) and from ptrace: that needs CAP_SYS_PTRACE there, or every capability
-    it holds. If the exec fails (the layer's view lacks the program's libraries), this
-    process waits the same way, as Python, still not dumpable."""
+    dumpable again, so they are what keeps others from ptrace and from its /proc links and
+    memory (root, cwd, fd/N, mem, environ): that needs CAP_SYS_PTRACE there, or every
+    capability it holds. (No command runs in its pid namespace: plan._commands_see.) If the
+    exec fails (the layer's view lacks the program's libraries), this process waits the same
+    way, as Python, still not dumpable."""
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)
     _reap()  # those that ended before
     privileges.no_new_privs()

@@ -111,11 +111,21 @@ def test_exec_into_a_retired_layer_and_its_orphans_are_reaped(instances, marker)
     result = instances.ctl("exec", "--layer", "idle", instance, "--", "sh", "-c", script)
     assert result.returncode == 0, result.stderr
     assert wait_gone(processes_with(marker)) == []
-    with open(f"/proc/{init}/task/{init}/children") as f:
-        children = f.read().split()
-    assert len(children) == 1  # leaf's supervisor: no zombie left by the orphans
+    deadline = time.monotonic() + 10
+    while True:  # a zombie would stay: only leaf's supervisor is left
+        with open(f"/proc/{init}/task/{init}/children") as f:
+            children = f.read().split()
+        if len(children) == 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.02)
+    assert children == [str(tree["layers"][0]["children"][0]["children"][0]["pid"])]
     assert f"\n    idle  pid {init} (a minimal init: nothing to run)  uid 0" in \
         instances.ctl("tree", instance).stdout
+    # dumpable after its exec, yet its capabilities keep a process of its layer out
+    for probe in ("readlink -v /proc/1/root", "cat /proc/1/environ", "readlink -v /proc/1/fd/0",
+                  "head -c1 /proc/1/mem"):
+        denied = instances.ctl("exec", "--layer", "idle", instance, "--", "sh", "-c", probe)
+        assert denied.returncode != 0 and "denied" in denied.stderr, (probe, denied)
 
 
 def test_ps_tree_kill_and_ps_all(instances, app):

@@ -47,7 +47,6 @@ class LayerPlan(Struct, kw_only=True):
         """Its supervisor supervises until the layer ends."""
         return not (self.steps_aside or self.retires)
 
-
     def walk(self):
         yield self
         for child in self.children:

@@ -215,9 +215,23 @@ def test_killing_layer_1_kills_the_whole_tree(tmp_path, marker):
     assert wait_gone(supervisors + commands) == []
 
 
-def test_die_with_parent_takes_the_tree_down_when_the_caller_dies(tmp_path, marker):
-    running = start_sandbox(tmp_path, sandbox(app_layer(command=sleeper(marker))))
-    pids = [running.layer("app")["pid"]] + processes_with(marker)
+@pytest.mark.parametrize("tree", ["one layer", "retired layer 1"])
+def test_die_with_parent_takes_the_tree_down_when_the_caller_dies(tmp_path, marker, tree):
+    """Also when layer 1 retired into a minimal init (its parent-death signal survives the
+    exec) and the layer in between stepped aside."""
+    if tree == "one layer":
+        spec = sandbox(app_layer(command=sleeper(marker)))
+    else:
+        leaf = layer("leaf", namespaces=["user", "mount", "pid"], command=sleeper(marker))
+        spec = sandbox(app_layer(layers=[layer("between", namespaces=["mount"],
+                                               layers=[leaf])]))
+    running = start_sandbox(tmp_path, spec)
+    pids = [entry["pid"] for entry in running.info] + processes_with(marker)
+    if tree != "one layer":
+        deadline = time.monotonic() + 10
+        while not open(f"/proc/{pids[0]}/cmdline", "rb").read().startswith(b"bbl-init"):
+            assert time.monotonic() < deadline, "layer 1 never retired"
+            time.sleep(0.02)
     running.proc.kill()  # the engine's caller, SIGKILL: no chance to clean up
     running.finish()
     assert wait_gone(pids) == []

@@ -50,6 +50,15 @@ class Child(Struct):
     pidfd: int
 
 
+class Prepared(Struct):
+    """A command forked and readied before the go byte: it waits for a byte on `release`."""
+    command: spec.Command
+    companion: bool
+    pid: int
+    release: int  # write end: one byte lets it exec
+    errors: int  # read end: its failure, or EOF once it has executed
+
+
 def block_signals() -> int:
     """Block the supervised signals and return a signalfd that receives them."""
     signals = (*FORWARDED_SIGNALS, signal.SIGCHLD)
@@ -172,6 +181,7 @@ class LayerSupervisor:
         self.main_tty: int | None = None  # the main command's pty master, until reported
         self.idle_init: int | None = None  # when we retire: the program we become (O_PATH)
         self.sub_layer_left = False  # one stepped aside: we wait for the instance's end
+        self.prepared: list[Prepared] = []  # our commands, until released
 
     @property
     def has_pid_namespace(self) -> bool:
@@ -213,6 +223,8 @@ class LayerSupervisor:
         sc.prctl(sc.PR_SET_DUMPABLE, 0)  # nothing in the sandbox may ptrace or read us
         self._report_built()
         if self.plan.runs_commands:
+            if not self.layer.command_replaces_supervisor:
+                self._prepare_commands()  # while the other layers are still being built
             aborted = self._wait_for_go()
             if aborted is not None:
                 return aborted
@@ -381,21 +393,33 @@ class LayerSupervisor:
         (its sub-layers ended, or it stepped aside): else the start failed."""
         for pid, status in _reap():
             child = self.children.pop(pid, None)
+            prepared = next((p for p in self.prepared if p.pid == pid), None)
             if child is not None and child.steps_aside and status == 0:
                 self._stepped_aside(pid)
             elif child is not None and (child.runs_commands or status != 0):
                 raise StartError(f"exited during start with status {exit_code(status)}",
                                  layer=child.name)
+            elif prepared is not None:  # it failed (its pipe says why) or was killed
+                self._release(prepared)
+                raise StartError(f"command {prepared.command.argv[0]!r}: ended with status "
+                                 f"{exit_code(status)} before the start")
 
     # ------------------------------------------------------------ commands
 
+    def _prepare_commands(self) -> None:
+        """Fork the command and the companions now; each takes every last step but seccomp
+        and execve, then waits for its release (after the go byte): the start then costs
+        only the exec."""
+        commands = [(self.layer.command, False)] if self.layer.command is not None else []
+        self.prepared = [self._prepare(command, companion) for command, companion in
+                         commands + [(command, True) for command in self.layer.companions]]
+
     def _start_commands(self) -> None:
-        if self.layer.command is not None:
-            pid = self._spawn(self.layer.command, companion=False)
-            if self.main_pid is None:
+        """Release the prepared commands in order, each once the one before has executed."""
+        for prepared in self.prepared:
+            pid = self._release(prepared)
+            if not prepared.companion and self.main_pid is None:
                 self.main_pid = pid
-        for command in self.layer.companions:
-            self._spawn(command, companion=True)
 
     def _replace_with_command(self) -> None:
         """Exec the layer's command in this process (bubblewrap's --as-pid-1)."""
@@ -408,16 +432,19 @@ class LayerSupervisor:
             raise StartError(f"command {command.argv[0]!r}: {exc.message}", exc.exit_code) \
                 from None
 
-    def _spawn(self, command: spec.Command, companion: bool) -> int:
-        """Fork and exec one command; raises StartError if it cannot be executed."""
+    def _prepare(self, command: spec.Command, companion: bool) -> Prepared:
+        """Fork one command, which readies itself and waits for its release."""
         master, slave = terminal.open_pty() if command.tty else (None, None)
         errors_r, errors_w = os.pipe2(os.O_CLOEXEC)
+        release_r, release_w = os.pipe2(os.O_CLOEXEC)
         supervisor = os.getpid()
         pid = os.fork()
         if pid == 0:
             try:
                 os.close(errors_r)
-                self._exec(command, companion, errors_w, supervisor, slave=slave)
+                os.close(release_w)
+                self._exec(command, companion, errors_w, supervisor, slave=slave,
+                           release_fd=release_r)
             except StartError as exc:
                 os.write(errors_w, f"{exc.exit_code}:{exc}".encode())
             except BaseException as exc:
@@ -425,25 +452,36 @@ class LayerSupervisor:
             finally:
                 os._exit(127)
         os.close(errors_w)
+        os.close(release_r)
         if slave is not None:
             os.close(slave)
             if companion or self.main_tty is not None:
                 os.close(master)
             else:
                 self.main_tty = master  # reported with Running, then closed here
-        failure = b"".join(iter(lambda: os.read(errors_r, 4096), b""))
-        os.close(errors_r)
         self.commands.add(pid)
+        return Prepared(command, companion, pid, release_w, errors_r)
+
+    def _release(self, prepared: Prepared) -> int:
+        """Let a prepared command exec; raises StartError if it could not."""
+        try:
+            os.write(prepared.release, b"1")
+        except BrokenPipeError:
+            pass  # it failed already: its error pipe says why
+        os.close(prepared.release)
+        failure = b"".join(iter(lambda: os.read(prepared.errors, 4096), b""))
+        os.close(prepared.errors)
         if failure:
             code, _, message = failure.decode(errors="replace").partition(":")
-            raise StartError(f"command {command.argv[0]!r}: {message}", int(code))
-        return pid
+            raise StartError(f"command {prepared.command.argv[0]!r}: {message}", int(code))
+        return prepared.pid
 
     def _exec(self, command: spec.Command, companion: bool, errors_fd: int,
               supervisor: int, parent_death_signal: bool = True,
-              slave: int | None = None) -> None:
+              slave: int | None = None, release_fd: int | None = None) -> None:
         """In the forked command process (or the supervisor itself, with
-        command_replaces_supervisor): the last steps before execve, in this order."""
+        command_replaces_supervisor): the last steps before execve, in this order; a
+        prepared command waits for its release before seccomp and execve."""
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
         for signo in (signal.SIGPIPE, signal.SIGXFSZ):  # Python ignores these; exec keeps that
             signal.signal(signo, signal.SIG_DFL)
@@ -466,7 +504,7 @@ class LayerSupervisor:
             os.close(empty_r)
         cwd = self._command_cwd(command)
         restrict_and_exec(self.ctx.plan, self.plan, command, {**self.env, "PWD": cwd},
-                          errors_fd)
+                          errors_fd, release_fd)
 
     def _command_cwd(self, command: spec.Command) -> str:
         explicit = command.cwd or self.layer.cwd
@@ -552,7 +590,8 @@ class LayerSupervisor:
 
 
 def restrict_and_exec(plan: Plan, layer: LayerPlan, command: spec.Command,
-                      env: dict[str, str], errors_fd: int) -> None:
+                      env: dict[str, str], errors_fd: int, release_fd: int | None = None
+                      ) -> None:
     """The last steps of every process a layer runs (its commands, and what exec and attach
     start in it later), in this order: umask, rlimits, capabilities, no_new_privs, fds,
     seccomp."""
@@ -561,9 +600,12 @@ def restrict_and_exec(plan: Plan, layer: LayerPlan, command: spec.Command,
         resource.setrlimit(getattr(resource, f"RLIMIT_{name.upper()}"), (value, value))
     privileges.restrict_capabilities(layer.caps, plan.cap_last)
     privileges.no_new_privs()
-    sc.close_all_fds_except({0, 1, 2, errors_fd, *command.pass_fds})
+    sc.close_all_fds_except({0, 1, 2, errors_fd, *command.pass_fds,
+                             *([release_fd] if release_fd is not None else [])})
     for fd in command.pass_fds:
         os.set_inheritable(fd, True)
+    if release_fd is not None and os.read(release_fd, 1) != b"1":
+        os._exit(1)  # the start was called off (our supervisor is gone)
     privileges.load_seccomp(layer.seccomp)  # last: the filter may forbid the steps above
     argv = [command.argv0 or command.argv[0], *command.argv[1:]]
     try:

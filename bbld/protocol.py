@@ -75,8 +75,9 @@ method Ping() -> (version: string, pid: int)
 # on the caller's stderr and stdout (warnings, errors, --help, --version; prog
 # names the program in usage texts); name replaces its name "bwrap".
 # Call it with "more": the first reply has event "started" (the instance id
-# and, per layer, its name, the host pid of its supervisor and its namespace
-# ids); the last has event "exited" and the main command's status (a
+# and, per layer, its name, the host pid of its supervisor when it started
+# (the supervisor of a layer with nothing to run exits or becomes a minimal
+# init) and its namespace ids); the last has event "exited" and the main command's status (a
 # command line that starts nothing, such as --help, has only that one).
 # A spec with single_instance whose name a running instance already has
 # starts nothing: its main command's arguments (and args) go to that
@@ -151,8 +152,10 @@ method Events() -> (
 )
 
 # Send a signal to a running instance (id, or a name only one running
-# instance has): its main command gets it, through every layer's supervisor,
-# as bubblewrap's command would; with pid, the process Exec started instead.
+# instance has): its main command gets SIGTERM, SIGINT, SIGHUP, SIGUSR1 and
+# SIGUSR2 through its layer's supervisor, as bubblewrap's command would; any
+# other signal goes to layer 1 (SIGKILL ends every layer); with pid, the
+# process Exec started instead.
 method Signal(id: string, signal: int, pid: ?int) -> ()
 
 # SIGTERM to the main command; once timeout seconds (default 10) pass, SIGKILL

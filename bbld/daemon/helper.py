@@ -123,7 +123,7 @@ def _monitor(data: bytes, fds: list[int], directory: str) -> int:
     except (msgspec.DecodeError, ValueError, OSError) as exc:
         return _failed(report, front, f"bad start request: {exc}", 1)
     layers = instance.layers_info()
-    main = next(p for p in plan.layers() if p.runs_main)
+    main = plan.main
     entry = {"id": request.id, "name": plan.sandbox.name, "command": main.layer.command.argv,
              "started": started, "layers": layers,
              "single_instance": plan.sandbox.single_instance}

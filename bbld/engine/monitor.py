@@ -45,7 +45,7 @@ class Instance:
         self.barrier = {p.name for p in plan.layers() if not p.gated}
         self.built: dict[str, reports.Built] = {}
         self.pidfds: dict[str, int] = {}  # layer name -> pidfd of its supervisor
-        self.main_layer = next(p.name for p in plan.layers() if p.runs_main)
+        self.main_layer = plan.main.name
         # Plan.direct: the signals for the main command go straight to its layer's
         # supervisor, which sees them come from outside its pid namespace and accepts them;
         # no layer between relays them (some have no supervisor left). Else layer 1 relays.
@@ -155,7 +155,7 @@ class Instance:
                 self.poller.unregister(fd)
             elif fd == self.sock.fileno():
                 self._read_reports()
-            elif fd == self.pidfds.get(self.main_layer):
+            elif self.direct and fd == self.pidfds.get(self.main_layer):
                 self._main_layer_ended()
             elif fd in self.watches:
                 try:
@@ -256,8 +256,7 @@ class Instance:
             self._main_ended(128 + signal.SIGKILL)
 
     def _main_has_own_session(self) -> bool:
-        main = next(p for p in self.plan.layers() if p.runs_main)
-        return main.layer.command.new_session
+        return self.plan.main.layer.command.new_session
 
     def _read_reports(self) -> None:
         while self.reports_open:

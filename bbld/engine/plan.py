@@ -42,11 +42,6 @@ class LayerPlan(Struct, kw_only=True):
         """The layer has a command or companions of its own to start."""
         return self.layer.command is not None or bool(self.layer.companions)
 
-    @property
-    def stays(self) -> bool:
-        """Its supervisor supervises until the layer ends."""
-        return not (self.steps_aside or self.retires)
-
     def walk(self):
         yield self
         for child in self.children:
@@ -63,14 +58,18 @@ class Plan(Struct, kw_only=True):
         return self.root.walk()
 
     @property
+    def main(self) -> LayerPlan:
+        """The layer that runs the instance's main command."""
+        return next(plan for plan in self.layers() if plan.runs_main)
+
+    @property
     def direct(self) -> bool:
         """Layer 1 has a pid namespace (its end takes everything along) and the main command
         does not replace its layer's supervisor: then the engine's caller signals and follows
         the main command's layer itself, and idle supervisors leave
         (_mark_idle_supervisors)."""
-        main = next(plan for plan in self.layers() if plan.runs_main)
         return "pid" in self.root.layer.namespaces \
-            and not main.layer.command_replaces_supervisor
+            and not self.main.layer.command_replaces_supervisor
 
     def path_to(self, name: str) -> list[LayerPlan]:
         """The layer plans from layer 1 down to `name` (empty if there is none)."""

@@ -165,6 +165,19 @@ def test_a_layer_with_its_own_pid_namespace_and_nothing_to_run_retires_into_an_i
     assert wait_gone([entry["pid"] for entry in running.info]) == []
 
 
+def test_a_layer_whose_pid_namespace_runs_commands_keeps_a_supervisor_out_of_reach(tmp_path):
+    """`top` runs nothing, but `mid` (no pid namespace of its own) runs its command in
+    top's pid namespace: top must not retire into a dumpable init. From the command, pid 1's
+    /proc entries stay closed, its fd list included."""
+    script = "ls /proc/1/fd >/dev/null 2>&1 && echo OPEN-fd; cat /proc/1/environ >/dev/null " \
+             "2>&1 && echo OPEN-environ; readlink /proc/1/root >/dev/null && echo OPEN-root; " \
+             "tr '\\0' ' ' </proc/1/cmdline; echo"
+    mid = layer("mid", namespaces=["mount"], command=sh(script))
+    result = run_sandbox(tmp_path, sandbox(app_layer("top", layers=[mid])))
+    assert result.returncode == 0, result.stderr
+    assert "OPEN" not in result.stdout and "bbl-init" not in result.stdout, result.stdout
+
+
 def test_the_end_of_a_main_below_a_retired_layer_ends_the_instance(tmp_path):
     """Even when the main sub-layer's supervisor dies without a word (SIGKILL): the layer
     that follows it watches its pidfd."""

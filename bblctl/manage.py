@@ -104,7 +104,7 @@ def tree(argv: list[str]) -> int:
             print(f"bblctl: no running instance {positional[0]!r}; see bblctl ps",
                   file=sys.stderr)
             return 2
-    trees = [{"id": i["id"], "name": i["name"], "command": i["command"],
+    trees = [{"id": i["id"], "name": i["name"], "command": i["command"], "pid": i.get("pid"),
               "layers": _layer_tree(i["layers"])} for i in instances]
     if flags["--json"]:
         _print_json(trees)
@@ -112,7 +112,7 @@ def tree(argv: list[str]) -> int:
     for instance in trees:
         print(f"{instance['id']} {instance['name']}: {' '.join(instance['command'])}")
         for layer in instance["layers"]:
-            _draw(layer, "  ")
+            _draw(layer, "  ", instance["pid"])
     return 0
 
 
@@ -169,10 +169,12 @@ def _any_alive(nodes: list[dict]) -> bool:
     return any(node["pid"] or _any_alive(node["children"]) for node in nodes)
 
 
-def _draw(node: dict, indent: str) -> None:
+def _draw(node: dict, indent: str, main_pid: int | None) -> None:
     ns = " ".join(f"{name}:{inode}" for name, inode in sorted(node["namespaces"].items()))
     if node["pid"] and _cmdline(node["pid"])[:1] == [f"bbl-init {node['name']}"]:
         pid = f"pid {node['pid']} (a minimal init: nothing to run)"  # plan.retires
+    elif node["pid"] and node["pid"] == main_pid:  # LayerPlan.replaced
+        pid = f"pid {node['pid']} (the command itself: no supervisor)"
     elif node["pid"]:
         pid = f"pid {node['pid']}"
     elif _any_alive(node["children"]):  # its namespaces live on below (plan.steps_aside)
@@ -183,7 +185,7 @@ def _draw(node: dict, indent: str) -> None:
     for process in node["processes"]:
         print(f"{indent}  · {process['pid']} {' '.join(process['command'])}")
     for child in node["children"]:
-        _draw(child, indent + "  ")
+        _draw(child, indent + "  ", main_pid)
 
 
 # ---------------------------------------------------------------- stop, kill

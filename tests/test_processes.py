@@ -13,6 +13,7 @@ from tests.conftest import (
     app_layer,
     layer,
     processes_with,
+    py,
     run_sandbox,
     sandbox,
     sh,
@@ -204,11 +205,82 @@ def test_a_main_command_that_ends_at_once_still_ends_the_instance(tmp_path):
 
 
 def test_daemonized_orphans_of_a_layer_without_pid_namespace_are_killed(tmp_path, marker):
-    script = f"setsid sh -c 'exec -a {marker} sleep 1000' </dev/null >/dev/null 2>&1 & exit 3"
+    script = f"setsid bash -c 'exec -a {marker} sleep 1000' </dev/null >/dev/null 2>&1 & exit 3"
     spec = sandbox(layer("flat", namespaces=["user", "mount"], command=sh(script)))
     result = run_sandbox(tmp_path, spec, timeout=20)
     assert result.returncode == 3
     assert wait_gone(processes_with(marker)) == []
+
+
+LONE_LAYER_PROBE = """
+import ctypes, os, sys, time
+libc = ctypes.CDLL(None, use_errno=True)
+flag = ctypes.c_int(-1)
+libc.prctl(37, ctypes.byref(flag), 0, 0, 0)  # PR_GET_CHILD_SUBREAPER
+r, w = os.pipe()
+if os.fork() == 0:  # an orphan that reports its new parent, and one that ends at once
+    if os.fork() == 0:
+        os.close(r)
+        time.sleep(0.2)
+        os.write(w, str(os.getppid()).encode())
+        os._exit(0)
+    if os.fork() == 0:
+        os._exit(0)
+    os._exit(0)
+os.close(w)
+adopter = int(os.read(r, 20))
+time.sleep(0.2)
+zombies = []
+for entry in os.listdir("/proc"):
+    try:
+        stat = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        continue
+    if stat[0] == "Z" and int(stat[1]) == os.getppid():
+        zombies.append(entry)
+print(os.getppid(), flag.value, adopter == os.getppid(), zombies)
+"""
+
+
+def test_a_lone_layer_without_pid_namespace_runs_its_command_as_layer_1(tmp_path):
+    """plan._replace_lone_supervisor: no supervisor forks the command; the command is no
+    subreaper (exec keeps that flag); its orphans go to the engine's caller, which reaps
+    those that end while the instance runs."""
+    spec = sandbox(layer("flat", namespaces=["user", "mount"], command=py(LONE_LAYER_PROBE)))
+    running = start_sandbox(tmp_path, spec)
+    result = running.finish(timeout=20)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == f"{running.proc.pid} 0 True []\n"
+
+
+def test_killing_a_lone_layer_1_command_still_ends_its_orphans(tmp_path, marker):
+    """Without a supervisor in layer 1, SIGKILL to its process (the command) leaves its
+    daemonized orphans to the engine's caller, which ends them with the instance."""
+    script = f"setsid bash -c 'exec -a {marker} sleep 1000' </dev/null >/dev/null 2>&1 & " \
+             "echo ready; exec sleep 1000"
+    spec = sandbox(layer("flat", namespaces=["user", "mount"], command=sh(script)))
+    running = start_sandbox(tmp_path, spec)
+    assert running.proc.stdout.readline() == "ready\n"
+    deadline = time.monotonic() + 10
+    while not (orphans := _named(marker)) and time.monotonic() < deadline:
+        time.sleep(0.02)  # (setsid may fork: the marker is in its command line too)
+    assert len(orphans) == 1
+    os.kill(running.layer("flat")["pid"], signal.SIGKILL)
+    assert running.finish().returncode == 128 + signal.SIGKILL
+    assert wait_gone(orphans) == []
+
+
+def _named(marker: str) -> list[int]:
+    """The processes whose argv[0] is `marker`."""
+    named = []
+    for pid in processes_with(marker):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                if f.read().startswith(marker.encode() + b"\0"):
+                    named.append(pid)
+        except OSError:
+            pass
+    return named
 
 
 def test_killing_layer_1_kills_the_whole_tree(tmp_path, marker):

@@ -117,8 +117,10 @@ def test_fds_named_by_options_travel_to_the_sandbox(env, tmp_path):
     assert (result.returncode, result.stdout) == (0, "through an fd\ndata\n"), result.stderr
 
 
-def test_signals_to_the_client_reach_the_command(env, marker):
-    proc = subprocess.Popen([*RUN, *SYSTEM, "--unshare-pid", "sh", "-c",
+@pytest.mark.parametrize("sandbox", [[*SYSTEM, "--unshare-pid"], ["--ro-bind", "/", "/"]],
+                         ids=["pid namespace", "the command is layer 1"])
+def test_signals_to_the_client_reach_the_command(env, marker, sandbox):
+    proc = subprocess.Popen([*RUN, *sandbox, "sh", "-c",
                              "trap 'echo term; exit 42' TERM; echo ready; "
                              "while :; do sleep 0.05; done", marker], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -132,6 +134,26 @@ def test_signals_to_the_client_reach_the_command(env, marker):
         for pid in processes_with(marker):  # the instance outlives a killed client
             os.kill(pid, signal.SIGKILL)
     assert (proc.returncode, out) == (42, "term\n"), err
+
+
+def test_without_a_pid_namespace_the_command_is_layer_1_itself(env, marker):
+    """bubblewrap's default: no supervisor forks the command (plan._replace_lone_supervisor);
+    bblctl tree says so, and stop still ends it."""
+    proc = subprocess.Popen([*RUN, "--name", "flat", "--ro-bind", "/", "/", "sh", "-c",
+                             "echo $$; exec sleep 600", marker], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        pid = int(proc.stdout.readline())
+        drawn = subprocess.run([sys.executable, "-m", "bblctl", "tree", "flat"], env=env,
+                               capture_output=True, text=True, timeout=30).stdout
+        assert f"bwrap  pid {pid} (the command itself: no supervisor)" in drawn, drawn
+        subprocess.run([sys.executable, "-m", "bblctl", "stop", "flat"], env=env,
+                       timeout=30, check=True)
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    finally:
+        proc.kill()
+        proc.communicate()
+    assert wait_gone([pid]) == []
 
 
 def test_many_runs_share_one_daemon(env):

@@ -37,7 +37,6 @@ from bbld.daemon.messages import (
 )
 from bbld.engine import StartError
 from bbld.engine import syscalls as sc
-from bbld.engine.monitor import pidfd_pid
 from bbld.spec import send_args_argv
 
 
@@ -154,7 +153,7 @@ class Control:
             return
         finally:
             _close(fds)
-        pid = pidfd_pid(entered.pidfd)
+        pid = entered.pid
         try:
             _reply(conn, ControlReply(op="started", pid=pid),
                    [entered.master] if entered.master is not None else [])
@@ -168,7 +167,7 @@ class Control:
 
     def _exec_ended(self, pid: int) -> None:
         pidfd, conn = self.execs.pop(pid)
-        status = os.waitid(os.P_PIDFD, pidfd, os.WEXITED | sc.WALL)
+        status = self.instance.reap(pidfd)
         code = status.si_status if status.si_code == os.CLD_EXITED else 128 + status.si_status
         self.instance.unwatch(pidfd)
         self.instance.unwatch(conn.fileno())
@@ -196,7 +195,7 @@ class Control:
             pidfd, conn = self.execs.pop(pid)
             _kill_session(pid, pidfd)
             try:
-                os.waitid(os.P_PIDFD, pidfd, os.WEXITED | sc.WALL)
+                self.instance.reap(pidfd)
             except (ProcessLookupError, ChildProcessError):
                 pass
             os.close(pidfd)

@@ -36,12 +36,14 @@ ORDER = (("user", sc.CLONE_NEWUSER), ("mnt", sc.CLONE_NEWNS), ("pid", sc.CLONE_N
 
 
 class Entered(Struct):
-    pidfd: int  # the command, a child of the caller that sends no SIGCHLD: wait with sc.WALL
+    pidfd: int  # the command, a child of the caller (CLONE_PARENT)
     master: int | None = None  # the pty master, when a terminal was asked for
     # A pidfd of the forked process that joined the layer: it ends right after the command
     # is cloned; the caller reaps it when the pidfd says so (its exit, releasing a forked
     # interpreter's memory, takes milliseconds nobody should wait for).
     joiner: int = -1
+    joiner_pid: int = 0
+    pid: int = 0  # the command's, in the caller's pid namespace (Instance.enter)
 
 
 def enter(plan: Plan, layer: LayerPlan, namespace_fds: dict[str, int], argv: list[str],
@@ -69,7 +71,7 @@ def enter(plan: Plan, layer: LayerPlan, namespace_fds: dict[str, int], argv: lis
         raise
     finally:
         ours.close()
-    entered.joiner = joiner
+    entered.joiner, entered.joiner_pid = joiner, entering
     return entered
 
 

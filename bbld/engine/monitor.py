@@ -30,7 +30,9 @@ from bbld.engine.supervisor import (
     SI_KERNEL,
     Context,
     block_signals,
+    children,
     exit_code,
+    kill_all_children,
     read_signals,
     spawn_layer,
 )
@@ -61,6 +63,8 @@ class Instance:
         self.released = False
         self.torn_down = False
         self.reports_open = True
+        # pidfd -> pid of the children followed by pidfd (enter()'s), reaped with reap()
+        self.followed: dict[int, int] = {}
 
     # ------------------------------------------------------------ start
 
@@ -81,6 +85,8 @@ class Instance:
         try:
             try:
                 self.cgroups = Cgroups(self.plan)
+                if self.plan.adopts_orphans:
+                    sc.prctl(sc.PR_SET_CHILD_SUBREAPER, 1)
                 _join_namespaces(self.plan.root.layer.join)
                 self.cwd = os.getcwd()
                 self.layer1 = spawn_layer(self.plan.root, ctx, self.proc_fd, self.environ,
@@ -188,13 +194,32 @@ class Instance:
         cgroup = next((n.cgroup_fd for n in reversed(path) if n.cgroup_fd is not None), None)
         entered = enter(self.plan, path[-1], self.namespace_fds[name], argv, env,
                         cwd or self.cwd, stdio, cgroup)
-        self.watch(entered.joiner, lambda: self._reap(entered.joiner))
+        entered.pid = pidfd_pid(entered.pidfd)
+        self.followed[entered.joiner] = entered.joiner_pid
+        self.followed[entered.pidfd] = entered.pid
+        self.watch(entered.joiner, lambda: self._reap_joiner(entered.joiner))
         return entered
 
-    def _reap(self, pidfd: int) -> None:
+    def reap(self, pidfd: int) -> os.waitid_result:
+        """Reap a child followed by its pidfd (enter()'s command or joiner)."""
+        self.followed.pop(pidfd, None)
+        return os.waitid(os.P_PIDFD, pidfd, os.WEXITED | sc.WALL)
+
+    def _reap_joiner(self, pidfd: int) -> None:
         self.unwatch(pidfd)
-        os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
+        self.reap(pidfd)
         os.close(pidfd)
+
+    def _reap_orphans(self) -> None:
+        """Reap what the sandbox left to us as its subreaper (Plan.adopts_orphans): every
+        child but layer 1 and those followed by pidfd, which are reaped where they are
+        followed."""
+        for pid in (children(self.proc_fd) or set()) - {self.layer1.pid,
+                                                        *self.followed.values()}:
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
 
     @property
     def main_pid(self) -> int | None:
@@ -224,6 +249,8 @@ class Instance:
 
     def _forward_signals(self) -> None:
         for signo, code, _sender in read_signals(self.sigfd):
+            if signo == signal.SIGCHLD and self.plan.adopts_orphans:
+                self._reap_orphans()
             if signo == signal.SIGCHLD or signo in self.ignored or self.status is not None:
                 continue
             if code == SI_KERNEL and not self._main_has_own_session():
@@ -341,6 +368,8 @@ class Instance:
                     pass
                 self.status = exit_code(os.waitpid(layer1.pid, 0)[1])
             os.close(layer1.pidfd)
+            if self.plan.adopts_orphans:  # what the sandbox left behind ends with it
+                kill_all_children(self.proc_fd)
         if hasattr(self, "cgroups"):
             self.cgroups.remove()
         namespace_fds = [fd for fds in self.namespace_fds.values() for fd in fds.values()]

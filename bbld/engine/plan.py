@@ -32,6 +32,9 @@ class LayerPlan(Struct, kw_only=True):
     # without a pid namespace of its own it exits; as pid 1 of one it becomes a minimal init.
     steps_aside: bool = False
     retires: bool = False
+    # The command is exec'd in the supervisor itself: the spec's command_replaces_supervisor,
+    # or a lone layer 1 without a pid namespace (_replace_lone_supervisor).
+    replaced: bool = False
 
     @property
     def name(self) -> str:
@@ -68,8 +71,14 @@ class Plan(Struct, kw_only=True):
         does not replace its layer's supervisor: then the engine's caller signals and follows
         the main command's layer itself, and idle supervisors leave
         (_mark_idle_supervisors)."""
-        return "pid" in self.root.layer.namespaces \
-            and not self.main.layer.command_replaces_supervisor
+        return "pid" in self.root.layer.namespaces and not self.main.replaced
+
+    @property
+    def adopts_orphans(self) -> bool:
+        """Layer 1 has no pid namespace: the engine's caller is a child subreaper, so that
+        what the sandbox leaves behind comes back to it, not to the host's init
+        (monitor.Instance._reap_orphans), even once layer 1's process is gone."""
+        return "pid" not in self.root.layer.namespaces
 
     def path_to(self, name: str) -> list[LayerPlan]:
         """The layer plans from layer 1 down to `name` (empty if there is none)."""
@@ -109,6 +118,7 @@ def prepare(sandbox: spec.Sandbox, args: list[str] = ()) -> Plan:
     umask = os.umask(0)
     os.umask(umask)
     plan = Plan(sandbox=sandbox, root=root, umask=umask, cap_last=privileges.cap_last())
+    _replace_lone_supervisor(root)
     if plan.direct:
         _mark_idle_supervisors(root)
     return plan
@@ -117,7 +127,8 @@ def prepare(sandbox: spec.Sandbox, args: list[str] = ()) -> Plan:
 def _plan_layer(layer: spec.Layer, main: str, main_path: set[str], gated: bool) -> LayerPlan:
     gated = gated or bool(layer.start_after)
     children = [_plan_layer(child, main, main_path, gated) for child in layer.layers]
-    plan = LayerPlan(layer=layer, children=children, gated=gated, runs_main=layer.name == main)
+    plan = LayerPlan(layer=layer, children=children, gated=gated, runs_main=layer.name == main,
+                     replaced=layer.command_replaces_supervisor)
     plan.main_child = next((c for c in children if c.name in main_path), None)
     plan.data = {i: _read_data(layer.name, i, op) for i, op in enumerate(layer.fs)
                  if isinstance(op, (spec.File, spec.BindData, spec.RoBindData))}
@@ -164,6 +175,18 @@ def _mark_idle_supervisors(plan: LayerPlan) -> None:
         plan.steps_aside = idle
     for child in plan.children:
         _mark_idle_supervisors(child)
+
+
+def _replace_lone_supervisor(root: LayerPlan) -> None:
+    """A layer 1 without a pid namespace whose only work is the main command (bubblewrap's
+    default): its supervisor would fork the command, relay signals to it, reap it and report
+    its end. Exec'd in the supervisor itself, the command is layer 1's process: the engine's
+    caller signals it, reaps it and adopts its orphans (Plan.adopts_orphans). One fork, one
+    report and one exit less on the way (about 3.5 ms of a 22 ms run here)."""
+    layer = root.layer
+    if "pid" not in layer.namespaces and root.runs_main and not root.children \
+            and not layer.companions and not layer.lock_files and not layer.command.tty:
+        root.replaced = True
 
 
 def _commands_see(plan: LayerPlan) -> bool:

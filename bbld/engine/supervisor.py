@@ -215,20 +215,21 @@ class LayerSupervisor:
         self.env = self._layer_env()
         self.cwd = self.layer.cwd or self.cwd
         self.locks = [self._lock(path) for path in self.layer.lock_files]
-        if not self.has_pid_namespace and not self.plan.steps_aside:
-            sc.prctl(sc.PR_SET_CHILD_SUBREAPER, 1)  # orphans of this layer come back to us
+        if not self.has_pid_namespace and not self.plan.steps_aside and not self.plan.replaced:
+            # orphans of this layer come back to us (not to a command: exec keeps the flag)
+            sc.prctl(sc.PR_SET_CHILD_SUBREAPER, 1)
         self._spawn_sub_layers()
         if self.layer.user_namespaces == "deny":  # after our sub-layers: they count too
             self._deny_user_namespaces()
         sc.prctl(sc.PR_SET_DUMPABLE, 0)  # nothing in the sandbox may ptrace or read us
         self._report_built()
         if self.plan.runs_commands:
-            if not self.layer.command_replaces_supervisor:
+            if not self.plan.replaced:
                 self._prepare_commands()  # while the other layers are still being built
             aborted = self._wait_for_go()
             if aborted is not None:
                 return aborted
-            if self.layer.command_replaces_supervisor:
+            if self.plan.replaced:
                 self._replace_with_command()
             self._start_commands()
         else:  # nothing of ours waits for the instance-wide go (our sub-layers' commands do)
@@ -422,7 +423,8 @@ class LayerSupervisor:
                 self.main_pid = pid
 
     def _replace_with_command(self) -> None:
-        """Exec the layer's command in this process (bubblewrap's --as-pid-1)."""
+        """Exec the layer's command in this process (bubblewrap's --as-pid-1, and
+        plan._replace_lone_supervisor)."""
         command = self.layer.command
         self._report_running(os.getpid() if self.plan.runs_main else None)
         try:
@@ -480,7 +482,7 @@ class LayerSupervisor:
               supervisor: int, parent_death_signal: bool = True,
               slave: int | None = None, release_fd: int | None = None) -> None:
         """In the forked command process (or the supervisor itself, with
-        command_replaces_supervisor): the last steps before execve, in this order; a
+        LayerPlan.replaced): the last steps before execve, in this order; a
         prepared command waits for its release before seccomp and execve."""
         signal.pthread_sigmask(signal.SIG_SETMASK, [])
         for signo in (signal.SIGPIPE, signal.SIGXFSZ):  # Python ignores these; exec keeps that
@@ -675,13 +677,20 @@ def _reap() -> list[tuple[int, int]]:
         reaped.append((pid, status))
 
 
+def children(proc_fd: int) -> set[int] | None:
+    """Our children's pids (zombies included); None if /proc does not say."""
+    try:
+        with open(os.open("thread-self/children", os.O_RDONLY, dir_fd=proc_fd)) as f:
+            return {int(pid) for pid in f.read().split()}
+    except OSError:
+        return None
+
+
 def kill_all_children(proc_fd: int) -> None:
     """SIGKILL every child, including orphans that reach us as a subreaper, and reap them."""
     while True:
-        try:
-            with open(os.open("thread-self/children", os.O_RDONLY, dir_fd=proc_fd)) as f:
-                pids = [int(p) for p in f.read().split()]
-        except OSError:
+        pids = children(proc_fd)
+        if pids is None:
             return  # cannot see them: never block waiting for a child we did not kill
         for pid in pids:
             try:

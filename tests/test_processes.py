@@ -260,14 +260,23 @@ def test_killing_a_lone_layer_1_command_still_ends_its_orphans(tmp_path, marker)
              "echo ready; exec sleep 1000"
     spec = sandbox(layer("flat", namespaces=["user", "mount"], command=sh(script)))
     running = start_sandbox(tmp_path, spec)
-    assert running.proc.stdout.readline() == "ready\n"
-    deadline = time.monotonic() + 10
-    while not (orphans := _named(marker)) and time.monotonic() < deadline:
-        time.sleep(0.02)  # (setsid may fork: the marker is in its command line too)
-    assert len(orphans) == 1
-    os.kill(running.layer("flat")["pid"], signal.SIGKILL)
-    assert running.finish().returncode == 128 + signal.SIGKILL
-    assert wait_gone(orphans) == []
+    layer_1 = running.layer("flat")["pid"]  # the command itself
+    try:
+        assert running.proc.stdout.readline() == "ready\n"
+        deadline = time.monotonic() + 10
+        while not (orphans := _named(marker)) and time.monotonic() < deadline:
+            time.sleep(0.02)  # (setsid may fork: the marker is in its command line too)
+        assert len(orphans) == 1
+        os.kill(layer_1, signal.SIGKILL)
+        assert running.finish().returncode == 128 + signal.SIGKILL
+        assert wait_gone(orphans) == []
+    finally:
+        if running.proc.poll() is None:  # a failed assertion must not leave anything behind
+            os.kill(layer_1, signal.SIGKILL)
+            running.proc.kill()
+            running.proc.communicate()
+        for pid in processes_with(marker):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _named(marker: str) -> list[int]:

@@ -70,14 +70,12 @@ def main(argv=None) -> int:
     if argv[0] not in COMMANDS:
         print(f"bblctl: unknown command {argv[0]!r}; see bblctl --help", file=sys.stderr)
         return 2
-    import importlib
-
     from bblctl.cli import UsageError, report
     from bblctl.client import ClientError
 
     module, function = COMMANDS[argv[0]]
-    try:
-        return getattr(importlib.import_module(module), function)(argv[1:])
+    try:  # (__import__, not importlib: that imports warnings too, 0.8 ms of every call)
+        return getattr(__import__(module, fromlist=[function]), function)(argv[1:])
     except UsageError as exc:
         print(f"bblctl {argv[0]}: {exc}", file=sys.stderr)
         return 2

@@ -1,22 +1,16 @@
 """`bblctl exec` and `bblctl attach`: a command in a layer of a running instance.
 
 exec passes stdin, stdout and stderr through; attach gets a pty made inside the sandbox (the
-daemon passes its master here), puts the local terminal in raw mode, relays bytes both ways,
-forwards window size changes, and restores the terminal on every way out.
+daemon passes its master here) and relays it to the local terminal (bblctl.terminal, imported
+only then: exec and send-args need none of it).
 """
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import os
-import select
-import termios
-import tty
 
 from bblctl.cli import UsageError
 from bblctl.client import SignalForwarder, connect
-from bblctl.wire import signal
 
 
 def parse(argv: list[str], command: str) -> tuple[str, str | None, list[str]]:
@@ -71,6 +65,8 @@ def _run_in(instance: str, method: str, **parameters) -> int:
 
 
 def attach(argv: list[str]) -> int:
+    from bblctl.terminal import Terminal, relay
+
     instance, layer, command = parse(argv, "attach")  # no command: bbld starts a shell
     with connect() as conn:
         replies = conn.stream("io.bbl.Manager.Exec", id=instance, argv=command,
@@ -88,80 +84,3 @@ def attach(argv: list[str]) -> int:
             if reply["event"] == "exited":
                 return reply["status"]
     return 1
-
-
-class Terminal:
-    """Raw mode on our terminal (if stdin is one) and its size mirrored onto the pty; both
-    undone on exit, whatever the way out."""
-
-    def __init__(self, master: int):
-        self.master = master
-        self.saved = None
-        self.previous_winch = None
-
-    def __enter__(self):
-        if os.isatty(0):
-            self.saved = termios.tcgetattr(0)
-            self._copy_size()
-            self.previous_winch = signal.signal(signal.SIGWINCH, lambda *_: self._copy_size())
-            tty.setraw(0)
-        return self
-
-    def __exit__(self, *exc):
-        if self.saved is not None:
-            termios.tcsetattr(0, termios.TCSADRAIN, self.saved)
-            signal.signal(signal.SIGWINCH, self.previous_winch)
-
-    def _copy_size(self) -> None:
-        try:
-            size = fcntl.ioctl(0, termios.TIOCGWINSZ, b"\0" * 8)
-            fcntl.ioctl(self.master, termios.TIOCSWINSZ, size)
-        except OSError:
-            pass
-
-
-def relay(master: int, daemon) -> None:
-    """Copy stdin to the pty and the pty to stdout until the pty's other side is gone."""
-    inputs = [0, master, daemon]
-    while True:
-        try:
-            ready, _, _ = select.select(inputs, [], [])
-        except InterruptedError:
-            continue
-        if master in ready:
-            try:
-                data = os.read(master, 65536)
-            except OSError as exc:
-                if exc.errno != errno.EIO:
-                    raise
-                data = b""  # EIO: every process holding the pty's slave has ended
-            if not data:
-                return
-            _write_all(1, data)
-        if 0 in ready:
-            data = os.read(0, 65536)
-            if data:
-                _write_all(master, data)
-            else:  # our input ended: the terminal's end-of-file, then only output
-                _write_all(master, b"\x04")
-                inputs.remove(0)
-        if daemon in ready:  # the exit status arrived (or bbld went away): drain, then stop
-            _drain(master)
-            return
-
-
-def _drain(master: int) -> None:
-    while select.select([master], [], [], 0.05)[0]:
-        try:
-            data = os.read(master, 65536)
-        except OSError:
-            return
-        if not data:
-            return
-        _write_all(1, data)
-
-
-def _write_all(fd: int, data: bytes) -> None:
-    while data:
-        data = data[os.write(fd, data):]
-

@@ -7,7 +7,6 @@ import sys
 
 from bblctl.cli import UsageError, is_name, parse
 from bblctl.client import SignalForwarder, connect, running_daemon
-from bblctl.enter import Terminal, relay
 
 
 def start(argv: list[str]) -> int:
@@ -67,6 +66,8 @@ def _local_spec(target: str, name: str | None, tty: bool) -> str:
 
 
 def _terminal(master: int, daemon) -> None:
+    from bblctl.terminal import Terminal, relay  # (only on a terminal: 1 ms of imports)
+
     try:
         with Terminal(master):
             relay(master, daemon)

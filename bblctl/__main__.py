@@ -55,7 +55,7 @@ def entry() -> None:
     """The `bblctl` script's entry point."""
     from bblctl.cli import exit_now
 
-    exit_now(main())
+    exit_now(main)
 
 
 def main(argv=None) -> int:

@@ -45,16 +45,24 @@ def parse(argv: list[str], flags: dict[str, bool], values: dict[str, str]):
     return flags, values, positional
 
 
-def exit_now(status: int) -> None:
-    """Exit with `status`, skipping the interpreter's finalization: tearing down every module
-    object takes 4 to 6 ms, more than a whole bubblewrap run, and a client leaves nothing
-    that needs it (no threads, no atexit handlers; files close with the process). The
-    installed scripts end here."""
+READER_GONE = 141  # 128 + SIGPIPE: what `ls | head` shows for ls
+
+
+def exit_now(main) -> None:
+    """Exit with the status `main()` returns, skipping the interpreter's finalization:
+    tearing down every module object takes 4 to 6 ms, more than a whole bubblewrap run, and
+    a client leaves nothing that needs it (no threads, no atexit handlers; files close with
+    the process). The installed scripts end here. If our output's reader went away
+    (`bblctl ps | head -1`), we end quietly, as a program killed by SIGPIPE would."""
+    try:
+        status = main()
+    except BrokenPipeError:
+        status = READER_GONE
     try:
         sys.stdout.flush()
         sys.stderr.flush()
-    except OSError:  # the reader went away: what Python's own exit would say
-        status = status or 120
+    except OSError:
+        status = status or READER_GONE
     os._exit(status)
 
 

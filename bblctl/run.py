@@ -147,7 +147,7 @@ def _instance_options(argv: list[str]) -> tuple[dict, list[str]]:
 
 def bwrap_main() -> None:
     """The `bbl-bwrap` entry point."""
-    exit_now(main(sys.argv[1:], "bbl-bwrap"))
+    exit_now(lambda: main(sys.argv[1:], "bbl-bwrap"))
 
 
 if __name__ == "__main__":

@@ -108,6 +108,24 @@ def test_the_installed_scripts_exit_without_finalization_but_with_their_output(e
         assert result.stdout.startswith("usage: bblctl COMMAND")
 
 
+@pytest.mark.parametrize("buffering", ["unbuffered", "block-buffered"])
+def test_output_to_a_reader_that_went_away_ends_the_client_quietly(buffering):
+    """`bblctl ps | head -1`: no traceback, the status of a program killed by SIGPIPE."""
+    code = ("import sys; sys.argv = ['bblctl', '--help']\n"
+            "from bblctl.__main__ import entry; entry()")
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
+    if buffering == "unbuffered":
+        env["PYTHONUNBUFFERED"] = "1"
+    read, write = os.pipe()
+    os.close(read)  # every write fails with EPIPE
+    try:
+        result = subprocess.run([sys.executable, "-c", code], stdout=write,
+                                stderr=subprocess.PIPE, text=True, env=env, timeout=30)
+    finally:
+        os.close(write)
+    assert (result.returncode, result.stderr) == (141, "")
+
+
 def test_the_client_wire_speaks_json_like_the_json_module():
     import json
 

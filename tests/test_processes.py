@@ -243,7 +243,7 @@ print(os.getppid(), flag.value, adopter == os.getppid(), zombies)
 
 
 def test_a_lone_layer_without_pid_namespace_runs_its_command_as_layer_1(tmp_path):
-    """plan._replace_lone_supervisor: no supervisor forks the command; the command is no
+    """plan._replace_main_supervisor: no supervisor forks the command; the command is no
     subreaper (exec keeps that flag); its orphans go to the engine's caller, which reaps
     those that end while the instance runs."""
     spec = sandbox(layer("flat", namespaces=["user", "mount"], command=py(LONE_LAYER_PROBE)))
@@ -251,6 +251,27 @@ def test_a_lone_layer_without_pid_namespace_runs_its_command_as_layer_1(tmp_path
     result = running.finish(timeout=20)
     assert result.returncode == 0, result.stderr
     assert result.stdout == f"{running.proc.pid} 0 True []\n"
+
+
+@pytest.mark.parametrize("signo", [signal.SIGTERM, signal.SIGUSR1])
+def test_a_main_layer_without_pid_namespace_below_one_with_runs_its_command_itself(tmp_path,
+                                                                                  signo):
+    """bubblewrap's --dev shape: `top` (pid namespace) builds, `user` only changes the uid
+    and runs the command. The command is `user`'s process (pid 2, its parent `top`'s pid 1,
+    as under bubblewrap); signals reach it through `top`; its status comes back."""
+    name = signal.Signals(signo).name[3:]
+    script = f"trap 'exit 40' {name}; echo $$ $PPID; while :; do sleep 0.05; done"
+    inner = layer("user", namespaces=["user"], command=sh(script))
+    running = start_sandbox(tmp_path, sandbox(app_layer("top", layers=[inner])),
+                            preexec_fn=lambda: signal.signal(signo, signal.SIG_DFL))
+    try:
+        assert running.proc.stdout.readline() == "2 1\n"
+        assert running.layer("user")["pid"] != running.layer("top")["pid"]
+        running.proc.send_signal(signo)
+        assert running.finish().returncode == 40
+    finally:
+        running.proc.kill()
+        running.proc.communicate()
 
 
 def test_killing_a_lone_layer_1_command_still_ends_its_orphans(tmp_path, marker):

@@ -137,7 +137,7 @@ def test_signals_to_the_client_reach_the_command(env, marker, sandbox):
 
 
 def test_without_a_pid_namespace_the_command_is_layer_1_itself(env, marker):
-    """bubblewrap's default: no supervisor forks the command (plan._replace_lone_supervisor);
+    """bubblewrap's default: no supervisor forks the command (plan._replace_main_supervisor);
     bblctl tree says so, and stop still ends it."""
     proc = subprocess.Popen([*RUN, "--name", "flat", "--ro-bind", "/", "/", "sh", "-c",
                              "echo $$; exec sleep 600", marker], env=env,
@@ -284,6 +284,16 @@ def test_as_pid_1_runs_the_command_as_pid_1(env):
     missing = bblrun(env, *SYSTEM, "--unshare-pid", "--as-pid-1", "/no/such")
     assert (missing.returncode, missing.stderr) == (
         1, "bwrap: execvp /no/such: No such file or directory\n")
+
+
+@needs_bwrap
+@pytest.mark.parametrize("dev", [[], ["--dev", "/dev"]], ids=["one layer", "with --dev"])
+def test_pid_numbers_match_bubblewrap(env, dev):
+    """With --unshare-pid: pid 1 reaps (bwrap's init, our supervisor), the command is 2, also
+    with --dev, where our command's layer (the uid switch) has no supervisor of its own."""
+    ours, theirs = both(env, [*SYSTEM[:-4], "--proc", "/proc", *dev, "--unshare-pid",
+                              "--unshare-user", "sh", "-c", "echo $$ $PPID"])
+    assert (ours.returncode, ours.stdout) == (theirs.returncode, theirs.stdout) == (0, "2 1\n")
 
 
 def test_lock_file_is_read_locked_while_the_sandbox_runs(env, tmp_path):

@@ -424,7 +424,7 @@ class LayerSupervisor:
 
     def _replace_with_command(self) -> None:
         """Exec the layer's command in this process (bubblewrap's --as-pid-1, and
-        plan._replace_lone_supervisor)."""
+        plan._replace_main_supervisor)."""
         command = self.layer.command
         self._report_running(os.getpid() if self.plan.runs_main else None)
         try:

@@ -1,8 +1,6 @@
 """What every bblctl command shares: its command-line parsing and its one-line errors. Kept
 light: every command imports it at start-up."""
 
-from __future__ import annotations
-
 import os
 import sys
 

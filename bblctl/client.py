@@ -8,8 +8,6 @@ clients starting at the same moment wait on the same lock and then find the daem
 so ten simultaneous clients yield one daemon.
 """
 
-from __future__ import annotations
-
 import fcntl
 import os
 import sys

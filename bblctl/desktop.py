@@ -7,8 +7,6 @@ everything that would start the app outside the sandbox (Exec, TryExec, D-Bus ac
 the entry's extra actions) is replaced or dropped.
 """
 
-from __future__ import annotations
-
 import os
 import shutil
 import sys

@@ -5,8 +5,6 @@ daemon passes its master here) and relays it to the local terminal (bblctl.termi
 only then: exec and send-args need none of it).
 """
 
-from __future__ import annotations
-
 import os
 
 from bblctl.cli import UsageError

@@ -1,7 +1,5 @@
 """`bblctl ps`, `tree`, `stop` and `kill`: looking at and ending running instances."""
 
-from __future__ import annotations
-
 import os
 import sys
 import time

@@ -1,7 +1,5 @@
 """`bblctl start PROFILE` and `bblctl profile list|show|validate`."""
 
-from __future__ import annotations
-
 import os
 import sys
 

@@ -10,8 +10,6 @@ receives to the instance and exits with the command's status. Messages and exit 
 bubblewrap's: `bwrap: MESSAGE`, status 1.
 """
 
-from __future__ import annotations
-
 import os
 import sys
 

@@ -2,8 +2,6 @@
 terminal): raw mode on our terminal, bytes relayed both ways, window size changes forwarded,
 and the terminal restored on every way out."""
 
-from __future__ import annotations
-
 import errno
 import fcntl
 import os

@@ -6,8 +6,6 @@ those three import enum and re, about 20 ms on the development machine, more tha
 Python implementation) the standard modules do the same job.
 """
 
-from __future__ import annotations
-
 import sys
 
 try:

@@ -7,8 +7,6 @@ first. The directory is created 0700 and is refused unless it is a real director
 user with no access for anyone else.
 """
 
-from __future__ import annotations
-
 import os
 import stat
 

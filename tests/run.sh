@@ -32,7 +32,11 @@ mkdir -p "$base"
 chmod 755 "$base"
 rm -rf "$base/src"
 mkdir "$base/src"
-tar -C "$src" --exclude=./.venv --exclude=./.git --exclude='*.egg-info' -cf - . | tar -C "$base/src" -xf -
+# (without __pycache__: compileall trusts a .pyc whose source has the same mtime second,
+# which a checkout, a stash or a quick edit can give a changed file; Python then compiles
+# it again in every process)
+tar -C "$src" --exclude=./.venv --exclude=./.git --exclude='*.egg-info' \
+    --exclude=__pycache__ -cf - . | tar -C "$base/src" -xf -
 chmod -R a+rX "$base/src"
 make_venv "$base/venv" "$base/src"
 # The account cannot write __pycache__ in the copy: compile it here, or every process the

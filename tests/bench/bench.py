@@ -251,8 +251,9 @@ def scaling(rounds: int) -> None:
 def import_time() -> None:
     """What importing the client's everyday modules costs, beyond the interpreter's start."""
     modules = ("bblctl.__main__", "bblctl.run", "bblctl.enter", "bblctl.manage")
+    # from / : the installed package, not the source tree the benchmark runs from
     out = subprocess.run([PY, "-X", "importtime", "-c", f"import {', '.join(modules)}"],
-                         capture_output=True, text=True).stderr
+                         capture_output=True, text=True, cwd="/").stderr
     total = 0
     for line in out.splitlines():  # "import time: SELF | CUMULATIVE | NAME", top level only
         fields = line.removeprefix("import time:").split("|")

@@ -136,11 +136,11 @@ def test_signals_to_the_client_reach_the_command(env, marker, sandbox):
     assert (proc.returncode, out) == (42, "term\n"), err
 
 
-def test_without_a_pid_namespace_the_command_is_layer_1_itself(env, marker):
+def test_without_a_pid_namespace_the_command_is_layer_1_itself(env):
     """bubblewrap's default: no supervisor forks the command (plan._replace_main_supervisor);
     bblctl tree says so, and stop still ends it."""
     proc = subprocess.Popen([*RUN, "--name", "flat", "--ro-bind", "/", "/", "sh", "-c",
-                             "echo $$; exec sleep 600", marker], env=env,
+                             "echo $$; exec sleep 600"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         pid = int(proc.stdout.readline())
@@ -151,9 +151,39 @@ def test_without_a_pid_namespace_the_command_is_layer_1_itself(env, marker):
                        timeout=30, check=True)
         assert proc.wait(timeout=30) == 128 + signal.SIGTERM
     finally:
-        proc.kill()
-        proc.communicate()
+        _end_flat(env, proc)
     assert wait_gone([pid]) == []
+
+
+def _end_flat(env, proc) -> None:
+    """End the instance named flat and its client, whatever a failed assertion left (its
+    command holds the client's stdout: a client killed alone would never see EOF)."""
+    if proc.poll() is None:
+        subprocess.run([sys.executable, "-m", "bblctl", "kill", "flat"], env=env,
+                       capture_output=True, timeout=30)
+        proc.kill()
+    proc.communicate(timeout=30)
+
+
+def test_exec_into_a_layer_1_without_supervisor_gets_each_status(env):
+    """The monitor adopts the sandbox's orphans there and reaps them as they end; what exec
+    started is followed by pidfd and must not be reaped with them (its status would be
+    lost)."""
+    proc = subprocess.Popen([*RUN, "--name", "flat", "--ro-bind", "/", "/", "sh", "-c",
+                             "echo ready; exec sleep 600"], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline() == "ready\n"
+        for status in (7, 0, 3):  # each leaves an orphan that ends at once
+            done = subprocess.run([sys.executable, "-m", "bblctl", "exec", "flat", "--", "sh",
+                                   "-c", f"(true &); sleep 0.1; exit {status}"], env=env,
+                                  capture_output=True, text=True, timeout=30)
+            assert done.returncode == status, done.stderr
+        subprocess.run([sys.executable, "-m", "bblctl", "stop", "flat"], env=env, timeout=30,
+                       check=True)
+        assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    finally:
+        _end_flat(env, proc)
 
 
 def test_many_runs_share_one_daemon(env):

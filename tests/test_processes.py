@@ -270,8 +270,9 @@ def test_a_main_layer_without_pid_namespace_below_one_with_runs_its_command_itse
         running.proc.send_signal(signo)
         assert running.finish().returncode == 40
     finally:
-        running.proc.kill()
-        running.proc.communicate()
+        if running.proc.poll() is None:  # its pid namespace ends with its pid 1
+            os.kill(running.layer("top")["pid"], signal.SIGKILL)
+            running.finish()
 
 
 def test_killing_a_lone_layer_1_command_still_ends_its_orphans(tmp_path, marker):

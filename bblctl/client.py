@@ -3,7 +3,7 @@
 Plain blocking sockets (bblctl.wire): the client imports neither trio nor msgspec nor the
 engine, because every command pays for its imports. When no daemon
 answers, the first client takes a lock in the user's state directory, starts `bbld` fully
-detached (its own session, logging to the state directory) and waits until it accepts; other
+detached (its own session, logging to the state directory) and waits for its READY=1; other
 clients starting at the same moment wait on the same lock and then find the daemon running,
 so ten simultaneous clients yield one daemon.
 """
@@ -149,24 +149,48 @@ def _start_daemon(path: str):
         if sock is not None:
             return sock
         log = os.path.join(directory, "bbld.log")
-        pid = _spawn_detached([sys.executable, "-m", "bbld.daemon.main"], log)
-        deadline = time.monotonic() + START_TIMEOUT
-        delay = 0.002
-        while time.monotonic() < deadline:
-            sock = _try_connect(path)
-            if sock is not None:
-                return sock
-            if not os.path.exists(f"/proc/{pid}"):
-                break
-            time.sleep(delay)
-            delay = min(delay * 2, 0.05)
-        raise ClientError(f"bbld did not start; see {log}")
+        sock = _spawn_and_wait(path, log)
+        if sock is None:
+            raise ClientError(f"bbld did not start; see {log}")
+        return sock
     finally:
         os.close(lock)
 
 
-def _spawn_detached(argv: list[str], log: str) -> int:
-    """Start argv in its own session, reparented away from us (double fork). Returns its pid."""
+def _spawn_and_wait(path: str, log: str):
+    """Start bbld and wait, without polling, until it says READY=1 (sd_notify, on a datagram
+    socket of ours) or ends; then connect. None if it ended or timed out."""
+    import select  # (autostart only)
+
+    notify = wire.socket.socket(wire.socket.AF_UNIX,
+                                wire.socket.SOCK_DGRAM | wire.socket.SOCK_CLOEXEC)
+    try:
+        name = f"bbl-notify-{os.getpid()}-{os.urandom(8).hex()}"  # abstract: nothing to remove
+        notify.bind(f"\0{name}")
+        pid = _spawn_detached([sys.executable, "-m", "bbld.daemon.main"], log,
+                              {**os.environ, "NOTIFY_SOCKET": f"@{name}"})
+        try:
+            daemon = os.pidfd_open(pid)
+        except OSError:
+            return None  # it ended already
+        try:
+            deadline = time.monotonic() + START_TIMEOUT
+            while (left := deadline - time.monotonic()) > 0:
+                ready = select.select([notify, daemon], [], [], left)[0]
+                if notify in ready and b"READY=1" in notify.recv(4096):
+                    return _try_connect(path)  # (a READY from anyone else: the connect says)
+                if daemon in ready:
+                    return _try_connect(path)  # ended: maybe another bbld serves the socket
+            return None
+        finally:
+            os.close(daemon)
+    finally:
+        notify.close()
+
+
+def _spawn_detached(argv: list[str], log: str, env: dict[str, str]) -> int:
+    """Start argv in its own session, reparented away from us (double fork), with `env`.
+    Returns its pid."""
     pid_r, pid_w = os.pipe()
     child = os.fork()
     if child == 0:
@@ -182,7 +206,7 @@ def _spawn_detached(argv: list[str], log: str) -> int:
                 os.dup2(out, 1)
                 os.dup2(out, 2)
                 os.closerange(3, 1 << 16)
-                os.execv(argv[0], argv)
+                os.execve(argv[0], argv, env)
             os.write(pid_w, str(grandchild).encode())
         finally:
             os._exit(0)

@@ -8,6 +8,8 @@ import time
 
 import pytest
 
+from tests.conftest import daemon_pid
+
 PING = ("import sys; from bblctl.client import connect; c = connect();"
         "print(c.call('io.bbl.Manager.Ping')['pid']); print('trio' in sys.modules)")
 
@@ -37,6 +39,41 @@ def test_ten_clients_at_once_start_exactly_one_daemon(tmp_path):
         time.sleep(0.02)
     assert not os.path.exists(f"/proc/{daemon}")
     assert not (run / "bbl" / "bbld.sock").exists()
+
+
+def test_an_autostarted_daemon_tells_its_client_when_it_is_ready_and_no_one_else(tmp_path):
+    """The client waits for bbld's READY=1 on a socket of its own (NOTIFY_SOCKET), not by
+    polling; bbld drops the variable, so its forker (and what that starts) cannot notify."""
+    run = tmp_path / "run"
+    run.mkdir(mode=0o700)
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(run), "XDG_STATE_HOME": str(tmp_path / "state")}
+    env.pop("NOTIFY_SOCKET", None)
+    result = subprocess.run([sys.executable, "-m", "bblctl", "run", "--ro-bind", "/", "/",
+                             "true"], env=env, capture_output=True, text=True, timeout=60)
+    daemon = daemon_pid(env)
+    try:
+        assert result.returncode == 0, result.stderr
+        with open(f"/proc/{daemon}/task/{daemon}/children") as f:
+            (forker,) = [int(pid) for pid in f.read().split()]
+        with open(f"/proc/{forker}/environ", "rb") as f:  # (bbld's own shows its start's)
+            assert b"NOTIFY_SOCKET=" not in f.read()
+    finally:
+        os.kill(daemon, signal.SIGTERM)
+
+
+def test_a_daemon_that_cannot_start_is_reported_at_once(tmp_path):
+    run = tmp_path / "run"
+    (run / "bbl").mkdir(parents=True, mode=0o755)  # bbld refuses a runtime dir others can read
+    run.chmod(0o700)
+    (run / "bbl").chmod(0o755)
+    env = {**os.environ, "XDG_RUNTIME_DIR": str(run), "XDG_STATE_HOME": str(tmp_path / "state")}
+    started = time.monotonic()
+    result = subprocess.run([sys.executable, "-m", "bblctl", "ps"], env=env,
+                            capture_output=True, text=True, timeout=60)
+    log = tmp_path / "state" / "bbl" / "bbld.log"
+    assert (result.returncode, result.stderr) == (1, f"bblctl: bbld did not start; see {log}\n")
+    assert time.monotonic() - started < 5  # its end was noticed, not the 10 s timeout
+    assert "has mode 0755" in log.read_text()
 
 
 def test_without_autostart_a_missing_daemon_is_a_clear_error(tmp_path):

@@ -121,13 +121,18 @@ def _own_socket(path: str | None):
 
 
 def _notify_ready() -> None:
-    address = os.environ.get("NOTIFY_SOCKET")
+    """sd_notify READY=1, for systemd or for the bblctl that started us; the variable is
+    dropped so that nothing we start notifies in our name."""
+    address = os.environ.pop("NOTIFY_SOCKET", None)
     if not address:
         return
     if address.startswith("@"):
         address = "\0" + address[1:]
     with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as notify:
-        notify.sendto(b"READY=1", address)
+        try:
+            notify.sendto(b"READY=1", address)
+        except OSError:
+            pass  # whoever asked is gone: we serve all the same
 
 
 async def _run(sock: socket.socket, instances: str) -> None:

@@ -512,6 +512,13 @@ def _layer_ids(layer: Layer, parent: Ids, say) -> Ids:
     return Ids(uid, gid, root_mapped)
 
 
+def needs_supervisor(layer: Layer) -> list[str]:
+    """The fields of `layer` that need its supervisor beside the command (which
+    command_replaces_supervisor, and the engine's own replacement, rule out)."""
+    return [name for name, value in (("companions", layer.companions), ("layers", layer.layers),
+                                     ("lock_files", layer.lock_files)) if value]
+
+
 def _check_layer(layer: Layer, say, known_policies) -> None:
     ns = layer.namespaces
     if len(set(ns)) != len(ns):
@@ -570,14 +577,13 @@ def _check_layer(layer: Layer, say, known_policies) -> None:
             say("user_namespaces", "\"deny\" cannot hold with cap sys_resource kept: it "
                 "could raise the limit again")
     if layer.command_replaces_supervisor:
-        if layer.command is not None and layer.command.tty:
+        if layer.command is None:
+            say("command_replaces_supervisor", "needs a command")
+        elif layer.command.tty:
             say("command.tty", "cannot be combined with command_replaces_supervisor")
-        for fieldname, present in (("command", layer.command is None),
-                                   ("companions", layer.companions), ("layers", layer.layers),
-                                   ("lock_files", layer.lock_files)):
-            if present:
-                say("command_replaces_supervisor", "needs a command" if fieldname == "command"
-                    else f"leaves no supervisor for {fieldname}; remove them")
+        for fieldname in needs_supervisor(layer):
+            say("command_replaces_supervisor", f"leaves no supervisor for {fieldname}; "
+                "remove them")
     commands = [("command", layer.command)] if layer.command else []
     commands += [(f"companions[{i}]", c) for i, c in enumerate(layer.companions)]
     for where, command in commands:

@@ -80,6 +80,8 @@ def _enter(plan, layer, namespace_fds, own, argv, env, cwd, stdio, channel, cgro
     _join(namespace_fds, own)
     command_side, ours = socket.socketpair(socket.AF_UNIX,
                                            socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    # (clone3 wants exit_signal 0 with CLONE_PARENT; the kernel then gives the command our
+    # own exit signal, SIGCHLD: its end is signalled to the caller like any child's)
     pid, pidfd = sc.clone(sc.CLONE_PARENT, exit_signal=0, cgroup_fd=cgroup_fd)
     if pid == 0:
         ours.close()

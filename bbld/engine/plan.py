@@ -189,8 +189,8 @@ def _replace_main_supervisor(main: LayerPlan) -> None:
     the user's uid after --dev. Not done where idle supervisors left: the engine's caller
     then follows the main layer's supervisor, and would learn no status from a command."""
     layer = main.layer
-    if "pid" not in layer.namespaces and not main.children and not layer.companions \
-            and not layer.lock_files and not layer.command.tty:
+    if "pid" not in layer.namespaces and not spec.needs_supervisor(layer) \
+            and not layer.command.tty:
         main.replaced = True
 
 

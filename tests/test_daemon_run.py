@@ -197,6 +197,22 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def _monitors(forker: int) -> list[int]:
+    """The forker's children but its spare monitor, the youngest (forked once the one
+    before took a request): the monitors of instances."""
+    def started(pid):
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rpartition(")")[2].split()[19]), pid  # (ticks: ties)
+    return sorted(_children(forker), key=started)[:-1]
+
+
+def _only_a_spare_left(forker: int) -> None:
+    """Every monitor has ended; one spare waits for the next request, with no child yet."""
+    assert wait_gone(_monitors(forker)) == []
+    (spare,) = _children(forker)
+    assert _children(spare) == []
+
+
 def test_bad_input_leaves_nothing_behind_in_the_daemon(daemon, tmp_path):
     """Failed starts and malformed messages: the daemon's fds and processes are as before."""
     from tests.test_daemon import call, exchange
@@ -220,9 +236,46 @@ def test_bad_input_leaves_nothing_behind_in_the_daemon(daemon, tmp_path):
         for message in (b"not json\0", b"x" * (1 << 21), call("io.bbl.Manager.Nope"),
                         call("io.bbl.Manager.Ping")[:-3]):
             exchange(daemon, message)
-    assert wait_gone(_children(helper)) == []  # every monitor has ended
+    _only_a_spare_left(helper)
     assert _children(pid) == children_before
     assert _open_fds(pid) == fds_before
+
+
+def test_the_forker_keeps_one_spare_monitor_that_made_nothing(daemon):
+    """A monitor is forked ahead of each request and rehearses one: it is in the forker's
+    namespaces, has no child and holds the files the forker holds."""
+    run_through(daemon, sandbox(app_layer(command=["true"])))  # the forker now runs
+    with connect(daemon) as conn:
+        (forker,) = _children(conn.call("io.bbl.Manager.Ping")["pid"])
+    _only_a_spare_left(forker)
+    (spare,) = _children(forker)
+    for name in os.listdir(f"/proc/{forker}/ns"):
+        assert os.readlink(f"/proc/{spare}/ns/{name}") == os.readlink(f"/proc/{forker}/ns/{name}")
+    def files(pid):  # (the pipe between them: the forker's end, the spare's end)
+        return sorted(os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(f"/proc/{pid}/fd"))
+    assert files(spare) == files(forker)
+
+
+@pytest.mark.parametrize("victim", ["spare", "forker"])
+def test_starts_go_on_when_the_spare_or_the_forker_is_killed(daemon, victim):
+    """A killed spare is replaced by the forker; a killed forker by bbld at the next start,
+    and its orphaned spare ends (it reads the end of the old forker's channel)."""
+    import signal
+
+    run_through(daemon, sandbox(app_layer(command=["true"])))
+    with connect(daemon) as conn:
+        pid = conn.call("io.bbl.Manager.Ping")["pid"]
+    (forker,) = _children(pid)
+    _only_a_spare_left(forker)
+    (spare,) = _children(forker)
+    os.kill(spare if victim == "spare" else forker, signal.SIGKILL)
+    for _ in range(3):
+        events, out, _ = run_through(daemon, sandbox(app_layer(command=sh("echo ran"))))
+        assert [e["event"] for e in events] == ["started", "exited"] and out == "ran\n"
+    assert wait_gone([spare, forker] if victim == "forker" else [spare]) == []
+    (forker_now,) = _children(pid)
+    assert (forker_now == forker) == (victim == "spare")
+    _only_a_spare_left(forker_now)
 
 
 def test_the_forker_and_its_monitors_import_no_trio():

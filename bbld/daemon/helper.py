@@ -2,9 +2,10 @@
 
 bbld starts it once (`python -m bbld.daemon.helper FD INSTANCES_DIR`) and sends it start
 requests over a SOCK_SEQPACKET socket, each with its file descriptors (SCM_RIGHTS): the
-instance's report channel, the caller's stdin, stdout, stderr and working directory. For
-every request the helper forks a monitor (no new interpreter): the monitor takes the caller's
-stdio, cwd, fds and environment, makes the sandbox from the request's spec or bubblewrap
+instance's report channel, the caller's stdin, stdout, stderr and working directory. The
+helper keeps one monitor forked ahead (no new interpreter), a spare that takes the next
+request off that socket itself (_spare); the helper then forks the next spare. The monitor
+takes the caller's stdio, cwd, fds and environment, makes the sandbox from the request's spec or bubblewrap
 command line (bbld.bwrap.FrontEnd), runs the engine's Instance, serves the control socket
 in INSTANCES_DIR (bbld.daemon.control), and reports `started` (layer pids and namespaces)
 and `exited` (the main command's status) on the report channel. Monitors outlive bbld and
@@ -44,6 +45,47 @@ def main(fd: int, directory: str) -> int:
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # monitors are reaped by the kernel
     sock = socket.socket(fileno=fd)
     _warm_up()
+    failures = 0
+    while failures < 3:  # (a spare that keeps dying would otherwise be forked forever)
+        taken_r, taken_w = os.pipe2(os.O_CLOEXEC)
+        if os.fork() == 0:
+            status = 1
+            try:
+                os.close(taken_r)
+                status = _spare(sock, taken_w, directory)
+            finally:
+                os._exit(status)
+        os.close(taken_w)
+        word = _read_word(taken_r)
+        os.close(taken_r)
+        if word == _DAEMON_GONE:
+            return 0
+        failures = 0 if word == _TAKEN else failures + 1
+    return 1
+
+
+# What a spare tells the forker: it took a request (fork the next one), or the daemon is gone.
+# Nothing (the pipe's end) means it died.
+_TAKEN, _DAEMON_GONE = b"t", b"e"
+
+
+def _read_word(fd: int) -> bytes:
+    while True:
+        try:
+            return os.read(fd, 1)
+        except InterruptedError:
+            continue
+
+
+def _spare(sock: socket.socket, taken_w: int, directory: str) -> int:
+    """A monitor forked ahead of its request. It does a monitor's work once on sample
+    requests while nothing waits for it, so that its copy-on-write faults (most of a fresh
+    monitor's first milliseconds, see docs/performance.md) come before the request, then
+    takes the next request off the daemon's socket itself and becomes that instance's
+    monitor, after telling the forker to fork the next spare. Only the spare reads the
+    socket: requests queue there while the next one is forked."""
+    if not _pending(sock):  # (under a burst of requests, serve them cold rather than late)
+        _rehearse()
     while True:
         try:
             data, fds, _flags, _addr = socket.recv_fds(sock, MAX_REQUEST,
@@ -52,19 +94,72 @@ def main(fd: int, directory: str) -> int:
         except InterruptedError:
             continue
         if not data:
-            return 0  # the daemon is gone
-        if len(fds) < REQUEST_FDS:
-            for descriptor in fds:
-                os.close(descriptor)
-            continue
-        if os.fork() == 0:
-            status = 1
-            try:
-                status = _monitor(data, fds, directory)
-            finally:
-                os._exit(status)
+            _tell(taken_w, _DAEMON_GONE)
+            return 0
+        if len(fds) >= REQUEST_FDS:
+            break
         for descriptor in fds:
             os.close(descriptor)
+    _tell(taken_w, _TAKEN)
+    sock.close()  # (the daemon's channel to the forker: not the instance's)
+    return _monitor(data, fds, directory)
+
+
+def _tell(taken_w: int, word: bytes) -> None:
+    try:
+        os.write(taken_w, word)
+    except OSError:
+        pass  # the forker is gone: bbld starts another for the next request
+    os.close(taken_w)
+
+
+def _pending(sock: socket.socket) -> bool:
+    try:
+        return bool(sock.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT))
+    except BlockingIOError:
+        return False
+    except OSError:
+        return True  # (let recv_fds say what it is)
+
+
+def _rehearse() -> None:
+    """Decode and plan sample requests as _monitor would (no namespace, file or process is
+    made), touching the memory a real request will touch. A failure here only means a
+    colder start."""
+    try:
+        for data in _SAMPLE_REQUESTS:
+            request = _request_decoder.decode(data)
+            front = bwrap.FrontEnd(request.prog) if request.bwrap is not None else None
+            sandbox = (front.sandbox(request.bwrap, request.env, os.getuid(), os.getgid(),
+                                     request.name)
+                       if front else spec.decode(request.spec, "json", "request"))
+            Instance(prepare(sandbox, request.args), request.env)
+            msgspec.json.encode(Event(event="started", name=sandbox.name, command=["x"],
+                                      started=time.time(), layers=[{"name": "x"}]))
+    except Exception:  # noqa: BLE001 (a rehearsal: the real request reports its own errors)
+        pass
+
+
+_SAMPLE_REQUESTS = [
+    msgspec.json.encode(StartRequest(
+        id="0" * 8, env={"PATH": "/usr/bin:/bin", "HOME": "/"},
+        bwrap=["--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin", "--proc", "/proc",
+               "--dev", "/dev", "--tmpfs", "/tmp", "--unshare-all", "--die-with-parent",
+               "--new-session", "--setenv", "A", "b", "--chdir", "/", "true"])),
+    msgspec.json.encode(StartRequest(id="0" * 8, env={"HOME": "/"}, spec=msgspec.json.encode({
+        "name": "sample", "layer": {
+            "name": "outer", "namespaces": ["user", "mount", "pid", "ipc", "uts"],
+            "uid": 0, "gid": 0, "new_root": True,
+            "fs": [{"op": "ro-bind", "src": "/usr", "dest": "/usr"},
+                   {"op": "symlink", "target": "usr/bin", "dest": "/bin"},
+                   {"op": "proc", "dest": "/proc"}, {"op": "dev", "dest": "/dev"},
+                   {"op": "tmpfs", "dest": "/tmp"}],
+            "env": {"set": {"A": "b"}}, "seccomp": {"policy": "default"},
+            "layers": [{"name": "inner", "namespaces": ["user", "mount", "pid"], "uid": 1000,
+                        "gid": 1000,
+                        "fs": [{"op": "tmpfs", "dest": "/run"}],
+                        "command": {"argv": ["true"], "cwd": "/"}}]}}).decode())),
+]
 
 
 def _warm_up() -> None:

@@ -32,6 +32,8 @@ class Helper:
     def _ensure_running(self) -> None:
         if self.process is not None and self.process.poll() is None:
             return
+        if self.sock is not None:  # a forker that died: its spare reads the end of this one
+            self.sock.close()
         mine, theirs = _seqpacket_pair()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "bbld.daemon.helper", str(theirs.fileno()), self.instances],

@@ -101,7 +101,7 @@ def running_instance(rounds: int, work: str) -> None:
         (entry,) = [e for e in json.loads(ctl("ps", "--json")) if e["id"] == instance]
         memory, kind = instance_memory(instance)
         row(f"idle template instance, {kind}", "MB", [memory])
-        row(f"bbld + forker, {kind}", "MB", [daemon_memory()[0]])
+        row(f"bbld + forker + spare monitor, {kind}", "MB", [daemon_memory()[0]])
     finally:
         ctl("stop", instance, "--timeout", "1")
 
@@ -159,8 +159,18 @@ def daemon_memory() -> tuple[float, str]:
         [PY, "-c", "import json; from bblctl.client import connect; "
                    "print(json.dumps(connect().call('io.bbl.Manager.Ping')['pid']))"],
         capture_output=True, text=True, check=True).stdout)
-    children = open(f"/proc/{pid}/task/{pid}/children").read().split()
-    return memory_of([pid, *map(int, children[:1])])
+    forker = _children(pid)[:1]
+    # and the forker's spare monitor: its one child without children (monitors have layer 1)
+    spare = [child for child in _children(forker[0]) if not _children(child)] if forker else []
+    return memory_of([pid, *forker, *spare])
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(child) for child in f.read().split()]
+    except OSError:
+        return []
 
 
 def scale(work: str, count: int) -> None:

@@ -5,11 +5,11 @@ requests over a SOCK_SEQPACKET socket, each with its file descriptors (SCM_RIGHT
 instance's report channel, the caller's stdin, stdout, stderr and working directory. The
 helper keeps one monitor forked ahead (no new interpreter), a spare that takes the next
 request off that socket itself (_spare); the helper then forks the next spare. The monitor
-takes the caller's stdio, cwd, fds and environment, makes the sandbox from the request's spec or bubblewrap
-command line (bbld.bwrap.FrontEnd), runs the engine's Instance, serves the control socket
-in INSTANCES_DIR (bbld.daemon.control), and reports `started` (layer pids and namespaces)
-and `exited` (the main command's status) on the report channel. Monitors outlive bbld and
-this helper. The namespace work never happens in the daemon's event loop.
+takes the caller's stdio, cwd, fds and environment, makes the sandbox from the request's spec
+or bubblewrap command line (bbld.bwrap.FrontEnd), runs the engine's Instance, serves the
+control socket in INSTANCES_DIR (bbld.daemon.control), and reports `started` (layer pids and
+namespaces) and `exited` (the main command's status) on the report channel. Monitors outlive
+bbld and this helper. The namespace work never happens in the daemon's event loop.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ from bbld.daemon.messages import (
     StartRequest,
 )
 from bbld.engine import Instance, StartError, prepare, seccomp
+from bbld.engine.syscalls import default_signal_actions
 
 _request_decoder = msgspec.json.Decoder(StartRequest)
 
@@ -181,7 +182,7 @@ def _warm_up() -> None:
 
 def _monitor(data: bytes, fds: list[int], directory: str) -> int:
     """One instance, in a forked child of the helper."""
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    default_signal_actions(signal.SIGCHLD)
     # Out of the way first (high numbers), then everything to its place: stdio, extras.
     high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 1000) for fd in fds]
     for fd in fds:

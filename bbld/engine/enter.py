@@ -158,9 +158,8 @@ def _user_chain(layer_user: int | None, ours: tuple) -> list[int]:
 
 def _command(plan: Plan, layer: LayerPlan, argv, env, cwd, stdio, channel) -> None:
     """In the command process, inside the layer: terminal, identity, then the last steps."""
-    signal.pthread_sigmask(signal.SIG_SETMASK, [])
-    for signo in (signal.SIGPIPE, signal.SIGXFSZ):
-        signal.signal(signo, signal.SIG_DFL)
+    sc.set_signal_mask(signal.SIG_SETMASK, [])
+    sc.default_signal_actions(signal.SIGPIPE, signal.SIGXFSZ)
     sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
     os.setsid()  # never the caller's terminal session
     if stdio is None:

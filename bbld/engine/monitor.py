@@ -77,7 +77,7 @@ class Instance:
         go_r, self.go_w = os.pipe2(os.O_CLOEXEC)
         self.sock = mine
         # A signal the caller ignores (nohup, a background job) stays ignored: not forwarded.
-        self.ignored = {s for s in FORWARDED_SIGNALS if signal.getsignal(s) == signal.SIG_IGN}
+        self.ignored = {s for s in FORWARDED_SIGNALS if sc.signal_ignored(s)}
         self.sigfd = block_signals()
         ctx = Context(plan=self.plan, report=theirs, go_fd=go_r)
         sandbox = self.plan.sandbox
@@ -393,7 +393,7 @@ class Instance:
             self.released = True
         if hasattr(self, "sock"):
             self.sock.close()
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, (*FORWARDED_SIGNALS, signal.SIGCHLD))
+        sc.set_signal_mask(signal.SIG_UNBLOCK, (*FORWARDED_SIGNALS, signal.SIGCHLD))
 
 
 def _namespace_fds_match(report: reports.Built, fds: list[int]) -> bool:

@@ -71,7 +71,7 @@ def serve(old_root: int, image: str, offset: int, fuse: int) -> int:
     if pid != 0:
         return pid
     try:
-        signal.pthread_sigmask(signal.SIG_SETMASK, [])
+        sc.set_signal_mask(signal.SIG_SETMASK, [])
         sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
         os.fchdir(old_root)
         os.chroot(".")

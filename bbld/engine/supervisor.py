@@ -62,7 +62,7 @@ class Prepared(Struct):
 def block_signals() -> int:
     """Block the supervised signals and return a signalfd that receives them."""
     signals = (*FORWARDED_SIGNALS, signal.SIGCHLD)
-    signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    sc.set_signal_mask(signal.SIG_BLOCK, signals)
     return sc.signalfd(signals)
 
 
@@ -484,9 +484,9 @@ class LayerSupervisor:
         """In the forked command process (or the supervisor itself, with
         LayerPlan.replaced): the last steps before execve, in this order; a
         prepared command waits for its release before seccomp and execve."""
-        signal.pthread_sigmask(signal.SIG_SETMASK, [])
-        for signo in (signal.SIGPIPE, signal.SIGXFSZ):  # Python ignores these; exec keeps that
-            signal.signal(signo, signal.SIG_DFL)
+        sc.set_signal_mask(signal.SIG_SETMASK, [])
+        # Python ignores these; exec would keep that
+        sc.default_signal_actions(signal.SIGPIPE, signal.SIGXFSZ)
         if command.new_session or slave is not None:
             os.setsid()  # no controlling terminal: TIOCSTI cannot reach the caller's
         if slave is not None:
@@ -643,7 +643,7 @@ def _become_idle_init(layer: str, program: int) -> None:
     capability it holds. (No command runs in its pid namespace: plan._commands_see.) If the
     exec fails (the layer's view lacks the program's libraries), this process waits the same
     way, as Python, still not dumpable."""
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    sc.ignore_signal(signal.SIGCHLD)
     _reap()  # those that ended before
     privileges.no_new_privs()
     sc.close_all_fds_except({0, 1, 2, program})

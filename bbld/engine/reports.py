@@ -23,10 +23,12 @@ class Built(msgspec.Struct, tag=True):
 
     Sent with the supervisor's pidfd, then one fd per name in `namespace_fds`, opened from
     /proc/self/ns by the supervisor itself: the caller can enter the layer later (exec,
-    attach) although the supervisor is not dumpable."""
+    attach) although the supervisor is not dumpable. A layer built by its parent's process
+    (LayerPlan.inline) has no process: no pidfd."""
     layer: str
     namespaces: dict[str, int]
     namespace_fds: list[str] = []
+    process: bool = True
 
 
 class Running(msgspec.Struct, tag=True):

@@ -239,7 +239,8 @@ class LayerSupervisor:
             return self._step_aside()
         if self.plan.retires and self.idle_init is not None:
             _become_idle_init(self.plan.name, self.idle_init)
-        if self.main_pid is None and not self.children and not self.commands:
+        if self.main_pid is None and not self.children and not self.commands \
+                and not self.sub_layer_left:
             _exit_in_idle_time()
             return 0  # nothing to run and nothing below: the layer is done
         return self._supervise()
@@ -253,12 +254,45 @@ class LayerSupervisor:
         """A layer that steps aside clones its sub-layers without the parent-death signal:
         its exit must not kill them (layer 1's pid namespace ends them when it ends)."""
         for child_plan in self.plan.children:
+            if child_plan.inline:
+                self._build_inline(child_plan)
+                continue
             child = spawn_layer(child_plan, self.ctx, self.proc_fd, self.env, self.cwd,
                                 die_with_parent=not self.plan.steps_aside)
             os.close(child.pidfd)
             self.children[child.pid] = child_plan
             if child_plan is self.plan.main_child:
                 self.main_pid = child.pid
+
+    def _build_inline(self, child_plan: LayerPlan) -> None:
+        """A sub-layer without a process (LayerPlan.inline), built here in a mount namespace
+        of its own; then back to ours. Its sub-layers are our children now, but not ours to
+        wait for (as if it had stepped aside): the instance's end ends them."""
+        back = os.open("self/ns/mnt", os.O_RDONLY | os.O_CLOEXEC, dir_fd=self.proc_fd)
+        try:
+            LayerSupervisor(child_plan, self.ctx, self.proc_fd, self.env, self.cwd,
+                            die_with_parent=False).build_inline()
+        except StartError as exc:
+            raise StartError(exc.message, exc.exit_code, layer=exc.layer or child_plan.name) \
+                from None
+        finally:
+            sc.setns(back, sc.CLONE_NEWNS)  # (which makes its root and / our root and cwd)
+            os.close(back)
+        self.sub_layer_left = True
+
+    def build_inline(self) -> None:
+        """run()'s building steps for a layer built by its parent's process: a new mount
+        namespace (its only one) made a slave of the parent's, the environment and cwd its
+        sub-layers start from, its reports (no pidfd), its sub-layers."""
+        with step("creating the layer's mount namespace"):
+            sc.unshare(sc.CLONE_NEWNS)
+        with step("building the filesystem view"):
+            self._build_filesystem()
+        self.env = self._layer_env()
+        self.cwd = self.layer.cwd or self.cwd
+        self._report_built()
+        self._spawn_sub_layers()
+        self._report_running(None)
 
     def _lock(self, path: str) -> int:
         """bubblewrap's --lock-file: a read lock on `path`, held until the layer ends."""
@@ -351,9 +385,12 @@ class LayerSupervisor:
                 except OSError:
                     continue
                 namespaces[name] = os.fstat(fds[name]).st_ino
-            fds = {"pidfd": sc.pidfd_open(os.getpid()), **fds}
+            process = not self.plan.inline
+            if process:
+                fds = {"pidfd": sc.pidfd_open(os.getpid()), **fds}
             report = reports.Built(layer=self.plan.name, namespaces=namespaces,
-                                   namespace_fds=list(fds)[1:])
+                                   namespace_fds=list(fds)[1:] if process else list(fds),
+                                   process=process)
             reports.send(self.ctx.report, report, tuple(fds.values()))
         finally:
             for fd in fds.values():

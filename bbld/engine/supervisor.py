@@ -276,7 +276,7 @@ class LayerSupervisor:
             raise StartError(exc.message, exc.exit_code, layer=exc.layer or child_plan.name) \
                 from None
         finally:
-            sc.setns(back, sc.CLONE_NEWNS)  # (which makes its root and / our root and cwd)
+            sc.setns(back, sc.CLONE_NEWNS)  # (its root becomes our root and cwd again)
             os.close(back)
         self.sub_layer_left = True
 

@@ -57,6 +57,25 @@ def test_exec_gets_exactly_the_layers_restrictions(instances, app):
     assert outer.returncode == 0 and outer.stdout != main and "LAYER=app" not in outer.stdout
 
 
+def test_a_mount_made_in_a_layer_without_a_process_stays_there(instances, marker):
+    """`empty` (a mount namespace and nothing to run) is built by its parent's process
+    (LayerPlan.inline). From inside it, with the capability to mount, a tmpfs is mounted:
+    the layer above does not see it (its parent's process made the namespace and went back
+    to its own)."""
+    leaf = layer("leaf", namespaces=["user", "mount", "pid"], uid=0, gid=0,
+                 command=[*sh("exec sleep 600"), marker])
+    empty = layer("empty", namespaces=["mount"], caps=["sys_admin"], layers=[leaf])
+    instance = instances.start(sandbox(app_layer("top", layers=[empty])))
+    tree = json.loads(instances.ctl("tree", instance, "--json").stdout)
+    assert [node["pid"] for node in tree[0]["layers"][0]["children"]] == [None]  # no process
+    probe = "grep -c bbl-leak-probe /proc/self/mountinfo"
+    made = instances.ctl("exec", "--layer", "empty", instance, "--", "sh", "-c",
+                         f"mount -t tmpfs bbl-leak-probe /tmp && {probe}")
+    assert (made.returncode, made.stdout) == (0, "1\n"), made.stderr
+    above = instances.ctl("exec", "--layer", "top", instance, "--", "sh", "-c", probe)
+    assert above.stdout == "0\n", above.stderr
+
+
 def test_exec_status_stdio_and_errors(instances, app):
     instance, _ = app
     result = instances.ctl("exec", instance, "--", "sh", "-c", "read x; echo got $x; exit 5",

@@ -57,7 +57,7 @@ def main(fd: int, directory: str) -> int:
             finally:
                 os._exit(status)
         os.close(taken_w)
-        word = _read_word(taken_r)
+        word = os.read(taken_r, 1)
         os.close(taken_r)
         if word == _DAEMON_GONE:
             return 0
@@ -70,14 +70,6 @@ def main(fd: int, directory: str) -> int:
 _TAKEN, _DAEMON_GONE = b"t", b"e"
 
 
-def _read_word(fd: int) -> bytes:
-    while True:
-        try:
-            return os.read(fd, 1)
-        except InterruptedError:
-            continue
-
-
 def _spare(sock: socket.socket, taken_w: int, directory: str) -> int:
     """A monitor forked ahead of its request. It does a monitor's work once on sample
     requests while nothing waits for it, so that its copy-on-write faults (most of a fresh
@@ -87,13 +79,9 @@ def _spare(sock: socket.socket, taken_w: int, directory: str) -> int:
     socket: requests queue there while the next one is forked."""
     if not _pending(sock):  # (under a burst of requests, serve them cold rather than late)
         _rehearse()
-    while True:
-        try:
-            data, fds, _flags, _addr = socket.recv_fds(sock, MAX_REQUEST,
-                                                       REQUEST_FDS + MAX_EXTRA_FDS,
-                                                       socket.MSG_CMSG_CLOEXEC)
-        except InterruptedError:
-            continue
+    while True:  # (recv retries by itself when a signal interrupts it: PEP 475)
+        data, fds, _flags, _addr = socket.recv_fds(sock, MAX_REQUEST, REQUEST_FDS + MAX_EXTRA_FDS,
+                                                   socket.MSG_CMSG_CLOEXEC)
         if not data:
             _tell(taken_w, _DAEMON_GONE)
             return 0
@@ -131,9 +119,7 @@ def _rehearse() -> None:
         for data in _SAMPLE_REQUESTS:
             request = _request_decoder.decode(data)
             front = bwrap.FrontEnd(request.prog) if request.bwrap is not None else None
-            sandbox = (front.sandbox(request.bwrap, request.env, os.getuid(), os.getgid(),
-                                     request.name)
-                       if front else spec.decode(request.spec, "json", "request"))
+            sandbox = _sandbox(request, front)
             Instance(prepare(sandbox, request.args), request.env)
             msgspec.json.encode(Event(event="started", name=sandbox.name, command=["x"],
                                       started=time.time(), layers=[{"name": "x"}]))

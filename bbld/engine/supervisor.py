@@ -385,12 +385,11 @@ class LayerSupervisor:
                 except OSError:
                     continue
                 namespaces[name] = os.fstat(fds[name]).st_ino
-            process = not self.plan.inline
-            if process:
+            names = list(fds)
+            if not self.plan.inline:  # (a layer built by its parent's process has none)
                 fds = {"pidfd": sc.pidfd_open(os.getpid()), **fds}
             report = reports.Built(layer=self.plan.name, namespaces=namespaces,
-                                   namespace_fds=list(fds)[1:] if process else list(fds),
-                                   process=process)
+                                   namespace_fds=names, process=not self.plan.inline)
             reports.send(self.ctx.report, report, tuple(fds.values()))
         finally:
             for fd in fds.values():

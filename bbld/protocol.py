@@ -207,9 +207,12 @@ error NoSuchInstance (id: string)
 # the message already (see Run).
 error StartFailed (message: string, exit_code: int, reported: ?bool)
 
-# The caller runs under another uid than the daemon; only the daemon's own
-# user may talk to it.
-error PermissionDenied (uid: int)
+# The caller may not talk to the daemon: it runs under another uid, or it is
+# the daemon's user inside a sandbox (sandboxed: other user or mount
+# namespaces than the daemon's), where bbld does not serve: anything that
+# talks to it could start programs with the host's view. reason says which,
+# in one line. The daemon closes the connection after this error.
+error PermissionDenied (uid: int, sandboxed: bool, reason: string)
 
 # A message could not be understood: not JSON, not a call, or larger than
 # the limit. The daemon closes the connection after this error.

@@ -179,8 +179,9 @@ def test_another_uid_is_refused(tmp_path):
     try:
         wait_for_socket(path, proc)
         (reply,) = exchange(path, call("io.bbl.Manager.Ping"))
-        assert (reply["error"], reply["parameters"]) == ("io.bbl.Manager.PermissionDenied",
-                                                         {"uid": 0})
+        assert (reply["error"], reply["parameters"]) == (
+            "io.bbl.Manager.PermissionDenied",
+            {"uid": 0, "sandboxed": False, "reason": "uid 0 is not the daemon's user"})
         ping = call("io.bbl.Manager.Ping")
         code = (f"import socket; s = socket.socket(socket.AF_UNIX); s.connect({str(path)!r});"
                 f"s.sendall({ping!r}); print(s.recv(4096))")

@@ -28,13 +28,8 @@ from array import array
 
 import msgspec
 
-from bbld.daemon.messages import (
-    CONTROL_FDS,
-    MAX_CONTROL,
-    ControlReply,
-    ControlRequest,
-    peer_uid,
-)
+from bbld import peer
+from bbld.daemon.messages import CONTROL_FDS, MAX_CONTROL, ControlReply, ControlRequest
 from bbld.engine import StartError
 from bbld.engine import syscalls as sc
 from bbld.spec import send_args_argv
@@ -52,8 +47,9 @@ def send(sock: socket.socket, message, fds: list[int] = ()) -> None:
 class Control:
     """The monitor's control server, driven by the instance's poll loop (Instance.watch)."""
 
-    def __init__(self, instance, directory: str, entry: dict):
+    def __init__(self, instance, directory: str, entry: dict, home: peer.Identity):
         self.instance = instance
+        self.home = home  # the namespaces a requester must be in (bbld.peer)
         self.entry = entry  # id, name, command, started, pid, layers
         self.path = socket_name(directory, entry["id"])
         self.directory = directory
@@ -76,10 +72,27 @@ class Control:
             conn, _ = self.listener.accept()
         except BlockingIOError:
             return
-        if peer_uid(conn) != os.getuid():
-            return conn.close()
+        refused = None
+        try:
+            peer.check(conn, self.home)
+        except peer.Refused as exc:
+            refused = exc
         conn.setblocking(False)  # its request is read when it arrives: a silent peer costs
-        self.instance.watch(conn.fileno(), lambda: self._request(conn))  # nothing
+        self.instance.watch(conn.fileno(), lambda: self._request(conn) if refused is None
+                            else self._refuse(conn, refused))  # nothing
+
+    def _refuse(self, conn: socket.socket, refused: peer.Refused) -> None:
+        """Read the request (closing what fds came with it) before the refusal, so that the
+        requester gets the reply rather than a reset for unread data."""
+        self.instance.unwatch(conn.fileno())
+        try:
+            _, fds, _, _ = socket.recv_fds(conn, MAX_CONTROL, CONTROL_FDS,
+                                           socket.MSG_CMSG_CLOEXEC)
+            _close(fds)
+        except OSError:
+            pass
+        _reply(conn, ControlReply(op="error", message=f"permission denied: {refused}"))
+        conn.close()
 
     def _request(self, conn: socket.socket) -> None:
         self.instance.unwatch(conn.fileno())

@@ -25,7 +25,7 @@ from array import array
 
 import msgspec
 
-from bbld import bwrap, spec
+from bbld import bwrap, peer, spec
 from bbld.daemon.control import Control
 from bbld.daemon.messages import (
     INSTANCE_ID,
@@ -169,6 +169,7 @@ def _warm_up() -> None:
 def _monitor(data: bytes, fds: list[int], directory: str) -> int:
     """One instance, in a forked child of the helper."""
     default_signal_actions(signal.SIGCHLD)
+    home = peer.own_namespaces()  # (before the instance may join others: bwrap's --userns)
     # Out of the way first (high numbers), then everything to its place: stdio, extras.
     high = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, 1000) for fd in fds]
     for fd in fds:
@@ -209,7 +210,7 @@ def _monitor(data: bytes, fds: list[int], directory: str) -> int:
     entry = {"id": request.id, "name": plan.sandbox.name, "command": main.layer.command.argv,
              "started": started, "layers": layers,
              "single_instance": plan.sandbox.single_instance}
-    control = Control(instance, directory, entry)
+    control = Control(instance, directory, entry, home)
     own = os.pidfd_open(os.getpid())  # the daemon signals the instance through its monitor
     tty = [instance.main_tty] if instance.main_tty is not None else []
     if request.hold_tty and tty:  # detached: the terminal stays open here, its output unread

@@ -1,19 +1,10 @@
 """What bbld and its forker (bbld.daemon.helper) say to each other. No trio, no engine."""
 
 import re
-import socket
-import struct
 
 import msgspec
 
 INSTANCE_ID = re.compile(r"[0-9a-f]{8,32}")  # ids become file names: nothing else
-
-
-def peer_uid(sock) -> int:
-    """The uid of the process at the other end of a unix socket (SO_PEERCRED); works for
-    plain and trio sockets."""
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return struct.unpack("3i", raw)[1]
 
 MAX_REQUEST = 1 << 20
 REQUEST_FDS = 5  # the instance's report channel, stdin, stdout, stderr, working directory

@@ -19,9 +19,9 @@ from array import array
 import msgspec
 import trio
 
-from bbld import __version__, profile, protocol, spec
+from bbld import __version__, peer, profile, protocol, spec
 from bbld.daemon.helper_client import Helper
-from bbld.daemon.messages import MAX_EXTRA_FDS, ControlRequest, StartRequest, peer_uid
+from bbld.daemon.messages import MAX_EXTRA_FDS, ControlRequest, StartRequest
 from bbld.daemon.registry import InstanceRecord, Registry, connect, replies
 from bbld.protocol import Call, Reply, VarlinkError
 
@@ -35,6 +35,7 @@ class Daemon:
         self.helper = helper
         self.registry = registry
         self.nursery = nursery  # for tasks that outlive a call: following instances
+        self.home = peer.own_namespaces()  # a caller must be in these (bbld.peer)
         self.methods = {
             f"{SERVICE}.GetInfo": self.get_info,
             f"{SERVICE}.GetInterfaceDescription": self.get_interface_description,
@@ -318,10 +319,12 @@ class Daemon:
 
     async def _serve(self, stream: trio.SocketStream) -> None:
         async with stream:
-            uid = peer_uid(stream.socket)
-            if uid != os.getuid():
-                await self._send(stream, VarlinkError("io.bbl.Manager.PermissionDenied",
-                                                      uid=uid).reply())
+            try:
+                peer.check(stream.socket, self.home)
+            except peer.Refused as refused:
+                await self._send(stream, VarlinkError(
+                    "io.bbl.Manager.PermissionDenied", uid=refused.uid,
+                    sandboxed=refused.sandboxed, reason=refused.reason).reply())
                 await _close_gently(stream)
                 return
             framer = protocol.Framer()

@@ -299,7 +299,8 @@ def isolation_checks(targets):
 
 def find_the_daemon():
     """Every unix socket file in the usual places (and the abstract ones /proc/net/unix
-    names): none may answer bbld's Ping."""
+    names): none may answer bbld's Ping, nor an instance's control request (an error reply,
+    PermissionDenied, is an answer that serves nothing)."""
     candidates = set()
     for path in files_under(("/run", "/var/run", "/tmp", "/home", "/dev/shm", "/var/tmp",
                              os.environ.get("XDG_RUNTIME_DIR", "/run")), depth=4):
@@ -319,14 +320,19 @@ def find_the_daemon():
 
 
 def _is_bbld(path):
-    with socket.socket(socket.AF_UNIX) as probe:
-        probe.settimeout(1)
-        try:
-            probe.connect(path)
-            probe.sendall(b'{"method": "io.bbl.Manager.Ping"}\0')
-            return b'"pid"' in probe.recv(4096)
-        except OSError:
-            return False
+    for kind, request, served in ((socket.SOCK_STREAM, b'{"method": "io.bbl.Manager.Ping"}\0',
+                                   b'"pid"'),
+                                  (socket.SOCK_SEQPACKET, b'{"op": "status"}', b'"entry"')):
+        with socket.socket(socket.AF_UNIX, kind) as probe:
+            probe.settimeout(1)
+            try:
+                probe.connect(path)
+                probe.sendall(request)
+                if served in probe.recv(65536):
+                    return True
+            except OSError:
+                pass
+    return False
 
 
 def _is_listing(fd):

@@ -35,6 +35,35 @@ class RemoteError(ClientError):
         self.parameters = parameters
 
 
+class Sandboxed(ClientError):
+    """We run inside a sandbox, where bbld does not serve (it refused us, or none is in
+    reach and we may not start one): bbl-bwrap and bblctl run nest instead (bbld.peer)."""
+
+
+INITIAL_USER_NAMESPACE = 0xEFFFFFFD  # the kernel's fixed inode number of the first one
+
+
+def sandboxed() -> bool:
+    """Whether this process runs inside a sandbox, as far as it can tell on its own: in a
+    user namespace other than the host's first one, or (where pid 1's can be read: root) in
+    another mount namespace than pid 1. bbld's own check (bbld.peer) is the one that counts;
+    this one decides whether a client may start a daemon when none answers."""
+    try:
+        if os.stat("/proc/self/ns/user").st_ino != INITIAL_USER_NAMESPACE:
+            return True
+        own = os.stat("/proc/self/ns/mnt")
+    except OSError:
+        return True  # no /proc of our own to tell: a sandbox
+    try:
+        first = os.stat("/proc/1/ns/mnt")
+    except OSError:
+        return False  # (not ours to read: an ordinary user's session)
+    return (first.st_dev, first.st_ino) != (own.st_dev, own.st_ino)
+
+
+SANDBOXED = "bbld does not serve inside a sandbox"
+
+
 class Connection:
     def __init__(self, sock):
         self.sock = sock
@@ -59,7 +88,7 @@ class Connection:
         self._send({"method": method, "parameters": parameters}, fds)
         reply = self._next_reply()
         if reply.get("error") is not None:
-            raise RemoteError(reply["error"], reply.get("parameters") or {})
+            self._raise(reply)
         return reply.get("parameters") or {}
 
     def stream(self, method: str, fds: tuple[int, ...] = (), **parameters):
@@ -72,7 +101,7 @@ class Connection:
         while True:
             reply = self._next_reply()
             if reply.get("error") is not None:
-                raise RemoteError(reply["error"], reply.get("parameters") or {})
+                self._raise(reply)
             yield reply.get("parameters") or {}
             if not reply.get("continues"):
                 return
@@ -80,6 +109,14 @@ class Connection:
     def _send(self, call: dict, fds: tuple[int, ...]) -> None:
         """A Varlink message: one JSON object and a NUL byte."""
         wire.send(self.sock, wire.dumps(call).encode() + b"\0", fds)
+
+    @staticmethod
+    def _raise(reply: dict) -> None:
+        name, parameters = reply["error"], reply.get("parameters") or {}
+        if name == "io.bbl.Manager.PermissionDenied" and parameters.get("sandboxed"):
+            raise Sandboxed(f"{SANDBOXED}: {parameters.get('reason', 'refused')}; "
+                            "run bblctl outside it")
+        raise RemoteError(name, parameters)
 
     def _next_reply(self) -> dict:
         while not self.pending:
@@ -101,8 +138,12 @@ class Connection:
 
 
 def connect(autostart: bool = True) -> Connection:
+    """A connection to bbld, started first if none answers (never from inside a sandbox:
+    it would run there, and outlive the sandbox's command). Raises Sandboxed there."""
     path = paths.socket_path()
     sock = _try_connect(path)
+    if sock is None and sandboxed():
+        raise Sandboxed(f"{SANDBOXED} and is not started from one; run bblctl outside it")
     if sock is None and autostart:
         sock = _start_daemon(path)
     if sock is None:

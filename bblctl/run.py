@@ -18,9 +18,11 @@ from bblctl.client import (
     ClientError,
     Connection,
     RemoteError,
+    Sandboxed,
     SignalForwarder,
     connect,
     running_daemon,
+    sandboxed,
 )
 
 MAX_FDS = 56  # fds besides stdio that travel with the command line (bbld's limit)
@@ -34,9 +36,13 @@ def main(argv: list[str], prog: str = "bbl-bwrap") -> int:
         except ValueError as exc:
             print(f"bblctl run: {exc}", file=sys.stderr)
             return 2
+    if instance.get("single_instance") and sandboxed():
+        print(f"{prog}: --single-instance needs bbld, which does not serve inside a sandbox;"
+              " leave it out here", file=sys.stderr)
+        return 2
     conn = None if instance.get("single_instance") else running_daemon()
     if conn is None:
-        return _run_spec(argv, prog, instance)
+        return _nested(argv, prog) if sandboxed() else _run_spec(argv, prog, instance)
     fds = _open_fds(besides=conn.sock.fileno())
     if len(fds) > MAX_FDS:
         conn.close()
@@ -45,6 +51,8 @@ def main(argv: list[str], prog: str = "bbl-bwrap") -> int:
         return 1
     try:
         return _run(fds, dict(prog=prog, bwrap=argv, **instance), conn)
+    except Sandboxed:  # bbld refused us: the caller's fds are all still here
+        return _nested(argv, prog)
     except RemoteError as exc:
         if not exc.parameters.get("reported"):  # else the monitor printed it already
             _say(argv, exc.parameters.get("message", exc.name))
@@ -60,9 +68,10 @@ def _run(fds: list[int], parameters: dict, conn: Connection | None = None) -> in
         with SignalForwarder() as forwarder, conn or connect() as conn:
             replies = conn.stream("io.bbl.Manager.Run", fds=(0, 1, 2, cwd, *fds), args=[],
                                   env=dict(os.environ), fd_numbers=fds, **parameters)
-            for number in fds:  # like bwrap, which closes them: readers see EOF in time
-                os.close(number)
             for reply in replies:
+                for number in fds:  # like bwrap, which closes them: readers see EOF in time
+                    os.close(number)  # (not before bbld answered: if it refuses us, we nest)
+                fds = []
                 if reply.get("event") == "started":
                     forwarder.aim(id=reply["id"])
                 elif reply.get("event") == "forwarded":  # to a running single instance
@@ -118,12 +127,22 @@ def _run_spec(argv: list[str], prog: str, instance: dict) -> int:
     try:
         return _run(numbers, dict(spec=msgspec.json.encode(sandbox).decode(),
                                   die_with_client=sandbox.die_with_parent))
+    except Sandboxed:  # (a sandbox our own look did not tell: bbld did)
+        return _nested(argv, prog, sandbox, front)
     except RemoteError as exc:
         front.start_failed(exc.parameters.get("message", exc.name))
         return 1
     except ClientError as exc:
         front.say(str(exc))
         return 1
+
+
+def _nested(argv: list[str], prog: str, sandbox=None, front=None) -> int:
+    """Inside a sandbox, bubblewrap's semantics: the engine runs here, in our namespaces, so
+    the new sandbox can only narrow what this one allows (bbld.engine.standalone)."""
+    from bbld.engine.standalone import run_bwrap
+
+    return run_bwrap(argv, prog, sandbox, front)
 
 
 def _instance_options(argv: list[str]) -> tuple[dict, list[str]]:

@@ -562,6 +562,8 @@ BWRAP_WORDING = [
     (r"fs\[\d+\] \(symlink\) (?P<path>.*): (?P<error>[^:]*)",
      "Can't make symlink at {path}: {error}"),
     (r"fs\[\d+\] \(dir\) (?P<path>.*): (?P<error>[^:]*)", "Can't mkdir {path}: {error}"),
+    (r"cannot create the layer's namespaces: (?P<error>.*)",
+     "Creating new namespace failed: {error}"),
 ]
 
 

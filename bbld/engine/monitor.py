@@ -73,6 +73,9 @@ class Instance:
         self.proc_fd = os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
         if sc.fstatfs_type(self.proc_fd) != sc.PROC_SUPER_MAGIC:
             raise StartError("/proc is not a procfs")
+        if os.readlink("self", dir_fd=self.proc_fd) != str(os.getpid()):  # (ids by number)
+            raise StartError("/proc is the procfs of another pid namespace than ours (an outer "
+                             "sandbox's?): give this one its own (bubblewrap's --proc /proc)")
         mine, theirs = socket.socketpair(socket.AF_UNIX,
                                          socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         go_r, self.go_w = os.pipe2(os.O_CLOEXEC)

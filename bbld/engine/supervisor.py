@@ -11,6 +11,7 @@ the layer and exits with the main's status (128+N for a signal).
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 import resource
@@ -93,6 +94,13 @@ def step(what: str):
         raise StartError(f"{what}: {exc.strerror or exc}") from None
 
 
+def _clone_failure(exc: OSError, flags: int) -> str:
+    if exc.errno == errno.ENOSPC:  # (bubblewrap's words: a nested bwrap says the same)
+        return "nesting depth or /proc/sys/user/max_*_namespaces exceeded (ENOSPC)"
+    hint = " (are unprivileged user namespaces enabled?)" if flags & sc.CLONE_NEWUSER else ""
+    return f"{exc.strerror}{hint}"
+
+
 def spawn_layer(plan: LayerPlan, ctx: Context, proc_fd: int, env: dict[str, str], cwd: str,
                 die_with_parent: bool = True, maps_written_by=None) -> Child:
     """Clone `plan`'s layer from this process. Returns once the child is released.
@@ -110,8 +118,7 @@ def spawn_layer(plan: LayerPlan, ctx: Context, proc_fd: int, env: dict[str, str]
     except OSError as exc:
         os.close(release_r)
         os.close(release_w)
-        hint = " (are unprivileged user namespaces enabled?)" if flags & sc.CLONE_NEWUSER else ""
-        raise StartError(f"cannot create the layer's namespaces: {exc.strerror}{hint}",
+        raise StartError(f"cannot create the layer's namespaces: {_clone_failure(exc, flags)}",
                          layer=plan.name) from None
     if pid == 0:
         _layer_main(plan, ctx, proc_fd, env, cwd, release_r, release_w, die_with_parent)

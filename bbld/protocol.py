@@ -215,8 +215,18 @@ error StartFailed (message: string, exit_code: int, reported: ?bool)
 error PermissionDenied (uid: int, sandboxed: bool, reason: string)
 
 # A message could not be understood: not JSON, not a call, or larger than
-# the limit. The daemon closes the connection after this error.
+# the limit; or it took too long to arrive, or the daemon holds too much
+# unfinished input of its clients (docs/api.md, "Limits"). The daemon closes
+# the connection after this error.
 error InvalidMessage (reason: string)
+
+# The daemon serves as many connections as it may (a quarter of its fd
+# limit), each with a call in progress. It closes this one after the error.
+error Busy (reason: string)
+
+# A bug in the daemon kept it from serving the call; its log says more. The
+# connection goes on.
+error InternalError (message: string)
 """
 
 INTERFACES = {"org.varlink.service": SERVICE_INTERFACE, "io.bbl.Manager": MANAGER_INTERFACE}

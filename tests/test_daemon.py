@@ -1,5 +1,6 @@
 """bbld: the socket, who may talk to it, Varlink framing and errors, systemd integration."""
 
+import io
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from bbld import protocol
+from bbld.daemon import log
 from tests.conftest import BBLD, wait_for_socket
 
 
@@ -181,7 +183,8 @@ def test_another_uid_is_refused(tmp_path):
         (reply,) = exchange(path, call("io.bbl.Manager.Ping"))
         assert (reply["error"], reply["parameters"]) == (
             "io.bbl.Manager.PermissionDenied",
-            {"uid": 0, "sandboxed": False, "reason": "uid 0 is not the daemon's user"})
+            {"uid": 0, "sandboxed": False,
+             "reason": "the caller runs as uid 0, not as bbld's user"})
         ping = call("io.bbl.Manager.Ping")
         code = (f"import socket; s = socket.socket(socket.AF_UNIX); s.connect({str(path)!r});"
                 f"s.sendall({ping!r}); print(s.recv(4096))")
@@ -225,3 +228,18 @@ def test_file_descriptors_where_none_are_expected_are_refused_and_closed(daemon)
         os.write(write_end, b"x")
     os.close(write_end)
     assert exchange(daemon, call("io.bbl.Manager.Ping"))[0]["parameters"]["pid"] > 0
+
+
+def test_the_log_says_a_flood_in_a_few_lines(monkeypatch):
+    out = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", out)
+    monkeypatch.setattr(log, "_budget", log._Budget())
+    for n in range(1000):
+        log.say(f"cannot accept a connection \x1b[2J{n}")
+    monkeypatch.setattr(log._budget, "start", log._budget.start - log.WINDOW)
+    log.say("later")
+    lines = out.getvalue().splitlines()
+    assert len(lines) == log.BURST + 2
+    assert lines[-2] == f"bbld: ({1000 - log.BURST} more log lines were left out)"
+    assert lines[-1] == "bbld: later"
+    assert "\x1b" not in out.getvalue() and "\\x1b[2J" in lines[0]

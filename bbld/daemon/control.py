@@ -199,11 +199,7 @@ class Control:
     def close(self, status: int | None) -> None:
         """The instance ended: record it, tell the watchers, remove the socket."""
         final = {**self.entry, "pid": None, "state": "exited", "status": status}
-        temporary = os.path.join(self.directory, f".{self.entry['id']}.exited")
-        with open(os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC,
-                          0o600), "wb") as f:
-            f.write(msgspec.json.encode(final))
-        os.rename(temporary, os.path.join(self.directory, f"{self.entry['id']}.exited"))
+        self._record_end(msgspec.json.encode(final))
         for pid in list(self.execs):
             pidfd, conn = self.execs.pop(pid)
             _kill_session(pid, pidfd)
@@ -222,6 +218,24 @@ class Control:
         except FileNotFoundError:
             pass
         self.listener.close()
+
+
+    def _record_end(self, final: bytes) -> None:
+        """ID.exited, for a bbld that was not there to see the end: written to a new file
+        (never through whatever another process put at its name), then renamed."""
+        temporary = os.path.join(self.directory, f".{self.entry['id']}.exited")
+        try:
+            try:
+                os.unlink(temporary)  # (a link planted there goes, not what it points to)
+            except FileNotFoundError:
+                pass
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600)
+            with open(fd, "wb") as f:
+                f.write(final)
+            os.rename(temporary, os.path.join(self.directory, f"{self.entry['id']}.exited"))
+        except OSError:
+            pass  # bbld follows the instance anyway; only a later bbld misses its status
 
 
 def _kill_session(pid: int, pidfd: int) -> None:

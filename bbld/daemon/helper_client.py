@@ -28,6 +28,9 @@ class Helper:
         self.instances = instances  # where monitors put their control sockets
         self.process: subprocess.Popen | None = None
         self.sock = None
+        # One sender at a time: trio lets only one task wait to write an fd, and a burst of
+        # starts fills the channel's buffer (each request carries the caller's environment).
+        self.sending = trio.Lock()
 
     def _ensure_running(self) -> None:
         if self.process is not None and self.process.poll() is None:
@@ -36,7 +39,8 @@ class Helper:
             self.sock.close()
         mine, theirs = _seqpacket_pair()
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "bbld.daemon.helper", str(theirs.fileno()), self.instances],
+            [sys.executable, "-I", "-m", "bbld.daemon.helper", str(theirs.fileno()),
+             self.instances],
             pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
         theirs.close()
         self.sock = trio.socket.from_stdlib_socket(mine)
@@ -44,12 +48,13 @@ class Helper:
     async def start(self, request: StartRequest, fds: list[int]):
         """Yield (Event, fds) for one new instance until its monitor ends. `fds`: stdin,
         stdout, stderr, working directory, then one per request.fd_numbers."""
-        self._ensure_running()
         mine, theirs = _seqpacket_pair()
         data = msgspec.json.encode(request)
         try:
-            await self.sock.sendmsg([data], [(
-                socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", [theirs.fileno(), *fds]))])
+            async with self.sending:
+                self._ensure_running()
+                await self.sock.sendmsg([data], [(
+                    socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", [theirs.fileno(), *fds]))])
         except OSError as exc:  # EMSGSIZE: longer than the socket's buffer (about 200 KB)
             mine.close()
             raise VarlinkError("io.bbl.Manager.StartFailed", exit_code=2,

@@ -52,6 +52,14 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bbld: cannot listen on {socket_path or paths.socket_path()}: {exc.strerror}",
               file=sys.stderr)
         return 1
+    try:
+        paths.private_directory(instances, closed=0o077)  # (its entries: Registry.adopt)
+    except (paths.UnsafeDirectory, OSError) as exc:
+        cleanup()
+        message = exc if isinstance(exc, paths.UnsafeDirectory) else \
+            f"{instances}: {exc.strerror}"
+        print(f"bbld: {message}", file=sys.stderr)
+        return 1
     _raise_fd_limit()
     try:
         trio.run(_run, listener, instances)

@@ -9,17 +9,19 @@ ran left ID.exited there; the next bbld reads it into the ended list and removes
 from __future__ import annotations
 
 import collections
+import functools
 import os
 import signal as _signal
 import socket
+import stat
 import time
-import traceback
 from array import array
 
 import msgspec
 import trio
 
-from bbld import protocol
+from bbld import peer, protocol
+from bbld.daemon import log
 from bbld.daemon.messages import (
     INSTANCE_ID,
     MAX_CONTROL,
@@ -86,6 +88,7 @@ class Registry:
         self.ended: collections.deque[InstanceRecord] = collections.deque(maxlen=KEEP_ENDED)
         self.changed = trio.Event()  # set (and replaced) whenever an instance starts or ends
         self.subscribers: set[trio.MemorySendChannel] = set()  # Events callers
+        self.nursery: trio.Nursery | None = None
 
     def control_path(self, instance_id: str) -> str:
         return os.path.join(self.directory, f"{instance_id}.sock")
@@ -122,8 +125,8 @@ class Registry:
         self.publish(record, "exited")
         try:
             os.unlink(os.path.join(self.directory, f"{record.id}.exited"))
-        except FileNotFoundError:
-            pass
+        except OSError:
+            pass  # none (it ended while we watched), or not one a monitor made
         self.notify()
 
     def drop(self, record: InstanceRecord) -> None:
@@ -156,8 +159,8 @@ class Registry:
         status = None
         try:
             status = await self._watch(record)
-        except Exception:  # a bug here must not take the daemon down
-            traceback.print_exc()
+        except Exception:  # noqa: BLE001 (a bug here must not take the daemon down)
+            log.bug(f"following instance {record.id}")
         self.finish(record, status)
 
     async def _watch(self, record: InstanceRecord) -> int | None:
@@ -174,36 +177,62 @@ class Registry:
         return status
 
     def _ended_status(self, instance_id: str) -> int | None:
-        try:
-            with open(os.path.join(self.directory, f"{instance_id}.exited"), "rb") as f:
-                return msgspec.json.decode(f.read()).get("status")
-        except (OSError, msgspec.DecodeError, AttributeError):
-            return None
+        entry = _read_exited(os.path.join(self.directory, f"{instance_id}.exited"))
+        return entry.get("status") if entry else None
 
     async def adopt(self, nursery: trio.Nursery) -> None:
-        """Take over the instances a previous bbld left running, and those that ended."""
-        os.makedirs(self.directory, mode=0o700, exist_ok=True)
+        """Take over the instances a previous bbld left running, and those that ended. The
+        directory is bbld's own (main checked it: a real 0700 directory of the user's), but
+        nothing in it is taken on trust: only entries named as BBL names them and of the
+        kind it makes (a socket, a regular file of the user's) are used, nothing is followed
+        or opened in a way that could block, only such entries are removed, and what is
+        skipped is said in the log. bbld waits for the running ones' monitors at most
+        ADOPT_WAIT seconds together; one that answers later (stopped, say) is adopted then."""
+        self.nursery = nursery  # (the followers of what is adopted run there)
+        sockets = []
         for name in sorted(os.listdir(self.directory)):
+            instance, _, kind = name.partition(".")
             path = os.path.join(self.directory, name)
-            if name.endswith(".exited"):
+            if not INSTANCE_ID.fullmatch(instance) or kind not in ("exited", "sock"):
+                if not (name.startswith(".") and name.endswith(".exited")):  # (a monitor's)
+                    log.say(f"skipped {path}: not a name bbld gives")
+            elif kind == "exited":
                 self._adopt_ended(path)
-            elif name.endswith(".sock"):
-                await self._adopt_running(path, nursery)
+            elif _is_ours(path, stat.S_ISSOCK):
+                sockets.append(path)
+            else:
+                log.say(f"skipped {path}: not a socket of this user")
+        pending, done = len(sockets), trio.Event()
+
+        async def adopt_one(path: str) -> None:
+            nonlocal pending
+            try:
+                await self._adopt_running(path)
+            finally:
+                pending -= 1
+                if not pending:
+                    done.set()
+
+        for path in sockets:
+            nursery.start_soon(adopt_one, path)
+        if sockets:
+            with trio.move_on_after(ADOPT_WAIT):
+                await done.wait()
 
     def _adopt_ended(self, path: str) -> None:
+        entry = _read_exited(path)
+        if entry is None:
+            return log.say(f"skipped {path}: not a regular file of this user with an entry")
         try:
-            with open(path, "rb") as f:
-                record = InstanceRecord.from_entry(msgspec.json.decode(f.read()))
+            record = InstanceRecord.from_entry(entry)
             record.state = "exited"
             self.ended.append(record)
-        except (OSError, msgspec.DecodeError, KeyError, TypeError, AttributeError):
-            pass  # unreadable: nothing to report
+        except (KeyError, TypeError, AttributeError):
+            log.say(f"{path}: an entry bbld cannot read; removed")
         os.unlink(path)
 
-    async def _adopt_running(self, path: str, nursery: trio.Nursery) -> None:
+    async def _adopt_running(self, path: str) -> None:
         expected = os.path.basename(path).removesuffix(".sock")
-        if not INSTANCE_ID.fullmatch(expected):
-            return  # not one of ours: leave it alone
         try:
             with await connect(path, ControlRequest(op="status")) as sock:
                 async for reply, _ in replies(sock):
@@ -211,26 +240,70 @@ class Registry:
                     break
                 else:
                     raise OSError("no answer")
-        except (OSError, TypeError, KeyError, AttributeError, msgspec.DecodeError):
-            os.unlink(path)  # its monitor is gone (killed): a stale socket
+        except ConnectionRefusedError:
+            os.unlink(path)  # nobody listens: its monitor is gone (killed), a stale socket
             return
+        except (OSError, TypeError, KeyError, AttributeError, msgspec.DecodeError) as exc:
+            return log.say(f"skipped {path}: its monitor did not answer as one ({exc})")
         if record.id != expected:  # a monitor only ever names its own socket
-            return
+            return log.say(f"skipped {path}: it answers for another instance")
         self.live[record.id] = record
-        nursery.start_soon(self.follow, record)
+        self.notify()
+        self.nursery.start_soon(self.follow, record)
+
+
+ADOPT_WAIT = 2.0  # seconds bbld's start waits for the monitors of running instances
+
+
+def _is_ours(path: str, kind) -> bool:
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return False
+    return kind(info.st_mode) and info.st_uid == os.getuid()
+
+
+def _read_exited(path: str) -> dict | None:
+    """The final entry a monitor left in ID.exited: a regular file of the user's, read
+    without following a link or waiting on a FIFO; None if it is anything else."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode) or info.st_uid != os.getuid():
+            return None
+        entry = msgspec.json.decode(os.read(fd, MAX_CONTROL))
+        return entry if isinstance(entry, dict) else None
+    except (OSError, msgspec.DecodeError):
+        return None
+    finally:
+        os.close(fd)
 
 
 async def connect(path: str, request: ControlRequest, fds: list[int] = ()):
-    """A connection to an instance's monitor with `request` sent (and `fds` with it)."""
+    """A connection to an instance's monitor with `request` sent (and `fds` with it). The
+    monitor must be the user's, in bbld's own namespaces (bbld.peer), as bbld is for it:
+    whatever else listens at its socket's name gets nothing (PermissionError)."""
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
         await sock.connect(path)
+        try:
+            peer.check(sock, _home(), "the instance's monitor", "bbld")
+        except peer.Refused as refused:
+            raise PermissionError(f"{path}: {refused}") from None
         ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", fds))] if fds else []
         await sock.sendmsg([msgspec.json.encode(request)], ancillary)
     except BaseException:
         sock.close()
         raise
     return sock
+
+
+@functools.cache
+def _home() -> peer.Identity:
+    return peer.own_namespaces()
 
 
 async def replies(sock):

@@ -6,20 +6,22 @@ goes on serving everyone else. Only the daemon's own uid may talk to it (SO_PEER
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import inspect
 import os
+import resource
 import secrets
 import signal as _signal
 import socket
 import time
-import traceback
 from array import array
 
 import msgspec
 import trio
 
 from bbld import __version__, peer, profile, protocol, spec
+from bbld.daemon import log
 from bbld.daemon.helper_client import Helper
 from bbld.daemon.messages import MAX_EXTRA_FDS, ControlRequest, StartRequest
 from bbld.daemon.registry import InstanceRecord, Registry, connect, replies
@@ -29,13 +31,40 @@ SERVICE = "org.varlink.service"
 EVENT_BACKLOG = 256  # events a slow Events caller may fall behind by before it is dropped
 
 
+@dataclasses.dataclass
+class Limits:
+    """What clients together can make bbld hold (docs/api.md, "Limits")."""
+    buffered: int = 64 << 20  # bytes of unfinished messages, all connections together
+    connections: int = 0  # open connections; 0: a quarter of bbld's fd limit, at least 64
+    idle: float = 300.0  # seconds a connection may wait between calls
+    frame: float = 10.0  # seconds a message may take from its first byte to its end
+    refusing: int = 32  # refused peers still being told why (more are closed at once)
+
+
+class _Client:
+    """One connection, as the limits see it."""
+
+    def __init__(self, stream: trio.SocketStream):
+        self.stream = stream
+        self.busy = False  # a call is being served
+        self.since = trio.current_time()  # its last call's end
+        self.held = 0  # bytes of an unfinished message
+        self.scope = trio.CancelScope()  # cancelled to make room (Daemon._make_room)
+
+
 class Daemon:
     def __init__(self, helper: "Helper | None" = None, registry: Registry | None = None,
-                 nursery: trio.Nursery | None = None):
+                 nursery: trio.Nursery | None = None, limits: Limits | None = None):
         self.helper = helper
         self.registry = registry
         self.nursery = nursery  # for tasks that outlive a call: following instances
         self.home = peer.own_namespaces()  # a caller must be in these (bbld.peer)
+        self.limits = limits or Limits()
+        if not self.limits.connections:
+            self.limits.connections = max(64, resource.getrlimit(resource.RLIMIT_NOFILE)[0] // 4)
+        self.clients: set[_Client] = set()
+        self.buffered = 0  # bytes held in all unfinished messages
+        self.refusing = 0
         self.methods = {
             f"{SERVICE}.GetInfo": self.get_info,
             f"{SERVICE}.GetInterfaceDescription": self.get_interface_description,
@@ -84,10 +113,17 @@ class Daemon:
         single = _single_instance_name(spec) if spec is not None else None
         running = await self.registry.running_single(single) if single else None
         if running is not None:  # hand the arguments over instead of starting a second one
-            async for reply in self._forward(running, spec, list(args), fds[:3],
-                                             on_client_gone):
-                yield reply
-            return
+            answered = False
+            try:
+                async for reply in self._forward(running, spec, list(args), fds[:3],
+                                                 on_client_gone):
+                    answered = True
+                    yield reply
+                return
+            except VarlinkError as exc:
+                if answered or exc.name != "io.bbl.Manager.NoSuchInstance":
+                    raise
+            # It ended before it could take them: this start makes a new one.
         record = InstanceRecord(id=secrets.token_hex(8), state="starting", started=time.time())
         record.name, record.single_instance = single, bool(single)
         self.registry.add(record)
@@ -126,6 +162,8 @@ class Daemon:
                         yield reply if tty is None else WithFds(reply, [tty])
                     elif event.event == "exited":
                         status = event.status
+                        if started:  # (before the caller hears of it: ps then agrees)
+                            self.registry.finish(record, status)
                         yield Reply(parameters={"event": "exited", "id": record.id,
                                                 "status": status})
                         return
@@ -145,9 +183,15 @@ class Daemon:
                        fds: list[int], on_client_gone: list):
         """A single-instance start that found its instance running: its main command's
         arguments go to that instance (events: forwarded, then exited)."""
-        sandbox = spec.decode(spec_text, "json", "request")
-        main = spec.path_to(sandbox.layer, spec.main_layer_name(sandbox))[-1]
-        request = ControlRequest(op="send-args", args=[*main.command.argv[1:], *args])
+        try:
+            sandbox = spec.decode(spec_text, "json", "request")
+            main = spec.path_to(sandbox.layer, spec.main_layer_name(sandbox))[-1]
+            argv = main.command.argv[1:]
+        except (spec.SpecError, ValueError, IndexError, AttributeError) as exc:
+            problems = exc.problems if isinstance(exc, spec.SpecError) else [str(exc)]
+            raise VarlinkError("io.bbl.Manager.StartFailed", exit_code=2,
+                               message="\n".join(problems)) from None
+        request = ControlRequest(op="send-args", args=[*argv, *args])
         async for reply in self._exec_stream(record, request, fds, on_client_gone):
             if isinstance(reply, WithFds):  # (send-args has no terminal to pass)
                 _close_all(reply.fds)
@@ -309,60 +353,121 @@ class Daemon:
                 yield reply
         except VarlinkError as exc:
             yield exc.reply()
+        except Exception as exc:  # noqa: BLE001 (a bug: every call gets an answer all the same)
+            log.bug(call.method)
+            yield VarlinkError("io.bbl.Manager.InternalError",
+                               message=f"bbld failed to serve {call.method}: "
+                                       f"{type(exc).__name__}; see its log").reply()
 
     async def serve_connection(self, stream: trio.SocketStream) -> None:
         """One client. A bug while serving it ends this connection, never the daemon."""
         try:
-            await self._serve(stream)
-        except Exception:
-            traceback.print_exc()
+            async with stream:
+                try:
+                    peer.check(stream.socket, self.home)
+                except peer.Refused as refused:
+                    await self._refuse(stream, VarlinkError(
+                        "io.bbl.Manager.PermissionDenied", uid=refused.uid,
+                        sandboxed=refused.sandboxed, reason=refused.reason))
+                    return
+                if len(self.clients) >= self.limits.connections and not self._make_room():
+                    await self._refuse(stream, VarlinkError(
+                        "io.bbl.Manager.Busy", reason=f"bbld serves {len(self.clients)} "
+                        "connections with a call in progress, its limit; try again later"))
+                    return
+                client = _Client(stream)
+                self.clients.add(client)
+                try:
+                    with client.scope:
+                        await self._serve(client)
+                finally:
+                    self.clients.discard(client)
+                    self.buffered -= client.held
+        except Exception:  # noqa: BLE001 (a bug: said in the log, the daemon goes on)
+            log.bug("serving a connection")
 
-    async def _serve(self, stream: trio.SocketStream) -> None:
-        async with stream:
+    async def _refuse(self, stream: trio.SocketStream, error: VarlinkError) -> None:
+        """One error reply, then the end; a flood of refused peers is cut off sooner."""
+        if self.refusing >= self.limits.refusing:
+            return
+        self.refusing += 1
+        try:
+            await self._send(stream, error.reply())
+            await _close_gently(stream)
+        finally:
+            self.refusing -= 1
+
+    def _make_room(self) -> bool:
+        """Close the connection that has waited longest between calls; False if every
+        connection has a call in progress."""
+        waiting = [client for client in self.clients if not client.busy]
+        if not waiting:
+            return False
+        oldest = min(waiting, key=lambda client: client.since)
+        oldest.scope.cancel()
+        self.clients.discard(oldest)
+        return True
+
+    async def _serve(self, client: _Client) -> None:
+        stream = client.stream
+        framer = protocol.Framer()
+        fds: list[int] = []  # they come with a call's first bytes, kept until its end
+        while True:
             try:
-                peer.check(stream.socket, self.home)
-            except peer.Refused as refused:
-                await self._send(stream, VarlinkError(
-                    "io.bbl.Manager.PermissionDenied", uid=refused.uid,
-                    sandboxed=refused.sandboxed, reason=refused.reason).reply())
+                data, more_fds = await self._next_bytes(client, framer)
+                fds += more_fds
+                if not data:
+                    _close_all(fds)
+                    return
+                if len(fds) > protocol.MAX_FDS:
+                    raise protocol.InvalidMessage(
+                        f"more than {protocol.MAX_FDS} file descriptors")
+                calls = [protocol.decode_call(frame) for frame in framer.feed(data)]
+                self._hold(client, len(framer.buffer))
+                if not calls:
+                    continue  # a call longer than one read: its fds wait for its end
+                if fds and not (len(calls) == 1 and self._takes_fds(calls[0])):
+                    raise protocol.InvalidMessage(
+                        f"{len(fds)} file descriptor(s) sent with a call that takes none")
+            except VarlinkError as exc:  # the stream is out of step: end it
+                _close_all(fds)
+                await self._send(stream, exc.reply())
                 await _close_gently(stream)
                 return
-            framer = protocol.Framer()
-            fds: list[int] = []  # they come with a call's first bytes, kept until its end
-            while True:
-                try:
-                    data, more_fds = await _receive(stream.socket)
-                    fds += more_fds
-                    if not data:
-                        _close_all(fds)
-                        return
-                    if len(fds) > protocol.MAX_FDS:
-                        raise protocol.InvalidMessage(
-                            f"more than {protocol.MAX_FDS} file descriptors")
-                    calls = [protocol.decode_call(frame) for frame in framer.feed(data)]
-                    if not calls:
-                        continue  # a call longer than one read: its fds wait for its end
-                    if fds and not (len(calls) == 1 and self._takes_fds(calls[0])):
-                        raise protocol.InvalidMessage(
-                            f"{len(fds)} file descriptor(s) sent with a call that takes none")
-                except VarlinkError as exc:  # the stream is out of step: end it
-                    _close_all(fds)
-                    await self._send(stream, exc.reply())
-                    await _close_gently(stream)
-                    return
-                for call in calls:
-                    on_client_gone: list = []
-                    async with trio.open_nursery() as nursery:
-                        if call.more:  # a long call: notice when the caller goes away
-                            nursery.start_soon(_watch_peer, stream.socket, on_client_gone)
-                        try:
-                            async for reply in self.dispatch(call, fds, on_client_gone):
-                                if not call.oneway:
-                                    await self._send(stream, reply)
-                        finally:
-                            _close_all(fds)  # the helper has its own copies by now
-                            fds = []
-                            nursery.cancel_scope.cancel()
+            client.busy = True
+            for call in calls:
+                on_client_gone: list = []
+                async with trio.open_nursery() as nursery:
+                    if call.more:  # a long call: notice when the caller goes away
+                        nursery.start_soon(_watch_peer, stream.socket, on_client_gone)
+                    try:
+                        async for reply in self.dispatch(call, fds, on_client_gone):
+                            if not call.oneway:
+                                await self._send(stream, reply)
+                    finally:
+                        _close_all(fds)  # the helper has its own copies by now
+                        fds = []
+                        nursery.cancel_scope.cancel()
+            client.busy, client.since = False, trio.current_time()
+
+    async def _next_bytes(self, client: _Client, framer) -> tuple[bytes, list[int]]:
+        """The next bytes (and fds) from the client, b"" at its end; a connection that waits
+        too long between calls ends quietly, a message too slow in coming with an error."""
+        partial = bool(framer.buffer)
+        with trio.move_on_after(self.limits.frame if partial else self.limits.idle):
+            return await _receive(client.stream.socket)
+        if partial:
+            raise protocol.InvalidMessage(f"a message took longer than {self.limits.frame:g} "
+                                          "s to arrive")
+        return b"", []
+
+    def _hold(self, client: _Client, held: int) -> None:
+        """Account for the client's unfinished message against the budget of all."""
+        self.buffered += held - client.held
+        client.held = held
+        if self.buffered > self.limits.buffered:
+            raise protocol.InvalidMessage("bbld holds too many unfinished messages of its "
+                                          "clients; send whole messages, and fewer at once")
 
     def _takes_fds(self, call: Call) -> bool:
         return getattr(self.methods.get(call.method), "takes_fds", False)
@@ -434,9 +539,13 @@ def _close_all(fds: list[int]) -> None:
 
 
 async def _receive(sock) -> tuple[bytes, list[int]]:
-    """Bytes and any file descriptors that came with them (close-on-exec)."""
-    data, ancdata, flags, _ = await sock.recvmsg(
-        65536, socket.CMSG_SPACE(protocol.MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC)
+    """Bytes and any file descriptors that came with them (close-on-exec); a connection the
+    peer reset ends as if it had hung up."""
+    try:
+        data, ancdata, flags, _ = await sock.recvmsg(
+            65536, socket.CMSG_SPACE(protocol.MAX_FDS * 4), socket.MSG_CMSG_CLOEXEC)
+    except OSError:
+        return b"", []
     fds = protocol.fds_from_ancillary(ancdata)
     if flags & socket.MSG_CTRUNC:
         for fd in fds:
@@ -495,13 +604,20 @@ def _check_parameters(method, parameters: dict) -> None:
             raise VarlinkError(f"{SERVICE}.InvalidParameter", parameter=name)
 
 
-async def serve(listener: trio.SocketListener, instances: str, ready=None) -> None:
+async def serve(listener: trio.SocketListener, instances: str, ready=None,
+                limits: Limits | None = None) -> None:
     """Serve until cancelled. `ready` is called once the listener accepts connections."""
     async with trio.open_nursery() as nursery:
         registry = Registry(instances)
         await registry.adopt(nursery)
-        daemon = Daemon(Helper(instances), registry, nursery)
+        daemon = Daemon(Helper(instances), registry, nursery, limits)
         if ready is not None:
             ready()
-        await trio.serve_listeners(daemon.serve_connection, [listener],
-                                   handler_nursery=nursery)
+        while True:
+            try:
+                stream = await listener.accept()
+            except OSError as exc:  # EMFILE, ENFILE, ENOMEM: try again soon, say it once
+                log.say(f"cannot accept a connection: {exc.strerror}")
+                await trio.sleep(0.1)
+                continue
+            nursery.start_soon(daemon.serve_connection, stream)

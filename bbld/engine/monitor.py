@@ -170,10 +170,11 @@ class Instance:
             elif fd in self.watches:
                 try:
                     self.watches[fd]()
-                except Exception:  # a bug in a watcher must not end the instance
-                    import traceback  # only for bugs: not in every monitor's memory
+                except Exception:  # a bug in a watcher must not end the instance,
+                    import traceback  # (only for bugs: not in every monitor's memory)
 
                     traceback.print_exc()
+                    self.unwatch(fd)  # nor make it spin on an fd that stays readable
 
     def watch(self, fd: int, callback) -> None:
         """Call `callback()` from the instance's loop whenever `fd` is readable."""

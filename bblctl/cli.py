@@ -5,6 +5,9 @@ import os
 import sys
 
 from bblctl.client import ClientError, RemoteError
+from bbld.text import printable
+
+__all__ = ["READER_GONE", "UsageError", "exit_now", "is_name", "parse", "printable", "report"]
 
 NAME_CHARACTERS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-")
 
@@ -67,11 +70,11 @@ def exit_now(main) -> None:
 def report(error: ClientError) -> int:
     """Print a client error as one line; the exit status for it."""
     if isinstance(error, RemoteError) and error.name == "io.bbl.Manager.NoSuchInstance":
-        print(f"bblctl: no running instance {error.parameters.get('id')!r}; see bblctl ps",
-              file=sys.stderr)
+        print(f"bblctl: no running instance {printable(repr(error.parameters.get('id')))}; "
+              "see bblctl ps", file=sys.stderr)
         return 2
     if isinstance(error, RemoteError) and "message" in error.parameters:
-        print(f"bblctl: {error.parameters['message']}", file=sys.stderr)
+        print(f"bblctl: {printable(str(error.parameters['message']))}", file=sys.stderr)
         return error.parameters.get("exit_code", 1)
-    print(f"bblctl: {error}", file=sys.stderr)
+    print(f"bblctl: {printable(str(error))}", file=sys.stderr)
     return 1

@@ -15,7 +15,7 @@ import time
 
 from bblctl import wire
 from bblctl.wire import signal
-from bbld import paths
+from bbld import paths, peer
 from bbld.framing import Framer, FrameTooLarge
 
 START_TIMEOUT = 10.0  # seconds for a freshly started bbld to accept connections
@@ -160,16 +160,40 @@ def running_daemon() -> Connection | None:
 
 
 def _try_connect(path: str):
+    """A connection to what listens at `path`, once it proved to be the user's bbld (see
+    _verify); None if nothing listens."""
     sock = wire.unix_socket()
     try:
         sock.connect(path)
-        return sock
     except (FileNotFoundError, ConnectionRefusedError):
         sock.close()
         return None
     except OSError as exc:
         sock.close()
         raise ClientError(f"cannot connect to {path}: {exc.strerror}") from None
+    try:
+        _verify(sock, path)
+    except ClientError:
+        sock.close()
+        raise
+    return sock
+
+
+def _verify(sock, path: str) -> None:
+    """Before a byte of ours goes out (our environment, stdio, fds): the server must be our
+    uid in our own user and mount namespaces, the same check bbld makes of us (bbld.peer).
+    Anyone else listening there (another user, where the socket's directory is shared; a
+    sandbox that could write the runtime directory) gets nothing. From inside a sandbox the
+    real bbld fails it too: we are the one in other namespaces (Sandboxed)."""
+    try:
+        peer.check(sock, peer.own_namespaces(), "its server", "this client")
+    except peer.Refused as refused:
+        if refused.uid != os.getuid():
+            raise ClientError(f"{path} is served by uid {refused.uid}, not by you: remove it "
+                              "(another user made it)") from None
+        if sandboxed():
+            raise Sandboxed(f"{SANDBOXED}; run bblctl outside it") from None
+        raise ClientError(f"{path} is not your bbld: {refused.reason}; remove it") from None
 
 
 def state_dir() -> str:
@@ -180,10 +204,14 @@ def state_dir() -> str:
 
 
 def _start_daemon(path: str):
-    directory = state_dir()
-    os.makedirs(directory, mode=0o700, exist_ok=True)
+    try:
+        directory = paths.private_directory(state_dir())
+    except paths.UnsafeDirectory as exc:
+        raise ClientError(f"cannot start bbld: {exc}") from None
+    except OSError as exc:
+        raise ClientError(f"cannot start bbld: {state_dir()}: {exc.strerror}") from None
     lock = os.open(os.path.join(directory, "autostart.lock"),
-                   os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                   os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:
         fcntl.flock(lock, fcntl.LOCK_EX)  # one starter at a time; the others wait here
         sock = _try_connect(path)  # someone else may have started it meanwhile
@@ -198,18 +226,34 @@ def _start_daemon(path: str):
         os.close(lock)
 
 
+# What an autostarted bbld keeps of our environment: where the user's directories are, the
+# locale, and BBL's own settings. Nothing else (LD_PRELOAD, PYTHONPATH, tokens): it serves
+# every later client, and each sandbox gets its caller's environment as data anyway.
+DAEMON_ENVIRONMENT = ("PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ",
+                      "XDG_RUNTIME_DIR", "XDG_STATE_HOME", "XDG_CONFIG_HOME", "XDG_DATA_HOME")
+
+
+def daemon_environment(environ) -> dict[str, str]:
+    return {name: value for name, value in environ.items() if name in DAEMON_ENVIRONMENT
+            or name.startswith(("LC_", "BBL_"))}
+
+
 def _spawn_and_wait(path: str, log: str):
-    """Start bbld and wait, without polling, until it says READY=1 (sd_notify, on a datagram
-    socket of ours) or ends; then connect. None if it ended or timed out."""
+    """Start bbld (isolated: `python -I`, DAEMON_ENVIRONMENT only) and wait, without
+    polling, until it says READY=1 (sd_notify, on a datagram socket of ours) or ends; then
+    connect. None if it ended or timed out. The socket's name is visible to everyone in
+    /proc/net/unix, so only bbld's own datagram counts: the kernel vouches for the sender's
+    pid (SCM_CREDENTIALS)."""
     import select  # (autostart only)
 
-    notify = wire.socket.socket(wire.socket.AF_UNIX,
-                                wire.socket.SOCK_DGRAM | wire.socket.SOCK_CLOEXEC)
+    socket = wire.socket
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
     try:
         name = f"bbl-notify-{os.getpid()}-{os.urandom(8).hex()}"  # abstract: nothing to remove
         notify.bind(f"\0{name}")
-        pid = _spawn_detached([sys.executable, "-m", "bbld.daemon.main"], log,
-                              {**os.environ, "NOTIFY_SOCKET": f"@{name}"})
+        notify.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
+        pid = _spawn_detached([sys.executable, "-I", "-m", "bbld.daemon.main"], log,
+                              {**daemon_environment(os.environ), "NOTIFY_SOCKET": f"@{name}"})
         try:
             daemon = os.pidfd_open(pid)
         except OSError:
@@ -218,8 +262,8 @@ def _spawn_and_wait(path: str, log: str):
             deadline = time.monotonic() + START_TIMEOUT
             while (left := deadline - time.monotonic()) > 0:
                 ready = select.select([notify, daemon], [], [], left)[0]
-                if notify in ready and b"READY=1" in notify.recv(4096):
-                    return _try_connect(path)  # (a READY from anyone else: the connect says)
+                if notify in ready and _notified_by(notify, pid):
+                    return _try_connect(path)
                 if daemon in ready:
                     return _try_connect(path)  # ended: maybe another bbld serves the socket
             return None
@@ -227,6 +271,17 @@ def _spawn_and_wait(path: str, log: str):
             os.close(daemon)
     finally:
         notify.close()
+
+
+def _notified_by(notify, pid: int) -> bool:
+    """Whether the datagram waiting on `notify` is READY=1 from process `pid`."""
+    socket = wire.socket
+    data, ancillary, _flags, _ = notify.recvmsg(4096, socket.CMSG_SPACE(12))
+    for level, kind, record in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_CREDENTIALS and len(record) >= 12:
+            sender = int.from_bytes(record[:4], sys.byteorder, signed=True)
+            return sender == pid and b"READY=1" in data.split(b"\n")
+    return False
 
 
 def _spawn_detached(argv: list[str], log: str, env: dict[str, str]) -> int:
@@ -242,7 +297,8 @@ def _spawn_detached(argv: list[str], log: str, env: dict[str, str]) -> int:
             if grandchild == 0:
                 os.chdir("/")
                 null = os.open(os.devnull, os.O_RDONLY)
-                out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+                out = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_NOFOLLOW,
+                              0o600)
                 os.dup2(null, 0)
                 os.dup2(out, 1)
                 os.dup2(out, 2)
@@ -285,11 +341,18 @@ class SignalForwarder:
         while self.early:
             self._send(self.early.pop(0))
 
+    ENDING = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
     def _received(self, signo, _frame) -> None:
-        if self.target is None:
-            self.early.append(signo)
-        else:
+        if self.target is not None:
             self._send(signo)
+        elif signo in self.ENDING and any(early in self.ENDING for early in self.early):
+            # A second one before the sandbox even started (it waits on --block-fd, say):
+            # the caller means it. Die of it, as bwrap would have of the first.
+            signal.signal(signo, signal.SIG_DFL)
+            os.kill(os.getpid(), signo)
+        else:
+            self.early.append(signo)
 
     def _send(self, signo: int) -> None:
         try:

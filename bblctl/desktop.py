@@ -27,12 +27,18 @@ def desktop(argv: list[str]) -> int:
     if len(positional) != 1:
         raise UsageError("desktop install takes one profile name")
     name = positional[0]
+    if _has_control(name):  # a newline would start a line of its own
+        raise UsageError(f"{name!r}: a profile name or path with control characters cannot "
+                         "go into a launcher; rename it")
+    if "/" in name or name.endswith(".toml"):
+        name = os.path.abspath(name)  # the launcher runs elsewhere
     try:
         sandbox = profile.load(profile.find(name))
     except profile.ProfileError as exc:
         raise UsageError("\n".join(exc.problems)) from None
     original = _read_entry(values["--from"]) if values["--from"] else {}
-    filename = os.path.basename(values["--from"]) if values["--from"] else f"bbl-{name}.desktop"
+    filename = os.path.basename(values["--from"]) if values["--from"] else \
+        f"bbl-{_file_name(name)}.desktop"
     directory = os.path.join(_data_home(), "applications")
     os.makedirs(directory, exist_ok=True)
     path = os.path.join(directory, filename)
@@ -50,7 +56,9 @@ def entry(profile_name: str, instance_name: str, original: dict[str, str]) -> st
     lines = ["[Desktop Entry]", "Type=Application"]
     lines += [f"{key}={value}" for key, value in keys.items()]
     lines += [f"Exec={_exec_line(profile_name)}", "DBusActivatable=false",
-              f"X-BBL-Profile={profile_name}"]
+              f"X-BBL-Profile={profile_name.replace(chr(92), chr(92) * 2)}"]  # \\ escaped
+    if any(_has_control(line) for line in lines):  # (a line break would start a new key)
+        raise UsageError("a launcher's values may not hold control characters")
     return "\n".join(lines) + "\n"
 
 
@@ -59,6 +67,16 @@ def _exec_line(profile_name: str) -> str:
     bblctl = shutil.which("bblctl") or os.path.abspath(sys.argv[0])
     argv = [bblctl, "start", profile_name, "--"]
     return " ".join(_quote(arg) for arg in argv) + " %U"
+
+
+def _has_control(text: str) -> bool:
+    return any(ord(c) < 0x20 or ord(c) == 0x7F for c in text)
+
+
+def _file_name(profile_ref: str) -> str:
+    """The launcher's file name part for a profile name or file: letters, digits, . _ -."""
+    stem = os.path.basename(profile_ref).removesuffix(".toml")
+    return "".join(c if c.isascii() and (c.isalnum() or c in "._-") else "_" for c in stem)
 
 
 def _quote(arg: str) -> str:

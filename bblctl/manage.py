@@ -4,7 +4,7 @@ import os
 import sys
 import time
 
-from bblctl.cli import UsageError, parse
+from bblctl.cli import UsageError, parse, printable
 from bblctl.client import connect
 
 
@@ -41,8 +41,9 @@ def ps(argv: list[str]) -> int:
     table = [["ID", "NAME", "STATE", "STARTED", "PID", "LAYERS", "COMMAND"]]
     for row in rows:
         state = row["state"] if row["status"] is None else f"{row['state']} ({row['status']})"
-        table.append([row["id"], row["name"], state, row["started"][:19].replace("T", " "),
-                      str(row["pid"] or "-"), str(row["layers"]), " ".join(row["command"])])
+        table.append([printable(row["id"]), printable(row["name"]), state,
+                      row["started"][:19].replace("T", " "), str(row["pid"] or "-"),
+                      str(row["layers"]), _command(row["command"])])
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]) - 1)]
     for line in table:
         cells = [cell.ljust(width) for cell, width in zip(line[:-1], widths, strict=True)]
@@ -60,11 +61,16 @@ def _watch(as_json: bool) -> int:
                     continue
                 when = time.strftime("%H:%M:%S", time.localtime(event["time"]))
                 status = f" status {event['status']}" if event["event"] == "exited" else ""
-                print(f"{when} {event['event']} {event['id']} {event['name']}{status}",
-                      flush=True)
+                print(printable(f"{when} {event['event']} {event['id']} {event['name']}"
+                                f"{status}"), flush=True)
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _command(argv: list[str]) -> str:
+    """An argv to show: each word printable (a process inside a sandbox names itself)."""
+    return " ".join(printable(word) for word in argv)
 
 
 def _print_json(value, indent: int | None = 2) -> None:
@@ -108,7 +114,8 @@ def tree(argv: list[str]) -> int:
         _print_json(trees)
         return 0
     for instance in trees:
-        print(f"{instance['id']} {instance['name']}: {' '.join(instance['command'])}")
+        print(printable(f"{instance['id']} {instance['name']}: ") +
+              _command(instance["command"]))
         for layer in instance["layers"]:
             _draw(layer, "  ", instance["pid"])
     return 0
@@ -179,9 +186,10 @@ def _draw(node: dict, indent: str, main_pid: int | None) -> None:
         pid = "no supervisor (nothing to run; its sub-layers live on)"
     else:
         pid = "ended (nothing left to run)"
-    print(f"{indent}{node['name']}  {pid}  uid {node['uid']} gid {node['gid']}  [{ns}]")
+    print(f"{indent}{printable(node['name'])}  {pid}  uid {node['uid']} gid {node['gid']}  "
+          f"[{ns}]")
     for process in node["processes"]:
-        print(f"{indent}  · {process['pid']} {' '.join(process['command'])}")
+        print(f"{indent}  · {process['pid']} {_command(process['command'])}")
     for child in node["children"]:
         _draw(child, indent + "  ", main_pid)
 

@@ -13,7 +13,7 @@ bubblewrap's: `bwrap: MESSAGE`, status 1.
 import os
 import sys
 
-from bblctl.cli import exit_now, is_name
+from bblctl.cli import exit_now, is_name, printable
 from bblctl.client import (
     ClientError,
     Connection,
@@ -100,7 +100,7 @@ def _is_open(fd: int) -> bool:
 
 def _say(argv: list[str], message: str) -> None:
     prefix = "<3>" if "--level-prefix" in argv else ""
-    print(f"{prefix}bwrap: {message}", file=sys.stderr)
+    print(f"{prefix}bwrap: {printable(message)}", file=sys.stderr)
 
 
 def _run_spec(argv: list[str], prog: str, instance: dict) -> int:

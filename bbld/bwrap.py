@@ -102,13 +102,14 @@ class FrontEnd:
         sys.stderr.flush()
 
     def sandbox(self, argv: list[str], environ: dict[str, str], uid: int, gid: int,
-                name: str | None = None) -> spec.Sandbox:
-        """The sandbox the command line means. Raises Done."""
+                name: str | None = None, open_fds: set[int] | None = None) -> spec.Sandbox:
+        """The sandbox the command line means. Raises Done. `open_fds`: the fds of the
+        caller (default: every fd of this process), see parse()."""
         if not argv:
             sys.stderr.write(usage(self.prog))
             raise Done(1)
         try:
-            inv = parse(argv, environ)
+            inv = parse(argv, environ, open_fds)
             self.level_prefix = inv.level_prefix
             for warning in inv.warnings:
                 self.say(warning, 4)
@@ -142,11 +143,15 @@ def usage(prog: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def parse(argv: list[str], environ: dict[str, str]) -> Invocation:
-    """Parse bwrap's arguments (without argv[0]). Raises ParseError, Help or Version."""
+def parse(argv: list[str], environ: dict[str, str],
+          open_fds: set[int] | None = None) -> Invocation:
+    """Parse bwrap's arguments (without argv[0]). Raises ParseError, Help or Version.
+    The fds the parse reads (--args, --add-seccomp-fd, --seccomp) must be among `open_fds`
+    when given: in an instance's monitor, which holds fds of its own, only the caller's
+    count as open."""
     if argv == ["--version"]:
         raise Version()
-    parser = _Parser(dict(environ))
+    parser = _Parser(dict(environ), open_fds)
     try:
         parser.parse(list(argv), from_args_fd=False)
         return parser.finish()
@@ -156,8 +161,9 @@ def parse(argv: list[str], environ: dict[str, str]) -> Invocation:
 
 
 class _Parser:
-    def __init__(self, env: dict[str, str]):
+    def __init__(self, env: dict[str, str], open_fds: set[int] | None = None):
         self.inv = Invocation(env=env)
+        self.open_fds = open_fds
         self.count = 0
         self.perms: int | None = None
         self.size: int | None = None
@@ -212,7 +218,7 @@ class _Parser:
             raise ParseError(OVERLAY_SRC_ALONE)
 
     def _args_fd(self, value: str) -> None:
-        data = _consume_fd(value, "--args data")
+        data = _consume_fd(self._callers(value, "--args data"), "--args data")
         words = data.split(b"\0")
         if words and words[-1] == b"":
             words.pop()
@@ -295,7 +301,7 @@ class _Parser:
     def _add_seccomp(self, value: str) -> None:
         if self.inv.seccomp_fd is not None:
             raise ParseError("--add-seccomp-fd cannot be combined with --seccomp")
-        data = _consume_fd(value, "seccomp data")
+        data = _consume_fd(self._callers(value, "seccomp data"), "seccomp data")
         if not data or len(data) % 8:
             raise ParseError("Invalid seccomp data, must be multiple of 8")
         self.inv.seccomp_programs.append(data)
@@ -303,7 +309,13 @@ class _Parser:
     def _seccomp(self, value: str) -> None:
         if self.inv.seccomp_programs:
             raise ParseError("--seccomp cannot be combined with --add-seccomp-fd")
-        self.inv.seccomp_fd = _fd(value)
+        self.inv.seccomp_fd = int(self._callers(value, "seccomp data"))
+
+    def _callers(self, value: str, what: str) -> str:
+        """`value` if it names one of the caller's fds; else what reading it would say."""
+        if self.open_fds is not None and _fd(value) not in self.open_fds:
+            raise ParseError(f"Can't read {what}: Bad file descriptor")
+        return value
 
 def _fd(value: str) -> int:
     if not value or not value.isdigit():

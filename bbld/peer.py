@@ -25,9 +25,14 @@ that is not dumpable (its namespaces cannot be read), one that handed its end el
 import errno
 import fcntl
 import os
-import signal
-import socket
-import struct
+import sys
+
+try:  # the C modules: the client imports this too, and socket and signal import enum and re
+    import _signal as signal
+    import _socket as socket
+except ImportError:  # not CPython
+    import signal
+    import socket
 
 SO_PEERPIDFD = 77  # Linux 6.5
 PIDFD_GET_MNT_NAMESPACE = 0xFF03  # _IO(0xFF, 3), Linux 6.11
@@ -54,19 +59,20 @@ def own_namespaces() -> Identity:
     return {name: _identity(os.stat(f"/proc/self/ns/{name}")) for name, _ in NAMESPACES}
 
 
-def check(sock, home: Identity) -> None:
-    """Raise Refused unless the peer is our uid in the namespaces `home` names."""
+def check(sock, home: Identity, peer: str = "the caller", us: str = "bbld") -> None:
+    """Raise Refused unless the peer is our uid in the namespaces `home` names. `peer` and
+    `us` name the two ends in the reason (bbld checks its callers, the client its daemon)."""
     pid, uid, _gid = _peer_credentials(sock)
     if uid != os.getuid():
-        raise Refused(uid, f"uid {uid} is not the daemon's user")
+        raise Refused(uid, f"{peer} runs as uid {uid}, not as {us}'s user")
     try:
         found = _peer_namespaces(sock, pid)
     except OSError as exc:
-        raise Refused(uid, f"the caller's namespaces cannot be verified "
-                           f"({exc.strerror or exc}); refused") from None
+        raise Refused(uid, f"{peer}'s namespaces cannot be verified "
+                           f"({exc.strerror or exc})") from None
     for name, identity in home.items():
         if found.get(name) != identity:
-            raise Refused(uid, f"the caller runs in another {_WHAT[name]} than bbld",
+            raise Refused(uid, f"{peer} runs in another {_WHAT[name]} than {us}",
                           sandboxed=True)
 
 
@@ -75,8 +81,8 @@ _WHAT = {"user": "user namespace", "mnt": "mount namespace"}
 
 def _peer_credentials(sock) -> tuple[int, int, int]:
     """(pid, uid, gid) of the peer (SO_PEERCRED); plain and trio sockets."""
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    return struct.unpack("3i", raw)
+    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)  # struct ucred
+    return tuple(int.from_bytes(raw[i:i + 4], sys.byteorder, signed=True) for i in (0, 4, 8))
 
 
 def _peer_namespaces(sock, pid: int) -> Identity:
@@ -144,14 +150,19 @@ _UDIAG_SHOW_PEER, _UNIX_DIAG_PEER, _NLMSG_ERROR = 0x4, 2, 2
 
 
 def _unix_peer_inode(inode: int) -> int:
+    import struct  # (old kernels only)
+
     request = struct.pack("=BBHIIIII", socket.AF_UNIX, 0, 0, 0xFFFFFFFF, inode,
                           _UDIAG_SHOW_PEER, 0xFFFFFFFF, 0xFFFFFFFF)  # any state, no cookie
     header = struct.pack("=IHHII", 16 + len(request), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST, 1,
                          0)
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC,
-                       _NETLINK_SOCK_DIAG) as diag:
+    diag = socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC,
+                         _NETLINK_SOCK_DIAG)
+    try:
         diag.send(header + request)
         reply = diag.recv(8192)
+    finally:
+        diag.close()
     kind = struct.unpack_from("=H", reply, 4)[0]
     if kind == _NLMSG_ERROR:
         error = -struct.unpack_from("=i", reply, 16)[0]

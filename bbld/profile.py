@@ -21,12 +21,13 @@ from __future__ import annotations
 import os
 import re
 import shlex
+import stat
 from typing import Literal
 
 import msgspec
 from msgspec import Struct, field
 
-from bbld import spec
+from bbld import paths, spec
 
 BUILTIN = os.path.join(os.path.dirname(__file__), "profiles")
 # Commands that would open a URL or file outside the sandbox (or a second, unsandboxed
@@ -110,7 +111,8 @@ def find(name_or_path: str, environ: dict[str, str] | None = None) -> str:
     directories `environ` names)."""
     if "/" in name_or_path or name_or_path.endswith(".toml"):
         if not os.path.isfile(name_or_path):
-            raise ProfileError([f"{name_or_path}: no such profile file"])
+            raise ProfileError([f"{name_or_path}: " + ("not a regular file" if os.path.exists(
+                name_or_path) else "no such profile file")])
         return name_or_path
     if not spec.NAME_PATTERN.match(name_or_path):
         raise ProfileError([f"{name_or_path!r}: not a profile name (letters, digits, . _ -)"])
@@ -142,11 +144,7 @@ def load(path: str, environ: dict[str, str] | None = None, uid: int | None = Non
     environ = dict(os.environ) if environ is None else environ
     uid = os.getuid() if uid is None else uid
     gid = os.getgid() if gid is None else gid
-    try:
-        with open(path, "rb") as f:
-            text = f.read().decode()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ProfileError([f"{path}: cannot read: {getattr(exc, 'strerror', exc)}"]) from None
+    text = _read(path)
     try:
         raw = msgspec.toml.decode(text)
     except msgspec.DecodeError as exc:
@@ -164,6 +162,35 @@ def load(path: str, environ: dict[str, str] | None = None, uid: int | None = Non
     except spec.SpecError as exc:
         raise ProfileError([f"{path}: {problem}" for problem in exc.problems]) from None
     return sandbox
+
+
+MAX_SIZE = 1 << 20  # bytes: a profile is a page of TOML, not a file to read whatever its size
+
+
+def _read(path: str) -> str:
+    """The profile's text, if the file is one to trust (paths.check_private_file: the
+    user's or root's, writable by nobody else, in directories nobody else can change), a
+    regular file (opening a FIFO does not wait) and at most MAX_SIZE bytes."""
+    try:
+        with open(os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC), "rb") as f:
+            info = os.fstat(f.fileno())
+            if not stat.S_ISREG(info.st_mode):
+                raise ProfileError([f"{path}: not a regular file"])
+            if info.st_size > MAX_SIZE:
+                raise ProfileError([f"{path}: {info.st_size} bytes; a profile is at most "
+                                    f"{MAX_SIZE >> 20} MiB"])
+            paths.check_private_file(path, info)
+            data = f.read(MAX_SIZE + 1)
+    except paths.UnsafeDirectory as exc:
+        raise ProfileError([f"refused: {exc}"]) from None
+    except OSError as exc:
+        raise ProfileError([f"{path}: cannot read: {exc.strerror}"]) from None
+    if len(data) > MAX_SIZE:  # (it grew since)
+        raise ProfileError([f"{path}: more than {MAX_SIZE >> 20} MiB; a profile is not"])
+    try:
+        return data.decode()
+    except UnicodeDecodeError as exc:
+        raise ProfileError([f"{path}: cannot read: not UTF-8 ({exc.reason})"]) from None
 
 
 def spec_for_start(name_or_path: str, environ: dict[str, str], name: str | None = None,

@@ -186,3 +186,20 @@ def test_bblctl_run_checks_names_as_the_spec_does():
     for name in ("a", "A0", "0a", "a.b_c-d", "a" * 64, "a" * 65, "", ".a", "-a", "_a", "a b",
                  "a/b", "a\n", "é", "a\0", "ab:c"):
         assert is_name(name) == bool(NAME_PATTERN.fullmatch(name)), name
+
+
+def test_a_refusal_as_a_sandbox_is_told_apart_from_other_errors():
+    """bbld's PermissionDenied with sandboxed: true is what makes bbl-bwrap nest (should the
+    client's own look at bbld have passed); other refusals stay errors."""
+    import socket
+
+    from bblctl.client import Connection, RemoteError, Sandboxed
+
+    for sandboxed, expected in ((True, Sandboxed), (False, RemoteError)):
+        ours, theirs = socket.socketpair()
+        theirs.sendall(('{"error": "io.bbl.Manager.PermissionDenied", "parameters": {"uid": 1, '
+                        f'"sandboxed": {str(sandboxed).lower()}, "reason": "r"}}}}\0').encode())
+        with Connection(ours) as conn, pytest.raises(expected) as raised:
+            conn.call("io.bbl.Manager.Ping")
+        assert type(raised.value) is expected
+        theirs.close()

@@ -36,6 +36,7 @@ from bbld.daemon.messages import (
     StartRequest,
 )
 from bbld.engine import Instance, StartError, prepare, seccomp
+from bbld.engine.errors import EXIT_USAGE
 from bbld.engine.syscalls import default_signal_actions
 
 _request_decoder = msgspec.json.Decoder(StartRequest)
@@ -239,14 +240,19 @@ def _sandbox(request: StartRequest, front: bwrap.FrontEnd | None) -> spec.Sandbo
     """The request's spec, or its bubblewrap command line interpreted here, where the
     caller's fds, cwd and environment are (raises bwrap.Done once it has said why not).
     The caller's fds the command line does not name are closed."""
+    callers = {0, 1, 2, *request.fd_numbers}  # (the monitor's own fds are not the caller's)
     if front is None:
-        return spec.decode(request.spec, "json", "request")
-    received = {number: _identity(number) for number in request.fd_numbers}
-    sandbox = front.sandbox(request.bwrap, request.env, os.getuid(), os.getgid(),
-                            request.name)
-    for number in received.keys() - spec.caller_fds(sandbox):
-        if _identity(number) == received[number]:  # (not one the parse read and closed)
-            os.close(number)
+        sandbox = spec.decode(request.spec, "json", "request")
+    else:
+        received = {number: _identity(number) for number in request.fd_numbers}
+        sandbox = front.sandbox(request.bwrap, request.env, os.getuid(), os.getgid(),
+                                request.name, callers)
+        for number in received.keys() - spec.caller_fds(sandbox):
+            if _identity(number) == received[number]:  # (not one the parse read and closed)
+                os.close(number)
+    missing = sorted(spec.caller_fds(sandbox) - callers)
+    if missing:
+        raise StartError(f"fd {missing[0]} is not open", EXIT_USAGE)
     return sandbox
 
 

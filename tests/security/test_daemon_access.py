@@ -197,8 +197,7 @@ def test_a_client_inside_a_sandbox_starts_no_daemon(env, tmp_path):
 def test_other_commands_inside_a_sandbox_fail_with_one_line(env):
     result = bwrap(env, "--ro-bind", "/", "/", "--unshare-user", "--", *BBLCTL, "ps")
     assert result.returncode == 1
-    assert result.stderr == ("bblctl: bbld does not serve inside a sandbox: the caller runs "
-                             "in another user namespace than bbld; run bblctl outside it\n")
+    assert result.stderr == "bblctl: bbld does not serve inside a sandbox; run bblctl outside it\n"
     single = bwrap(env, "--ro-bind", "/", "/", "--unshare-user", "--", *BBLCTL, "run",
                    "--name", "x", "--single-instance", "true")
     assert single.returncode == 2 and single.stderr.count("\n") == 1, single.stderr

@@ -40,6 +40,16 @@ commands:
                  a menu launcher (~/.local/share/applications) that starts the profile;
                  --from takes the original entry's id, names, icon and MIME types
 
+  daemon status [--json] | stop
+                 whether bbld runs (pid, version, how it started, socket, instances);
+                 stop ends it, its instances run on (the next bbld adopts them)
+  setup [--remove]
+                 make this install ready to use: bblctl, bbl-bwrap and bbld in
+                 ~/.local/bin, the systemd user units installed and enabled (or undo it)
+  doctor [--json]
+                 check what BBL needs on this machine, a line each, with the fix
+  --version      print BBL's version
+
 ID is an instance id, or a name that only one running instance has (see bblctl ps)."""
 
 COMMANDS = {"ps": ("bblctl.manage", "ps"), "tree": ("bblctl.manage", "tree"),
@@ -48,7 +58,9 @@ COMMANDS = {"ps": ("bblctl.manage", "ps"), "tree": ("bblctl.manage", "tree"),
             "send-args": ("bblctl.enter", "send_args"),
             "start": ("bblctl.profiles", "start"),
             "profile": ("bblctl.profiles", "profile_command"),
-            "desktop": ("bblctl.desktop", "desktop")}
+            "desktop": ("bblctl.desktop", "desktop"),
+            "daemon": ("bblctl.daemon", "daemon"), "setup": ("bblctl.setup", "setup"),
+            "doctor": ("bblctl.doctor", "doctor")}
 
 
 def entry() -> None:
@@ -63,6 +75,11 @@ def main(argv=None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE, file=sys.stdout if argv else sys.stderr)
         return 0 if argv else 2
+    if argv[0] == "--version":
+        from bbld import __version__
+
+        print(f"bblctl {__version__}")
+        return 0
     if argv[0] == "run":
         from bblctl.run import main as run
 

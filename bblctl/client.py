@@ -159,6 +159,13 @@ def running_daemon() -> Connection | None:
         return None
 
 
+def connect_at(path: str) -> Connection | None:
+    """A connection to the bbld listening at `path` (checked as connect() checks), or None
+    if nothing listens there; never starts one."""
+    sock = _try_connect(path)
+    return None if sock is None else Connection(sock)
+
+
 def _try_connect(path: str):
     """A connection to what listens at `path`, once it proved to be the user's bbld (see
     _verify); None if nothing listens."""
@@ -196,20 +203,13 @@ def _verify(sock, path: str) -> None:
         raise ClientError(f"{path} is not your bbld: {refused.reason}; remove it") from None
 
 
-def state_dir() -> str:
-    base = os.environ.get("XDG_STATE_HOME")
-    if not (base and os.path.isabs(base)):
-        base = os.path.join(os.environ.get("HOME") or os.path.expanduser("~"), ".local", "state")
-    return os.path.join(base, "bbl")
-
-
 def _start_daemon(path: str):
     try:
-        directory = paths.private_directory(state_dir())
+        directory = paths.private_directory(paths.state_dir())
     except paths.UnsafeDirectory as exc:
         raise ClientError(f"cannot start bbld: {exc}") from None
     except OSError as exc:
-        raise ClientError(f"cannot start bbld: {state_dir()}: {exc.strerror}") from None
+        raise ClientError(f"cannot start bbld: {paths.state_dir()}: {exc.strerror}") from None
     lock = os.open(os.path.join(directory, "autostart.lock"),
                    os.O_RDWR | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW, 0o600)
     try:

@@ -1,10 +1,13 @@
-"""Where the per-user daemon lives: its runtime directory and socket. Shared by bbld and bblctl
-(no trio, no engine).
+"""Where the per-user daemon lives: its runtime directory and socket, and BBL's state
+directory. Shared by bbld and bblctl (no trio, no engine).
 
-`$XDG_RUNTIME_DIR/bbl/` when that variable is set; otherwise `~/.local/state/bbl/run/`, inside
-the user's own home, never a fixed path in a shared directory that another user could create
-first. The directory is created 0700 and is refused unless it is a real directory owned by the
-user with no access for anyone else.
+One place per user, whatever the environment says, so that the same uid always reaches the
+same daemon: `$XDG_RUNTIME_DIR/bbl/` when that variable is set (logind sets it to
+`/run/user/UID`); without it (`su -`, ssh without pam_systemd, cron) `/run/user/UID/bbl/` all
+the same when that directory exists and is the user's alone; only otherwise
+`~/.local/state/bbl/run/`, inside the user's own home, never a fixed path in a shared
+directory that another user could create first. Directories are created 0700 and refused
+unless they are the user's and nobody else can change them (private_directory).
 """
 
 import os
@@ -15,12 +18,36 @@ class UnsafeDirectory(Exception):
     """The runtime directory exists but is not safe to use; the message says how to fix it."""
 
 
+LOGIND_RUNTIME = "/run/user/{uid}"  # what pam_systemd sets XDG_RUNTIME_DIR to
+
+
 def runtime_dir() -> str:
     base = os.environ.get("XDG_RUNTIME_DIR")
     if base and os.path.isabs(base):
         return os.path.join(base, "bbl")
-    home = os.environ.get("HOME") or os.path.expanduser("~")
-    return os.path.join(home, ".local", "state", "bbl", "run")
+    logind = LOGIND_RUNTIME.format(uid=os.getuid())
+    try:
+        info = os.lstat(logind)
+        if stat.S_ISDIR(info.st_mode) and info.st_uid == os.getuid() \
+                and not info.st_mode & 0o077:
+            return os.path.join(logind, "bbl")
+    except OSError:
+        pass
+    return os.path.join(home(), ".local", "state", "bbl", "run")
+
+
+def state_dir() -> str:
+    """`$XDG_STATE_HOME/bbl` (default `~/.local/state/bbl`): the autostart's lock, bbld's log
+    when a client started it, the history of ended instances."""
+    base = os.environ.get("XDG_STATE_HOME")
+    if not (base and os.path.isabs(base)):
+        base = os.path.join(home(), ".local", "state")
+    return os.path.join(base, "bbl")
+
+
+def home() -> str:
+    home = os.environ.get("HOME")
+    return home if home and os.path.isabs(home) else os.path.expanduser("~")
 
 
 def socket_path() -> str:

@@ -64,6 +64,26 @@ interface io.bbl.Manager
 # Who answers: the daemon's version and process id.
 method Ping() -> (version: string, pid: int)
 
+# The daemon itself: version, pid, when it started (seconds since the
+# epoch) and how ("by hand", "autostart" by a client, "socket activation"
+# by systemd), the socket it listens on, its runtime directory, how many
+# instances run and how many ended ones it remembers.
+method Status() -> (
+  version: string,
+  pid: int,
+  started: float,
+  started_by: string,
+  socket: string,
+  runtime: string,
+  instances: int,
+  ended: int
+)
+
+# End the daemon after the reply. The instances run on (their monitors hold
+# them) and the next daemon adopts them; under systemd the socket stays and
+# the next connection starts a new daemon.
+method Quit() -> ()
+
 # Start a sandbox and follow it to its end. The sandbox is a spec (JSON, see
 # docs/spec.md), a profile (an absolute file path, or a name looked up with
 # env's XDG_CONFIG_HOME and HOME; the daemon expands it with env, name
@@ -125,7 +145,8 @@ method Run(
 # layers (as in Run's "started" reply; left out with brief, which is what a
 # listing of many instances wants: about 2 KB each), layer_count and status
 # (once exited: the main command's exit status, 128+N for signal N; null if
-# unknown).
+# unknown) and ended (when it ended, seconds since the epoch). Ended ones are
+# kept across daemon restarts (the last 100, in $XDG_STATE_HOME/bbl).
 method List(all: ?bool, brief: ?bool) -> (instances: []Instance)
 
 type Instance (
@@ -138,6 +159,7 @@ type Instance (
   layers: ?[]object,
   layer_count: int,
   status: ?int,
+  ended: ?float,
   single_instance: bool
 )
 

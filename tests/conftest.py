@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -31,6 +32,96 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "root" not in item.keywords:
             item.add_marker(skip)
+
+
+# ---------------------------------------------------------------- the invoking user's own
+
+
+USER_DIRECTORIES = ("HOME", "XDG_CONFIG_HOME", "XDG_STATE_HOME", "XDG_DATA_HOME",
+                    "XDG_RUNTIME_DIR")
+
+
+@pytest.fixture(autouse=True)
+def own_directories(tmp_path_factory, monkeypatch):
+    """Every test has a home, config, state, data and runtime directory of its own, so that
+    whatever it starts (a daemon by autostart, a profile lookup, a launcher) never reaches
+    the invoking user's (the sentinel below proves it)."""
+    base = tmp_path_factory.mktemp("user")
+    for name in USER_DIRECTORIES:
+        path = base / name.lower()
+        path.mkdir(mode=0o700)
+        monkeypatch.setenv(name, str(path))
+
+
+@pytest.fixture(scope="session", autouse=True)
+def sentinel():
+    """The invoking user's own bbld, at the place their environment names, must answer with
+    the same pid and the same instances after the suite as before. If none runs, a sentinel
+    bbld with one instance stands in for it for the length of the suite (then it ends)."""
+    if os.getuid() == 0:  # (the root pass runs a few root tests only)
+        yield
+        return
+    from bblctl.client import connect
+    from bbld import paths
+
+    environ = dict(os.environ)  # the user's, before own_directories
+    place = paths.runtime_dir()
+    made = [p for p in (place, os.path.dirname(place), paths.state_dir(),
+                        os.path.join(paths.state_dir(), "history.jsonl"))
+            if not os.path.exists(p)]
+    daemon = None
+    try:
+        with connect(autostart=False) as conn:
+            before = conn.call("io.bbl.Manager.Ping")["pid"], _instance_ids(conn)
+    except Exception:  # noqa: BLE001 (none runs: the sentinel stands in)
+        daemon = subprocess.Popen(BBLD, env=environ, stdin=subprocess.DEVNULL,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_for_socket(paths.socket_path(), daemon)
+        before = daemon.pid, [_sentinel_instance(connect)]
+    try:
+        yield
+    finally:
+        saved = {name: os.environ.get(name) for name in USER_DIRECTORIES}
+        os.environ.update({k: v for k, v in environ.items() if k in USER_DIRECTORIES})
+        try:
+            with connect(autostart=False) as conn:
+                after = conn.call("io.bbl.Manager.Ping")["pid"], _instance_ids(conn)
+                if daemon is not None:
+                    for instance in before[1]:
+                        conn.call("io.bbl.Manager.Signal", id=instance, signal=9)
+                    conn.call("io.bbl.Manager.Quit")
+        finally:
+            if daemon is not None:
+                daemon.wait(timeout=TIMEOUT)
+                for path in made:  # (what the sentinel made at the user's place)
+                    if os.path.isdir(path):
+                        shutil.rmtree(path, ignore_errors=True)
+                    elif os.path.exists(path):
+                        os.unlink(path)
+            for name, value in saved.items():
+                if value is not None:
+                    os.environ[name] = value
+        assert after[0] == before[0] and set(before[1]) <= set(after[1]), \
+            f"the suite touched the user's own bbld: {before} -> {after}"
+
+
+def _instance_ids(conn) -> list[str]:
+    return [entry["id"] for entry in conn.call("io.bbl.Manager.List", brief=True)["instances"]]
+
+
+def _sentinel_instance(connect) -> str:
+    spec = json.dumps({"name": "sentinel", "layer": {"name": "sentinel", "namespaces": [
+        "user", "mount", "pid"], "command": {"argv": ["sleep", "3600"]}}})
+    null = os.open(os.devnull, os.O_RDWR)
+    root = os.open("/", os.O_PATH)
+    try:
+        with connect(autostart=False) as conn:
+            for reply in conn.stream("io.bbl.Manager.Run", fds=(null, null, null, root),
+                                     spec=spec, args=[], env={"PATH": "/usr/bin:/bin"}):
+                return reply["id"]
+    finally:
+        os.close(null)
+        os.close(root)
 
 
 # ---------------------------------------------------------------- spec builders

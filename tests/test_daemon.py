@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -117,7 +118,9 @@ def test_only_one_daemon_serves_a_directory(daemon):
     env = {**os.environ, "XDG_RUNTIME_DIR": str(daemon.parent.parent)}
     second = subprocess.run(BBLD, env=env, capture_output=True, text=True, timeout=20)
     assert second.returncode == 1
-    assert second.stderr == f"bbld: another bbld already serves {daemon.parent}\n"
+    pid = exchange(daemon, call("io.bbl.Manager.Ping"))[0]["parameters"]["pid"]
+    assert second.stderr == (f"bbld: another bbld (pid {pid}) already serves {daemon.parent} "
+                             f"(socket {daemon}); stop it with `bblctl daemon stop`\n")
 
 
 def test_unsafe_runtime_directory_is_refused(tmp_path):
@@ -197,21 +200,36 @@ def test_another_uid_is_refused(tmp_path):
         shutil.rmtree(base)
 
 
-def test_systemd_units_verify(tmp_path):
+def test_setup_installs_links_and_units_that_verify_and_removes_them(tmp_path):
+    """`bblctl setup` as a new user would run it, where no user manager runs (this machine):
+    links in ~/.local/bin, units rendered with this install's paths that systemd-analyze
+    accepts, idempotent; `--remove` takes back exactly that."""
+    home = Path(os.environ["HOME"])
+    units = Path(os.environ["XDG_CONFIG_HOME"]) / "systemd" / "user"
+    setup = [sys.executable, "-m", "bblctl", "setup"]
+    first = subprocess.run(setup, capture_output=True, text=True, timeout=60)
+    assert first.returncode == 0, first.stderr
+    assert first.stdout.splitlines()[-1] == ("no systemd user manager runs here: bblctl "
+                                             "starts bbld when it is needed")
+    for name in ("bblctl", "bbl-bwrap", "bbld"):
+        assert os.readlink(home / ".local" / "bin" / name) == f"{sys.prefix}/bin/{name}"
+    service = (units / "bbld.service").read_text()
+    assert f"ExecStart={sys.prefix}/bin/bbld\n" in service and "@" not in service
+    docs = re.search(r"Documentation=file://(\S+)", (units / "bbld.socket").read_text())[1]
+    assert os.path.isfile(docs)
     analyze = shutil.which("systemd-analyze")
-    if analyze is None:
-        pytest.skip("systemd-analyze is not installed")
-    units = Path(__file__).parent.parent / "systemd"
-    home = tmp_path / "home"
-    (home / ".local" / "bin").mkdir(parents=True)
-    (home / ".local" / "bin" / "bbld").symlink_to(sys.executable)  # where the unit looks
-    run = tmp_path / "run"
-    run.mkdir(mode=0o700)
-    result = subprocess.run([analyze, "--user", "verify", str(units / "bbld.socket"),
-                             str(units / "bbld.service")], capture_output=True, text=True,
-                            env={**os.environ, "HOME": str(home), "XDG_RUNTIME_DIR": str(run)},
-                            timeout=60)
-    assert (result.returncode, result.stderr) == (0, ""), result.stderr
+    if analyze is not None:
+        result = subprocess.run([analyze, "--user", "verify", str(units / "bbld.socket"),
+                                 str(units / "bbld.service")], capture_output=True, text=True,
+                                timeout=60)
+        assert (result.returncode, result.stderr) == (0, ""), result.stderr
+    again = subprocess.run(setup, capture_output=True, text=True, timeout=60)
+    assert again.returncode == 0 and "installed" not in again.stdout and \
+        "linked" not in again.stdout, again.stdout
+    (home / ".local" / "bin" / "mine").write_text("not BBL's")
+    removed = subprocess.run([*setup, "--remove"], capture_output=True, text=True, timeout=60)
+    assert removed.returncode == 0, removed.stderr
+    assert os.listdir(units) == [] and os.listdir(home / ".local" / "bin") == ["mine"]
 
 
 def test_file_descriptors_where_none_are_expected_are_refused_and_closed(daemon):

@@ -29,7 +29,8 @@ async def bbld(tmp_path, nursery):
         await sock.bind(path)
         sock.listen(64)
         ready = trio.Event()
-        nursery.start_soon(server.serve, trio.SocketListener(sock), str(instances), ready.set,
+        place = server.Place(runtime=str(tmp_path), socket=path, instances=str(instances))
+        nursery.start_soon(server.serve, trio.SocketListener(sock), place, ready.set,
                            server.Limits(**limits))
         await ready.wait()
         return path

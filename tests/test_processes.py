@@ -48,7 +48,9 @@ def test_signals_to_the_engine_reach_the_main_command(tmp_path, signo):
     middle = layer("middle", namespaces=["mount"], layers=[leaf])
     running = start_sandbox(tmp_path, sandbox(app_layer("top", layers=[middle])),
                             preexec_fn=lambda: signal.signal(signo, signal.SIG_DFL))
-    assert running.proc.stdout.readline() == "ready\n"
+    ready = running.proc.stdout.readline()
+    if ready != "ready\n":
+        pytest.fail(f"no ready line: {running.finish().stderr!r}")
     running.proc.send_signal(signo)
     result = running.finish()
     assert (result.returncode, result.stdout) == (40, f"got-{name}\n")

@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import time
 from array import array
 
 import msgspec
@@ -56,11 +57,19 @@ class Control:
         self.watchers: list[socket.socket] = []
         self.execs: dict[int, tuple[int, socket.socket]] = {}  # pid -> (pidfd, connection)
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-        old_umask = os.umask(0o177)
         try:
-            self.listener.bind(self.path)
-        finally:
-            os.umask(old_umask)
+            try:
+                os.mkdir(directory, 0o700)  # (again, if it went: an instance must be reachable)
+            except FileExistsError:
+                pass
+            old_umask = os.umask(0o177)
+            try:
+                self.listener.bind(self.path)
+            finally:
+                os.umask(old_umask)
+        except OSError:
+            self.listener.close()
+            raise
         self.listener.listen(16)
         self.listener.setblocking(False)
         instance.watch(self.listener.fileno(), self._accept)
@@ -198,7 +207,8 @@ class Control:
 
     def close(self, status: int | None) -> None:
         """The instance ended: record it, tell the watchers, remove the socket."""
-        final = {**self.entry, "pid": None, "state": "exited", "status": status}
+        final = {**self.entry, "pid": None, "state": "exited", "status": status,
+                 "ended": time.time()}
         self._record_end(msgspec.json.encode(final))
         for pid in list(self.execs):
             pidfd, conn = self.execs.pop(pid)

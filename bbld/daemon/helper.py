@@ -211,7 +211,13 @@ def _monitor(data: bytes, fds: list[int], directory: str) -> int:
     entry = {"id": request.id, "name": plan.sandbox.name, "command": main.layer.command.argv,
              "started": started, "layers": layers,
              "single_instance": plan.sandbox.single_instance}
-    control = Control(instance, directory, entry, home)
+    try:
+        control = Control(instance, directory, entry, home)
+    except OSError as exc:  # unreachable, it would be invisible:
+        instance.signal(signal.SIGKILL)  # no instance rather than one nobody can list
+        instance.wait()
+        return _failed(report, front, f"cannot make the instance's control socket in "
+                                      f"{directory}: {exc.strerror}", 1)
     own = os.pidfd_open(os.getpid())  # the daemon signals the instance through its monitor
     tty = [instance.main_tty] if instance.main_tty is not None else []
     if request.hold_tty and tty:  # detached: the terminal stays open here, its output unread

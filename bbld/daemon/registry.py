@@ -22,6 +22,7 @@ import trio
 
 from bbld import peer, protocol
 from bbld.daemon import log
+from bbld.daemon.history import History
 from bbld.daemon.messages import (
     INSTANCE_ID,
     MAX_CONTROL,
@@ -45,6 +46,7 @@ class InstanceRecord:
         self.pid: int | None = None  # the main command's pid
         self.layers: list[dict] = []
         self.status: int | None = None
+        self.ended: float | None = None  # seconds since the epoch, once it ended
         self.monitor: int | None = None  # pidfd of the monitor, for instances we started
         self.single_instance = False
 
@@ -53,7 +55,7 @@ class InstanceRecord:
         record = cls(entry["id"], entry.get("state", "running"), entry.get("started", 0.0))
         record.name, record.command = entry.get("name"), entry.get("command", [])
         record.pid, record.layers = entry.get("pid"), entry.get("layers", [])
-        record.status = entry.get("status")
+        record.status, record.ended = entry.get("status"), entry.get("ended")
         record.single_instance = bool(entry.get("single_instance"))
         return record
 
@@ -62,7 +64,7 @@ class InstanceRecord:
         entry = {"id": self.id, "name": self.name or "", "state": self.state,
                  "started": self.started, "pid": self.pid, "command": self.command,
                  "layer_count": len(self.layers), "status": self.status,
-                 "single_instance": self.single_instance}
+                 "ended": self.ended, "single_instance": self.single_instance}
         if not brief:
             entry["layers"] = self.layers
         return entry
@@ -77,13 +79,15 @@ class InstanceRecord:
 
     def close(self) -> None:
         if self.monitor is not None:
+            trio.lowlevel.notify_closing(self.monitor)  # (follow may be waiting on it)
             os.close(self.monitor)
             self.monitor = None
 
 
 class Registry:
-    def __init__(self, directory: str):
+    def __init__(self, directory: str, history: History | None = None):
         self.directory = directory
+        self.history = history  # ended instances, kept across restarts
         self.live: dict[str, InstanceRecord] = {}
         self.ended: collections.deque[InstanceRecord] = collections.deque(maxlen=KEEP_ENDED)
         self.changed = trio.Event()  # set (and replaced) whenever an instance starts or ends
@@ -121,13 +125,19 @@ class Registry:
             return
         record.state, record.status, record.pid = "exited", status, None
         record.close()
-        self.ended.append(record)
+        self._ended(record)
         self.publish(record, "exited")
         try:
             os.unlink(os.path.join(self.directory, f"{record.id}.exited"))
         except OSError:
             pass  # none (it ended while we watched), or not one a monitor made
         self.notify()
+
+    def _ended(self, record: InstanceRecord) -> None:
+        record.ended = record.ended or time.time()
+        self.ended.append(record)
+        if self.history is not None:
+            self.history.add(record.entry(brief=True))
 
     def drop(self, record: InstanceRecord) -> None:
         """An instance that never started."""
@@ -172,7 +182,12 @@ class Registry:
                     if reply.op == "exited":
                         status = reply.status
                         break
-        except OSError:
+        except OSError:  # its monitor cannot be reached: it may still run (its socket gone)
+            if record.monitor is not None:
+                try:
+                    await trio.lowlevel.wait_readable(record.monitor)  # a pidfd: its end
+                except trio.ClosedResourceError:
+                    return None  # finished meanwhile, by the start that made it
             status = self._ended_status(record.id)
         return status
 
@@ -189,6 +204,11 @@ class Registry:
         skipped is said in the log. bbld waits for the running ones' monitors at most
         ADOPT_WAIT seconds together; one that answers later (stopped, say) is adopted then."""
         self.nursery = nursery  # (the followers of what is adopted run there)
+        for entry in self.history.load() if self.history is not None else []:
+            try:
+                self.ended.append(InstanceRecord.from_entry({**entry, "state": "exited"}))
+            except (KeyError, TypeError, AttributeError):
+                pass
         sockets = []
         for name in sorted(os.listdir(self.directory)):
             instance, _, kind = name.partition(".")
@@ -226,7 +246,7 @@ class Registry:
         try:
             record = InstanceRecord.from_entry(entry)
             record.state = "exited"
-            self.ended.append(record)
+            self._ended(record)
         except (KeyError, TypeError, AttributeError):
             log.say(f"{path}: an entry bbld cannot read; removed")
         os.unlink(path)

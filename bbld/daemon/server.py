@@ -23,12 +23,23 @@ import trio
 from bbld import __version__, peer, profile, protocol, spec
 from bbld.daemon import log
 from bbld.daemon.helper_client import Helper
+from bbld.daemon.history import History
 from bbld.daemon.messages import MAX_EXTRA_FDS, ControlRequest, StartRequest
 from bbld.daemon.registry import InstanceRecord, Registry, connect, replies
 from bbld.protocol import Call, Reply, VarlinkError
 
 SERVICE = "org.varlink.service"
 EVENT_BACKLOG = 256  # events a slow Events caller may fall behind by before it is dropped
+
+
+@dataclasses.dataclass
+class Place:
+    """Where this bbld serves (bbld.daemon.main decides, and holds the directory's lock)."""
+    runtime: str  # the runtime directory
+    socket: str
+    instances: str
+    started_by: str = "by hand"  # "autostart", "socket activation"
+    history: str | None = None  # the file ended instances are kept in (bbld.daemon.history)
 
 
 @dataclasses.dataclass
@@ -54,8 +65,12 @@ class _Client:
 
 class Daemon:
     def __init__(self, helper: "Helper | None" = None, registry: Registry | None = None,
-                 nursery: trio.Nursery | None = None, limits: Limits | None = None):
+                 nursery: trio.Nursery | None = None, limits: Limits | None = None,
+                 place: Place | None = None, quit: trio.CancelScope | None = None):
         self.helper = helper
+        self.place = place
+        self.quit_scope = quit  # cancelled by Quit: the daemon ends, its instances live on
+        self.since = time.time()
         self.registry = registry
         self.nursery = nursery  # for tasks that outlive a call: following instances
         self.home = peer.own_namespaces()  # a caller must be in these (bbld.peer)
@@ -69,6 +84,8 @@ class Daemon:
             f"{SERVICE}.GetInfo": self.get_info,
             f"{SERVICE}.GetInterfaceDescription": self.get_interface_description,
             "io.bbl.Manager.Ping": self.ping,
+            "io.bbl.Manager.Status": self.status,
+            "io.bbl.Manager.Quit": self.quit,
             "io.bbl.Manager.Run": self.run,
             "io.bbl.Manager.List": self.list,
             "io.bbl.Manager.Signal": self.signal,
@@ -91,6 +108,21 @@ class Daemon:
 
     async def ping(self) -> dict:
         return {"version": __version__, "pid": os.getpid()}
+
+    async def status(self) -> dict:
+        place = self.place
+        return {"version": __version__, "pid": os.getpid(), "started": self.since,
+                "started_by": place.started_by if place else "by hand",
+                "socket": place.socket if place else "", "runtime": place.runtime if place
+                else "", "instances": len(self.registry.live) if self.registry else 0,
+                "ended": len(self.registry.ended) if self.registry else 0}
+
+    async def quit(self) -> dict:
+        """End the daemon after this reply; instances run on (their monitors hold them) and
+        the next bbld adopts them."""
+        if self.quit_scope is not None:
+            self.nursery.start_soon(_cancel_soon, self.quit_scope)
+        return {}
 
     async def run(self, spec: str = None, profile: str = None, tty: bool = False,
                   bwrap: list = None, prog: str = "bbl-bwrap", name: str = None,
@@ -604,13 +636,20 @@ def _check_parameters(method, parameters: dict) -> None:
             raise VarlinkError(f"{SERVICE}.InvalidParameter", parameter=name)
 
 
-async def serve(listener: trio.SocketListener, instances: str, ready=None,
-                limits: Limits | None = None) -> None:
-    """Serve until cancelled. `ready` is called once the listener accepts connections."""
+async def _cancel_soon(scope: trio.CancelScope) -> None:
+    await trio.sleep(0.05)  # (the reply goes out first)
+    scope.cancel()
+
+
+async def serve(listener: trio.SocketListener, place: Place, ready=None,
+                limits: Limits | None = None, quit: trio.CancelScope | None = None) -> None:
+    """Serve until cancelled (or, with `quit`, until a Quit call cancels that scope).
+    `ready` is called once the listener accepts connections."""
     async with trio.open_nursery() as nursery:
-        registry = Registry(instances)
+        history = History(place.history, place.runtime) if place.history else None
+        registry = Registry(place.instances, history)
         await registry.adopt(nursery)
-        daemon = Daemon(Helper(instances), registry, nursery, limits)
+        daemon = Daemon(Helper(place.instances), registry, nursery, limits, place, quit)
         if ready is not None:
             ready()
         while True:

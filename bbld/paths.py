@@ -55,7 +55,7 @@ def socket_path() -> str:
 
 
 def instances_dir() -> str:
-    """Where running instances keep their control sockets (see bbld.daemon.control)."""
+    """Where running instances keep their control sockets (see bbld.monitors.control)."""
     return os.path.join(runtime_dir(), "instances")
 
 

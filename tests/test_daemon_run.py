@@ -313,7 +313,7 @@ def test_the_forker_and_its_monitors_import_no_trio():
     import subprocess
     import sys
 
-    code = "import sys, bbld.daemon.helper; print('trio' in sys.modules)"
+    code = "import sys, bbld.monitors.forker; print('trio' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           timeout=30).stdout == "False\n"
 

@@ -1,5 +1,5 @@
 """bbld's registry of instances (trio): the live ones, the recently ended ones, and the way to
-each instance's monitor (its control socket, bbld.daemon.control).
+each instance's monitor (its control socket, bbld.monitors.control).
 
 The monitors, not bbld, hold the instances: when bbld dies they run on, and a new bbld
 re-adopts them from the sockets in RUNTIME/instances/. An instance that ended while no bbld
@@ -23,7 +23,7 @@ import trio
 from bbld import peer, protocol
 from bbld.daemon import log
 from bbld.daemon.history import History
-from bbld.daemon.messages import (
+from bbld.messages import (
     INSTANCE_ID,
     MAX_CONTROL,
     ControlReply,

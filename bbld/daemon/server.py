@@ -22,10 +22,10 @@ import trio
 
 from bbld import __version__, peer, profile, protocol, spec
 from bbld.daemon import log
-from bbld.daemon.helper_client import Helper
+from bbld.daemon.forker_link import ForkerLink
 from bbld.daemon.history import History
-from bbld.daemon.messages import MAX_EXTRA_FDS, ControlRequest, StartRequest
 from bbld.daemon.registry import InstanceRecord, Registry, connect, replies
+from bbld.messages import MAX_EXTRA_FDS, ControlRequest, StartRequest
 from bbld.protocol import Call, Reply, VarlinkError
 
 SERVICE = "org.varlink.service"
@@ -64,7 +64,7 @@ class _Client:
 
 
 class Daemon:
-    def __init__(self, helper: "Helper | None" = None, registry: Registry | None = None,
+    def __init__(self, helper: "ForkerLink | None" = None, registry: Registry | None = None,
                  nursery: trio.Nursery | None = None, limits: Limits | None = None,
                  place: Place | None = None, quit: trio.CancelScope | None = None):
         self.helper = helper
@@ -649,7 +649,7 @@ async def serve(listener: trio.SocketListener, place: Place, ready=None,
         history = History(place.history, place.runtime) if place.history else None
         registry = Registry(place.instances, history)
         await registry.adopt(nursery)
-        daemon = Daemon(Helper(place.instances), registry, nursery, limits, place, quit)
+        daemon = Daemon(ForkerLink(place.instances), registry, nursery, limits, place, quit)
         if ready is not None:
             ready()
         while True:

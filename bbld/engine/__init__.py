@@ -9,7 +9,7 @@ or from the command line: `python -m bbld.engine SPEC [-- ARGS...]`.
 """
 
 from bbld.engine.errors import StartError
-from bbld.engine.monitor import Instance
+from bbld.engine.instance import Instance
 from bbld.engine.plan import Plan, prepare
 
 __all__ = ["Instance", "Plan", "StartError", "load", "prepare", "run"]
@@ -34,6 +34,6 @@ def load(path: str):
 
 def run(sandbox, args=(), info_fd=None) -> int:
     """Run a sandbox in the foreground; returns the main command's exit status."""
-    from bbld.engine.monitor import run as run_plan
+    from bbld.engine.instance import run as run_plan
 
     return run_plan(prepare(sandbox, list(args)), info_fd)

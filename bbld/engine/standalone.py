@@ -12,7 +12,7 @@ import os
 
 from bbld import bwrap, spec
 from bbld.engine.errors import StartError
-from bbld.engine.monitor import Instance
+from bbld.engine.instance import Instance
 from bbld.engine.plan import prepare
 
 

@@ -3,7 +3,7 @@
 import os
 
 from bbld.engine import reports
-from bbld.engine.monitor import _namespace_fds_match
+from bbld.engine.instance import _namespace_fds_match
 
 
 def test_namespace_fds_must_be_the_namespaces_the_report_names(tmp_path):

@@ -13,7 +13,7 @@ import msgspec
 import trio
 
 from bbld import protocol
-from bbld.daemon.messages import MAX_CONTROL, Event, StartRequest
+from bbld.messages import MAX_CONTROL, Event, StartRequest
 from bbld.protocol import VarlinkError
 
 _event_decoder = msgspec.json.Decoder(Event)
@@ -23,7 +23,7 @@ def _seqpacket_pair() -> tuple[socket.socket, socket.socket]:
     return socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
 
 
-class Helper:
+class ForkerLink:
     def __init__(self, instances: str):
         self.instances = instances  # where monitors put their control sockets
         self.process: subprocess.Popen | None = None
@@ -39,7 +39,7 @@ class Helper:
             self.sock.close()
         mine, theirs = _seqpacket_pair()
         self.process = subprocess.Popen(
-            [sys.executable, "-I", "-m", "bbld.daemon.helper", str(theirs.fileno()),
+            [sys.executable, "-I", "-m", "bbld.monitors.forker", str(theirs.fileno()),
              self.instances],
             pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
         theirs.close()

@@ -1,4 +1,5 @@
-"""What bbld and its forker (bbld.daemon.helper) say to each other. No trio, no engine."""
+"""What bbld, its forker and the monitors say to each other (bbld.monitors.forker,
+bbld.monitors.monitor, bbld.monitors.control). No trio, no engine."""
 
 import re
 
@@ -40,7 +41,7 @@ class Event(msgspec.Struct, omit_defaults=True):
 
 
 # ---------------------------------------------------------------- an instance's control socket
-# (bbld.daemon.control serves it in the monitor; bbld.daemon.registry calls it)
+# (bbld.monitors.control serves it in the monitor; bbld.daemon.registry calls it)
 
 MAX_CONTROL = 1 << 20  # (an entry holds the main command's argv: it may be long)
 CONTROL_FDS = 3

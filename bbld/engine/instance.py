@@ -17,7 +17,7 @@ import socket
 
 import msgspec
 
-from bbld.engine import reports, status
+from bbld.engine import bwrap_status, reports
 from bbld.engine import syscalls as sc
 from bbld.engine.cgroups import Cgroups
 from bbld.engine.enter import Entered, enter
@@ -109,7 +109,7 @@ class Instance:
             raise
         root = self.plan.root.name
         if root in self.built and sandbox.userns_block_fd is None:
-            status.started(sandbox, pidfd_pid(self.pidfds[root]), self.built[root].namespaces)
+            bwrap_status.started(sandbox, pidfd_pid(self.pidfds[root]), self.built[root].namespaces)
 
     def _await_external_maps(self, pid: int) -> None:
         """bubblewrap's --userns-block-fd: tell the map writer the pid, wait until it is done."""
@@ -119,7 +119,7 @@ class Instance:
                 inodes[name] = os.stat(f"{pid}/ns/{name}", dir_fd=self.proc_fd).st_ino
             except OSError:
                 pass
-        status.started(self.plan.sandbox, pid, inodes)
+        bwrap_status.started(self.plan.sandbox, pid, inodes)
         os.read(self.plan.sandbox.userns_block_fd, 1)
 
     def _started(self) -> bool:
@@ -149,7 +149,7 @@ class Instance:
                 self._step()
                 if self.failure is not None:  # a layer gated by a socket failed later
                     raise self.failure
-            status.exited(self.plan.sandbox, self.status)
+            bwrap_status.exited(self.plan.sandbox, self.status)
             return self.status
         finally:
             self._teardown()

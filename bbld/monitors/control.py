@@ -1,7 +1,7 @@
 """An instance's control socket, served by its monitor (synchronous; no trio).
 
 Every running instance has a monitor: the process that started it with the engine and
-follows it to its end (bbld.daemon.helper). The monitor listens on
+follows it to its end (bbld.monitors.monitor). The monitor listens on
 `RUNTIME/instances/ID.sock` (SOCK_SEQPACKET, in the 0700 runtime directory), so the instance
 stays reachable when bbld itself dies: a new bbld finds the sockets and re-adopts the
 instances. One request per connection, JSON (ControlRequest); replies are ControlReply.
@@ -30,9 +30,9 @@ from array import array
 import msgspec
 
 from bbld import peer
-from bbld.daemon.messages import CONTROL_FDS, MAX_CONTROL, ControlReply, ControlRequest
 from bbld.engine import StartError
 from bbld.engine import syscalls as sc
+from bbld.messages import CONTROL_FDS, MAX_CONTROL, ControlReply, ControlRequest
 from bbld.spec import send_args_argv
 
 

@@ -10,10 +10,11 @@ import os
 
 from bblctl import wire
 from bblctl.wire import signal
-from bbld import paths, peer
+from bbld import channel, paths, peer
 from bbld.framing import Framer, FrameTooLarge
 
 MAX_REPLY = 1 << 26  # bytes; a daemon that says more than this is not one we understand
+REPLY_FDS = 4  # fds a reply may carry (Exec's and Run's pty master: one)
 
 
 class ClientError(Exception):
@@ -102,7 +103,7 @@ class Connection:
 
     def _send(self, call: dict, fds: tuple[int, ...]) -> None:
         """A Varlink message: one JSON object and a NUL byte."""
-        wire.send(self.sock, wire.dumps(call).encode() + b"\0", fds)
+        channel.send_all(self.sock, wire.dumps(call).encode() + b"\0", fds)
 
     @staticmethod
     def _raise(reply: dict) -> None:
@@ -114,7 +115,10 @@ class Connection:
 
     def _next_reply(self) -> dict:
         while not self.pending:
-            data, fds = wire.receive(self.sock, 65536, 4)
+            try:
+                data, fds = channel.receive(self.sock, 65536, REPLY_FDS)
+            except channel.Truncated as exc:
+                raise ClientError(f"bbld sent {exc}") from None
             self.fds.extend(fds)
             if not data:
                 raise ClientError("bbld closed the connection")

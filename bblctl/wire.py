@@ -1,4 +1,5 @@
-"""The client's Varlink wire: JSON text over a Unix stream socket, with fds (SCM_RIGHTS).
+"""The client's Varlink wire: JSON text over a Unix stream socket (the fds that travel with
+it: bbld.channel).
 
 Built on CPython's C modules (_json, _socket, _signal) rather than json, socket and signal:
 those three import enum and re, about 20 ms on the development machine, more than a whole
@@ -6,7 +7,6 @@ those three import enum and re, about 20 ms on the development machine, more tha
 Python implementation) the standard modules do the same job.
 """
 
-import sys
 
 try:
     import _json
@@ -17,9 +17,7 @@ except ImportError:  # not CPython: the same names from the standard modules
     import signal
     import socket
 
-__all__ = ["dumps", "loads", "signal", "unix_socket", "send", "receive", "ProtocolError"]
-
-_INT_SIZE = 4  # sizeof(int): one fd in an SCM_RIGHTS record
+__all__ = ["dumps", "loads", "signal", "unix_socket", "ProtocolError"]
 
 
 class ProtocolError(Exception):
@@ -66,26 +64,3 @@ else:
 
 def unix_socket():
     return socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-
-
-def send(sock, data: bytes, fds=()) -> None:
-    """All of `data`, the fds with its first byte."""
-    if fds:
-        record = b"".join(fd.to_bytes(_INT_SIZE, sys.byteorder) for fd in fds)
-        sent = sock.sendmsg([data], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, record)])
-        data = data[sent:]
-    if data:
-        sock.sendall(data)
-
-
-def receive(sock, size: int, max_fds: int) -> tuple[bytes, list[int]]:
-    """Up to `size` bytes and the fds that came with them (close-on-exec)."""
-    data, ancillary, _flags, _ = sock.recvmsg(size, socket.CMSG_SPACE(max_fds * _INT_SIZE),
-                                              socket.MSG_CMSG_CLOEXEC)
-    fds = []
-    for level, kind, record in ancillary:
-        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
-            usable = len(record) - len(record) % _INT_SIZE
-            fds += [int.from_bytes(record[i:i + _INT_SIZE], sys.byteorder, signed=True)
-                    for i in range(0, usable, _INT_SIZE)]
-    return data, fds

@@ -64,6 +64,7 @@ class ControlReply(msgspec.Struct, omit_defaults=True):
     status: int | None = None
     message: str | None = None
     exit_code: int | None = None
+    parameter: str | None = None  # error: the request's field that was wrong
 
 
 _reply_decoder = msgspec.json.Decoder(ControlReply)

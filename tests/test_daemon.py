@@ -261,3 +261,44 @@ def test_the_log_says_a_flood_in_a_few_lines(monkeypatch):
     assert lines[-2] == f"bbld: ({1000 - log.BURST} more log lines were left out)"
     assert lines[-1] == "bbld: later"
     assert "\x1b" not in out.getvalue() and "\\x1b[2J" in lines[0]
+
+
+def test_explicit_nulls_are_accepted_where_the_interface_says_maybe(daemon):
+    """Varlink clients send null for a `?type` parameter they leave unset."""
+    listed, signalled = exchange(
+        daemon, json.dumps({"method": "io.bbl.Manager.List",
+                            "parameters": {"all": None, "brief": None}}).encode() + b"\0",
+        json.dumps({"method": "io.bbl.Manager.Signal",
+                    "parameters": {"id": "nope", "signal": 15, "pid": None}}).encode() + b"\0")
+    assert listed["parameters"] == {"instances": []}
+    assert signalled["error"] == "io.bbl.Manager.NoSuchInstance"
+    (required,) = exchange(daemon, json.dumps({"method": "io.bbl.Manager.Signal", "parameters": {
+        "id": None, "signal": 15}}).encode() + b"\0")
+    assert (required["error"], required["parameters"]) == (
+        "org.varlink.service.InvalidParameter", {"parameter": "id"})
+    varlink = pytest.importorskip("varlink")
+    with varlink.Client(address=f"unix:{daemon}") as client, \
+            client.open("io.bbl.Manager") as conn:
+        assert conn.List(None, None) == {"instances": []}
+
+
+def test_each_methods_parameters_are_the_interfaces():
+    """The Structs bbld checks calls with say what the published interface says: the same
+    names, `?type` exactly where a default of null is."""
+    from bbld.daemon.methods import Daemon
+
+    declared = {}
+    for name, params in re.findall(r"^method (\w+)\(([^)]*)\)", protocol.MANAGER_INTERFACE,
+                                   re.M):
+        fields = [p.strip() for p in params.replace("\n", " ").split(",") if p.strip()]
+        declared[name] = {field.split(":")[0].strip(): field.split(":")[1].strip()
+                          .startswith("?") for field in fields}
+    methods = Daemon().methods
+    for name, optional in declared.items():
+        struct = methods[f"io.bbl.Manager.{name}"][1]
+        defaults = dict(zip(struct.__struct_fields__[len(struct.__struct_fields__)
+                                                     - len(struct.__struct_defaults__):],
+                            struct.__struct_defaults__, strict=True))
+        assert set(struct.__struct_fields__) == set(optional), name
+        assert {f for f in struct.__struct_fields__ if defaults.get(f, ...) is None} == \
+            {f for f, maybe in optional.items() if maybe}, name

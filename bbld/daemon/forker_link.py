@@ -1,18 +1,16 @@
-"""The daemon's side of its forker: start the helper process once, send it start requests,
-and follow each instance's events (trio)."""
+"""bbld's link to its forker (trio): start the forker process once (bbld.monitors.forker),
+send it start requests one at a time, and read each instance's events from its monitor."""
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
-from array import array
 
 import msgspec
 import trio
 
-from bbld import protocol
+from bbld import channel
 from bbld.messages import MAX_CONTROL, Event, StartRequest
 from bbld.protocol import VarlinkError
 
@@ -45,16 +43,16 @@ class ForkerLink:
         theirs.close()
         self.sock = trio.socket.from_stdlib_socket(mine)
 
-    async def start(self, request: StartRequest, fds: list[int]):
-        """Yield (Event, fds) for one new instance until its monitor ends. `fds`: stdin,
-        stdout, stderr, working directory, then one per request.fd_numbers."""
+    async def start(self, request: StartRequest, fds: list[int]) -> "StartEvents":
+        """Send one start request; its monitor's events follow on the StartEvents returned.
+        `fds`: stdin, stdout, stderr, working directory, then one per request.fd_numbers;
+        they are the forker's once sent (ours are closed, the list emptied)."""
         mine, theirs = _seqpacket_pair()
         data = msgspec.json.encode(request)
         try:
             async with self.sending:
                 self._ensure_running()
-                await self.sock.sendmsg([data], [(
-                    socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", [theirs.fileno(), *fds]))])
+                await channel.asend(self.sock, data, [theirs.fileno(), *fds])
         except OSError as exc:  # EMSGSIZE: longer than the socket's buffer (about 200 KB)
             mine.close()
             raise VarlinkError("io.bbl.Manager.StartFailed", exit_code=2,
@@ -62,20 +60,37 @@ class ForkerLink:
                                        f"{exc.strerror}") from None
         finally:
             theirs.close()
-        for fd in fds:  # the forker has its own copies: ours would be held for the whole run
-            os.close(fd)
+        channel.close_all(fds)  # (ours would be held for the whole run)
         fds.clear()  # (in place: the caller's list, so that nobody closes them again)
-        with trio.socket.from_stdlib_socket(mine) as events:
-            while True:
-                data, ancdata, _flags, _ = await events.recvmsg(
-                    MAX_CONTROL, socket.CMSG_SPACE(protocol.MAX_FDS * 4),
-                    socket.MSG_CMSG_CLOEXEC)
-                fds_in = protocol.fds_from_ancillary(ancdata)
-                if not data:
-                    return
-                try:
-                    yield _event_decoder.decode(data), fds_in
-                except msgspec.DecodeError:
-                    for fd in fds_in:
-                        os.close(fd)
-                    return
+        return StartEvents(trio.socket.from_stdlib_socket(mine))
+
+
+class StartEvents:
+    """What one instance's monitor says (bbld.messages.Event), until it ends."""
+
+    def __init__(self, sock):
+        self.sock = sock
+
+    async def next(self) -> tuple[Event, list[int]] | None:
+        """The next event and its fds (ours to close); None once the monitor has ended or
+        said something that is not an event."""
+        try:
+            data, fds = await channel.areceive(self.sock, MAX_CONTROL)
+        except channel.Truncated:
+            return None
+        if not data:
+            return None
+        try:
+            return _event_decoder.decode(data), fds
+        except msgspec.DecodeError:
+            channel.close_all(fds)
+            return None
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

@@ -15,15 +15,15 @@ import signal as _signal
 import socket
 import stat
 import time
-from array import array
 
 import msgspec
 import trio
 
-from bbld import peer, protocol
+from bbld import channel, peer
 from bbld.daemon import log
 from bbld.daemon.history import History
 from bbld.messages import (
+    CONTROL_FDS,
     INSTANCE_ID,
     MAX_CONTROL,
     ControlReply,
@@ -49,6 +49,9 @@ class InstanceRecord:
         self.ended: float | None = None  # seconds since the epoch, once it ended
         self.monitor: int | None = None  # pidfd of the monitor, for instances we started
         self.single_instance = False
+        self.die_with_parent = False  # its spec asks to end with the caller that started it
+        self.done = trio.Event()  # set once the registry has recorded its end (finish)
+        self.reported_status: int | None = None  # what its start's report channel said
 
     @classmethod
     def from_entry(cls, entry: dict) -> "InstanceRecord":
@@ -123,6 +126,7 @@ class Registry:
         """The instance ended (idempotent): it moves to the ended list."""
         if self.live.pop(record.id, None) is None:
             return
+        status = record.reported_status if status is None else status
         record.state, record.status, record.pid = "exited", status, None
         record.close()
         self._ended(record)
@@ -131,6 +135,7 @@ class Registry:
             os.unlink(os.path.join(self.directory, f"{record.id}.exited"))
         except OSError:
             pass  # none (it ended while we watched), or not one a monitor made
+        record.done.set()
         self.notify()
 
     def _ended(self, record: InstanceRecord) -> None:
@@ -143,18 +148,19 @@ class Registry:
         """An instance that never started."""
         self.live.pop(record.id, None)
         record.close()
+        record.done.set()
         self.notify()
 
     def publish(self, record: InstanceRecord, event: str) -> None:
         """Tell the Events callers (one that fell too far behind is dropped) and the waiters."""
         message = {"event": event, "id": record.id, "name": record.name or "",
                    "time": time.time(), "status": record.status}
-        for channel in list(self.subscribers):
+        for subscriber in list(self.subscribers):
             try:
-                channel.send_nowait(message)
+                subscriber.send_nowait(message)
             except (trio.WouldBlock, trio.BrokenResourceError, trio.ClosedResourceError):
-                self.subscribers.discard(channel)
-                channel.close()
+                self.subscribers.discard(subscriber)
+                subscriber.close()
         self.notify()
 
     def notify(self) -> None:
@@ -176,9 +182,11 @@ class Registry:
     async def _watch(self, record: InstanceRecord) -> int | None:
         status = None
         try:
-            with await connect(self.control_path(record.id),
-                                     ControlRequest(op="watch")) as sock:
-                async for reply, _ in replies(sock):
+            with await MonitorCall.open(self.control_path(record.id),
+                                        ControlRequest(op="watch")) as call:
+                while (answer := await call.next()) is not None:
+                    reply, fds = answer
+                    channel.close_all(fds)
                     if reply.op == "exited":
                         status = reply.status
                         break
@@ -254,12 +262,12 @@ class Registry:
     async def _adopt_running(self, path: str) -> None:
         expected = os.path.basename(path).removesuffix(".sock")
         try:
-            with await connect(path, ControlRequest(op="status")) as sock:
-                async for reply, _ in replies(sock):
-                    record = InstanceRecord.from_entry(reply.entry)
-                    break
-                else:
+            with await MonitorCall.open(path, ControlRequest(op="status")) as call:
+                answer = await call.next()
+                if answer is None:
                     raise OSError("no answer")
+                channel.close_all(answer[1])
+                record = InstanceRecord.from_entry(answer[0].entry)
         except ConnectionRefusedError:
             os.unlink(path)  # nobody listens: its monitor is gone (killed), a stale socket
             return
@@ -302,42 +310,54 @@ def _read_exited(path: str) -> dict | None:
         os.close(fd)
 
 
-async def connect(path: str, request: ControlRequest, fds: list[int] = ()):
-    """A connection to an instance's monitor with `request` sent (and `fds` with it). The
+class MonitorCall:
+    """One request to an instance's monitor (bbld.monitors.control) and its replies. The
     monitor must be the user's, in bbld's own namespaces (bbld.peer), as bbld is for it:
     whatever else listens at its socket's name gets nothing (PermissionError)."""
-    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
-    try:
-        await sock.connect(path)
+
+    def __init__(self, sock):
+        self.sock = sock
+
+    @classmethod
+    async def open(cls, path: str, request: ControlRequest, fds=()) -> "MonitorCall":
+        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
-            peer.check(sock, _home(), "the instance's monitor", "bbld")
-        except peer.Refused as refused:
-            raise PermissionError(f"{path}: {refused}") from None
-        ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", fds))] if fds else []
-        await sock.sendmsg([msgspec.json.encode(request)], ancillary)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
+            await sock.connect(path)
+            try:
+                peer.check(sock, _home(), "the instance's monitor", "bbld")
+            except peer.Refused as refused:
+                raise PermissionError(f"{path}: {refused}") from None
+            await channel.asend(sock, msgspec.json.encode(request), fds)
+        except BaseException:
+            sock.close()
+            raise
+        return cls(sock)
+
+    async def next(self) -> tuple[ControlReply, list[int]] | None:
+        """The next reply and its fds (ours to close); None once the monitor hung up or
+        said something that is not a reply."""
+        try:
+            data, fds = await channel.areceive(self.sock, MAX_CONTROL, CONTROL_FDS)
+        except channel.Truncated:
+            return None
+        if not data:
+            return None
+        try:
+            return decode_reply(data), fds
+        except msgspec.DecodeError:
+            channel.close_all(fds)
+            return None
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 @functools.cache
 def _home() -> peer.Identity:
     return peer.own_namespaces()
-
-
-async def replies(sock):
-    """(ControlReply, fds) until the monitor closes the connection."""
-    while True:
-        data, ancdata, _flags, _ = await sock.recvmsg(
-            MAX_CONTROL, socket.CMSG_SPACE(4 * 4), socket.MSG_CMSG_CLOEXEC)
-        fds = protocol.fds_from_ancillary(ancdata)
-        if not data:
-            return
-        try:
-            reply: ControlReply = decode_reply(data)
-        except msgspec.DecodeError:
-            for fd in fds:
-                os.close(fd)
-            return
-        yield reply, fds

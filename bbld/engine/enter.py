@@ -22,8 +22,9 @@ import socket
 
 from msgspec import Struct
 
+from bbld import channel as bbld_channel
 from bbld import spec
-from bbld.engine import privileges, terminal
+from bbld.engine import privileges, reports, terminal
 from bbld.engine import syscalls as sc
 from bbld.engine.errors import StartError
 from bbld.engine.plan import LayerPlan, Plan
@@ -92,7 +93,7 @@ def _enter(plan, layer, namespace_fds, own, argv, env, cwd, stdio, channel, cgro
             _say_failure(command_side, exc)
         os._exit(127)
     command_side.close()
-    socket.send_fds(channel, [b"entered"], [pidfd, ours.fileno()])
+    bbld_channel.send(channel, reports.step(reports.Joined()), [pidfd, ours.fileno()])
 
 
 def _join(namespace_fds: dict[str, int], own: dict) -> None:
@@ -182,7 +183,7 @@ def _open_terminal(channel: socket.socket) -> None:
     stdio; the master goes back to the caller."""
     master, slave = terminal.open_pty()
     terminal.take(slave)
-    socket.send_fds(channel, [b"pty"], [master])
+    bbld_channel.send(channel, reports.step(reports.Terminal()), [master])
     os.close(master)
 
 
@@ -203,27 +204,26 @@ def _say_failure(channel: socket.socket, exc: BaseException) -> None:
     code = exc.exit_code if isinstance(exc, StartError) else 1
     message = exc.message if isinstance(exc, StartError) else repr(exc)
     try:
-        channel.send(f"error:{code}:{message}".encode()[:4000])
+        channel.send(reports.failure(message, code))
     except OSError:
         pass
 
 
 def _receive(channel: socket.socket) -> Entered:
     """What the entering child, then the command, say: its pidfd, maybe a pty, or an error."""
-    data, fds, _, _ = socket.recv_fds(channel, 4096, 2, socket.MSG_CMSG_CLOEXEC)
-    _check_failure(data, fds)
-    if data != b"entered" or len(fds) != 2:
+    said, fds = _next_step(channel, 2)
+    if not isinstance(said, reports.Joined) or len(fds) != 2:
         _close(fds)
         raise StartError("the layer could not be entered")
     entered = Entered(pidfd=fds[0])
     with socket.socket(fileno=fds[1]) as command:
         try:
             while True:  # until exec closes the command's end (close-on-exec)
-                data, fds, _, _ = socket.recv_fds(command, 4096, 1, socket.MSG_CMSG_CLOEXEC)
-                if not data:
+                said, fds = _next_step(command, 1)
+                if said is None:
                     return entered
-                _check_failure(data, fds)
-                if data == b"pty" and len(fds) == 1 and entered.master is None:
+                if isinstance(said, reports.Terminal) and len(fds) == 1 \
+                        and entered.master is None:
                     entered.master = fds[0]
                 else:
                     _close(fds)
@@ -234,11 +234,20 @@ def _receive(channel: socket.socket) -> Entered:
             raise
 
 
-def _check_failure(data: bytes, fds: list[int]) -> None:
-    if data.startswith(b"error:"):
+def _next_step(sock: socket.socket, max_fds: int):
+    """(what was said, its fds); (None, []) at the end; a failure raises StartError."""
+    try:
+        data, fds = bbld_channel.receive(sock, reports.MAX_REPORT, max_fds)
+    except bbld_channel.Truncated as exc:
+        raise StartError(str(exc)) from None
+    if not data:
         _close(fds)
-        _, code, message = data.decode(errors="replace").split(":", 2)
-        raise StartError(message, int(code))
+        return None, []
+    said = reports.read_step(data)
+    if isinstance(said, reports.CommandFailed):
+        _close(fds)
+        raise StartError(said.message, said.exit_code)
+    return said, fds
 
 
 def _close(fds) -> None:

@@ -8,11 +8,9 @@ are data: the receiver checks the layer name and the message type, and nothing e
 
 from __future__ import annotations
 
-import os
-import socket
-from array import array
-
 import msgspec
+
+from bbld import channel
 
 MAX_REPORT = 4096
 MAX_REPORT_FDS = 16
@@ -54,23 +52,61 @@ _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Report)
 
 
-def send(sock: socket.socket, report: Report, fds: tuple[int, ...] = ()) -> None:
-    data = _encoder.encode(report)[:MAX_REPORT]
-    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", fds))] if fds else []
-    sock.sendmsg([data], ancillary)
+def send(sock, report: Report, fds: tuple[int, ...] = ()) -> None:
+    channel.send(sock, _encoder.encode(report)[:MAX_REPORT], fds)
 
 
-def receive(sock: socket.socket) -> tuple[Report | None, list[int]]:
-    """One report (None at end of stream). Raises ValueError for malformed data."""
-    data, fds, _flags, _addr = socket.recv_fds(sock, MAX_REPORT, MAX_REPORT_FDS,
-                                                socket.MSG_CMSG_CLOEXEC)
+def receive(sock) -> tuple[Report | None, list[int]]:
+    """One report (None at end of stream). Raises ValueError for malformed data (more fds
+    than a report takes included: bbld.channel.Truncated)."""
+    data, fds = channel.receive(sock, MAX_REPORT, MAX_REPORT_FDS)
     if not data:
-        for fd in fds:
-            os.close(fd)
+        channel.close_all(fds)
         return None, []
     try:
         return _decoder.decode(data), fds
     except msgspec.DecodeError as exc:
-        for fd in fds:
-            os.close(fd)
+        channel.close_all(fds)
         raise ValueError(f"unreadable report: {exc}") from None
+
+
+# ---------------------------------------------------------------- a command's last steps
+# A command forked to exec (a layer's, or one exec/attach enters a layer with) says on a
+# channel of its own what happened before its execve: nothing (the channel closes at exec),
+# or why it failed. Entering a layer says two more things first.
+
+
+class CommandFailed(msgspec.Struct, tag=True):
+    """The command could not be readied or executed: why, and the exit status that gives
+    (2 for what the caller can fix)."""
+    message: str
+    exit_code: int = 1
+
+
+class Joined(msgspec.Struct, tag=True):
+    """exec/attach: the joiner is in the layer's namespaces (with the command's pidfd and the
+    command's own channel)."""
+
+
+class Terminal(msgspec.Struct, tag=True):
+    """attach: the pty the command made inside the layer (its master)."""
+
+
+Step = CommandFailed | Joined | Terminal
+_step_decoder = msgspec.msgpack.Decoder(Step)
+
+
+def failure(message: str, exit_code: int = 1) -> bytes:
+    return _encoder.encode(CommandFailed(message=message[:MAX_REPORT // 2], exit_code=exit_code))
+
+
+def step(message: Joined | Terminal) -> bytes:
+    return _encoder.encode(message)
+
+
+def read_step(data: bytes) -> Step:
+    """What a command said; anything unreadable is a failure of its own."""
+    try:
+        return _step_decoder.decode(data)
+    except msgspec.DecodeError:
+        return CommandFailed(message="a command said something unreadable before its exec")

@@ -491,9 +491,9 @@ class LayerSupervisor:
                 self._exec(command, companion, errors_w, supervisor, slave=slave,
                            release_fd=release_r)
             except StartError as exc:
-                os.write(errors_w, f"{exc.exit_code}:{exc}".encode())
+                os.write(errors_w, reports.failure(str(exc), exc.exit_code))
             except BaseException as exc:
-                os.write(errors_w, f"1:{exc!r}".encode())
+                os.write(errors_w, reports.failure(repr(exc)))
             finally:
                 os._exit(127)
         os.close(errors_w)
@@ -517,8 +517,10 @@ class LayerSupervisor:
         failure = b"".join(iter(lambda: os.read(prepared.errors, 4096), b""))
         os.close(prepared.errors)
         if failure:
-            code, _, message = failure.decode(errors="replace").partition(":")
-            raise StartError(f"command {prepared.command.argv[0]!r}: {message}", int(code))
+            said = reports.read_step(failure)
+            message = said.message if isinstance(said, reports.CommandFailed) else repr(said)
+            raise StartError(f"command {prepared.command.argv[0]!r}: {message}",
+                             getattr(said, "exit_code", 1))
         return prepared.pid
 
     def _exec(self, command: spec.Command, companion: bool, errors_fd: int,

@@ -25,11 +25,10 @@ import os
 import signal
 import socket
 import time
-from array import array
 
 import msgspec
 
-from bbld import peer
+from bbld import channel, peer
 from bbld.engine import StartError
 from bbld.engine import syscalls as sc
 from bbld.messages import CONTROL_FDS, MAX_CONTROL, ControlReply, ControlRequest
@@ -41,8 +40,7 @@ def socket_name(directory: str, instance_id: str) -> str:
 
 
 def send(sock: socket.socket, message, fds: list[int] = ()) -> None:
-    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", fds))] if fds else []
-    sock.sendmsg([msgspec.json.encode(message)], ancillary)
+    channel.send(sock, msgspec.json.encode(message), fds)
 
 
 class Control:
@@ -95,10 +93,8 @@ class Control:
         requester gets the reply rather than a reset for unread data."""
         self.instance.unwatch(conn.fileno())
         try:
-            _, fds, _, _ = socket.recv_fds(conn, MAX_CONTROL, CONTROL_FDS,
-                                           socket.MSG_CMSG_CLOEXEC)
-            _close(fds)
-        except OSError:
+            channel.close_all(channel.receive(conn, MAX_CONTROL, CONTROL_FDS)[1])
+        except (OSError, channel.Truncated):
             pass
         _reply(conn, ControlReply(op="error", message=f"permission denied: {refused}"))
         conn.close()
@@ -106,13 +102,13 @@ class Control:
     def _request(self, conn: socket.socket) -> None:
         self.instance.unwatch(conn.fileno())
         try:
-            data, fds, _, _ = socket.recv_fds(conn, MAX_CONTROL, CONTROL_FDS,
-                                              socket.MSG_CMSG_CLOEXEC)
+            data, fds = channel.receive(conn, MAX_CONTROL, CONTROL_FDS)
             conn.setblocking(True)
             conn.settimeout(5)  # replies are small; a peer that stops reading is dropped
             self._handle(conn, data, fds)
         except (OSError, msgspec.DecodeError, ValueError) as exc:
-            _reply(conn, ControlReply(op="error", message=str(exc)))
+            _reply(conn, ControlReply(op="error", message=str(exc),
+                                      parameter=getattr(exc, "parameter", None)))
             conn.close()
 
     def _handle(self, conn: socket.socket, data: bytes, fds: list[int]) -> None:
@@ -150,9 +146,10 @@ class Control:
 
     def _signal(self, request: ControlRequest) -> None:
         if not 1 <= request.signal <= 64:
-            raise ValueError(f"no such signal {request.signal}")
+            raise BadParameter("signal", f"no such signal {request.signal}")
         if request.pid is not None and request.pid not in self.execs:
-            raise ValueError(f"pid {request.pid} was not started by exec in this instance")
+            raise BadParameter("pid", f"pid {request.pid} was not started by exec in this "
+                                      "instance")
         if request.pid is None and self.instance.status is not None:
             return  # it has just ended (its end and this request came in one poll)
         if request.pid is None:
@@ -246,6 +243,14 @@ class Control:
             os.rename(temporary, os.path.join(self.directory, f"{self.entry['id']}.exited"))
         except OSError:
             pass  # bbld follows the instance anyway; only a later bbld misses its status
+
+
+class BadParameter(ValueError):
+    """A request's field (`parameter`) is wrong; the requester hears which."""
+
+    def __init__(self, parameter: str, message: str):
+        super().__init__(message)
+        self.parameter = parameter
 
 
 def _kill_session(pid: int, pidfd: int) -> None:

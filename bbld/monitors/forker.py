@@ -21,7 +21,7 @@ import time
 
 import msgspec
 
-from bbld import bwrap, spec
+from bbld import bwrap, channel, spec
 from bbld.engine import Instance, prepare, seccomp
 from bbld.messages import MAX_EXTRA_FDS, MAX_REQUEST, REQUEST_FDS, Event, StartRequest
 from bbld.monitors import monitor
@@ -42,17 +42,25 @@ def main(fd: int, directory: str) -> int:
             finally:
                 os._exit(status)
         os.close(taken_w)
-        word = os.read(taken_r, 1)
+        said = os.read(taken_r, 256)
         os.close(taken_r)
-        if word == _DAEMON_GONE:
+        try:
+            news = _news.decode(said) if said else None  # (nothing: the spare died)
+        except msgspec.DecodeError:
+            news = None
+        if news is not None and not news.taken:
             return 0
-        failures = 0 if word == _TAKEN else failures + 1
+        failures = 0 if news is not None else failures + 1
     return 1
 
 
-# What a spare tells the forker: it took a request (fork the next one), or the daemon is gone.
-# Nothing (the pipe's end) means it died.
-_TAKEN, _DAEMON_GONE = b"t", b"e"
+class SpareNews(msgspec.Struct):
+    """What a spare tells the forker on its pipe: it took a request (fork the next spare),
+    or bbld's channel ended (the forker ends too). Nothing at all means it died."""
+    taken: bool
+
+
+_news = msgspec.json.Decoder(SpareNews)
 
 
 def _spare(sock: socket.socket, taken_w: int, directory: str) -> int:
@@ -65,23 +73,24 @@ def _spare(sock: socket.socket, taken_w: int, directory: str) -> int:
     if not _pending(sock):  # (under a burst of requests, serve them cold rather than late)
         _rehearse()
     while True:  # (recv retries by itself when a signal interrupts it: PEP 475)
-        data, fds, _flags, _addr = socket.recv_fds(sock, MAX_REQUEST, REQUEST_FDS + MAX_EXTRA_FDS,
-                                                   socket.MSG_CMSG_CLOEXEC)
+        try:
+            data, fds = channel.receive(sock, MAX_REQUEST, REQUEST_FDS + MAX_EXTRA_FDS)
+        except channel.Truncated:
+            continue  # (bbld never sends more: nothing to answer)
         if not data:
-            _tell(taken_w, _DAEMON_GONE)
+            _tell(taken_w, SpareNews(taken=False))
             return 0
         if len(fds) >= REQUEST_FDS:
             break
-        for descriptor in fds:
-            os.close(descriptor)
-    _tell(taken_w, _TAKEN)
+        channel.close_all(fds)
+    _tell(taken_w, SpareNews(taken=True))
     sock.close()  # (the daemon's channel to the forker: not the instance's)
     return monitor.run(data, fds, directory)
 
 
-def _tell(taken_w: int, word: bytes) -> None:
+def _tell(taken_w: int, news: SpareNews) -> None:
     try:
-        os.write(taken_w, word)
+        os.write(taken_w, msgspec.json.encode(news))
     except OSError:
         pass  # the forker is gone: bbld starts another for the next request
     os.close(taken_w)

@@ -16,11 +16,10 @@ import os
 import signal
 import socket
 import time
-from array import array
 
 import msgspec
 
-from bbld import bwrap, peer, spec
+from bbld import bwrap, channel, peer, spec
 from bbld.engine import Instance, StartError, prepare
 from bbld.engine.errors import EXIT_USAGE
 from bbld.engine.syscalls import default_signal_actions
@@ -154,8 +153,7 @@ def _discard(fd: int) -> None:
 
 
 def _send(report: socket.socket, event: Event, fds: list[int] = ()) -> None:
-    ancillary = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array("i", fds))] if fds else []
     try:
-        report.sendmsg([msgspec.json.encode(event)], ancillary)
+        channel.send(report, msgspec.json.encode(event), fds)
     except OSError:
         pass  # the daemon is gone; the instance goes on regardless

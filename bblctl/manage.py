@@ -117,7 +117,7 @@ def tree(argv: list[str]) -> int:
         print(printable(f"{instance['id']} {instance['name']}: ") +
               _command(instance["command"]))
         for layer in instance["layers"]:
-            _draw(layer, "  ", instance["pid"])
+            _draw(layer, "  ")
     return 0
 
 
@@ -129,7 +129,7 @@ def _layer_tree(layers: list[dict]) -> list[dict]:
     for layer in layers:
         alive = layer["pid"] > 0 and os.path.exists(f"/proc/{layer['pid']}")
         node = {"name": layer["layer"], "pid": layer["pid"] if alive else None,
-                "uid": layer.get("uid"), "gid": layer.get("gid"),
+                "uid": layer.get("uid"), "gid": layer.get("gid"), "fate": layer.get("fate"),
                 "namespaces": layer["namespaces"],
                 "processes": _processes(layer["pid"], supervisors) if alive else [],
                 "children": []}
@@ -174,15 +174,18 @@ def _any_alive(nodes: list[dict]) -> bool:
     return any(node["pid"] or _any_alive(node["children"]) for node in nodes)
 
 
-def _draw(node: dict, indent: str, main_pid: int | None) -> None:
+def _draw(node: dict, indent: str) -> None:
     ns = " ".join(f"{name}:{inode}" for name, inode in sorted(node["namespaces"].items()))
-    if node["pid"] and _cmdline(node["pid"])[:1] == [f"bbl-init {node['name']}"]:
-        pid = f"pid {node['pid']} (a minimal init: nothing to run)"  # plan.retires
-    elif node["pid"] and node["pid"] == main_pid:  # LayerPlan.replaced
+    fate = node["fate"]  # (bbld.engine.fates)
+    if node["pid"] and fate == "retire":
+        pid = f"pid {node['pid']} (a minimal init: nothing to run)"
+    elif node["pid"] and fate == "replaced":
         pid = f"pid {node['pid']} (the command itself: no supervisor)"
     elif node["pid"]:
         pid = f"pid {node['pid']}"
-    elif _any_alive(node["children"]):  # its namespaces live on below (plan.steps_aside)
+    elif fate == "inline" and _any_alive(node["children"]):
+        pid = "no process (built by its parent's supervisor; its sub-layers live on)"
+    elif fate == "step-aside" and _any_alive(node["children"]):
         pid = "no supervisor (nothing to run; its sub-layers live on)"
     else:
         pid = "ended (nothing left to run)"
@@ -191,7 +194,7 @@ def _draw(node: dict, indent: str, main_pid: int | None) -> None:
     for process in node["processes"]:
         print(f"{indent}  · {process['pid']} {_command(process['command'])}")
     for child in node["children"]:
-        _draw(child, indent + "  ", main_pid)
+        _draw(child, indent + "  ")
 
 
 # ---------------------------------------------------------------- stop, kill

@@ -158,12 +158,13 @@ untrusted_companions = [["sleep", "600"]]
     outside = {seen[n]["net"] for n in ("layer1", "layer2", "layer2a", "layer2h")}
     inside = {seen[n]["net"] for n in ("layer3", "layer4", "layer4a")}
     assert outside == {host["net"]} and len(inside) == 1 and inside != outside  # net = none
-    # Nothing runs in layer1, layer2, layer2h and layer3: layer2's and layer2h's
-    # supervisors left, layer1's and layer3's became minimal inits (exec above still
-    # entered them all)
+    # Nothing runs in layer1, layer2, layer2h and layer3: layer2 and layer2h are built by
+    # their parent's process, layer1's and layer3's supervisors became minimal inits (exec
+    # above still entered them all); tree reads each layer's fate from the instance's data
     drawn = instances.ctl("tree", instance).stdout
     for pattern in (r"\n  layer1  pid \d+ \(a minimal init: nothing to run\)",
-                    r"\n    layer2  no supervisor", r"\n      layer2h  no supervisor",
+                    r"\n    layer2  no process \(built by its parent's supervisor",
+                    r"\n      layer2h  no process \(built by its parent's supervisor",
                     r"\n        layer3  pid \d+ \(a minimal init: nothing to run\)",
                     r"\n          layer4  pid \d+  uid"):
         assert re.search(pattern, drawn), drawn

@@ -234,8 +234,8 @@ class Instance:
 
     def layers_info(self) -> list[dict]:
         """Each built layer, parents first: its name, its parent's, the host pid of its
-        supervisor (0 if it has none: LayerPlan.inline), its namespace inode numbers, and its
-        uid/gid inside."""
+        supervisor (0 if it has none: LayerPlan.inline), its namespace inode numbers, its
+        uid/gid inside, and its fate (engine.fates)."""
         info = []
 
         def visit(node, parent, uid, gid):
@@ -247,7 +247,7 @@ class Instance:
                 info.append({"layer": node.name, "parent": parent,
                              "pid": pidfd_pid(pidfd) if pidfd is not None else 0,
                              "namespaces": self.built[node.name].namespaces,
-                             "uid": uid, "gid": gid})
+                             "uid": uid, "gid": gid, "fate": node.fate})
             for child in node.children:
                 visit(child, node.name, uid, gid)
 

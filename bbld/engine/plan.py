@@ -13,7 +13,7 @@ import msgspec
 from msgspec import Struct, field
 
 from bbld import spec
-from bbld.engine import privileges, seccomp
+from bbld.engine import fates, privileges, seccomp
 from bbld.engine.errors import EXIT_USAGE, StartError
 
 
@@ -28,20 +28,28 @@ class LayerPlan(Struct, kw_only=True):
     gated: bool = False  # waits for a socket (itself or an ancestor): not in the start barrier
     fds: frozenset[int] = frozenset()  # caller fds this layer's subtree still needs
     cgroup_fd: int | None = None  # its pids_limit's cgroup (engine.cgroups), set by the monitor
-    # Its supervisor has nothing to do once the layer is built (see _mark_idle_supervisors):
-    # without a pid namespace of its own it exits; as pid 1 of one it becomes a minimal init.
-    steps_aside: bool = False
-    retires: bool = False
-    # Stepping aside, and nothing but a mount namespace to make: built from its parent's
-    # process (_mark_idle_supervisors), without one of its own.
-    inline: bool = False
-    # The command is exec'd in the supervisor itself: the spec's command_replaces_supervisor,
-    # or a main layer with nothing else to do (_replace_main_supervisor).
-    replaced: bool = False
+    fate: fates.Fate = "supervise"  # what its supervisor becomes once built (engine.fates)
 
     @property
     def name(self) -> str:
         return self.layer.name
+
+    @property
+    def steps_aside(self) -> bool:
+        """No supervisor once built, none of its own pid namespace (step-aside, inline)."""
+        return self.fate in ("step-aside", "inline")
+
+    @property
+    def retires(self) -> bool:
+        return self.fate == "retire"
+
+    @property
+    def inline(self) -> bool:
+        return self.fate == "inline"
+
+    @property
+    def replaced(self) -> bool:
+        return self.fate == "replaced"
 
     @property
     def runs_commands(self) -> bool:
@@ -72,8 +80,7 @@ class Plan(Struct, kw_only=True):
     def direct(self) -> bool:
         """Layer 1 has a pid namespace (its end takes everything along) and the main command
         does not replace its layer's supervisor: then the engine's caller signals and follows
-        the main command's layer itself, and idle supervisors leave
-        (_mark_idle_supervisors)."""
+        the main command's layer itself, and idle supervisors leave (engine.fates)."""
         return "pid" in self.root.layer.namespaces and not self.main.replaced
 
     @property
@@ -120,19 +127,16 @@ def prepare(sandbox: spec.Sandbox, args: list[str] = ()) -> Plan:
         main_plan.layer = msgspec.structs.replace(main_plan.layer, command=command)
     umask = os.umask(0)
     os.umask(umask)
-    plan = Plan(sandbox=sandbox, root=root, umask=umask, cap_last=privileges.cap_last())
-    if plan.direct:
-        _mark_idle_supervisors(root)
-    if not any(node.steps_aside or node.retires for node in root.walk()):
-        _replace_main_supervisor(plan.main)  # (that ends Plan.direct, which needs it)
-    return plan
+    decided = fates.decide(sandbox.layer, main)
+    for node in root.walk():
+        node.fate = decided[node.name]
+    return Plan(sandbox=sandbox, root=root, umask=umask, cap_last=privileges.cap_last())
 
 
 def _plan_layer(layer: spec.Layer, main: str, main_path: set[str], gated: bool) -> LayerPlan:
     gated = gated or bool(layer.start_after)
     children = [_plan_layer(child, main, main_path, gated) for child in layer.layers]
-    plan = LayerPlan(layer=layer, children=children, gated=gated, runs_main=layer.name == main,
-                     replaced=layer.command_replaces_supervisor)
+    plan = LayerPlan(layer=layer, children=children, gated=gated, runs_main=layer.name == main)
     plan.main_child = next((c for c in children if c.name in main_path), None)
     plan.data = {i: _read_data(layer.name, i, op) for i, op in enumerate(layer.fs)
                  if isinstance(op, (spec.File, spec.BindData, spec.RoBindData))}
@@ -153,63 +157,6 @@ def _plan_layer(layer: spec.Layer, main: str, main_path: set[str], gated: bool) 
         _check_fd_open(layer.name, fd)
     plan.fds = frozenset(own_fds).union(*(c.fds for c in children))
     return plan
-
-
-def _mark_idle_supervisors(plan: LayerPlan) -> None:
-    """An idle supervisor costs about 3 MB for nothing. A layer's supervisor is idle once the
-    layer is built when the layer runs no command and holds no locks; this is only done when
-    layer 1 has a pid namespace, whose end takes everything along, so that no layer needs
-    its own supervisor to end, and the engine's caller signals the main command's layer
-    directly (the kernel shows it a sender from outside its pid namespace). Then:
-
-    - without a pid namespace of its own the supervisor steps aside: it exits, and the
-      kernel reparents its sub-layers to the nearest subreaper or init above;
-    - with one it retires: it stays pid 1 of its namespace, as a minimal init (`sleep` with
-      SIGCHLD ignored, so the kernel reaps its children), unless the layer has no sub-layer
-      (then it just ends), or commands run in its pid namespace: the init is dumpable, and
-      although its capabilities keep them out of its /proc files but for the list of fd
-      numbers, nothing of a supervisor should be visible to a command.
-
-    The layer's namespaces live on in its sub-layers (and in the fds the engine's caller
-    keeps for exec). A sub-layer that would step aside with nothing to make but an empty
-    mount namespace (no filesystem operations, no other namespace, no limits, no sockets to
-    wait for) gets no process at all: its parent unshares the mount namespace, builds and
-    reports it, clones its sub-layers from there and returns to its own (LayerPlan.inline;
-    a clone and a process's first steps less: 2.6 ms per layer here)."""
-    idle = not plan.runs_commands and not plan.layer.lock_files
-    if "pid" in plan.layer.namespaces:
-        plan.retires = idle and bool(plan.children) and not _commands_see(plan)
-    else:
-        plan.steps_aside = idle
-    for child in plan.children:
-        _mark_idle_supervisors(child)
-        layer = child.layer
-        child.inline = child.steps_aside and layer.namespaces == ["mount"] and not layer.fs \
-            and not layer.new_root and layer.pids_limit is None and not layer.start_after \
-            and layer.user_namespaces == "allow"
-
-
-def _replace_main_supervisor(main: LayerPlan) -> None:
-    """The main command's layer, without a pid namespace of its own and with nothing else to
-    do (no sub-layers, companions, lock files or terminal): its supervisor would only fork
-    the command, relay signals to it, reap it and report its end. Exec'd in the supervisor
-    itself, the command is the layer's process: its parent (the layer above, or for layer 1
-    the engine's caller, Plan.adopts_orphans) signals it, reaps it and adopts its orphans.
-    One fork, one report and one exit less on the way (3.5 ms of a 22 ms run here). In
-    bubblewrap's command lines: layer 1 without --unshare-pid; the inner layer that takes
-    the user's uid after --dev. Not done where idle supervisors left: the engine's caller
-    then follows the main layer's supervisor, and would learn no status from a command."""
-    layer = main.layer
-    if "pid" not in layer.namespaces and not spec.needs_supervisor(layer) \
-            and not layer.command.tty:
-        main.replaced = True
-
-
-def _commands_see(plan: LayerPlan) -> bool:
-    """Commands run in `plan`'s pid namespace: its own, or those of sub-layers without a pid
-    namespace of their own, and so on down."""
-    return plan.runs_commands or any(_commands_see(child) for child in plan.children
-                                     if "pid" not in child.layer.namespaces)
 
 
 def _check_fd_open(layer: str, fd: int) -> None:

@@ -467,7 +467,7 @@ class LayerSupervisor:
 
     def _replace_with_command(self) -> None:
         """Exec the layer's command in this process (bubblewrap's --as-pid-1, and
-        plan._replace_main_supervisor)."""
+        engine.fates)."""
         command = self.layer.command
         self._report_running(os.getpid() if self.plan.runs_main else None)
         try:
@@ -599,7 +599,7 @@ class LayerSupervisor:
 
     def _step_aside(self) -> int:
         """Exit: the kernel reparents our sub-layers to the nearest subreaper or init above
-        (plan._mark_idle_supervisors)."""
+        (engine.fates)."""
         _exit_in_idle_time()
         return 0
 
@@ -685,7 +685,7 @@ def _become_idle_init(layer: str, program: int) -> None:
     It keeps the supervisor's capabilities in the layer's user namespace. The exec makes it
     dumpable again, so they are what keeps others from ptrace and from its /proc links and
     memory (root, cwd, fd/N, mem, environ): that needs CAP_SYS_PTRACE there, or every
-    capability it holds. (No command runs in its pid namespace: plan._commands_see.) If the
+    capability it holds. (No command runs in its pid namespace: engine.fates._commands_see.) If the
     exec fails (the layer's view lacks the program's libraries), this process waits the same
     way, as Python, still not dumpable."""
     sc.ignore_signal(signal.SIGCHLD)

@@ -97,8 +97,10 @@ method Quit() -> ()
 # Call it with "more": the first reply has event "started" (the instance id
 # and, per layer, its name, the host pid of its supervisor when it started
 # (the supervisor of a layer with nothing to run exits or becomes a minimal
-# init; 0 for a layer built by its parent's process) and its namespace
-# ids); the last has event "exited" and the main command's status (a
+# init; 0 for a layer built by its parent's process), its namespace ids,
+# its uid and gid inside, and its fate: "supervise", "step-aside", "inline",
+# "retire" or "replaced", see docs/architecture.md); the last has event
+# "exited" and the main command's status (a
 # command line that starts nothing, such as --help, has only that one).
 # A spec with single_instance whose name a running instance already has
 # starts nothing: its main command's arguments (and args) go to that

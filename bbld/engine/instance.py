@@ -17,6 +17,7 @@ import socket
 
 import msgspec
 
+from bbld import channel
 from bbld.engine import bwrap_status, reports
 from bbld.engine import syscalls as sc
 from bbld.engine.cgroups import Cgroups
@@ -57,7 +58,7 @@ class Instance:
         self.main_tty: int | None = None  # its pty master (Command.tty), for our caller to take
         self.namespace_fds: dict[str, dict[str, int]] = {}  # layer -> /proc/PID/ns name -> fd
         self.watches: dict[int, object] = {}  # fd -> callback (Instance.watch)
-        self.running: set[str] = set()
+        self.rules = reports.StartRules(self.layer_names, self.main_layer)
         self.failure: StartError | None = None
         self.status: int | None = None  # layer 1's exit status, once it ended
         self.main_status: int | None = None  # the main command's, as its layer reported it
@@ -66,20 +67,34 @@ class Instance:
         self.reports_open = True
         # pidfd -> pid of the children followed by pidfd (enter()'s), reaped with reap()
         self.followed: dict[int, int] = {}
+        # What start() makes (None until then, and again once torn down):
+        self.proc_fd: int | None = None  # our procfs, O_PATH: id maps, /proc/self lookups
+        self.sock: socket.socket | None = None  # the report channel's end
+        self.go_w: int | None = None  # the go pipe's end: one byte per layer releases them
+        self.sigfd = -1  # the signals we forward, blocked into a signalfd
+        self.ignored: set[int] = set()  # signals the caller ignores (nohup): not forwarded
+        self.cgroups: Cgroups | None = None
+        self.cwd: str | None = None
+        self.layer1 = None  # its Spawned (pid, pidfd)
+        self.poller: select.poll | None = None
 
     # ------------------------------------------------------------ start
 
     def start(self) -> None:
         self.proc_fd = os.open("/proc", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
-        if sc.fstatfs_type(self.proc_fd) != sc.PROC_SUPER_MAGIC:
-            raise StartError("/proc is not a procfs")
-        if os.readlink("self", dir_fd=self.proc_fd) != str(os.getpid()):  # (ids by number)
-            raise StartError("/proc is the procfs of another pid namespace than ours (an outer "
-                             "sandbox's?): give this one its own (bubblewrap's --proc /proc)")
-        mine, theirs = socket.socketpair(socket.AF_UNIX,
-                                         socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        try:
+            if sc.fstatfs_type(self.proc_fd) != sc.PROC_SUPER_MAGIC:
+                raise StartError("/proc is not a procfs")
+            if os.readlink("self", dir_fd=self.proc_fd) != str(os.getpid()):  # (ids by pid)
+                raise StartError("/proc is the procfs of another pid namespace than ours (an "
+                                 "outer sandbox's?): give this one its own (bubblewrap's "
+                                 "--proc /proc)")
+        except BaseException:
+            self._teardown()
+            raise
+        self.sock, theirs = socket.socketpair(socket.AF_UNIX,
+                                              socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         go_r, self.go_w = os.pipe2(os.O_CLOEXEC)
-        self.sock = mine
         # A signal the caller ignores (nohup, a background job) stays ignored: not forwarded.
         self.ignored = {s for s in FORWARDED_SIGNALS if sc.signal_ignored(s)}
         self.sigfd = block_signals()
@@ -131,7 +146,7 @@ class Instance:
             os.write(self.go_w, b"1" * len(self.layer_names))  # one byte for every layer
             os.close(self.go_w)
             self.released = True
-        if self.released and (self.barrier <= self.running or self.status is not None):
+        if self.released and (self.barrier <= self.rules.running or self.status is not None):
             # Released and ended already: the main command ran and ended before slower
             # layers even reported (the end of layer 1 took them along). Not a failure.
             return True
@@ -308,34 +323,30 @@ class Instance:
             self._accept(report, fds)
 
     def _accept(self, report: reports.Report, fds: list[int]) -> None:
+        """Act on a report the rules accept (reports.StartRules); any other fails the start.
+        Its fds are ours to keep or close."""
+        problem = "unexpected report Built" if isinstance(report, reports.Built) and \
+            not _namespace_fds_match(report, fds) else self.rules.judge(report, len(fds))
         name = report.layer
-        if name not in self.layer_names:
-            for fd in fds:
-                os.close(fd)
-            return self._fail(None, f"report about an unknown layer {name!r}")
-        if isinstance(report, reports.Failed):
-            self._fail(name, report.message, report.exit_code)
-        elif isinstance(report, reports.Built) and name not in self.built \
-                and _namespace_fds_match(report, fds):
+        if problem is not None or isinstance(report, reports.Failed):
+            channel.close_all(fds)
+            known = name if name in self.layer_names else None
+            if problem is not None:
+                return self._fail(known, problem)
+            return self._fail(name, report.message, report.exit_code)
+        if isinstance(report, reports.Built):
             self.built[name] = report
             self.pidfds[name] = fds.pop(0) if report.process else None
             self.namespace_fds[name] = dict(zip(report.namespace_fds, fds, strict=True))
             if name == self.main_layer and self.direct:
                 self.poller.register(self.pidfds[name], select.POLLIN)  # _main_layer_ended
-        elif isinstance(report, reports.MainEnded) and name == self.main_layer and not fds:
+        elif isinstance(report, reports.MainEnded):
             self._main_ended(report.status)
-        elif isinstance(report, reports.Running) and name in self.built and len(fds) <= 2:
-            self.running.add(name)
-            if fds and name == self.main_layer and self.main_pidfd is None:
-                self.main_pidfd = fds[0]
-                self.main_tty = fds[1] if len(fds) == 2 else None
-            else:
-                for fd in fds:
-                    os.close(fd)
+        elif fds and name == self.main_layer and self.main_pidfd is None:  # Running
+            self.main_pidfd = fds[0]
+            self.main_tty = fds[1] if len(fds) == 2 else None
         else:
-            for fd in fds:
-                os.close(fd)
-            self._fail(name, f"unexpected report {type(report).__name__}")
+            channel.close_all(fds)
 
     def _main_ended(self, status: int) -> None:
         """The main command ended: the tree would now end layer by layer, each noticing its
@@ -366,7 +377,7 @@ class Instance:
         if self.torn_down:
             return
         self.torn_down = True
-        layer1 = getattr(self, "layer1", None)
+        layer1 = self.layer1
         if layer1 is not None:
             if self.status is None:
                 try:
@@ -377,15 +388,15 @@ class Instance:
             os.close(layer1.pidfd)
             if self.plan.adopts_orphans:  # what the sandbox left behind ends with it
                 kill_all_children(self.proc_fd)
-        if hasattr(self, "cgroups"):
+        if self.cgroups is not None:
             self.cgroups.remove()
         namespace_fds = [fd for fds in self.namespace_fds.values() for fd in fds.values()]
         pidfds = [fd for fd in self.pidfds.values() if fd is not None]
-        for fd in (*pidfds, getattr(self, "sigfd", -1), self.proc_fd,
-                   self.main_pidfd if self.main_pidfd is not None else -1,
-                   self.main_tty if self.main_tty is not None else -1, *namespace_fds):
-            if fd >= 0:
+        for fd in (*pidfds, self.sigfd, self.proc_fd, self.main_pidfd, self.main_tty,
+                   *namespace_fds):
+            if fd is not None and fd >= 0:
                 os.close(fd)
+        self.proc_fd = None
         self.pidfds.clear()
         self.namespace_fds.clear()
         self.main_tty = None
@@ -396,10 +407,10 @@ class Instance:
                 os.close(self.plan.sandbox.sync_fd)
             except OSError:
                 pass
-        if not self.released and hasattr(self, "go_w"):
+        if not self.released and self.go_w is not None:
             os.close(self.go_w)
             self.released = True
-        if hasattr(self, "sock"):
+        if self.sock is not None:
             self.sock.close()
         sc.set_signal_mask(signal.SIG_UNBLOCK, (*FORWARDED_SIGNALS, signal.SIGCHLD))
 

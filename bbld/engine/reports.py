@@ -48,6 +48,45 @@ class MainEnded(msgspec.Struct, tag=True):
 
 
 Report = Built | Running | Failed | MainEnded
+
+
+class StartRules:
+    """What layers may say, as a state machine without I/O (h11's way): feed it each report
+    and the number of fds that came with it; it answers None (the report is accepted: the
+    engine's caller acts on it, and takes its fds as the report's kind says) or why the
+    report breaks the rules (the start fails). Reports are data from processes below us:
+    a known layer name, `Built` once per layer with exactly its fds (a pidfd unless built by
+    its parent's process, then one namespace fd per distinct name), `Running` only after
+    that layer's `Built` (with the main command's pidfd and pty, at most two fds),
+    `MainEnded` only from the main command's layer and without fds. The fds themselves (that
+    each namespace fd is the namespace named) are checked by the caller, which holds them."""
+
+    def __init__(self, layers, main: str):
+        self.layers, self.main = set(layers), main
+        self.built: set[str] = set()
+        self.running: set[str] = set()
+
+    def judge(self, report: Report, fds: int) -> str | None:
+        name = report.layer
+        if name not in self.layers:
+            return f"report about an unknown layer {name!r}"
+        if isinstance(report, Failed):
+            return None
+        if isinstance(report, Built):
+            expected = (1 if report.process else 0) + len(report.namespace_fds)
+            if name in self.built or fds != expected or \
+                    len(set(report.namespace_fds)) != len(report.namespace_fds):
+                return "unexpected report Built"
+            self.built.add(name)
+            return None
+        if isinstance(report, MainEnded):
+            return None if name == self.main and fds == 0 else "unexpected report MainEnded"
+        if name in self.built and fds <= 2:  # Running
+            self.running.add(name)
+            return None
+        return f"unexpected report {type(report).__name__}"
+
+
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(Report)
 

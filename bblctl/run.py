@@ -130,7 +130,8 @@ def _run_spec(argv: list[str], prog: str, instance: dict) -> int:
     except Sandboxed:  # (a sandbox our own look did not tell: bbld did)
         return _nested(argv, prog, sandbox, front)
     except RemoteError as exc:
-        front.start_failed(exc.parameters.get("message", exc.name))
+        front.start_failed(exc.parameters.get("message", exc.name),
+                           exc.parameters.get("fields"))
         return 1
     except ClientError as exc:
         front.say(str(exc))

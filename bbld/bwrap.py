@@ -10,7 +10,6 @@ bubblewrap's: `bwrap: MESSAGE` and status 1 for every error.
 from __future__ import annotations
 
 import os
-import re
 import sys
 
 import msgspec
@@ -132,9 +131,9 @@ class FrontEnd:
             sandbox.name = name
         return sandbox
 
-    def start_failed(self, message: str) -> None:
-        """A start error, in bubblewrap's words."""
-        self.say(bwrap_message(message))
+    def start_failed(self, message: str, fields: dict[str, str] | None = None) -> None:
+        """A start error, in bubblewrap's words (bwrap_message)."""
+        self.say(bwrap_message(message, fields))
 
 
 def usage(prog: str) -> str:
@@ -565,28 +564,25 @@ UNSUPPORTED = {  # parsed, but refused: why, in docs/bwrap-compat.md
 
 
 # The engine's start errors that bubblewrap words its own way: (pattern, bubblewrap's words)
-BWRAP_WORDING = [
-    (r"fs\[\d+\] \([\w-]+\) .*: source (?P<src>.*) does not exist in the parent layer's view",
-     "Can't find source path {src}: No such file or directory"),
-    (r"command '.*': working directory (?P<path>.*): (?P<error>[^:]*)",
-     "Can't chdir to {path}: {error}"),
-    (r"command '(?P<program>.*)': cannot execute: (?P<error>[^:]*)", "execvp {program}: {error}"),
-    (r"fs\[\d+\] \(symlink\) (?P<path>.*): (?P<error>[^:]*)",
-     "Can't make symlink at {path}: {error}"),
-    (r"fs\[\d+\] \(dir\) (?P<path>.*): (?P<error>[^:]*)", "Can't mkdir {path}: {error}"),
-    (r"cannot create the layer's namespaces: (?P<error>.*)",
-     "Creating new namespace failed: {error}"),
-]
-
-
-def bwrap_message(message: str) -> str:
-    """An engine error as bubblewrap would say it; others lose only the layer's name."""
-    message = re.sub(r"^layer '(bwrap|sandbox)': ", "", message)
-    for pattern, wording in BWRAP_WORDING:
-        found = re.fullmatch(pattern, message)
-        if found:
-            return wording.format(**found.groupdict())
-    return re.sub(r"^command '.*?': ", "", message)
+def bwrap_message(message: str, fields: dict[str, str] | None = None) -> str:
+    """A start error as bubblewrap would say it, from the engine's fields for it
+    (bbld.engine.errors.StartError: what happened, where, the path, the kernel's words,
+    and its own words without layer and place: `message`);
+    an error bubblewrap has no words of its own for keeps the engine's, without the layer
+    and the command (a bubblewrap command line has one of each)."""
+    fields = fields or {}
+    message = fields.get("message", message)  # (the words without layer and where)
+    path, strerror = fields.get("path"), fields.get("strerror")
+    worded = {"source-missing": f"Can't find source path {path}: No such file or directory",
+              "chdir": f"Can't chdir to {path}: {strerror}",
+              "exec": f"execvp {fields.get('command')}: {strerror}",
+              "symlink": f"Can't make symlink at {path}: {strerror}",
+              "mkdir": f"Can't mkdir {path}: {strerror}",
+              "namespaces": f"Creating new namespace failed: {strerror}"}
+    if fields.get("what") in worded:
+        return worded[fields["what"]]
+    where = fields.get("where", "")
+    return f"{where}: {message}" if where and not where.startswith("command ") else message
 
 
 def to_sandbox(inv: Invocation, uid: int, gid: int) -> spec.Sandbox:

@@ -38,6 +38,7 @@ class Event(msgspec.Struct, omit_defaults=True):
     status: int | None = None
     message: str | None = None
     exit_code: int | None = None
+    fields: dict[str, str] = {}  # failed: the engine's StartError fields (bbld.engine.errors)
 
 
 # ---------------------------------------------------------------- an instance's control socket

@@ -321,7 +321,8 @@ def expand(options: Profile, name: str, environ: dict[str, str], uid: int,
     layer2h = spec.Layer(name="layer2h", namespaces=["mount"], layers=[layer3])
     layer2a = spec.Layer(name="layer2a", namespaces=["user", "pid", "mount"], uid=uid, gid=gid,
                          companions=[list(c) for c in options.companions])
-    masks = [spec.Mask(path=_home_path(p, home)) for p in options.masks.paths]
+    masks = [spec.Mask(path=_home_path(p, home), origin=f"masks.paths[{index}]")
+             for index, p in enumerate(options.masks.paths)]
     layer2 = spec.Layer(name="layer2", namespaces=["mount"], fs=masks,
                         layers=[layer2a, layer2h])
     layer1 = spec.Layer(name="layer1", namespaces=["user", "pid", "mount"], uid=0, gid=0,
@@ -358,16 +359,18 @@ def _layer3_fs(options: Profile, home: str, environ: dict[str, str]) -> list:
     if options.opt:
         fs.append(spec.RoBind(src="/opt", dest="/opt", try_=True))
     if options.home == "tmpfs":
-        fs.append(spec.Tmpfs(dest=home, mode=0o700))
+        fs.append(spec.Tmpfs(dest=home, mode=0o700, origin="home"))
     else:
-        fs.append(spec.Bind(src=_home_path(options.home, home), dest=home))
-    for mount in options.mounts:
+        fs.append(spec.Bind(src=_home_path(options.home, home), dest=home, origin="home"))
+    for index, mount in enumerate(options.mounts):  # (errors name the profile's key)
         src = _home_path(mount.src, home)
         if mount.type == "appimage":
-            fs += _appimage(src, mount.dest and _home_path(mount.dest, home))
+            fs += [msgspec.structs.replace(op, origin=f"mounts[{index}]")
+                   for op in _appimage(src, mount.dest and _home_path(mount.dest, home))]
             continue
         dest = _home_path(mount.dest, home) if mount.dest else src
-        fs.append((spec.Bind if mount.type == "bind" else spec.RoBind)(src=src, dest=dest))
+        fs.append((spec.Bind if mount.type == "bind" else spec.RoBind)(
+            src=src, dest=dest, origin=f"mounts[{index}]"))
     fs += _masks(options)
     if options.dns:
         resolv = "".join(f"nameserver {server}\n" for server in options.dns)

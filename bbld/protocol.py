@@ -228,8 +228,16 @@ error NoSuchInstance (id: string)
 # The sandbox did not start: nothing of it runs. exit_code is 2 when the
 # spec is invalid or does not fit this machine, else 1 (always 1 for a
 # bubblewrap command line, as bubblewrap). reported: the caller's stderr has
-# the message already (see Run).
-error StartFailed (message: string, exit_code: int, reported: ?bool)
+# the message already (see Run). fields: what the engine knows of the failure
+# (what: "source-missing", "mkdir", "symlink", "chdir", "exec" or
+# "namespaces"; where, path, strerror, command, and message: its words
+# without layer and place), for front ends that word it their own way.
+error StartFailed (
+  message: string,
+  exit_code: int,
+  reported: ?bool,
+  fields: ?[string]string
+)
 
 # The caller may not talk to the daemon: it runs under another uid, or it is
 # the daemon's user inside a sandbox (sandboxed: other user or mount

@@ -54,6 +54,10 @@ def _mode(value: int | str) -> int:
 
 
 class FsOp(Struct, tag_field="op", forbid_unknown_fields=True, kw_only=True):
+    # Where the operation came from, for messages: a front end's own name for it (a
+    # profile's "mounts[0]"); errors say "fs[N]" without it.
+    origin: str | None = None
+
     @property
     def target(self) -> str:
         return getattr(self, "dest", None) or self.path

@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shutil
+import subprocess
 import time
 
 import pytest
@@ -319,3 +320,21 @@ def test_with_bbld_running_it_expands_the_profile_in_the_callers_environment(ins
     bad = start("bad.toml")
     assert bad.returncode == 2 and "bad.toml:2: net: Invalid enum value" in bad.stderr
     assert len(json.loads(instances.ctl("ps", "--all", "--json").stdout)) == ended_before + 2
+
+
+def test_a_failed_mount_names_the_profiles_own_key(instances, tmp_path):
+    """Start errors carry where they happened; a profile's operations say which of its keys
+    made them (spec `origin`), not `layer3 fs[14]`."""
+    path = tmp_path / "m.toml"
+    path.write_text('command = ["true"]\nmounts = [{ src = "/usr" }, '
+                    '{ src = "/nonexistent-bbl", dest = "/x" }]\nhome = "/nonexistent-home"\n')
+    result = instances.ctl("start", str(path), stdin=subprocess.DEVNULL)
+    assert result.returncode == 2
+    assert result.stderr == ("bblctl: layer 'layer3': home (bind) " + os.environ["HOME"] +
+                             ": source /nonexistent-home does not exist in the parent "
+                             "layer's view\n")
+    path.write_text('command = ["true"]\nmounts = [{ src = "/usr" }, '
+                    '{ src = "/nonexistent-bbl", dest = "/x" }]\n')
+    result = instances.ctl("start", str(path), stdin=subprocess.DEVNULL)
+    assert result.stderr == ("bblctl: layer 'layer3': mounts[1] (ro-bind) /x: source "
+                             "/nonexistent-bbl does not exist in the parent layer's view\n")

@@ -405,7 +405,8 @@ class Daemon:
 
 def _start_failed(event) -> VarlinkError:
     return VarlinkError("io.bbl.Manager.StartFailed", message=event.message,
-                        exit_code=event.exit_code, reported=event.reported)
+                        exit_code=event.exit_code, reported=event.reported,
+                        **({"fields": event.fields} if event.fields else {}))
 
 
 async def _cancel_soon(scope: trio.CancelScope) -> None:

@@ -175,7 +175,7 @@ def _command(plan: Plan, layer: LayerPlan, argv, env, cwd, stdio, channel) -> No
         restrict_and_exec(plan, layer, spec.Command(argv=argv), {**env, "PWD": cwd},
                           channel.fileno())
     except StartError as exc:
-        raise StartError(f"{argv[0]!r}: {exc.message}", exc.exit_code) from None
+        raise exc.located(repr(argv[0]), command=argv[0]) from None
 
 
 def _open_terminal(channel: socket.socket) -> None:
@@ -201,10 +201,8 @@ def _change_directory(cwd: str | None, env: dict[str, str]) -> str:
 
 
 def _say_failure(channel: socket.socket, exc: BaseException) -> None:
-    code = exc.exit_code if isinstance(exc, StartError) else 1
-    message = exc.message if isinstance(exc, StartError) else repr(exc)
     try:
-        channel.send(reports.failure(message, code))
+        channel.send(reports.failure(exc))
     except OSError:
         pass
 
@@ -246,7 +244,7 @@ def _next_step(sock: socket.socket, max_fds: int):
     said = reports.read_step(data)
     if isinstance(said, reports.CommandFailed):
         _close(fds)
-        raise StartError(said.message, said.exit_code)
+        raise reports.failed_command(said)
     return said, fds
 
 

@@ -123,12 +123,18 @@ def apply(ws: Workspace, ops: list[spec.FsOp], data: dict[int, bytes]) -> None:
     for index, op in enumerate(ops):
         try:
             HANDLERS[type(op)](ws, op, data.get(index))
-        except StartError as exc:
-            where = f"fs[{index}] ({op.kind}) {op.target}"
-            raise StartError(f"{where}: {exc}", exc.exit_code) from None
-        except OSError as exc:
-            where = f"fs[{index}] ({op.kind}) {op.target}"
-            raise StartError(f"{where}: {exc.strerror or exc}") from None
+        except (StartError, OSError) as exc:
+            raise _located(exc, index, op) from None
+
+
+def _located(exc: StartError | OSError, index: int, op: spec.FsOp) -> StartError:
+    """The error of operation `index`, said of it: as the spec numbers it, or as its front
+    end knows it (op.origin: a profile's `mounts[0]`)."""
+    if isinstance(exc, OSError):
+        exc = StartError(exc.strerror or str(exc), strerror=exc.strerror)
+    what = {"symlink": "symlink", "dir": "mkdir"}.get(op.kind)
+    return exc.located(f"{op.origin or f'fs[{index}]'} ({op.kind}) {op.target}", path=op.target,
+                       what=what, strerror=exc.message if what else None)
 
 
 # ---------------------------------------------------------------- path resolution
@@ -145,7 +151,7 @@ def _source(ws: Workspace, path: str, optional: bool = False) -> int | None:
         if optional:
             return None
         raise StartError(f"source {path} does not exist in the parent layer's view",
-                         EXIT_USAGE) from None
+                         EXIT_USAGE, what="source-missing", path=path) from None
 
 
 def _kernel_path(ws: Workspace, fd: int) -> str:

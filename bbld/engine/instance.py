@@ -22,7 +22,7 @@ from bbld.engine import bwrap_status, reports
 from bbld.engine import syscalls as sc
 from bbld.engine.cgroups import Cgroups
 from bbld.engine.enter import Entered, enter
-from bbld.engine.errors import EXIT_USAGE, StartError
+from bbld.engine.errors import EXIT_USAGE, FIELDS, StartError
 from bbld.engine.plan import Plan
 from bbld.engine.supervisor import (
     ENDING_SIGNALS,
@@ -333,7 +333,7 @@ class Instance:
             known = name if name in self.layer_names else None
             if problem is not None:
                 return self._fail(known, problem)
-            return self._fail(name, report.message, report.exit_code)
+            return self._fail(name, report.message, report.exit_code, report.fields)
         if isinstance(report, reports.Built):
             self.built[name] = report
             self.pidfds[name] = fds.pop(0) if report.process else None
@@ -362,9 +362,11 @@ class Instance:
             except ProcessLookupError:
                 pass
 
-    def _fail(self, layer: str | None, message: str, code: int = 1) -> None:
+    def _fail(self, layer: str | None, message: str, code: int = 1,
+              fields: dict[str, str] | None = None) -> None:
         if self.failure is None:  # the first failure is the cause; later ones are echoes
-            self.failure = StartError(message, code, layer=layer)
+            known = {name: value for name, value in (fields or {}).items() if name in FIELDS}
+            self.failure = StartError(message, code, layer=layer, **known)
 
     # ------------------------------------------------------------ the end
 

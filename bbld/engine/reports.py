@@ -11,6 +11,7 @@ from __future__ import annotations
 import msgspec
 
 from bbld import channel
+from bbld.engine.errors import FIELDS, StartError
 
 MAX_REPORT = 4096
 MAX_REPORT_FDS = 16
@@ -38,6 +39,7 @@ class Failed(msgspec.Struct, tag=True):
     layer: str
     message: str
     exit_code: int = 1
+    fields: dict[str, str] = {}  # StartError's, for front ends that word it their own way
 
 
 class MainEnded(msgspec.Struct, tag=True):
@@ -117,9 +119,10 @@ def receive(sock) -> tuple[Report | None, list[int]]:
 
 class CommandFailed(msgspec.Struct, tag=True):
     """The command could not be readied or executed: why, and the exit status that gives
-    (2 for what the caller can fix)."""
+    (2 for what the caller can fix), with the StartError's fields."""
     message: str
     exit_code: int = 1
+    fields: dict[str, str] = {}
 
 
 class Joined(msgspec.Struct, tag=True):
@@ -135,8 +138,20 @@ Step = CommandFailed | Joined | Terminal
 _step_decoder = msgspec.msgpack.Decoder(Step)
 
 
-def failure(message: str, exit_code: int = 1) -> bytes:
-    return _encoder.encode(CommandFailed(message=message[:MAX_REPORT // 2], exit_code=exit_code))
+def failure(exc: BaseException) -> bytes:
+    """What a command says of why it did not get to exec (a bug is said as one)."""
+    if not isinstance(exc, StartError):
+        exc = StartError(f"internal error: {exc!r}")
+    return _encoder.encode(CommandFailed(message=exc.message[:MAX_REPORT // 4],
+                                         exit_code=exc.exit_code, fields=exc.fields()))
+
+
+def failed_command(said: Step) -> StartError:
+    """The StartError a command's (or an entering process's) failure stands for."""
+    if not isinstance(said, CommandFailed):
+        return StartError(f"a command said {type(said).__name__} where it should have failed")
+    fields = {name: value for name, value in said.fields.items() if name in FIELDS}
+    return StartError(said.message, said.exit_code, **fields)
 
 
 def step(message: Joined | Terminal) -> bytes:

@@ -32,5 +32,5 @@ def run_bwrap(argv: list[str], prog: str, sandbox: spec.Sandbox | None = None,
     except spec.SpecError as exc:
         front.start_failed("\n".join(exc.problems))
     except StartError as exc:
-        front.start_failed(str(exc))
+        front.start_failed(str(exc), {**exc.fields(), "message": exc.message})
     return 1

@@ -118,8 +118,9 @@ def spawn_layer(plan: LayerPlan, ctx: Context, proc_fd: int, env: dict[str, str]
     except OSError as exc:
         os.close(release_r)
         os.close(release_w)
-        raise StartError(f"cannot create the layer's namespaces: {_clone_failure(exc, flags)}",
-                         layer=plan.name) from None
+        detail = _clone_failure(exc, flags)
+        raise StartError(f"cannot create the layer's namespaces: {detail}", layer=plan.name,
+                         what="namespaces", strerror=detail) from None
     if pid == 0:
         _layer_main(plan, ctx, proc_fd, env, cwd, release_r, release_w, die_with_parent)
     os.close(release_r)
@@ -133,7 +134,7 @@ def spawn_layer(plan: LayerPlan, ctx: Context, proc_fd: int, env: dict[str, str]
             except StartError as exc:
                 sc.pidfd_send_signal(pidfd, signal.SIGKILL)
                 os.waitpid(pid, 0)
-                raise StartError(exc.message, exc.exit_code, layer=plan.name) from None
+                raise exc.located(layer=plan.name) from None
         os.write(release_w, b"1")
     finally:
         os.close(release_w)
@@ -152,21 +153,22 @@ def _layer_main(plan, ctx, proc_fd, env, cwd, release_r, release_w, die_with_par
         os.close(release_r)
         status = LayerSupervisor(plan, ctx, proc_fd, env, cwd, die_with_parent).run()
     except StartError as exc:
-        _report_failure(ctx, exc.layer or plan.name, exc.message, exc.exit_code)
+        _report_failure(ctx, exc.located(layer=plan.name))
         status = exc.exit_code
     except BaseException as exc:  # a bug: say where, but still end cleanly
         import traceback  # only for bugs: not in every supervisor's memory
 
         traceback.print_exc()
-        _report_failure(ctx, plan.name, f"internal error: {exc!r}", 1)
+        _report_failure(ctx, StartError(f"internal error: {exc!r}", layer=plan.name))
     finally:
         os._exit(status)
 
 
-def _report_failure(ctx: Context, layer: str, message: str, code: int) -> None:
+def _report_failure(ctx: Context, error: StartError) -> None:
     try:
-        reports.send(ctx.report, reports.Failed(layer=layer, message=message[:2000],
-                                                exit_code=code))
+        reports.send(ctx.report, reports.Failed(layer=error.layer, message=error.message[:2000],
+                                                exit_code=error.exit_code,
+                                                fields=error.fields()))
     except OSError:
         pass
 
@@ -280,8 +282,7 @@ class LayerSupervisor:
             LayerSupervisor(child_plan, self.ctx, self.proc_fd, self.env, self.cwd,
                             die_with_parent=False).build_inline()
         except StartError as exc:
-            raise StartError(exc.message, exc.exit_code, layer=exc.layer or child_plan.name) \
-                from None
+            raise exc.located(layer=child_plan.name) from None
         finally:
             sc.setns(back, sc.CLONE_NEWNS)  # (its root becomes our root and cwd again)
             os.close(back)
@@ -474,7 +475,7 @@ class LayerSupervisor:
             self._exec(command, False, self.ctx.report.fileno(), os.getppid(),
                        parent_death_signal=self.die_with_parent)
         except StartError as exc:
-            raise StartError(f"command {command.argv[0]!r}: {exc.message}", exc.exit_code) \
+            raise exc.located(f"command {command.argv[0]!r}", command=command.argv[0]) \
                 from None
 
     def _prepare(self, command: spec.Command, companion: bool) -> Prepared:
@@ -490,10 +491,8 @@ class LayerSupervisor:
                 os.close(release_w)
                 self._exec(command, companion, errors_w, supervisor, slave=slave,
                            release_fd=release_r)
-            except StartError as exc:
-                os.write(errors_w, reports.failure(str(exc), exc.exit_code))
             except BaseException as exc:
-                os.write(errors_w, reports.failure(repr(exc)))
+                os.write(errors_w, reports.failure(exc))
             finally:
                 os._exit(127)
         os.close(errors_w)
@@ -517,10 +516,9 @@ class LayerSupervisor:
         failure = b"".join(iter(lambda: os.read(prepared.errors, 4096), b""))
         os.close(prepared.errors)
         if failure:
-            said = reports.read_step(failure)
-            message = said.message if isinstance(said, reports.CommandFailed) else repr(said)
-            raise StartError(f"command {prepared.command.argv[0]!r}: {message}",
-                             getattr(said, "exit_code", 1))
+            program = prepared.command.argv[0]
+            raise reports.failed_command(reports.read_step(failure)).located(
+                f"command {program!r}", command=program)
         return prepared.pid
 
     def _exec(self, command: spec.Command, companion: bool, errors_fd: int,
@@ -564,7 +562,8 @@ class LayerSupervisor:
             except OSError as exc:
                 if explicit:
                     raise StartError(f"working directory {path}: {exc.strerror}",
-                                     EXIT_USAGE) from None
+                                     EXIT_USAGE, what="chdir", path=path,
+                                     strerror=exc.strerror) from None
                 continue
             if os.getcwd().startswith("/"):  # reachable from this root, not "(unreachable)"
                 return path
@@ -659,7 +658,8 @@ def restrict_and_exec(plan: Plan, layer: LayerPlan, command: spec.Command,
         os.execvpe(command.argv[0], argv, env)
     except OSError as exc:
         code = EXIT_USAGE if isinstance(exc, (FileNotFoundError, PermissionError)) else 1
-        raise StartError(f"cannot execute: {exc.strerror}", code) from None
+        raise StartError(f"cannot execute: {exc.strerror}", code, what="exec",
+                         strerror=exc.strerror) from None
 
 
 IDLE_INIT = ("/usr/bin/sleep", "/bin/sleep")  # GNU sleep: "infinity" is a valid duration

@@ -65,7 +65,7 @@ def run(data: bytes, fds: list[int], directory: str) -> int:
     except spec.SpecError as exc:
         return _failed(report, front, "\n".join(exc.problems), 2)
     except StartError as exc:
-        return _failed(report, front, str(exc), exc.exit_code)
+        return _failed(report, front, str(exc), exc.exit_code, exc)
     except (msgspec.DecodeError, ValueError, OSError) as exc:
         return _failed(report, front, f"bad start request: {exc}", 1)
     layers = instance.layers_info()
@@ -97,7 +97,7 @@ def run(data: bytes, fds: list[int], directory: str) -> int:
     try:
         status = instance.wait()
     except StartError as exc:
-        return _failed(report, front, str(exc), exc.exit_code)
+        return _failed(report, front, str(exc), exc.exit_code, exc)
     finally:
         control.close(status)
     _send(report, Event(event="exited", status=status))
@@ -133,14 +133,16 @@ def _identity(fd: int) -> tuple[int, int] | None:
 
 
 def _failed(report: socket.socket, front: bwrap.FrontEnd | None, message: str,
-            code: int) -> int:
-    """Report a failed start; a bubblewrap command line's caller reads it on its stderr
-    first, in bubblewrap's words and with its status (1)."""
+            code: int, error: StartError | None = None) -> int:
+    """Report a failed start (with the error's fields, for a front end that words it its
+    own way); a bubblewrap command line's caller reads it on its stderr first, in
+    bubblewrap's words and with its status (1)."""
+    fields = {**error.fields(), "message": error.message} if error is not None else {}
     if front is not None:
-        front.start_failed(message)
+        front.start_failed(message, fields)
         code = 1
     _send(report, Event(event="failed", message=message, exit_code=code,
-                        reported=front is not None))
+                        reported=front is not None, fields=fields))
     return 0
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import posixpath
 import re
-from typing import Literal, NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import msgspec
 from msgspec import Struct, field
@@ -18,7 +18,7 @@ NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 ENV_NAME_PATTERN = re.compile(r"^[^=\0]+$")
 
 Namespace = Literal["user", "mount", "pid", "ipc", "uts", "net", "cgroup", "time"]
-NAMESPACES = ("user", "mount", "pid", "ipc", "uts", "net", "cgroup", "time")
+NAMESPACES = get_args(Namespace)  # (bbld.engine.namespaces has a row for each)
 
 CAPABILITIES = (
     "chown", "dac_override", "dac_read_search", "fowner", "fsetid", "kill", "setgid", "setuid",

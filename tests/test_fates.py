@@ -100,3 +100,4 @@ def test_each_layers_fate(what, root, main, expected):
 def test_every_fate_is_in_the_table():
     assert {fate for *_, expected in TABLE for fate in expected.values()} == \
         {"supervise", "step-aside", "inline", "retire", "replaced"}
+

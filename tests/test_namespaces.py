@@ -118,3 +118,10 @@ def test_default_cwd_is_the_callers_when_visible(tmp_path):
     assert run_sandbox(tmp_path, visible, cwd=tmp_path).stdout == f"{tmp_path}\n"
     hidden = sandbox(app_layer(command=["pwd"], env={"set": {"HOME": "/tmp"}}))
     assert run_sandbox(tmp_path, hidden, cwd=tmp_path).stdout == "/tmp\n"
+
+
+def test_the_namespace_table_has_a_row_for_every_namespace_a_spec_may_name():
+    from bbld import spec
+    from bbld.engine import namespaces
+
+    assert sorted(name for name, _, _ in namespaces.TABLE) == sorted(spec.NAMESPACES)

@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 
-# (spec name, /proc/PID/ns name, which is also bubblewrap's key: "mnt-namespace")
-NAMESPACES = (("cgroup", "cgroup"), ("ipc", "ipc"), ("mount", "mnt"), ("net", "net"),
-              ("pid", "pid"), ("uts", "uts"))
+from bbld.engine import namespaces
+
+# bubblewrap's order; its keys are the /proc/PID/ns names ("mnt-namespace")
+NAMESPACES = tuple((name, namespaces.LINK[name]) for name in ("cgroup", "ipc", "mount", "net",
+                                                                "pid", "uts"))
 
 
 def _fields(layer, pid: int, inodes: dict[str, int]) -> list[str]:

@@ -24,16 +24,13 @@ from msgspec import Struct
 
 from bbld import channel as bbld_channel
 from bbld import spec
-from bbld.engine import privileges, reports, terminal
+from bbld.engine import namespaces, privileges, reports, terminal
 from bbld.engine import syscalls as sc
 from bbld.engine.errors import StartError
 from bbld.engine.plan import LayerPlan, Plan
-from bbld.engine.supervisor import restrict_and_exec
+from bbld.engine.supervisor import change_directory, restrict_and_exec, start_fresh
 
-# The order matters: the user namespace first; time last (it applies to children).
-ORDER = (("user", sc.CLONE_NEWUSER), ("mnt", sc.CLONE_NEWNS), ("pid", sc.CLONE_NEWPID),
-         ("net", sc.CLONE_NEWNET), ("ipc", sc.CLONE_NEWIPC), ("uts", sc.CLONE_NEWUTS),
-         ("cgroup", sc.CLONE_NEWCGROUP), ("time_for_children", sc.CLONE_NEWTIME))
+ORDER = namespaces.ENTER_ORDER  # (the user namespace first: it owns the others)
 
 
 class Entered(Struct):
@@ -48,10 +45,12 @@ class Entered(Struct):
 
 
 def enter(plan: Plan, layer: LayerPlan, namespace_fds: dict[str, int], argv: list[str],
-          env: dict[str, str], cwd: str | None, stdio: tuple[int, int, int] | None,
+          env: dict[str, str], cwd: tuple[str | None, str | None],
+          stdio: tuple[int, int, int] | None,
           cgroup_fd: int | None = None) -> Entered:
     """Start `argv` in `layer` (and in `cgroup_fd`, the cgroup its processes count in);
-    stdio None means a new pty. Raises StartError."""
+    stdio None means a new pty; `cwd`: the layer's working directory if it has one, and the
+    caller's (supervisor.change_directory). Raises StartError."""
     ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     own = {name: _identity(f"/proc/self/ns/{name}") for name, _ in ORDER}  # before any setns
     entering = os.fork()
@@ -159,10 +158,8 @@ def _user_chain(layer_user: int | None, ours: tuple) -> list[int]:
 
 def _command(plan: Plan, layer: LayerPlan, argv, env, cwd, stdio, channel) -> None:
     """In the command process, inside the layer: terminal, identity, then the last steps."""
-    sc.set_signal_mask(signal.SIG_SETMASK, [])
-    sc.default_signal_actions(signal.SIGPIPE, signal.SIGXFSZ)
+    start_fresh(new_session=True)  # (never the caller's terminal session)
     sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
-    os.setsid()  # never the caller's terminal session
     if stdio is None:
         _open_terminal(channel)
     else:
@@ -170,9 +167,9 @@ def _command(plan: Plan, layer: LayerPlan, argv, env, cwd, stdio, channel) -> No
             os.dup2(source, target)
     if "user" in layer.layer.namespaces or layer.layer.join and layer.layer.join.user is not None:
         privileges.become(layer.layer)
-    cwd = _change_directory(cwd, env)
+    path = change_directory(*cwd, env.get("HOME"))
     try:
-        restrict_and_exec(plan, layer, spec.Command(argv=argv), {**env, "PWD": cwd},
+        restrict_and_exec(plan, layer, spec.Command(argv=argv), {**env, "PWD": path},
                           channel.fileno())
     except StartError as exc:
         raise exc.located(repr(argv[0]), command=argv[0]) from None
@@ -185,19 +182,6 @@ def _open_terminal(channel: socket.socket) -> None:
     terminal.take(slave)
     bbld_channel.send(channel, reports.step(reports.Terminal()), [master])
     os.close(master)
-
-
-def _change_directory(cwd: str | None, env: dict[str, str]) -> str:
-    """The layer's cwd; else, like its commands: the caller's, $HOME, then /."""
-    for path in (cwd, env.get("HOME"), "/"):
-        if not path:
-            continue
-        try:
-            os.chdir(path)
-        except OSError:
-            continue
-        return path
-    raise StartError("no usable working directory")
 
 
 def _say_failure(channel: socket.socket, exc: BaseException) -> None:

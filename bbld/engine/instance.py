@@ -18,7 +18,7 @@ import socket
 import msgspec
 
 from bbld import channel
-from bbld.engine import bwrap_status, reports
+from bbld.engine import bwrap_status, namespaces, reports
 from bbld.engine import syscalls as sc
 from bbld.engine.cgroups import Cgroups
 from bbld.engine.enter import Entered, enter
@@ -27,7 +27,6 @@ from bbld.engine.plan import Plan
 from bbld.engine.supervisor import (
     ENDING_SIGNALS,
     FORWARDED_SIGNALS,
-    NAMESPACE_LINKS,
     SI_KERNEL,
     Context,
     block_signals,
@@ -129,7 +128,7 @@ class Instance:
     def _await_external_maps(self, pid: int) -> None:
         """bubblewrap's --userns-block-fd: tell the map writer the pid, wait until it is done."""
         inodes = {}
-        for name in NAMESPACE_LINKS:
+        for name in namespaces.LINKS:
             try:
                 inodes[name] = os.stat(f"{pid}/ns/{name}", dir_fd=self.proc_fd).st_ino
             except OSError:
@@ -213,7 +212,7 @@ class Instance:
         path = self.plan.path_to(name)
         cgroup = next((n.cgroup_fd for n in reversed(path) if n.cgroup_fd is not None), None)
         entered = enter(self.plan, path[-1], self.namespace_fds[name], argv, env,
-                        cwd or self.cwd, stdio, cgroup)
+                        (cwd, self.cwd), stdio, cgroup)
         entered.pid = pidfd_pid(entered.pidfd)
         self.followed[entered.joiner] = entered.joiner_pid
         self.followed[entered.pidfd] = entered.pid
@@ -425,7 +424,7 @@ def _namespace_fds_match(report: reports.Built, fds: list[int]) -> bool:
             len(report.namespace_fds):
         return False
     for name, fd in zip(report.namespace_fds, fds[first:], strict=True):
-        if name not in NAMESPACE_LINKS or sc.fstatfs_type(fd) != sc.NSFS_MAGIC \
+        if name not in namespaces.LINKS or sc.fstatfs_type(fd) != sc.NSFS_MAGIC \
                 or os.fstat(fd).st_ino != report.namespaces.get(name):
             return False
     return True

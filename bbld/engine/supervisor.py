@@ -24,7 +24,7 @@ from contextlib import contextmanager
 from msgspec import Struct
 
 from bbld import spec
-from bbld.engine import filesystem, network, privileges, reports, terminal
+from bbld.engine import filesystem, namespaces, network, privileges, reports, terminal
 from bbld.engine import syscalls as sc
 from bbld.engine.errors import EXIT_USAGE, StartError
 from bbld.engine.plan import LayerPlan, Plan
@@ -33,10 +33,6 @@ FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR
                      signal.SIGUSR2)
 ENDING_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 SI_KERNEL = 0x80  # si_code of signals the kernel sends, e.g. Ctrl-C on a terminal
-CLONE_FLAGS = {"user": sc.CLONE_NEWUSER, "mount": sc.CLONE_NEWNS, "pid": sc.CLONE_NEWPID,
-               "ipc": sc.CLONE_NEWIPC, "uts": sc.CLONE_NEWUTS, "net": sc.CLONE_NEWNET,
-               "cgroup": sc.CLONE_NEWCGROUP}  # time: unshared later, for the layer's children
-NAMESPACE_LINKS = ("cgroup", "ipc", "mnt", "net", "pid", "time_for_children", "user", "uts")
 
 
 class Context(Struct, kw_only=True):
@@ -110,7 +106,7 @@ def spawn_layer(plan: LayerPlan, ctx: Context, proc_fd: int, env: dict[str, str]
     layer = plan.layer
     flags = 0
     for name in layer.namespaces:
-        flags |= CLONE_FLAGS.get(name, 0)
+        flags |= namespaces.CLONE_FLAGS.get(name, 0)
     uid, gid = os.getuid(), os.getgid()
     release_r, release_w = os.pipe2(os.O_CLOEXEC)
     try:
@@ -384,19 +380,19 @@ class LayerSupervisor:
         return env
 
     def _report_built(self) -> None:
-        namespaces, fds = {}, {}
+        inodes, fds = {}, {}
         try:
-            for name in NAMESPACE_LINKS:
+            for name in namespaces.LINKS:
                 try:
                     fds[name] = os.open(f"self/ns/{name}", os.O_RDONLY | os.O_CLOEXEC,
                                         dir_fd=self.proc_fd)
                 except OSError:
                     continue
-                namespaces[name] = os.fstat(fds[name]).st_ino
+                inodes[name] = os.fstat(fds[name]).st_ino
             names = list(fds)
             if not self.plan.inline:  # (a layer built by its parent's process has none)
                 fds = {"pidfd": sc.pidfd_open(os.getpid()), **fds}
-            report = reports.Built(layer=self.plan.name, namespaces=namespaces,
+            report = reports.Built(layer=self.plan.name, namespaces=inodes,
                                    namespace_fds=names, process=not self.plan.inline)
             reports.send(self.ctx.report, report, tuple(fds.values()))
         finally:
@@ -527,11 +523,7 @@ class LayerSupervisor:
         """In the forked command process (or the supervisor itself, with
         LayerPlan.replaced): the last steps before execve, in this order; a
         prepared command waits for its release before seccomp and execve."""
-        sc.set_signal_mask(signal.SIG_SETMASK, [])
-        # Python ignores these; exec would keep that
-        sc.default_signal_actions(signal.SIGPIPE, signal.SIGXFSZ)
-        if command.new_session or slave is not None:
-            os.setsid()  # no controlling terminal: TIOCSTI cannot reach the caller's
+        start_fresh(new_session=command.new_session or slave is not None)
         if slave is not None:
             terminal.take(slave)  # the sandbox's own pty
         if "user" in self.layer.namespaces or self.layer.join and self.layer.join.user is not None:
@@ -552,22 +544,7 @@ class LayerSupervisor:
                           errors_fd, release_fd)
 
     def _command_cwd(self, command: spec.Command) -> str:
-        explicit = command.cwd or self.layer.cwd
-        candidates = [explicit] if explicit else [self.cwd, self.env.get("HOME"), "/"]
-        for path in candidates:
-            if not path:
-                continue
-            try:
-                os.chdir(path)
-            except OSError as exc:
-                if explicit:
-                    raise StartError(f"working directory {path}: {exc.strerror}",
-                                     EXIT_USAGE, what="chdir", path=path,
-                                     strerror=exc.strerror) from None
-                continue
-            if os.getcwd().startswith("/"):  # reachable from this root, not "(unreachable)"
-                return path
-        raise StartError("no usable working directory")
+        return change_directory(command.cwd or self.layer.cwd, self.cwd, self.env.get("HOME"))
 
     # ------------------------------------------------------------ supervising
 
@@ -633,6 +610,36 @@ class LayerSupervisor:
         if not self.has_pid_namespace:
             kill_all_children(self.proc_fd)
         return status
+
+
+def start_fresh(new_session: bool) -> None:
+    """The first of a command's last steps (a layer's, or one exec enters a layer with): no
+    signal blocked, the default actions for those Python ignores (exec would keep that), and
+    with `new_session` a session of its own: no controlling terminal, so TIOCSTI cannot
+    reach the caller's."""
+    sc.set_signal_mask(signal.SIG_SETMASK, [])
+    sc.default_signal_actions(signal.SIGPIPE, signal.SIGXFSZ)
+    if new_session:
+        os.setsid()
+
+
+def change_directory(explicit: str | None, inherited: str | None, home: str | None) -> str:
+    """A command's working directory: `explicit` (the command's or its layer's cwd), which
+    must work (exit 2); without one the first that works of the inherited cwd, $HOME and /,
+    and is reachable from this root (not "(unreachable)": a cwd left outside a new root)."""
+    for path in [explicit] if explicit else [inherited, home, "/"]:
+        if not path:
+            continue
+        try:
+            os.chdir(path)
+        except OSError as exc:
+            if explicit:
+                raise StartError(f"working directory {path}: {exc.strerror}", EXIT_USAGE,
+                                 what="chdir", path=path, strerror=exc.strerror) from None
+            continue
+        if os.getcwd().startswith("/"):
+            return path
+    raise StartError("no usable working directory")
 
 
 def restrict_and_exec(plan: Plan, layer: LayerPlan, command: spec.Command,

@@ -2,7 +2,7 @@
 
 The new process gets exactly what the layer's own commands get: its namespaces, uid/gid,
 capabilities, no_new_privs, seccomp filter, environment and working directory. It goes
-through the same last steps as they do (supervisor.restrict_and_exec).
+through the same last steps as they do (commands.restrict_and_exec).
 
 Supervisors are not dumpable, so nobody can open their /proc/PID/ns files, their owner
 included; instead each supervisor opened its own namespace files while it built its layer and
@@ -26,9 +26,9 @@ from bbld import channel as bbld_channel
 from bbld import spec
 from bbld.engine import namespaces, privileges, reports, terminal
 from bbld.engine import syscalls as sc
+from bbld.engine.commands import change_directory, restrict_and_exec, start_fresh
 from bbld.engine.errors import StartError
 from bbld.engine.plan import LayerPlan, Plan
-from bbld.engine.supervisor import change_directory, restrict_and_exec, start_fresh
 
 ORDER = namespaces.ENTER_ORDER  # (the user namespace first: it owns the others)
 

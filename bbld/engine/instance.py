@@ -24,18 +24,17 @@ from bbld.engine.cgroups import Cgroups
 from bbld.engine.enter import Entered, enter
 from bbld.engine.errors import EXIT_USAGE, FIELDS, StartError
 from bbld.engine.plan import Plan
-from bbld.engine.supervisor import (
+from bbld.engine.processes import (
     ENDING_SIGNALS,
     FORWARDED_SIGNALS,
     SI_KERNEL,
-    Context,
     block_signals,
     children,
     exit_code,
     kill_all_children,
     read_signals,
-    spawn_layer,
 )
+from bbld.engine.supervisor import Context, spawn_layer
 
 
 class Instance:

@@ -14,7 +14,6 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
-import resource
 import select
 import signal
 import socket
@@ -26,13 +25,18 @@ from msgspec import Struct
 from bbld import spec
 from bbld.engine import filesystem, namespaces, network, privileges, reports, terminal
 from bbld.engine import syscalls as sc
-from bbld.engine.errors import EXIT_USAGE, StartError
+from bbld.engine.commands import Prepared, change_directory, restrict_and_exec, start_fresh
+from bbld.engine.errors import StartError
 from bbld.engine.plan import LayerPlan, Plan
-
-FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGUSR1,
-                     signal.SIGUSR2)
-ENDING_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-SI_KERNEL = 0x80  # si_code of signals the kernel sends, e.g. Ctrl-C on a terminal
+from bbld.engine.processes import (
+    ENDING_SIGNALS,
+    SI_KERNEL,
+    block_signals,
+    exit_code,
+    kill_all_children,
+    read_signals,
+    reap_all,
+)
 
 
 class Context(Struct, kw_only=True):
@@ -45,40 +49,6 @@ class Context(Struct, kw_only=True):
 class Child(Struct):
     pid: int
     pidfd: int
-
-
-class Prepared(Struct):
-    """A command forked and readied before the go byte: it waits for a byte on `release`."""
-    command: spec.Command
-    companion: bool
-    pid: int
-    release: int  # write end: one byte lets it exec
-    errors: int  # read end: its failure, or EOF once it has executed
-
-
-def block_signals() -> int:
-    """Block the supervised signals and return a signalfd that receives them."""
-    signals = (*FORWARDED_SIGNALS, signal.SIGCHLD)
-    sc.set_signal_mask(signal.SIG_BLOCK, signals)
-    return sc.signalfd(signals)
-
-
-def read_signals(sigfd: int) -> list[tuple[int, int, int]]:
-    """Pending (signo, si_code, sender pid) tuples, in arrival order."""
-    found = []
-    while True:
-        try:
-            raw = os.read(sigfd, sc.SIGNALFD_SIGINFO_SIZE * 16)
-        except BlockingIOError:
-            return found
-        for offset in range(0, len(raw), sc.SIGNALFD_SIGINFO_SIZE):
-            found.append(sc.parse_signalfd_siginfo(raw[offset:offset + sc.SIGNALFD_SIGINFO_SIZE]))
-
-
-def exit_code(wait_status: int) -> int:
-    """The shell's encoding: the exit code, or 128+N when killed by signal N."""
-    code = os.waitstatus_to_exitcode(wait_status)
-    return code if code >= 0 else 128 - code
 
 
 @contextmanager
@@ -432,7 +402,7 @@ class LayerSupervisor:
     def _check_children_during_start(self) -> None:
         """A sub-layer may end before the go byte only when it has nothing to run itself
         (its sub-layers ended, or it stepped aside): else the start failed."""
-        for pid, status in _reap():
+        for pid, status in reap_all():
             child = self.children.pop(pid, None)
             prepared = next((p for p in self.prepared if p.pid == pid), None)
             if child is not None and child.steps_aside and status == 0:
@@ -581,7 +551,7 @@ class LayerSupervisor:
 
     def _collect(self) -> int | None:
         """Reap children; the layer's status once it should end, else None."""
-        for pid, status in _reap():
+        for pid, status in reap_all():
             plan = self.children.pop(pid, None)
             if plan is not None and plan.steps_aside and status == 0:
                 self._stepped_aside(pid)
@@ -612,63 +582,6 @@ class LayerSupervisor:
         return status
 
 
-def start_fresh(new_session: bool) -> None:
-    """The first of a command's last steps (a layer's, or one exec enters a layer with): no
-    signal blocked, the default actions for those Python ignores (exec would keep that), and
-    with `new_session` a session of its own: no controlling terminal, so TIOCSTI cannot
-    reach the caller's."""
-    sc.set_signal_mask(signal.SIG_SETMASK, [])
-    sc.default_signal_actions(signal.SIGPIPE, signal.SIGXFSZ)
-    if new_session:
-        os.setsid()
-
-
-def change_directory(explicit: str | None, inherited: str | None, home: str | None) -> str:
-    """A command's working directory: `explicit` (the command's or its layer's cwd), which
-    must work (exit 2); without one the first that works of the inherited cwd, $HOME and /,
-    and is reachable from this root (not "(unreachable)": a cwd left outside a new root)."""
-    for path in [explicit] if explicit else [inherited, home, "/"]:
-        if not path:
-            continue
-        try:
-            os.chdir(path)
-        except OSError as exc:
-            if explicit:
-                raise StartError(f"working directory {path}: {exc.strerror}", EXIT_USAGE,
-                                 what="chdir", path=path, strerror=exc.strerror) from None
-            continue
-        if os.getcwd().startswith("/"):
-            return path
-    raise StartError("no usable working directory")
-
-
-def restrict_and_exec(plan: Plan, layer: LayerPlan, command: spec.Command,
-                      env: dict[str, str], errors_fd: int, release_fd: int | None = None
-                      ) -> None:
-    """The last steps of every process a layer runs (its commands, and what exec and attach
-    start in it later), in this order: umask, rlimits, capabilities, no_new_privs, fds,
-    seccomp."""
-    os.umask(plan.umask)
-    for name, value in layer.layer.rlimits.items():  # lowering needs no capability
-        resource.setrlimit(getattr(resource, f"RLIMIT_{name.upper()}"), (value, value))
-    privileges.restrict_capabilities(layer.caps, plan.cap_last)
-    privileges.no_new_privs()
-    sc.close_all_fds_except({0, 1, 2, errors_fd, *command.pass_fds,
-                             *([release_fd] if release_fd is not None else [])})
-    for fd in command.pass_fds:
-        os.set_inheritable(fd, True)
-    if release_fd is not None and os.read(release_fd, 1) != b"1":
-        os._exit(1)  # the start was called off (our supervisor is gone)
-    privileges.load_seccomp(layer.seccomp)  # last: the filter may forbid the steps above
-    argv = [command.argv0 or command.argv[0], *command.argv[1:]]
-    try:
-        os.execvpe(command.argv[0], argv, env)
-    except OSError as exc:
-        code = EXIT_USAGE if isinstance(exc, (FileNotFoundError, PermissionError)) else 1
-        raise StartError(f"cannot execute: {exc.strerror}", code, what="exec",
-                         strerror=exc.strerror) from None
-
-
 IDLE_INIT = ("/usr/bin/sleep", "/bin/sleep")  # GNU sleep: "infinity" is a valid duration
 
 
@@ -696,7 +609,7 @@ def _become_idle_init(layer: str, program: int) -> None:
     exec fails (the layer's view lacks the program's libraries), this process waits the same
     way, as Python, still not dumpable."""
     sc.ignore_signal(signal.SIGCHLD)
-    _reap()  # those that ended before
+    reap_all()  # those that ended before
     privileges.no_new_privs()
     sc.close_all_fds_except({0, 1, 2, program})
     try:
@@ -715,44 +628,6 @@ def _exit_in_idle_time() -> None:
         os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
     except OSError:
         pass
-
-
-def _reap() -> list[tuple[int, int]]:
-    reaped = []
-    while True:
-        try:
-            pid, status = os.waitpid(-1, os.WNOHANG)
-        except ChildProcessError:
-            return reaped
-        if pid == 0:
-            return reaped
-        reaped.append((pid, status))
-
-
-def children(proc_fd: int) -> set[int] | None:
-    """Our children's pids (zombies included); None if /proc does not say."""
-    try:
-        with open(os.open("thread-self/children", os.O_RDONLY, dir_fd=proc_fd)) as f:
-            return {int(pid) for pid in f.read().split()}
-    except OSError:
-        return None
-
-
-def kill_all_children(proc_fd: int) -> None:
-    """SIGKILL every child, including orphans that reach us as a subreaper, and reap them."""
-    while True:
-        pids = children(proc_fd)
-        if pids is None:
-            return  # cannot see them: never block waiting for a child we did not kill
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-        try:
-            os.waitpid(-1, 0)
-        except ChildProcessError:
-            return
 
 
 def _wait_for_listener(path: str, deadline: float) -> None:

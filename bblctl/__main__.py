@@ -91,7 +91,7 @@ def main(argv=None) -> int:
     from bblctl.client import ClientError
 
     module, function = COMMANDS[argv[0]]
-    try:  # (__import__, not importlib: that imports warnings too, 0.8 ms of every call)
+    try:  # (__import__, not importlib: that imports warnings too, on every call)
         return getattr(__import__(module, fromlist=[function]), function)(argv[1:])
     except UsageError as exc:
         print(f"bblctl {argv[0]}: {exc}", file=sys.stderr)

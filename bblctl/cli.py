@@ -58,7 +58,7 @@ READER_GONE = 141  # 128 + SIGPIPE: what `ls | head` shows for ls
 
 def exit_now(main) -> None:
     """Exit with the status `main()` returns, skipping the interpreter's finalization:
-    tearing down every module object takes 4 to 6 ms, more than a whole bubblewrap run, and
+    tearing down every module object takes longer than a whole bubblewrap run, and
     a client leaves nothing that needs it (no threads, no atexit handlers; files close with
     the process). The installed scripts end here. If our output's reader went away
     (`bblctl ps | head -1`), we end quietly, as a program killed by SIGPIPE would."""

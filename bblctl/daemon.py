@@ -43,7 +43,7 @@ def status(as_json: bool) -> int:
                            ("started", f"{started} ({facts['started_by']})"),
                            ("socket", facts["socket"]), ("runtime", facts["runtime"]),
                            ("instances", f"{facts['instances']} running, {facts['ended']} ended "
-                                         "(remembered)")):
+                                         f"(remembered), {facts['watchers']} watching")):
             print(f"{key:10} {value}")
     return 0 if facts["running"] else NOT_RUNNING
 

@@ -64,7 +64,7 @@ def _local_spec(target: str, name: str | None, tty: bool) -> str:
 
 
 def _terminal(master: int, daemon) -> None:
-    from bblctl.terminal import Terminal, relay  # (only on a terminal: 1 ms of imports)
+    from bblctl.terminal import Terminal, relay  # (only on a terminal: its imports)
 
     try:
         with Terminal(master):

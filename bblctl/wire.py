@@ -2,8 +2,8 @@
 it: bbld.channel).
 
 Built on CPython's C modules (_json, _socket, _signal) rather than json, socket and signal:
-those three import enum and re, about 20 ms on the development machine, more than a whole
-`bblctl exec` costs otherwise (docs/performance.md). Where the C modules are missing (another
+those three import enum and re, which takes longer than all the rest of a `bblctl exec`
+(docs/performance.md). Where the C modules are missing (another
 Python implementation) the standard modules do the same job.
 """
 

@@ -67,7 +67,8 @@ method Ping() -> (version: string, pid: int)
 # The daemon itself: version, pid, when it started (seconds since the
 # epoch) and how ("by hand", "autostart" by a client, "socket activation"
 # by systemd), the socket it listens on, its runtime directory, how many
-# instances run and how many ended ones it remembers.
+# instances run, how many ended ones it remembers, and how many callers
+# follow Events.
 method Status() -> (
   version: string,
   pid: int,
@@ -76,7 +77,8 @@ method Status() -> (
   socket: string,
   runtime: string,
   instances: int,
-  ended: int
+  ended: int,
+  watchers: int
 )
 
 # End the daemon after the reply. The instances run on (their monitors hold

@@ -236,6 +236,20 @@ def run_engine(*argv, timeout: float = TIMEOUT, **kw) -> subprocess.CompletedPro
                           **kw)
 
 
+def read_line(stream, timeout: float = TIMEOUT) -> str:
+    """stream.readline(), but a test that waits for a line never hangs: after `timeout`
+    seconds it fails (the reader thread ends when the test's cleanup closes the stream)."""
+    import threading
+
+    result = []
+    reader = threading.Thread(target=lambda: result.append(stream.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    if reader.is_alive():
+        raise AssertionError(f"no line within {timeout} s")
+    return result[0]
+
+
 # ---------------------------------------------------------------- leftovers
 
 
@@ -261,6 +275,16 @@ def _running(pid: int) -> bool:
             return f.read().rpartition(")")[2].split()[0] != "Z"
     except OSError:
         return False
+
+
+def wait_until(condition, timeout: float = 10) -> bool:
+    """Wait until condition() is true (polling the thing itself, with a deadline)."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
 
 
 def wait_gone(pids, timeout: float = 10) -> list[int]:

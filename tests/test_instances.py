@@ -7,7 +7,17 @@ import time
 
 import pytest
 
-from tests.conftest import app_layer, layer, processes_with, sandbox, sh, system_ops, wait_gone
+from tests.conftest import (
+    app_layer,
+    layer,
+    processes_with,
+    read_line,
+    sandbox,
+    sh,
+    system_ops,
+    wait_gone,
+    wait_until,
+)
 
 # What a process sees of its own restrictions; compared between a layer's command and exec.
 REPORT = ("grep -E '^(Cap(Inh|Prm|Eff|Bnd|Amb)|NoNewPrivs|Seccomp|Uid|Gid):' /proc/self/status; "
@@ -105,13 +115,13 @@ def test_exec_forwards_signals_and_dies_with_its_client(instances, app, marker):
                              f"trap 'echo term; exit 7' TERM; echo ready; "
                              f"while :; do sleep 0.05; done; : {marker}-exec"],
                             env=instances.env, stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline() == "ready\n"
+    assert read_line(proc.stdout) == "ready\n"
     proc.send_signal(signal.SIGTERM)
     assert proc.wait(timeout=30) == 7 and proc.stdout.read() == "term\n"
     proc = subprocess.Popen([sys.executable, "-m", "bblctl", "exec", instance, "--", "sh", "-c",
                              f"echo ready; sleep 600; : {marker}-orphan"],
                             env=instances.env, stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline() == "ready\n"
+    assert read_line(proc.stdout) == "ready\n"
     started = processes_with(f"{marker}-orphan")
     proc.kill()
     proc.wait(timeout=10)
@@ -303,12 +313,14 @@ def test_attach_gives_a_terminal_made_inside_the_sandbox(instances, app):
         assert "/dev/pts/0" in out and "24 80" in out  # the sandbox's own devpts, our size
         session.expect("$ ")
         session.resize(50, 132)
-        time.sleep(0.3)  # the client's SIGWINCH handler copies the size to the pty
-        session.send("stty size\r")
-        assert "50 132" in session.expect("132")
-        session.expect("$ ")
-        session.send("sleep 600\r")
-        time.sleep(0.5)
+        deadline = time.monotonic() + 10  # (the client's SIGWINCH handler copies the size)
+        while True:
+            session.send("stty size\r")
+            if "50 132" in session.expect("$ "):
+                break
+            assert time.monotonic() < deadline, "the new size never reached the pty"
+        session.send("sleep 6143\r")
+        assert wait_until(lambda: processes_with("sleep\x006143"))  # the foreground job runs
         session.send("\x03")  # Ctrl-C: SIGINT to the sandbox's foreground job, not the shell
         session.expect("$ ")
         session.send("echo alive $?\r")
@@ -350,7 +362,9 @@ def test_instances_outlive_the_daemon_and_are_adopted_again(instances, marker):
     pid = daemon_pid(instances.env)
     os.kill(pid, signal.SIGKILL)
     assert wait_gone([pid]) == []
-    time.sleep(2)  # the short one ends while no daemon runs
+    directory = os.path.join(instances.env["XDG_RUNTIME_DIR"], "bbl", "instances")
+    assert wait_until(lambda: os.path.exists(os.path.join(directory, f"{short}.exited")))
+    # (the short one has ended while no daemon ran)
     listed = json.loads(instances.ctl("ps", "--json").stdout)  # starts a new bbld
     assert daemon_pid(instances.env) != pid
     assert sorted(entry["id"] for entry in listed) == sorted(ids)
@@ -496,13 +510,13 @@ def test_ps_watch_follows_starts_and_ends(instances):
     watcher = subprocess.Popen([sys.executable, "-m", "bblctl", "ps", "--watch", "--json"],
                                env=instances.env, stdout=subprocess.PIPE, text=True)
     try:
-        time.sleep(0.5)  # subscribed
+        assert wait_until(lambda: _daemon_status(instances)["watchers"] == 1)  # subscribed
         instance = instances.start(sandbox(app_layer(command=["sleep", "600"]), name="watched"))
-        started = json.loads(watcher.stdout.readline())
+        started = json.loads(read_line(watcher.stdout))
         assert (started["event"], started["id"], started["name"]) == (
             "started", instance, "watched")
         instances.ctl("stop", instance, "--timeout", "5")
-        ended = json.loads(watcher.stdout.readline())
+        ended = json.loads(read_line(watcher.stdout))
         assert (ended["event"], ended["id"], ended["status"]) == ("exited", instance, 143)
     finally:
         watcher.kill()
@@ -535,3 +549,7 @@ def test_a_silent_peer_on_the_control_socket_stalls_nothing(instances, app):
         started = time.monotonic()
         result = instances.ctl("exec", instance, "--", "true")
         assert result.returncode == 0 and time.monotonic() - started < 3, result.stderr
+
+
+def _daemon_status(instances) -> dict:
+    return json.loads(instances.ctl("daemon", "status", "--json").stdout)

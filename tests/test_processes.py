@@ -14,6 +14,7 @@ from tests.conftest import (
     layer,
     processes_with,
     py,
+    read_line,
     run_sandbox,
     sandbox,
     sh,
@@ -48,7 +49,7 @@ def test_signals_to_the_engine_reach_the_main_command(tmp_path, signo):
     middle = layer("middle", namespaces=["mount"], layers=[leaf])
     running = start_sandbox(tmp_path, sandbox(app_layer("top", layers=[middle])),
                             preexec_fn=lambda: signal.signal(signo, signal.SIG_DFL))
-    ready = running.proc.stdout.readline()
+    ready = read_line(running.proc.stdout)
     if ready != "ready\n":
         pytest.fail(f"no ready line: {running.finish().stderr!r}")
     running.proc.send_signal(signo)
@@ -61,7 +62,7 @@ def test_signals_the_caller_ignores_stay_ignored(tmp_path):
     script = "trap 'echo got-HUP' HUP; echo ready; sleep 0.5; echo done"
     running = start_sandbox(tmp_path, sandbox(app_layer(command=sh(script))),
                             preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_IGN))
-    assert running.proc.stdout.readline() == "ready\n"
+    assert read_line(running.proc.stdout) == "ready\n"
     running.proc.send_signal(signal.SIGHUP)
     result = running.finish()
     assert (result.returncode, result.stdout) == (0, "done\n")
@@ -108,7 +109,7 @@ def test_layers_with_nothing_to_run_hand_their_sub_layers_up(tmp_path, marker):
                   layers=[inner])
     running = start_sandbox(tmp_path, sandbox(app_layer("top", layers=[outer])),
                             stdin=subprocess.PIPE)
-    assert running.proc.stdout.readline() == "ready\n"
+    assert read_line(running.proc.stdout) == "ready\n"
     top = running.layer("top")["pid"]
     # (-1: a process that has already left; 0: none)
     assert running.layer("pass1")["pid"] != 0 and running.layer("pass2")["pid"] == 0
@@ -133,7 +134,7 @@ def test_a_subreaper_layer_adopts_the_sub_layers_of_a_layer_that_steps_aside(tmp
                    layers=[passing])
     running = start_sandbox(tmp_path, sandbox(app_layer("top", layers=[keeper])),
                             stdin=subprocess.PIPE)
-    assert running.proc.stdout.readline() == "ready\n"
+    assert read_line(running.proc.stdout) == "ready\n"
     assert running.layer("passing")["pid"] != 0  # (-1 once it has left)
     assert wait_gone([running.layer("passing")["pid"]]) == []
     assert _parent(running.layer("leaf")["pid"]) == running.layer("keeper")["pid"]
@@ -156,8 +157,8 @@ def test_an_empty_mount_layer_with_nothing_to_run_is_built_by_its_parents_proces
     running = start_sandbox(tmp_path, sandbox(app_layer("top", layers=[keeper])),
                             stdin=subprocess.PIPE)
     try:
-        own_view = running.proc.stdout.readline().strip()
-        assert running.proc.stdout.readline() == "ready\n"
+        own_view = read_line(running.proc.stdout).strip()
+        assert read_line(running.proc.stdout) == "ready\n"
         keeper_, empty_, leaf_ = (running.layer(n) for n in ("keeper", "empty", "leaf"))
         assert empty_["pid"] == 0 and keeper_["pid"] > 0
         assert _parent(leaf_["pid"]) == keeper_["pid"]
@@ -190,7 +191,7 @@ def test_a_layer_with_its_own_pid_namespace_and_nothing_to_run_retires_into_an_i
     idle = layer("idle", namespaces=["mount", "pid"], layers=[leaf])
     running = start_sandbox(tmp_path, sandbox(app_layer("top", layers=[idle])),
                             preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
-    assert running.proc.stdout.readline() == "ready\n"
+    assert read_line(running.proc.stdout) == "ready\n"
     init = running.layer("idle")["pid"]
     deadline = time.monotonic() + 10
     while not open(f"/proc/{init}/cmdline", "rb").read().startswith(b"bbl-init idle\0"):
@@ -227,7 +228,7 @@ def test_the_end_of_a_main_below_a_retired_layer_ends_the_instance(tmp_path):
     leaf = layer("leaf", namespaces=["user", "mount", "pid"], command=sh("echo ready; sleep 1000"))
     idle = layer("idle", namespaces=["mount", "pid"], layers=[leaf])
     running = start_sandbox(tmp_path, sandbox(app_layer("top", layers=[idle])))
-    assert running.proc.stdout.readline() == "ready\n"
+    assert read_line(running.proc.stdout) == "ready\n"
     os.kill(running.layer("leaf")["pid"], signal.SIGKILL)
     assert running.finish(timeout=20).returncode == 128 + signal.SIGKILL
     assert wait_gone([entry["pid"] for entry in running.info]) == []
@@ -260,26 +261,33 @@ libc = ctypes.CDLL(None, use_errno=True)
 flag = ctypes.c_int(-1)
 libc.prctl(37, ctypes.byref(flag), 0, 0, 0)  # PR_GET_CHILD_SUBREAPER
 r, w = os.pipe()
+gone_r, gone_w = os.pipe()  # (its write end closes when the orphans' parent has ended)
 if os.fork() == 0:  # an orphan that reports its new parent, and one that ends at once
     if os.fork() == 0:
         os.close(r)
-        time.sleep(0.2)
+        os.close(gone_w)
+        os.read(gone_r, 1)  # EOF: our parent has ended, we are an orphan now
         os.write(w, str(os.getppid()).encode())
         os._exit(0)
     if os.fork() == 0:
         os._exit(0)
     os._exit(0)
 os.close(w)
+os.close(gone_w)
 adopter = int(os.read(r, 20))
-time.sleep(0.2)
-zombies = []
-for entry in os.listdir("/proc"):
-    try:
-        stat = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        continue
-    if stat[0] == "Z" and int(stat[1]) == os.getppid():
-        zombies.append(entry)
+def zombies_of_ours():
+    found = []
+    for entry in os.listdir("/proc"):
+        try:
+            stat = open(f"/proc/{entry}/stat").read().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue
+        if stat[0] == "Z" and int(stat[1]) == os.getppid():
+            found.append(entry)
+    return found
+deadline = time.monotonic() + 10  # (the adopter reaps them as they end: wait for that)
+while (zombies := zombies_of_ours()) and time.monotonic() < deadline:
+    time.sleep(0.01)
 print(os.getppid(), flag.value, adopter == os.getppid(), zombies)
 """
 
@@ -307,7 +315,7 @@ def test_a_main_layer_without_pid_namespace_below_one_with_runs_its_command_itse
     running = start_sandbox(tmp_path, sandbox(app_layer("top", layers=[inner])),
                             preexec_fn=lambda: signal.signal(signo, signal.SIG_DFL))
     try:
-        assert running.proc.stdout.readline() == "2 1\n"
+        assert read_line(running.proc.stdout) == "2 1\n"
         assert running.layer("user")["pid"] != running.layer("top")["pid"]
         running.proc.send_signal(signo)
         assert running.finish().returncode == 40
@@ -326,7 +334,7 @@ def test_killing_a_lone_layer_1_command_still_ends_its_orphans(tmp_path, marker)
     running = start_sandbox(tmp_path, spec)
     layer_1 = running.layer("flat")["pid"]  # the command itself
     try:
-        assert running.proc.stdout.readline() == "ready\n"
+        assert read_line(running.proc.stdout) == "ready\n"
         deadline = time.monotonic() + 10
         while not (orphans := _named(marker)) and time.monotonic() < deadline:
             time.sleep(0.02)  # (setsid may fork: the marker is in its command line too)

@@ -11,7 +11,7 @@ import time
 
 import pytest
 
-from tests.conftest import processes_with, wait_gone
+from tests.conftest import processes_with, read_line, wait_gone, wait_until
 
 RUN = [sys.executable, "-m", "bblctl", "run"]
 SYSTEM = ["--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib",
@@ -126,7 +126,7 @@ def test_signals_to_the_client_reach_the_command(env, marker, sandbox):
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGTERM, signal.SIG_DFL))
     try:
-        assert proc.stdout.readline() == "ready\n"
+        assert read_line(proc.stdout) == "ready\n"
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=30)
     finally:
@@ -143,7 +143,7 @@ def test_without_a_pid_namespace_the_command_is_layer_1_itself(env):
                              "echo $$; exec sleep 600"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        pid = int(proc.stdout.readline())
+        pid = int(read_line(proc.stdout))
         drawn = subprocess.run([sys.executable, "-m", "bblctl", "tree", "flat"], env=env,
                                capture_output=True, text=True, timeout=30).stdout
         assert f"bwrap  pid {pid} (the command itself: no supervisor)" in drawn, drawn
@@ -173,7 +173,7 @@ def test_exec_into_a_layer_1_without_supervisor_gets_each_status(env):
                              "echo ready; exec sleep 600"], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert proc.stdout.readline() == "ready\n"
+        assert read_line(proc.stdout) == "ready\n"
         for status in (7, 0, 3):  # each leaves an orphan that ends at once
             done = subprocess.run([sys.executable, "-m", "bblctl", "exec", "flat", "--", "sh",
                                    "-c", f"(true &); sleep 0.1; exit {status}"], env=env,
@@ -197,7 +197,7 @@ def test_die_with_parent_takes_the_sandbox_down_with_the_client(env, marker):
                              "echo ready; sleep 1000", marker], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        assert proc.stdout.readline() == "ready\n"
+        assert read_line(proc.stdout) == "ready\n"
         sandboxed = processes_with(marker)
         assert sandboxed
         proc.kill()  # SIGKILL: the client cannot clean up
@@ -278,7 +278,11 @@ def test_block_fd_holds_the_command_and_sync_fd_closes_at_the_end(env, tmp_path)
     os.close(block_r)
     os.close(sync_w)
     try:
-        time.sleep(1)
+        def listed():
+            return json.loads(subprocess.run([*RUN[:3], "ps", "--json"], env=env, text=True,
+                                             capture_output=True, timeout=30).stdout)
+
+        assert wait_until(listed)  # bbld knows of it (starting: its monitor waits on fd 5)
         assert not witness.exists()  # still blocked
         os.write(block_w, b"x")
         assert proc.wait(timeout=30) == 0 and witness.exists()
@@ -335,7 +339,7 @@ def test_lock_file_is_read_locked_while_the_sandbox_runs(env, tmp_path):
                              "echo ready; read x"], env=env, stdin=subprocess.PIPE,
                             stdout=subprocess.PIPE, text=True)
     try:
-        assert proc.stdout.readline() == "ready\n"
+        assert read_line(proc.stdout) == "ready\n"
         with open(lock, "r+") as f:
             with pytest.raises(BlockingIOError):
                 fcntl.lockf(f, fcntl.LOCK_EX | fcntl.LOCK_NB)  # a read lock is held

@@ -132,7 +132,8 @@ class Daemon:
                 "started_by": place.started_by if place else "by hand",
                 "socket": place.socket if place else "",
                 "runtime": place.runtime if place else "",
-                "instances": len(self.registry.live), "ended": len(self.registry.ended)}
+                "instances": len(self.registry.live), "ended": len(self.registry.ended),
+                "watchers": len(self.registry.subscribers)}
 
     async def quit(self, p: NoParams, call) -> dict:
         """End the daemon after this reply; instances run on (their monitors hold them) and

@@ -1,7 +1,8 @@
 """Network namespace set-up: a new net namespace starts with `lo` down; bring it up.
 
 One ioctl (SIOCSIFFLAGS, what `ip link set lo up` amounts to) instead of a netlink
-library: pyroute2 costs 0.15 s and 18 MB to import, which every forked layer would carry.
+library: importing pyroute2 is slow and large, and every forked layer would carry it
+(docs/performance.md).
 """
 
 import fcntl

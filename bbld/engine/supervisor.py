@@ -189,7 +189,8 @@ class LayerSupervisor:
                 sc.unshare(sc.CLONE_NEWTIME)
         self.env = self._layer_env()
         self.cwd = self.layer.cwd or self.cwd
-        self.locks = [self._lock(path) for path in self.layer.lock_files]
+        for path in self.layer.lock_files:  # (each fd stays open, and its lock held, until
+            self._lock(path)  # the layer ends: nothing else needs them)
         if not self.has_pid_namespace and not self.plan.steps_aside and not self.plan.replaced:
             # orphans of this layer come back to us (not to a command: exec keeps the flag)
             sc.prctl(sc.PR_SET_CHILD_SUBREAPER, 1)
@@ -600,7 +601,7 @@ def _become_idle_init(layer: str, program: int) -> None:
     """Exec `sleep infinity` as pid 1 of the layer: SIGCHLD ignored, so the kernel reaps
     every child and orphan at once; the supervised signals stay blocked (only SIGKILL from
     outside ends it, which the end of layer 1's pid namespace sends); no fd but stdio;
-    no_new_privs. Its memory is a few hundred KB, against 3 MB for an idle supervisor.
+    no_new_privs. Its memory is a fraction of an idle supervisor's (docs/performance.md).
 
     It keeps the supervisor's capabilities in the layer's user namespace. The exec makes it
     dumpable again, so they are what keeps others from ptrace and from its /proc links and

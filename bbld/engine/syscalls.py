@@ -54,10 +54,6 @@ CLONE_NEWPID = 0x20000000
 CLONE_NEWNET = 0x40000000
 
 # --- mount(2) flags ---
-MS_RDONLY = 1
-MS_NOSUID = 2
-MS_NODEV = 4
-MS_NOEXEC = 8
 MS_REMOUNT = 32
 MS_BIND = 4096
 MS_REC = 16384
@@ -70,7 +66,6 @@ OPEN_TREE_CLONE = 1
 OPEN_TREE_CLOEXEC = os.O_CLOEXEC
 AT_EMPTY_PATH = 0x1000
 AT_RECURSIVE = 0x8000
-AT_SYMLINK_NOFOLLOW = 0x100
 MOVE_MOUNT_F_EMPTY_PATH = 0x4
 MOVE_MOUNT_T_EMPTY_PATH = 0x40
 FSOPEN_CLOEXEC = 1
@@ -85,7 +80,6 @@ MOUNT_ATTR_NOEXEC = 0x8
 
 # --- openat2 resolve flags ---
 RESOLVE_NO_MAGICLINKS = 0x02
-RESOLVE_NO_SYMLINKS = 0x04
 RESOLVE_IN_ROOT = 0x10
 
 # --- prctl ---
@@ -188,7 +182,8 @@ def close_all_fds_except(keep) -> None:
 
 
 # prctl with integer arguments, declared so that ctypes converts them itself: making four
-# c_ulong objects per call cost a fresh process 8 us a call (restrict_capabilities makes 42).
+# c_ulong objects per call cost a fresh process dearly (restrict_capabilities makes 42 calls;
+# docs/performance.md).
 # (Its own function object: seccomp_load passes a pointer to the plain one.)
 _prctl = _libc["prctl"]
 _prctl.argtypes = (ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong)
@@ -312,7 +307,7 @@ class _CapData(ctypes.Structure):
                 ("inheritable", ctypes.c_uint32)]
 
 
-_CapSets = _CapData * 2  # (made once here: an array type is a new class, 0.5 ms cold)
+_CapSets = _CapData * 2  # (made once here: an array type is a new class, slow to make cold)
 
 
 _LINUX_CAPABILITY_VERSION_3 = 0x20080522
@@ -378,7 +373,8 @@ SIGNALFD_SIGINFO_SIZE = 128
 
 # signal.py wraps pthread_sigmask and signal: the old mask comes back as a set of Signals and
 # the old handler as a Handlers member, enum conversions that cost a freshly forked process
-# 0.2 to 0.3 ms each (cold code and copy-on-write faults), on every command's way to exec.
+# that cost a freshly forked process dearly (cold code and copy-on-write faults), on every
+# command's way to exec (docs/performance.md).
 # These call the C functions and return nothing.
 
 def set_signal_mask(how: int, signals) -> None:

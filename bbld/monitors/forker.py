@@ -145,12 +145,12 @@ _SAMPLE_REQUESTS = [
 
 def _warm_up() -> None:
     """Do once here what every forked monitor would otherwise do again: msgspec builds a
-    type's decoding and encoding tables on first use (about 5 ms for the spec's types), the
-    default seccomp policy takes libseccomp 1.5 ms to compile, and objects the collector
+    type's decoding and encoding tables on first use (the spec's types: milliseconds), the
+    default seccomp policy takes libseccomp a while to compile, and objects the collector
     visits would be copied into every child (copy-on-write).
     """
     spec.decode(b'{"layer": {"name": "warm", "command": {"argv": ["true"]}}}', "json")
-    # a first bubblewrap command line costs a fresh monitor 0.5 ms more than later ones
+    # a first bubblewrap command line costs a fresh monitor more than later ones
     bwrap.FrontEnd("bwrap").sandbox(["--ro-bind", "/", "/", "true"], {}, 0, 0, None)
     try:
         seccomp.compile_policy("default")

@@ -56,7 +56,7 @@ def run(data: bytes, fds: list[int], directory: str) -> int:
         plan = prepare(sandbox(request, front), request.args)
         started = time.time()
         # The caller's environment goes to layer 1 as data; os.environ stays bbld's (making
-        # it the caller's, one putenv per variable, took 1.5 ms).
+        # it the caller's, one putenv per variable, is slow).
         instance = Instance(plan, request.env)
         instance.start()
     except bwrap.Done as done:  # --help, --version, or a bad command line: already said

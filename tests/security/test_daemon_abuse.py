@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import BBLD, TIMEOUT, daemon_pid, wait_for_socket, wait_gone
+from tests.conftest import BBLD, TIMEOUT, daemon_pid, read_line, wait_for_socket, wait_gone
 
 BBLCTL = [sys.executable, "-m", "bblctl"]
 BBL_BWRAP = [sys.executable, "-m", "bblctl.run"]
@@ -67,7 +67,7 @@ def _listener(command: list[str], path: Path, received: Path) -> subprocess.Pope
             "    open(sys.argv[2], 'a').write(f'{n}\\n'); c.close()\n")
     proc = subprocess.Popen([*command, sys.executable, "-c", code, str(path), str(received)],
                             stdout=subprocess.PIPE, text=True)
-    assert proc.stdout.readline() == "ready\n"
+    assert read_line(proc.stdout) == "ready\n"
     return proc
 
 
@@ -354,10 +354,9 @@ def test_a_second_ending_signal_ends_a_client_whose_sandbox_waits(bbl_env):
                 not list((runtime(bbl_env) / "instances").glob("*")):
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        time.sleep(0.3)
         client.send_signal(signal.SIGINT)
-        time.sleep(0.3)
-        assert client.poll() is None  # the first waits for the command
+        with pytest.raises(subprocess.TimeoutExpired):  # the first waits for the command
+            client.wait(timeout=0.5)
         client.send_signal(signal.SIGINT)
         assert client.wait(timeout=10) == -signal.SIGINT
     finally:

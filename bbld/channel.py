@@ -91,6 +91,39 @@ async def areceive(sock, size: int, max_fds: int = MAX_FDS) -> tuple[bytes, list
     return data, fds_of(ancdata, flags)
 
 
+class Messages:
+    """Typed messages, each with its fds, read off a trio SEQPACKET socket until the other
+    end hangs up: `decode` turns a message's bytes into its type (ValueError for anything
+    else, which ends the stream too)."""
+
+    def __init__(self, sock, decode, size: int, max_fds: int = MAX_FDS):
+        self.sock, self.decode, self.size, self.max_fds = sock, decode, size, max_fds
+
+    async def next(self):
+        """(message, its fds: ours to close), or None once the peer hung up or said
+        something that is not one."""
+        try:
+            data, fds = await areceive(self.sock, self.size, self.max_fds)
+        except Truncated:
+            return None
+        if not data:
+            return None
+        try:
+            return self.decode(data), fds
+        except ValueError:
+            close_all(fds)
+            return None
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
 def close_all(fds) -> None:
     for fd in fds:
         try:

@@ -43,8 +43,9 @@ class ForkerLink:
         theirs.close()
         self.sock = trio.socket.from_stdlib_socket(mine)
 
-    async def start(self, request: StartRequest, fds: list[int]) -> "StartEvents":
-        """Send one start request; its monitor's events follow on the StartEvents returned.
+    async def start(self, request: StartRequest, fds: list[int]) -> channel.Messages:
+        """Send one start request; its monitor's events (bbld.messages.Event) follow on the
+        channel.Messages returned.
         `fds`: stdin, stdout, stderr, working directory, then one per request.fd_numbers;
         they are the forker's once sent (ours are closed, the list emptied)."""
         mine, theirs = _seqpacket_pair()
@@ -62,35 +63,6 @@ class ForkerLink:
             theirs.close()
         channel.close_all(fds)  # (ours would be held for the whole run)
         fds.clear()  # (in place: the caller's list, so that nobody closes them again)
-        return StartEvents(trio.socket.from_stdlib_socket(mine))
-
-
-class StartEvents:
-    """What one instance's monitor says (bbld.messages.Event), until it ends."""
-
-    def __init__(self, sock):
-        self.sock = sock
-
-    async def next(self) -> tuple[Event, list[int]] | None:
-        """The next event and its fds (ours to close); None once the monitor has ended or
-        said something that is not an event."""
-        try:
-            data, fds = await channel.areceive(self.sock, MAX_CONTROL)
-        except channel.Truncated:
-            return None
-        if not data:
-            return None
-        try:
-            return _event_decoder.decode(data), fds
-        except msgspec.DecodeError:
-            channel.close_all(fds)
-            return None
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+        # What the instance's monitor says (bbld.messages.Event), until it ends:
+        return channel.Messages(trio.socket.from_stdlib_socket(mine), _event_decoder.decode,
+                                MAX_CONTROL)

@@ -20,7 +20,7 @@ import msgspec
 import trio
 
 from bbld import __version__, channel, profile, protocol, spec
-from bbld.daemon.registry import InstanceRecord, MonitorCall
+from bbld.daemon.registry import InstanceRecord, call_monitor
 from bbld.messages import MAX_EXTRA_FDS, ControlRequest, StartRequest
 from bbld.protocol import VarlinkError
 
@@ -186,7 +186,7 @@ class Daemon:
                                message="\n".join(problems)) from None
         request = ControlRequest(op="send-args", args=[*argv, *args])
         try:
-            monitor = await MonitorCall.open(self.registry.control_path(record.id), request,
+            monitor = await call_monitor(self.registry.control_path(record.id), request,
                                              call.fds[:3])
         except OSError:
             return False
@@ -331,7 +331,7 @@ class Daemon:
         """One request to the instance's monitor; its reply. A request it refuses names the
         parameter that was wrong (InvalidParameter)."""
         try:
-            with await MonitorCall.open(self.registry.control_path(record.id),
+            with await call_monitor(self.registry.control_path(record.id),
                                         request) as monitor:
                 answer = await monitor.next()
         except OSError:
@@ -363,14 +363,14 @@ class Daemon:
 
     async def _exec(self, record: InstanceRecord, request: ControlRequest, call) -> None:
         try:
-            monitor = await MonitorCall.open(self.registry.control_path(record.id), request,
+            monitor = await call_monitor(self.registry.control_path(record.id), request,
                                              call.fds)
         except OSError:
             raise VarlinkError("io.bbl.Manager.NoSuchInstance", id=record.id) from None
         with monitor:  # (the monitor kills what it started when this closes first)
             await self._relay_exec(record, monitor, call)
 
-    async def _relay_exec(self, record: InstanceRecord, monitor: MonitorCall, call,
+    async def _relay_exec(self, record: InstanceRecord, monitor: channel.Messages, call,
                           started_as: str = "started") -> None:
         while (answer := await monitor.next()) is not None:
             reply, fds = answer

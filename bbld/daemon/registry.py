@@ -26,7 +26,6 @@ from bbld.messages import (
     CONTROL_FDS,
     INSTANCE_ID,
     MAX_CONTROL,
-    ControlReply,
     ControlRequest,
     decode_reply,
 )
@@ -182,7 +181,7 @@ class Registry:
     async def _watch(self, record: InstanceRecord) -> int | None:
         status = None
         try:
-            with await MonitorCall.open(self.control_path(record.id),
+            with await call_monitor(self.control_path(record.id),
                                         ControlRequest(op="watch")) as call:
                 while (answer := await call.next()) is not None:
                     reply, fds = answer
@@ -262,7 +261,7 @@ class Registry:
     async def _adopt_running(self, path: str) -> None:
         expected = os.path.basename(path).removesuffix(".sock")
         try:
-            with await MonitorCall.open(path, ControlRequest(op="status")) as call:
+            with await call_monitor(path, ControlRequest(op="status")) as call:
                 answer = await call.next()
                 if answer is None:
                     raise OSError("no answer")
@@ -310,52 +309,23 @@ def _read_exited(path: str) -> dict | None:
         os.close(fd)
 
 
-class MonitorCall:
-    """One request to an instance's monitor (bbld.monitors.control) and its replies. The
-    monitor must be the user's, in bbld's own namespaces (bbld.peer), as bbld is for it:
-    whatever else listens at its socket's name gets nothing (PermissionError)."""
-
-    def __init__(self, sock):
-        self.sock = sock
-
-    @classmethod
-    async def open(cls, path: str, request: ControlRequest, fds=()) -> "MonitorCall":
-        sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+async def call_monitor(path: str, request: ControlRequest, fds=()) -> channel.Messages:
+    """A request to an instance's monitor (bbld.monitors.control): the connection, with
+    `request` sent; its replies (ControlReply) follow on it. The monitor must be the user's,
+    in bbld's own namespaces (bbld.peer), as bbld is for it: whatever else listens at its
+    socket's name gets nothing (PermissionError)."""
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+    try:
+        await sock.connect(path)
         try:
-            await sock.connect(path)
-            try:
-                peer.check(sock, _home(), "the instance's monitor", "bbld")
-            except peer.Refused as refused:
-                raise PermissionError(f"{path}: {refused}") from None
-            await channel.asend(sock, msgspec.json.encode(request), fds)
-        except BaseException:
-            sock.close()
-            raise
-        return cls(sock)
-
-    async def next(self) -> tuple[ControlReply, list[int]] | None:
-        """The next reply and its fds (ours to close); None once the monitor hung up or
-        said something that is not a reply."""
-        try:
-            data, fds = await channel.areceive(self.sock, MAX_CONTROL, CONTROL_FDS)
-        except channel.Truncated:
-            return None
-        if not data:
-            return None
-        try:
-            return decode_reply(data), fds
-        except msgspec.DecodeError:
-            channel.close_all(fds)
-            return None
-
-    def close(self) -> None:
-        self.sock.close()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
+            peer.check(sock, _home(), "the instance's monitor", "bbld")
+        except peer.Refused as refused:
+            raise PermissionError(f"{path}: {refused}") from None
+        await channel.asend(sock, msgspec.json.encode(request), fds)
+    except BaseException:
+        sock.close()
+        raise
+    return channel.Messages(sock, decode_reply, MAX_CONTROL, CONTROL_FDS)
 
 
 @functools.cache

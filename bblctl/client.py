@@ -11,7 +11,6 @@ import os
 from bblctl import wire
 from bblctl.wire import signal
 from bbld import channel, paths, peer
-from bbld.framing import Framer, FrameTooLarge
 
 MAX_REPLY = 1 << 26  # bytes; a daemon that says more than this is not one we understand
 REPLY_FDS = 4  # fds a reply may carry (Exec's and Run's pty master: one)
@@ -62,7 +61,7 @@ SANDBOXED = "bbld does not serve inside a sandbox"
 class Connection:
     def __init__(self, sock):
         self.sock = sock
-        self.framer = Framer(MAX_REPLY)
+        self.framer = channel.Framer(MAX_REPLY)
         self.pending: list[bytes] = []
         self.fds: list[int] = []  # fds that came with replies (SCM_RIGHTS); the caller's now
 
@@ -124,7 +123,7 @@ class Connection:
                 raise ClientError("bbld closed the connection")
             try:
                 self.pending.extend(self.framer.feed(data))
-            except FrameTooLarge as exc:
+            except channel.FrameTooLarge as exc:
                 raise ClientError(f"bbld sent a reply too large: {exc}") from None
         try:
             reply = wire.loads(self.pending.pop(0).decode())

@@ -1,6 +1,7 @@
-"""Messages with file descriptors over unix sockets (SCM_RIGHTS): the one place that builds and
-reads the ancillary data, for every side (the client, bbld, the forker, the monitors, the
-engine's supervisors). Imports only CPython's C modules, so the client stays light; the trio
+"""Messages over unix sockets: Varlink's framing (one JSON text and a NUL byte, Framer) and the
+file descriptors that travel with messages (SCM_RIGHTS): the one place that builds and reads
+the ancillary data, for every side (the client, bbld, the forker, the monitors, the engine's
+supervisors). Imports only CPython's C modules, so the client stays light; the trio
 side only awaits the trio socket's own methods, so nothing here imports trio.
 
 The rules, the same everywhere: at most MAX_FDS fds with one message (each receiver may ask
@@ -130,3 +131,32 @@ def close_all(fds) -> None:
             os.close(fd)
         except OSError:
             pass
+
+
+# ---------------------------------------------------------------- Varlink's framing
+
+MAX_MESSAGE = 1 << 20  # bytes; what bbld accepts in one message
+
+
+class FrameTooLarge(Exception):
+    pass
+
+
+class Framer:
+    """Splits a byte stream into NUL-terminated messages, refusing oversized ones."""
+
+    def __init__(self, limit: int = MAX_MESSAGE):
+        self.limit = limit
+        self.buffer = bytearray()
+
+    def feed(self, data: bytes) -> list[bytes]:
+        self.buffer += data
+        frames = []
+        while (end := self.buffer.find(b"\0")) >= 0:
+            if end > self.limit:
+                break
+            frames.append(bytes(self.buffer[:end]))
+            del self.buffer[:end + 1]
+        if len(self.buffer) > self.limit:  # an oversized message, ended or not
+            raise FrameTooLarge(f"message larger than {self.limit} bytes")
+        return frames

@@ -1,7 +1,7 @@
 """The Varlink protocol as BBL speaks it: framing, message types, errors, interface texts.
 
 The daemon's side (imports neither trio nor the engine; the client speaks the same protocol
-without msgspec, through bblctl.wire and bbld.framing). A message is one JSON object followed
+without msgspec, through bblctl.wire and bbld.channel). A message is one JSON object followed
 by a NUL byte. Calls and replies are msgspec Structs; errors are replies
 with an `error` name and parameters. The interface definitions below are what
 `org.varlink.service.GetInterfaceDescription` returns and what docs/api.md shows.
@@ -13,9 +13,9 @@ from typing import Any
 
 import msgspec
 
-from bbld import framing
+from bbld import channel
 
-MAX_MESSAGE = framing.MAX_MESSAGE  # a longer message ends the connection (InvalidMessage)
+MAX_MESSAGE = channel.MAX_MESSAGE  # a longer message ends the connection (InvalidMessage)
 MAX_FDS = 64  # file descriptors (SCM_RIGHTS) with one message
 VENDOR, PRODUCT, URL = "BBL", "bbld", "https://example.invalid/bbl"
 
@@ -335,11 +335,11 @@ def fds_from_ancillary(ancdata) -> list[int]:
     return list(fds)
 
 
-class Framer(framing.Framer):
+class Framer(channel.Framer):
     """bbld's: an oversized message is an InvalidMessage (it ends the connection)."""
 
     def feed(self, data: bytes) -> list[bytes]:
         try:
             return super().feed(data)
-        except framing.FrameTooLarge as exc:
+        except channel.FrameTooLarge as exc:
             raise InvalidMessage(str(exc)) from None

@@ -202,6 +202,17 @@ def _verify(sock, path: str) -> None:
         raise ClientError(f"{path} is not your bbld: {refused.reason}; remove it") from None
 
 
+def die_with_parent(parent: int) -> None:
+    """bwrap's --die-with-parent for this client: SIGKILL when `parent` (our parent when we
+    started) dies, at once if it already has. Our end ends the instance (die_with_client)."""
+    import ctypes  # (here: only this option pays for it)
+
+    pr_set_pdeathsig = 1
+    ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, signal.SIGKILL, 0, 0, 0)
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 class SignalForwarder:
     """While active, the signals a client receives go to an instance's main command (or, aimed
     with `pid`, to a process Exec started); those that come before the target is known wait

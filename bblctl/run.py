@@ -21,6 +21,7 @@ from bblctl.client import (
     Sandboxed,
     SignalForwarder,
     connect,
+    die_with_parent,
     running_daemon,
     sandboxed,
 )
@@ -29,6 +30,7 @@ MAX_FDS = 56  # fds besides stdio that travel with the command line (bbld's limi
 
 
 def main(argv: list[str], prog: str = "bbl-bwrap") -> int:
+    parent = os.getppid()  # (what --die-with-parent refers to, before it can die)
     instance = {}
     if prog == "bblctl run":  # BBL's own options, before bubblewrap's
         try:
@@ -42,7 +44,8 @@ def main(argv: list[str], prog: str = "bbl-bwrap") -> int:
         return 2
     conn = None if instance.get("single_instance") else running_daemon()
     if conn is None:
-        return _nested(argv, prog) if sandboxed() else _run_spec(argv, prog, instance)
+        return _nested(argv, prog, parent) if sandboxed() \
+            else _run_spec(argv, prog, instance, parent)
     fds = _open_fds(besides=conn.sock.fileno())
     if len(fds) > MAX_FDS:
         conn.close()
@@ -50,9 +53,9 @@ def main(argv: list[str], prog: str = "bbl-bwrap") -> int:
                    f"at most {MAX_FDS} can go to a sandbox: close the others")
         return 1
     try:
-        return _run(fds, dict(prog=prog, bwrap=argv, **instance), conn)
+        return _run(fds, dict(prog=prog, bwrap=argv, **instance), parent, conn)
     except Sandboxed:  # bbld refused us: the caller's fds are all still here
-        return _nested(argv, prog)
+        return _nested(argv, prog, parent)
     except RemoteError as exc:
         if not exc.parameters.get("reported"):  # else the monitor printed it already
             _say(argv, exc.parameters.get("message", exc.name))
@@ -62,7 +65,8 @@ def main(argv: list[str], prog: str = "bbl-bwrap") -> int:
         return 1
 
 
-def _run(fds: list[int], parameters: dict, conn: Connection | None = None) -> int:
+def _run(fds: list[int], parameters: dict, parent: int, conn: Connection | None = None
+         ) -> int:
     cwd = os.open(".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
         with SignalForwarder() as forwarder, conn or connect() as conn:
@@ -73,6 +77,8 @@ def _run(fds: list[int], parameters: dict, conn: Connection | None = None) -> in
                     os.close(number)  # (not before bbld answered: if it refuses us, we nest)
                 fds = []
                 if reply.get("event") == "started":
+                    if reply.get("die_with_parent"):
+                        die_with_parent(parent)
                     forwarder.aim(id=reply["id"])
                 elif reply.get("event") == "forwarded":  # to a running single instance
                     forwarder.aim(id=reply["id"], pid=reply["pid"])
@@ -103,7 +109,7 @@ def _say(argv: list[str], message: str) -> None:
     print(f"{prefix}bwrap: {printable(message)}", file=sys.stderr)
 
 
-def _run_spec(argv: list[str], prog: str, instance: dict) -> int:
+def _run_spec(argv: list[str], prog: str, instance: dict, parent: int) -> int:
     """The command line made into a spec here (the slower path: it imports bbld.bwrap).
     For --single-instance, since bbld looks for a running instance with the spec's name
     before it starts anything; and when no bbld runs yet, so that a bad command line
@@ -124,11 +130,13 @@ def _run_spec(argv: list[str], prog: str, instance: dict) -> int:
         if not _is_open(number):
             front.say(f"fd {number} is not open")
             return 1
+    if sandbox.die_with_parent:
+        die_with_parent(parent)
     try:
         return _run(numbers, dict(spec=msgspec.json.encode(sandbox).decode(),
-                                  die_with_client=sandbox.die_with_parent))
+                                  die_with_client=sandbox.die_with_parent), parent)
     except Sandboxed:  # (a sandbox our own look did not tell: bbld did)
-        return _nested(argv, prog, sandbox, front)
+        return _nested(argv, prog, parent, sandbox, front)
     except RemoteError as exc:
         front.start_failed(exc.parameters.get("message", exc.name),
                            exc.parameters.get("fields"))
@@ -138,11 +146,20 @@ def _run_spec(argv: list[str], prog: str, instance: dict) -> int:
         return 1
 
 
-def _nested(argv: list[str], prog: str, sandbox=None, front=None) -> int:
+def _nested(argv: list[str], prog: str, parent: int, sandbox=None, front=None) -> int:
     """Inside a sandbox, bubblewrap's semantics: the engine runs here, in our namespaces, so
     the new sandbox can only narrow what this one allows (bbld.engine.standalone)."""
+    from bbld import bwrap
     from bbld.engine.standalone import run_bwrap
 
+    front = front or bwrap.FrontEnd(prog)
+    if sandbox is None:
+        try:
+            sandbox = front.sandbox(argv, dict(os.environ), os.getuid(), os.getgid())
+        except bwrap.Done as done:
+            return done.status
+    if sandbox.die_with_parent:  # (layer 1 dies with us: the engine runs in this process)
+        die_with_parent(parent)
     return run_bwrap(argv, prog, sandbox, front)
 
 

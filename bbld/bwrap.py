@@ -613,7 +613,8 @@ def to_sandbox(inv: Invocation, uid: int, gid: int) -> spec.Sandbox:
         and (sandbox_uid, sandbox_gid) != (0, 0) and inv.userns_block_fd is None
     command = spec.Command(argv=inv.command, argv0=inv.argv0, cwd=inv.chdir, new_session=True)
     leaf_keys = dict(env=spec.Env(clear=True, set=inv.env), command=command,
-                     caps=_caps(inv, uid), seccomp=_seccomp(inv),
+                     caps=_caps(inv, uid),
+                     ambient_caps=bool(inv.caps), seccomp=_seccomp(inv),
                      command_replaces_supervisor=inv.as_pid_1,
                      user_namespaces="assert-denied" if inv.assert_userns_disabled else "allow")
     outer = spec.Layer(name="bwrap", namespaces=namespaces, hostname=inv.hostname,
@@ -651,7 +652,9 @@ def to_sandbox(inv: Invocation, uid: int, gid: int) -> spec.Sandbox:
 
 def _caps(inv: Invocation, uid: int) -> list[str]:
     """bubblewrap: no capabilities for an unprivileged caller; root keeps those it has (a
-    container's root may lack some); then --cap-add/--cap-drop in order."""
+    container's root may lack some); then --cap-add/--cap-drop in order. Without those
+    options they are not made ambient (ambient_caps): a command whose uid is not 0 loses
+    them at execve, as under bubblewrap."""
     kept = _own_capabilities() if uid == 0 else set()
     for kind, name in inv.caps:
         names = set(spec.CAPABILITIES) if name.upper() == "ALL" else \

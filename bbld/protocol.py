@@ -108,6 +108,9 @@ method Quit() -> ()
 # starts nothing: its main command's arguments (and args) go to that
 # instance as SendArgs would send them; the first reply is then "forwarded"
 # (id and pid), the last "exited" with the forwarding command's status.
+# The "started" reply says die_with_parent when the spec (or command line)
+# asks for it: the caller should then end when its own parent does (bwrap's
+# --die-with-parent; its end ends the instance).
 # When the main command has tty (a pty from its layer's devpts), the
 # "started" reply says tty and carries the pty's master (SCM_RIGHTS); with
 # detach, the instance's monitor keeps the master instead (and discards what
@@ -138,6 +141,7 @@ method Run(
   id: string,
   layers: ?[]object,
   tty: ?bool,
+  die_with_parent: ?bool,
   pid: ?int,
   status: ?int
 )

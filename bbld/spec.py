@@ -261,6 +261,10 @@ class Layer(Struct, forbid_unknown_fields=True, kw_only=True):
     env: Env = field(default_factory=Env)
     cwd: str | None = None  # commands' cwd; default: the parent's, else $HOME, else /
     caps: list[str] = []  # capabilities the layer's commands keep (default none)
+    # caps also go into the inheritable and ambient sets, so that a command whose uid is not
+    # 0 keeps them across execve; False: only a uid-0 command has them (execve's own rules,
+    # what bubblewrap does for root without --cap-add/--cap-drop)
+    ambient_caps: bool = True
     seccomp: Seccomp | None = None
     command: Command | list[str] | None = None
     companions: list[Command | list[str]] = []

@@ -1,6 +1,8 @@
 """Root can use the engine too (the suite's second pass, run as root)."""
 
 import os
+import shutil
+import subprocess
 
 import pytest
 
@@ -72,3 +74,22 @@ def test_root_runs_and_enters_instances_through_the_daemon(instances):
     assert entered.stdout.split() == ["0", "CapEff:", "0000000000000000"], entered.stderr
     assert [e["id"] for e in json.loads(instances.ctl("ps", "--json").stdout)] == [instance]
     assert instances.ctl("stop", instance).returncode == 0
+
+
+CAPS = "grep -E '^Cap(Inh|Prm|Eff|Amb):' /proc/self/status"
+
+
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="Debian's bubblewrap is missing")
+@pytest.mark.parametrize("options", [
+    ["--unshare-pid"],  # root keeps its capabilities, none of them ambient or inheritable
+    ["--unshare-user", "--uid", "1000"],  # a uid change loses them all at execve
+    ["--unshare-user", "--uid", "1000", "--cap-add", "CAP_NET_ADMIN"],  # unless asked for
+    ["--unshare-pid", "--cap-drop", "CAP_SYS_ADMIN"],  # a cap option makes them ambient
+], ids=" ".join)
+def test_root_has_the_capabilities_bubblewrap_gives_root(instances, options):
+    argv = ["--bind", "/", "/", *options, "sh", "-c", CAPS]
+    ours = instances.ctl("run", *argv)
+    theirs = subprocess.run([shutil.which("bwrap"), *argv], capture_output=True, text=True,
+                            timeout=60)
+    assert theirs.returncode == 0, theirs.stderr
+    assert (ours.returncode, ours.stdout) == (0, theirs.stdout), ours.stderr

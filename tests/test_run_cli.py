@@ -209,6 +209,32 @@ def test_die_with_parent_takes_the_sandbox_down_with_the_client(env, marker):
             os.kill(pid, signal.SIGKILL)
 
 
+@pytest.mark.parametrize("how", ["bwrap", "daemon running", "daemon started by the run"])
+def test_die_with_parent_ends_run_and_sandbox_when_the_callers_parent_dies(env, marker, how):
+    """bwrap's own parent dies (a shell killed by SIGKILL): bwrap and the sandbox die too.
+    The client sets its parent-death signal; its end ends the instance."""
+    if how == "bwrap" and shutil.which("bwrap") is None:
+        pytest.skip("Debian's bubblewrap is missing")
+    if how == "daemon running":
+        assert bblrun(env, "--ro-bind", "/", "/", "true").returncode == 0
+    runner = [shutil.which("bwrap")] if how == "bwrap" else RUN
+    shell = subprocess.Popen(
+        ["sh", "-c", '"$@"; echo never', "sh", *runner, "--ro-bind", "/", "/",
+         "--die-with-parent", "sh", "-c", 'echo "$$"; exec sleep 1000', marker],
+        env=env, stdout=subprocess.PIPE, text=True)
+    try:
+        sleeper = int(read_line(shell.stdout))
+        with open(f"/proc/{shell.pid}/task/{shell.pid}/children") as f:
+            client = int(f.read().split()[0])
+        shell.kill()
+        shell.wait(timeout=10)
+        assert wait_gone([client, sleeper]) == []
+    finally:
+        shell.kill()
+        for pid in processes_with(marker):
+            os.kill(pid, signal.SIGKILL)
+
+
 def read_available(fd) -> str:
     """What has been written so far (the writer may still hold its end: bwrap's reaper does)."""
     os.set_blocking(fd, False)

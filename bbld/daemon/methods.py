@@ -251,7 +251,8 @@ class Daemon:
                 if event.event == "started":
                     tty = self._started(record, event, fds)
                     await call.reply({"event": "started", "id": record.id,
-                                      "layers": event.layers, "tty": tty is not None},
+                                      "layers": event.layers, "tty": tty is not None,
+                                      "die_with_parent": event.die_with_parent},
                                      continues=True, fds=[tty] if tty is not None else [])
                     return True
                 channel.close_all(fds)

@@ -66,7 +66,7 @@ def restrict_and_exec(plan: Plan, layer: LayerPlan, command: spec.Command,
     os.umask(plan.umask)
     for name, value in layer.layer.rlimits.items():  # lowering needs no capability
         resource.setrlimit(getattr(resource, f"RLIMIT_{name.upper()}"), (value, value))
-    privileges.restrict_capabilities(layer.caps, plan.cap_last)
+    privileges.restrict_capabilities(layer.caps, plan.cap_last, layer.layer.ambient_caps)
     privileges.no_new_privs()
     sc.close_all_fds_except({0, 1, 2, errors_fd, *command.pass_fds,
                              *([release_fd] if release_fd is not None else [])})

@@ -94,8 +94,10 @@ def cap_last() -> int:
         return len(spec.CAPABILITIES) - 1
 
 
-def restrict_capabilities(keep: frozenset[int], cap_last: int) -> None:
-    """Leave exactly `keep` in the bounding, permitted, effective, inheritable and ambient sets."""
+def restrict_capabilities(keep: frozenset[int], cap_last: int, ambient: bool = True) -> None:
+    """Leave exactly `keep` in the bounding, permitted and effective sets, and with `ambient`
+    in the inheritable and ambient sets too (else those are left empty: only a uid-0 command
+    keeps capabilities across execve)."""
     permitted = sc.capget_permitted()
     if permitted:  # after a switch away from uid 0 the effective set is empty: refill it
         sc.capset(permitted, permitted, 0)
@@ -116,12 +118,12 @@ def restrict_capabilities(keep: frozenset[int], cap_last: int) -> None:
     for cap in keep:
         mask |= 1 << cap
     try:
-        sc.capset(mask, mask, mask)
+        sc.capset(mask, mask, mask if ambient else 0)
     except OSError as exc:
         names = ", ".join(spec.CAPABILITIES[c] for c in sorted(keep))
         raise StartError(f"cannot keep capabilities {names}: the layer does not hold them "
                          f"({exc.strerror})") from None
-    for cap in keep:  # ambient, so that they survive execve for a non-root uid
+    for cap in keep if ambient else ():  # so that they survive execve for a non-root uid
         sc.prctl(sc.PR_CAP_AMBIENT, sc.PR_CAP_AMBIENT_RAISE, cap)
 
 

@@ -7,6 +7,7 @@ import importlib.util
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -14,7 +15,7 @@ import sys
 import pytest
 
 from bbld import peer
-from tests.conftest import TIMEOUT
+from tests.conftest import TIMEOUT, processes_with, read_line, wait_gone
 
 BBL_BWRAP = [sys.executable, "-m", "bblctl.run"]
 BBLCTL = [sys.executable, "-m", "bblctl"]
@@ -121,6 +122,32 @@ def test_a_nested_bbl_bwrap_cannot_write_where_its_sandbox_is_read_only(env):
                    "--", "touch", target)
     assert result.returncode == 1 and "Read-only file system" in result.stderr
     assert not os.path.exists(target)
+
+
+def test_a_nested_die_with_parent_ends_with_its_callers_parent(env, tmp_path, marker):
+    """Nested, the engine runs in the client: when the client's parent dies, the client and
+    its sandbox die, while the outer sandbox goes on."""
+    script = tmp_path / "parent.sh"
+    script.write_text('sh -c \'"$@"; echo never\' sh "$@" &\necho "parent $!"\nwait\n'
+                      'read -r line; exit 0\n')  # (the outer sandbox lives on until told to end)
+    outer = subprocess.Popen(
+        [*BBL_BWRAP, "--dev-bind", "/", "/", "--unshare-user", "--", "sh", str(script),
+         *BBL_BWRAP, "--dev-bind", "/", "/", "--die-with-parent", "sh", "-c",
+         'echo "sleeper $$"; exec sleep 1000', marker],
+        env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        lines = dict(read_line(outer.stdout).split() for _ in range(2))
+        parent, sleeper = int(lines["parent"]), int(lines["sleeper"])
+        with open(f"/proc/{parent}/task/{parent}/children") as f:
+            client = int(f.read().split()[0])
+        os.kill(parent, signal.SIGKILL)
+        assert wait_gone([client, sleeper]) == []
+        outer.stdin.close()
+        assert outer.wait(timeout=TIMEOUT) == 0
+    finally:
+        outer.kill()
+        for pid in processes_with(marker):
+            os.kill(pid, signal.SIGKILL)
 
 
 def test_disable_userns_holds_for_a_nested_bbl_bwrap_as_for_bubblewrap(env):

@@ -368,7 +368,8 @@ def _overlay_action(kind):
     needed = 2 if kind is spec.RoOverlay else 1
 
     def action(parser: _Parser, *values):
-        lower, parser.overlay_src = parser.overlay_src, []
+        # the last --overlay-src is the top layer; a spec lists the top-most first
+        lower, parser.overlay_src = parser.overlay_src[::-1], []
         if len(lower) < needed:
             raise ParseError(f"{name} requires at least {needed} --overlay-src")
         if kind is spec.Overlay:
@@ -618,7 +619,7 @@ def to_sandbox(inv: Invocation, uid: int, gid: int) -> spec.Sandbox:
                      command_replaces_supervisor=inv.as_pid_1,
                      user_namespaces="assert-denied" if inv.assert_userns_disabled else "allow")
     outer = spec.Layer(name="bwrap", namespaces=namespaces, hostname=inv.hostname,
-                       new_root=True, root_readonly=False, fs=list(inv.ops),
+                       new_root=True, root_readonly=False, fs=_found_sources(inv.ops),
                        lock_files=list(inv.lock_files))
     if joins_user or inv.pidns_fd is not None:
         outer.join = spec.Join(user=inv.userns_fd, pid=inv.pidns_fd)
@@ -648,6 +649,29 @@ def to_sandbox(inv: Invocation, uid: int, gid: int) -> spec.Sandbox:
                         info_fd=inv.info_fd, json_status_fd=inv.json_status_fd,
                         block_fd=inv.block_fd, sync_fd=inv.sync_fd,
                         userns_block_fd=inv.userns_block_fd)
+
+
+def _found_sources(ops: list[spec.AnyFsOp]) -> list[spec.AnyFsOp]:
+    """The operations with their host paths as bubblewrap finds them: it realpath()s every
+    source against its working directory before it builds anything, so `--bind dir /mnt`
+    and `--overlay-src ../l` work. Absolute paths without `..` stay as written (the engine
+    resolves them in the caller's view, and a missing one is named as given)."""
+    found = []
+    for op in ops:
+        if isinstance(op, (spec.Bind, spec.DevBind, spec.RoBind)):
+            op = msgspec.structs.replace(op, src=_source(op.src))
+        elif isinstance(op, (spec.Overlay, spec.TmpOverlay, spec.RoOverlay)):
+            op = msgspec.structs.replace(op, lower=[_source(p) for p in op.lower])
+            if isinstance(op, spec.Overlay):
+                op = msgspec.structs.replace(op, upper=_source(op.upper), work=_source(op.work))
+        found.append(op)
+    return found
+
+
+def _source(path: str) -> str:
+    if path.startswith("/") and ".." not in path.split("/"):
+        return path
+    return os.path.realpath(path)
 
 
 def _caps(inv: Invocation, uid: int) -> list[str]:

@@ -61,7 +61,8 @@ def test_repeated_last_wins_options_warn():
 def test_overlays_collect_their_sources():
     inv = parse("--overlay-src", "/a", "--overlay-src", "/b", "--overlay", "/u", "/w", "/o",
                 "--overlay-src", "/c", "--tmp-overlay", "/t", "true")
-    assert inv.ops == [spec.Overlay(lower=["/a", "/b"], upper="/u", work="/w", dest="/o"),
+    # the last --overlay-src is the top layer, which a spec lists first
+    assert inv.ops == [spec.Overlay(lower=["/b", "/a"], upper="/u", work="/w", dest="/o"),
                        spec.TmpOverlay(lower=["/c"], dest="/t")]
 
 

@@ -331,6 +331,35 @@ needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None,
                                  reason="Debian's bubblewrap is missing")
 
 
+def test_overlay_sources_stack_like_bubblewraps_and_resolve_against_the_cwd(env, tmp_path):
+    """The last --overlay-src is the top layer; relative sources are found from the working
+    directory (bubblewrap realpath()s them; 0.8.0 has no overlays to compare with)."""
+    for name, content in (("l1", "1\n"), ("l2", "2\n")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "f").write_text(content)
+    (tmp_path / "u").mkdir()
+    (tmp_path / "w").mkdir()
+    stacked = bblrun(env, *SYSTEM, "--overlay-src", "l1", "--overlay-src", "l2",
+                     "--tmp-overlay", "/mnt", "cat", "/mnt/f", cwd=tmp_path)
+    assert (stacked.returncode, stacked.stdout) == (0, "2\n"), stacked.stderr
+    written = bblrun(env, *SYSTEM, "--overlay-src", f"../{tmp_path.name}/l1", "--overlay",
+                     "u", "./w", "/mnt", "sh", "-c", "cat /mnt/f; echo 3 > /mnt/f",
+                     cwd=tmp_path)
+    assert (written.returncode, written.stdout) == (0, "1\n"), written.stderr
+    assert (tmp_path / "u" / "f").read_text() == "3\n"
+
+
+@needs_bwrap
+def test_relative_bind_sources_are_found_from_the_working_directory(env, tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "f").write_text("found\n")
+    argv = [*SYSTEM, "--ro-bind", "d", "/mnt", "--bind", f"../{tmp_path.name}/d/f", "/f",
+            "--bind-try", "missing", "/opt", "cat", "/mnt/f", "/f"]
+    ours, theirs = both(env, argv, cwd=tmp_path)
+    assert (ours.returncode, ours.stdout) == (theirs.returncode, theirs.stdout) == (
+        0, "found\nfound\n"), (ours.stderr, theirs.stderr)
+
+
 @needs_bwrap
 def test_as_pid_1_runs_the_command_as_pid_1(env):
     # the shell's own glob lists the pid namespace's processes without a fork (`ls | grep`

@@ -280,6 +280,7 @@ class _Parser:
         self.size = size
 
     def _op(self, op) -> None:
+        op.parents_mode = _parents_mode(getattr(op, "mode", 0))
         self.inv.ops.append(op)
 
     def _tmpfs(self, dest: str) -> None:
@@ -315,6 +316,19 @@ class _Parser:
         if self.open_fds is not None and _fd(value) not in self.open_fds:
             raise ParseError(f"Can't read {what}: Bad file descriptor")
         return value
+
+def _parents_mode(perms: int) -> int:
+    """The mode of the parents bubblewrap creates for an operation with these perms: 0755,
+    less group r-x if the operation gives the group nothing, less others' r-x likewise
+    (`--perms 0750 --dir` -> 0750, a 0600 `--bind-data` -> 0700). Operations without perms
+    (binds, `--symlink`, `--proc`, ...) count as 0: their parents are 0700."""
+    mode = 0o755
+    if not perms & 0o070:
+        mode &= ~0o050
+    if not perms & 0o007:
+        mode &= ~0o005
+    return mode
+
 
 def _fd(value: str) -> int:
     if not value or not value.isdigit():

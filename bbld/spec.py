@@ -57,6 +57,14 @@ class FsOp(Struct, tag_field="op", forbid_unknown_fields=True, kw_only=True):
     # Where the operation came from, for messages: a front end's own name for it (a
     # profile's "mounts[0]"); errors say "fs[N]" without it.
     origin: str | None = None
+    # the mode of the missing parent directories the operation creates (default 0755)
+    parents_mode: int | str | None = None
+
+    def __post_init__(self):
+        if self.parents_mode is not None:
+            self.parents_mode = _mode(self.parents_mode)
+        if getattr(self, "mode", None) is not None:
+            self.mode = _mode(self.mode)
 
     @property
     def target(self) -> str:
@@ -103,16 +111,10 @@ class Tmpfs(FsOp, tag="tmpfs", kw_only=True):
     mode: int | str = 0o755
     size: int | None = None  # bytes
 
-    def __post_init__(self):
-        self.mode = _mode(self.mode)
-
 
 class Dir(FsOp, tag="dir", kw_only=True):
     dest: str
     mode: int | str = 0o755
-
-    def __post_init__(self):
-        self.mode = _mode(self.mode)
 
 
 class Symlink(FsOp, tag="symlink", kw_only=True):
@@ -126,9 +128,6 @@ class _Data(FsOp, kw_only=True):
     data: bytes | None = None  # raw bytes (base64 in JSON and TOML), e.g. a binary cookie
     fd: int | None = None  # read to EOF by the engine before the sandbox starts
     mode: int | str = 0o666
-
-    def __post_init__(self):
-        self.mode = _mode(self.mode)
 
 
 class File(_Data, tag="file"):
@@ -146,9 +145,6 @@ class RoBindData(_Data, tag="ro-bind-data"):
 class Chmod(FsOp, tag="chmod", kw_only=True):
     path: str
     mode: int | str
-
-    def __post_init__(self):
-        self.mode = _mode(self.mode)
 
 
 class Proc(FsOp, tag="proc", kw_only=True):

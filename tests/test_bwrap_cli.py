@@ -28,10 +28,10 @@ def test_options_are_processed_in_order_and_parsing_stops_at_the_command():
                 "--unshare-all", "--share-net", "--hostname", "h", "--setenv", "B", "2",
                 "--unsetenv", "A", "sh", "--bind", "x")
     assert inv.command == ["sh", "--bind", "x"]
-    assert inv.ops == [spec.RoBind(src="/usr", dest="/usr"),
-                       spec.Tmpfs(dest="/tmp", mode=0o700),
-                       spec.Tmpfs(dest="/t2", mode=0o755, size=4096),
-                       spec.Symlink(target_path="usr/bin", dest="/bin")]
+    assert inv.ops == [spec.RoBind(src="/usr", dest="/usr", parents_mode=0o700),
+                       spec.Tmpfs(dest="/tmp", mode=0o700, parents_mode=0o700),
+                       spec.Tmpfs(dest="/t2", mode=0o755, size=4096, parents_mode=0o755),
+                       spec.Symlink(target_path="usr/bin", dest="/bin", parents_mode=0o700)]
     assert inv.unshare == ["user-try", "ipc", "pid", "uts", "cgroup-try"]
     assert inv.env == {"HOME": "/h", "B": "2"}
 
@@ -46,7 +46,8 @@ def test_args_fd_is_parsed_in_place_and_its_command_is_ignored():
     os.write(w, b"--dir\0/d\0--chdir\0/d\0ignored-command\0--bind\0")
     os.close(w)
     inv = parse("--args", str(r), "--tmpfs", "/t", "true")
-    assert inv.ops == [spec.Dir(dest="/d", mode=0o755), spec.Tmpfs(dest="/t", mode=0o755)]
+    assert inv.ops == [spec.Dir(dest="/d", mode=0o755, parents_mode=0o755),
+                       spec.Tmpfs(dest="/t", mode=0o755, parents_mode=0o755)]
     assert inv.chdir == "/d" and inv.command == ["true"]
     with pytest.raises(OSError):
         os.fstat(r)  # read to EOF and closed
@@ -62,8 +63,19 @@ def test_overlays_collect_their_sources():
     inv = parse("--overlay-src", "/a", "--overlay-src", "/b", "--overlay", "/u", "/w", "/o",
                 "--overlay-src", "/c", "--tmp-overlay", "/t", "true")
     # the last --overlay-src is the top layer, which a spec lists first
-    assert inv.ops == [spec.Overlay(lower=["/b", "/a"], upper="/u", work="/w", dest="/o"),
-                       spec.TmpOverlay(lower=["/c"], dest="/t")]
+    assert inv.ops == [spec.Overlay(lower=["/b", "/a"], upper="/u", work="/w", dest="/o",
+                                    parents_mode=0o700),
+                       spec.TmpOverlay(lower=["/c"], dest="/t", parents_mode=0o700)]
+
+
+@pytest.mark.parametrize("perms, parents", [
+    (0o755, 0o755), (0o750, 0o750), (0o711, 0o755), (0o604, 0o705), (0o600, 0o700),
+    (0o666, 0o755), (0, 0o700)])
+def test_created_parents_take_what_the_operations_perms_give_group_and_others(perms, parents):
+    """bubblewrap's rule, measured: 0755 less group r-x when the perms give the group
+    nothing, less others' r-x likewise; an operation without perms counts as 0."""
+    inv = parse("--perms", f"{perms:o}", "--dir", "/a/b", "--bind", "/x", "/c/d", "true")
+    assert [op.parents_mode for op in inv.ops] == [parents, 0o700]
 
 
 def test_add_seccomp_fd_is_read_while_parsing():

@@ -554,6 +554,12 @@ MATRIX = [
     (["--unshare-ipc", "--mqueue", "/mq"], "stat -f -c %T /mq", {}, "mqueue\n"),
     (["--dir", "/d", "--perms", "0711", "--dir", "/d2"], "stat -c %a /d /d2", {}, "755\n711\n"),
     (["--dir", "/d", "--chmod", "0750", "/d"], "stat -c %a /d", {}, "750\n"),
+    # created parents: 0755 less what the operation's perms give neither group nor others
+    (["--tmpfs", "/mnt", "--bind", "/usr/bin", "/mnt/a/b", "--symlink", "x", "/mnt/s/l",
+      "--dir", "/mnt/d/e", "--perms", "0750", "--dir", "/mnt/q/d", "--bind-data", "5",
+      "/mnt/t/f", "--perms", "0604", "--file", "6", "/mnt/o/f", "--perms", "0700", "--tmpfs",
+      "/mnt/n/x"], "cd /mnt && stat -c %a a s d q t o n", {5: b"", 6: b""},
+     "700\n700\n755\n750\n700\n705\n700\n"),
     (["--symlink", "usr/bin", "/bin2"], "readlink /bin2", {}, "usr/bin\n"),
     (["--file", "5", "/f"], "cat /f", {5: b"in a file\n"}, "in a file\n"),
     (["--bind-data", "5", "/f"], "cat /f", {5: b"bound\n"}, "bound\n"),

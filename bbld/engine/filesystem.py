@@ -55,6 +55,7 @@ class Workspace:
         self.owned = owned  # st_dev of filesystems this layer created
         self.counter = 0
         self.empty_file: str | None = None
+        self.parents_mode = 0o755  # of the missing parents the current operation creates
 
     def unique(self, prefix: str) -> str:
         self.counter += 1
@@ -121,6 +122,7 @@ def finish_in_place(ws: Workspace) -> None:
 def apply(ws: Workspace, ops: list[spec.FsOp], data: dict[int, bytes]) -> None:
     """Run every operation in order; `data` holds the bytes of file/bind-data ops by index."""
     for index, op in enumerate(ops):
+        ws.parents_mode = 0o755 if op.parents_mode is None else op.parents_mode
         try:
             HANDLERS[type(op)](ws, op, data.get(index))
         except (StartError, OSError) as exc:
@@ -184,7 +186,7 @@ def _directory(ws: Workspace, path: str, depth: int = 0) -> int:
         link = _dangling_link(parent_fd, name)
         if link is None:
             _require_owned(ws, parent_fd, path)
-            os.mkdir(name, 0o755, dir_fd=parent_fd)
+            os.mkdir(name, ws.parents_mode, dir_fd=parent_fd)
     finally:
         os.close(parent_fd)
     if link is not None:

@@ -9,6 +9,7 @@ bubblewrap's: `bwrap: MESSAGE` and status 1 for every error.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 
@@ -593,7 +594,12 @@ def bwrap_message(message: str, fields: dict[str, str] | None = None) -> str:
               "exec": f"execvp {fields.get('command')}: {strerror}",
               "symlink": f"Can't make symlink at {path}: {strerror}",
               "mkdir": f"Can't mkdir {path}: {strerror}",
-              "namespaces": f"Creating new namespace failed: {strerror}"}
+              "namespaces": f"Creating new namespace failed: {strerror}",
+              "join-user": "Joining the specified user namespace failed, it might not be a "
+                           "descendant of the current user namespace."
+                           if strerror == os.strerror(errno.EINVAL) else
+                           f"Joining specified user namespace failed: {strerror}",
+              "join-pid": f"Setting pidns failed: {strerror}"}
     if fields.get("what") in worded:
         return worded[fields["what"]]
     where = fields.get("where", "")

@@ -279,6 +279,49 @@ def shape(text: str) -> str:
     return re.sub(r"\d+", "N", text)
 
 
+@pytest.mark.parametrize("how", ["ours", "bwrap"])
+@pytest.mark.parametrize("dev", [[], ["--dev", "/dev"]], ids=["plain", "dev"])
+def test_a_second_run_joins_the_namespaces_of_info_fds_child_pid(env, how, dev):
+    """Tools join a running sandbox through --info-fd's child-pid: they open its
+    /proc/PID/ns/user and ns/pid and hand them to --userns and --pidns."""
+    if how == "bwrap" and shutil.which("bwrap") is None:
+        pytest.skip("Debian's bubblewrap is missing")
+    if how == "bwrap" and dev:
+        pytest.skip("bwrap's child is in the outer user namespace until it makes the nested "
+                    "one: what a joiner gets depends on when it looks")
+    runner = RUN if how == "ours" else [shutil.which("bwrap")]
+    info_r, info_w = os.pipe()
+    first = subprocess.Popen([*runner, "--bind", "/", "/", *dev, "--info-fd", "3",
+                              "--unshare-user", "--unshare-pid", "--die-with-parent", "sleep",
+                              "60"], env=env,
+                             pass_fds=(3,), preexec_fn=lambda: os.dup2(info_w, 3))
+    os.close(info_w)
+    try:
+        with os.fdopen(info_r) as info:
+            child = json.load(info)["child-pid"]
+        user = os.open(f"/proc/{child}/ns/user", os.O_RDONLY)
+        pid = os.open(f"/proc/{child}/ns/pid", os.O_RDONLY)
+        try:
+            second = subprocess.run(
+                [*runner, "--userns", "11", "--pidns", "12", "--ro-bind", "/", "/",
+                 "readlink", "/proc/self/ns/user"], env=env, capture_output=True, text=True,
+                timeout=60, pass_fds=(11, 12),
+                preexec_fn=lambda: (os.dup2(user, 11), os.dup2(pid, 12)))
+        finally:
+            os.close(user)
+            os.close(pid)
+        if dev:  # the command's user namespace is nested (its uid is not 0): the pid
+            # namespace belongs to the outer one, which the joiner has no rights in
+            assert (second.returncode, second.stderr.splitlines()[:1]) == (
+                1, ["bwrap: Setting pidns failed: Operation not permitted"])
+        else:
+            assert (second.returncode, second.stdout) == (
+                0, os.readlink(f"/proc/{child}/ns/user") + "\n"), second.stderr
+    finally:
+        first.kill()
+        first.wait(timeout=30)
+
+
 @pytest.mark.skipif(shutil.which("bwrap") is None, reason="Debian's bubblewrap is missing")
 def test_info_fd_and_json_status_fd_have_bubblewraps_format(env):
     ours = info_and_status(RUN, env)
@@ -480,9 +523,11 @@ def test_userns_and_pidns_join_existing_namespaces(env, namespace_holder):
             assert ours.stdout.splitlines()[:2] == theirs.stdout.splitlines()[:2] == [
                 "0", expected]
             assert ours.stdout.splitlines()[2] != "1"  # born in the joined pid namespace
-        wrong = bblrun(env, *SYSTEM, "--userns", "6", "true", preexec_fn=place,
-                       pass_fds=(5, 6))
-        assert wrong.returncode == 1 and wrong.stderr.startswith("bwrap: joining the user")
+        wrong, theirs = both(env, [*SYSTEM, "--userns", "6", "true"], preexec_fn=place,
+                             pass_fds=(5, 6))  # (a pid namespace's fd)
+        assert (wrong.returncode, wrong.stderr) == (theirs.returncode, theirs.stderr) == (
+            1, "bwrap: Joining the specified user namespace failed, it might not be a "
+               "descendant of the current user namespace.\n")
     finally:
         os.close(user)
         os.close(pid)

@@ -1,8 +1,9 @@
 """Status for the engine's caller in bubblewrap's formats (its --info-fd and --json-status-fd).
 
-Both describe layer 1: its supervisor's pid (in the caller's pid namespace) and the inode
-numbers of the namespaces layer 1 created, in bubblewrap's order and names; the mount
-namespace always, the user namespace never.
+Both describe layer 1: the pid (in the caller's pid namespace) of a process in its
+namespaces that the caller may join (Instance._joinable_pid) and the inode numbers of the
+namespaces layer 1 created, in bubblewrap's order and names; the mount namespace always, the
+user namespace never.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ EXIT_RUNTIME = 1  # the kernel refused something, a process died during start
 EXIT_USAGE = 2  # the spec does not fit this machine: a missing source, an unknown program
 
 # What went wrong, for front ends that word it their own way (bbld.bwrap.bwrap_message):
-WHATS = ("source-missing", "mkdir", "symlink", "chdir", "exec", "namespaces")
+WHATS = ("source-missing", "mkdir", "symlink", "chdir", "exec", "namespaces", "join-user",
+         "join-pid")
 FIELDS = ("what", "where", "path", "strerror", "command")
 
 

@@ -122,7 +122,21 @@ class Instance:
             raise
         root = self.plan.root.name
         if root in self.built and sandbox.userns_block_fd is None:
-            bwrap_status.started(sandbox, pidfd_pid(self.pidfds[root]), self.built[root].namespaces)
+            bwrap_status.started(sandbox, self._joinable_pid(), self.built[root].namespaces)
+
+    def _joinable_pid(self) -> int:
+        """The pid bubblewrap's --info-fd reports: a process in layer 1's namespaces whose
+        /proc/PID/ns/* the caller may open (tools join a sandbox that way). Supervisors are
+        not dumpable (nothing inside may ptrace them); the main command is, so it is the one
+        when only user namespaces lie between it and layer 1 (bubblewrap's own child is in
+        such a nested one too); else layer 1's supervisor."""
+        node = self.plan.root
+        while node is not None and node.name != self.main_layer:
+            node = node.main_child
+            if node is not None and set(node.layer.namespaces) - {"user"}:
+                node = None
+        pid = self.main_pid if node is not None else None
+        return pid or pidfd_pid(self.pidfds[self.plan.root.name])
 
     def _await_external_maps(self, pid: int) -> None:
         """bubblewrap's --userns-block-fd: tell the map writer the pid, wait until it is done."""
@@ -444,8 +458,8 @@ def _join_namespaces(join) -> None:
             if exc.errno == errno.EINVAL:
                 hint = (" (it might not be a descendant of the current user namespace)"
                         if kind == "user" else " (is it a pid namespace?)")
-            raise StartError(f"joining the {kind} namespace of fd {fd}: {exc.strerror}{hint}") \
-                from None
+            raise StartError(f"joining the {kind} namespace of fd {fd}: {exc.strerror}{hint}",
+                             what=f"join-{kind}", strerror=exc.strerror) from None
 
 
 def pidfd_pid(pidfd: int) -> int:

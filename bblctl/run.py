@@ -181,9 +181,11 @@ def _instance_options(argv: list[str]) -> tuple[dict, list[str]]:
 
 
 def bwrap_main() -> None:
-    """The `bbl-bwrap` entry point."""
-    exit_now(lambda: main(sys.argv[1:], "bbl-bwrap"))
+    """The `bbl-bwrap` entry point. Its usage names the program as it was called, as
+    bubblewrap's does: scripts call it as `bwrap` through a symlink. (A script's argv[0] is
+    the path the shell found, so this is its last part.)"""
+    exit_now(lambda: main(sys.argv[1:], os.path.basename(sys.argv[0])))
 
 
 if __name__ == "__main__":
-    bwrap_main()
+    exit_now(lambda: main(sys.argv[1:], "bbl-bwrap"))

@@ -25,6 +25,10 @@ LAST_WINS = {"--chdir", "--exec-label", "--file-label", "--sync-fd", "--block-fd
              "--userns-block-fd", "--info-fd", "--json-status-fd", "--seccomp", "--userns",
              "--userns2", "--pidns", "--uid", "--gid", "--hostname"}
 FILE_CREATORS = {"--dir", "--tmpfs", "--file", "--bind-data", "--ro-bind-data"}
+INVALID_SECCOMP = "Invalid seccomp data, must be multiple of 8"
+EMPTY_SECCOMP = ("Unable to set up system call filtering as requested: prctl(PR_SET_SECCOMP) "
+                 "reported EINVAL. (Hint: this requires a kernel configured with "
+                 "CONFIG_SECCOMP and CONFIG_SECCOMP_FILTER.)")
 OVERLAY_SRC_ALONE = ("--overlay-src must be followed by another --overlay-src or one of "
                      "--overlay, --tmp-overlay, or --ro-overlay")
 
@@ -169,6 +173,7 @@ class _Parser:
         self.size: int | None = None
         self.overlay_src: list[str] = []
         self.seen: set[str] = set()
+        self.consumed: set[int] = set()  # fds read and closed already
 
     # ------------------------------------------------------------ the loop
 
@@ -218,7 +223,7 @@ class _Parser:
             raise ParseError(OVERLAY_SRC_ALONE)
 
     def _args_fd(self, value: str) -> None:
-        data = _consume_fd(self._callers(value, "--args data"), "--args data")
+        data = self._consume(value, "--args data")
         words = data.split(b"\0")
         if words and words[-1] == b"":
             words.pop()
@@ -302,9 +307,9 @@ class _Parser:
     def _add_seccomp(self, value: str) -> None:
         if self.inv.seccomp_fd is not None:
             raise ParseError("--add-seccomp-fd cannot be combined with --seccomp")
-        data = _consume_fd(self._callers(value, "seccomp data"), "seccomp data")
-        if not data or len(data) % 8:
-            raise ParseError("Invalid seccomp data, must be multiple of 8")
+        data = self._consume(value, "seccomp data")
+        if len(data) % 8:  # (an empty one fails only when it is loaded: _seccomp)
+            raise ParseError(INVALID_SECCOMP)
         self.inv.seccomp_programs.append(data)
 
     def _seccomp(self, value: str) -> None:
@@ -313,10 +318,19 @@ class _Parser:
         self.inv.seccomp_fd = int(self._callers(value, "seccomp data"))
 
     def _callers(self, value: str, what: str) -> str:
-        """`value` if it names one of the caller's fds; else what reading it would say."""
-        if self.open_fds is not None and _fd(value) not in self.open_fds:
+        """`value` if it names one of the caller's fds, still open; else what reading it
+        would say (an fd read once was closed: bubblewrap's second read finds it so)."""
+        if self.open_fds is not None and _fd(value) not in self.open_fds \
+                or _fd(value) in self.consumed:
             raise ParseError(f"Can't read {what}: Bad file descriptor")
         return value
+
+    def _consume(self, value: str, what: str) -> bytes:
+        """Read a caller's fd named on the command line to EOF and close it, as bubblewrap
+        does."""
+        data = _consume_fd(self._callers(value, what), what)
+        self.consumed.add(_fd(value))
+        return data
 
 def _parents_mode(perms: int) -> int:
     """The mode of the parents bubblewrap creates for an operation with these perms: 0755,
@@ -354,7 +368,6 @@ def _int(value: str, option: str) -> int:
 
 
 def _consume_fd(value: str, what: str) -> bytes:
-    """Read an fd named on the command line to EOF and close it, as bubblewrap does."""
     fd = _fd(value)
     try:
         data = _read_all(fd)
@@ -715,10 +728,16 @@ def _own_capabilities() -> set[str]:
 
 
 def _seccomp(inv: Invocation) -> spec.Seccomp | None:
+    """The programs to load; read --seccomp's fd now, as bubblewrap does while it sets up.
+    An empty program is what the kernel refuses when it is loaded (bubblewrap's words)."""
     programs = list(inv.seccomp_programs)
     if inv.seccomp_fd is not None:
         try:
             programs.append(_read_all(inv.seccomp_fd))
         except OSError as exc:
             raise ParseError(f"Can't read seccomp data: {exc.strerror}") from None
+        if len(programs[-1]) % 8:
+            raise ParseError(INVALID_SECCOMP)
+    if any(not program for program in programs):
+        raise ParseError(EMPTY_SECCOMP)
     return spec.Seccomp(programs=programs) if programs else None

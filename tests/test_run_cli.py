@@ -48,6 +48,20 @@ def test_with_bbld_running_the_monitor_says_what_bwrap_says_and_leaves_nothing(e
     assert json.loads(ps.stdout) == []
 
 
+def test_the_usage_names_the_program_as_it_was_called(env, tmp_path):
+    """Scripts call bbl-bwrap as `bwrap` through a symlink (and grep the usage for it)."""
+    (tmp_path / "bwrap").symlink_to(os.path.join(os.path.dirname(sys.executable), "bbl-bwrap"))
+    path = {**env, "PATH": f"{tmp_path}:{env.get('PATH', '/usr/bin:/bin')}"}
+    for daemon in (False, True):  # (the client words it, then the instance's monitor)
+        if daemon:
+            assert bblrun(env, "--ro-bind", "/", "/", "true").returncode == 0
+        for argv, stream in ((["--help"], "stdout"), ([], "stderr")):
+            result = subprocess.run(["bwrap", *argv], env=path, capture_output=True,
+                                    text=True, timeout=60)
+            assert getattr(result, stream).startswith(
+                "usage: bwrap [OPTIONS...] [--] COMMAND [ARGS...]\n"), result
+
+
 def test_fds_the_command_line_does_not_name_stay_out_and_are_let_go(env):
     """bbl-bwrap sends every open fd along; the monitor closes the ones not named, so the
     sandbox never sees them and nobody holds them once the client has gone."""
@@ -659,6 +673,27 @@ def run_with(command: list[str], fds: dict, tmp_path, env=None):
     finally:
         for fd in opened.values():
             os.close(fd)
+
+
+@needs_bwrap
+@pytest.mark.parametrize("options, fds", [
+    (["--add-seccomp-fd", "10", "--seccomp", "11"], {10: b"", 11: b""}),
+    (["--seccomp", "10", "--add-seccomp-fd", "11"], {10: b"", 11: b""}),
+    (["--add-seccomp-fd", "10", "--add-seccomp-fd", "10"], {10: b""}),  # read, closed: EBADF
+    (["--add-seccomp-fd", "10", "--foo"], {10: b"1234567"}),  # read while parsing
+    (["--add-seccomp-fd", "10"], {10: b""}),  # empty: refused by the kernel, when loaded
+    (["--seccomp", "10"], {10: b""}),
+    (["--seccomp", "10"], {10: b"1234567"}),
+], ids=lambda v: " ".join(v) if isinstance(v, list) else "")
+def test_bad_seccomp_data_is_refused_in_bubblewraps_words(env, tmp_path, options, fds):
+    argv = ["--ro-bind", "/", "/", *options, "true"]
+    theirs = run_with([shutil.which("bwrap"), *argv], fds, tmp_path)
+    assert theirs.returncode == 1
+    alone = run_with([*RUN, *argv], fds, tmp_path, env)  # (no bbld yet: the client parses)
+    assert bblrun(env, "--ro-bind", "/", "/", "true").returncode == 0
+    through_bbld = run_with([*RUN, *argv], fds, tmp_path, env)  # the monitor parses
+    for ours in (alone, through_bbld):
+        assert (ours.returncode, ours.stderr) == (1, theirs.stderr)
 
 
 @pytest.mark.parametrize("options, script, fds, expected", MATRIX,

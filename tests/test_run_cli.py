@@ -406,6 +406,19 @@ def test_overlay_sources_stack_like_bubblewraps_and_resolve_against_the_cwd(env,
     assert (tmp_path / "u" / "f").read_text() == "3\n"
 
 
+def test_no_mount_point_is_made_inside_a_bound_host_directory(env, tmp_path):
+    """bubblewrap would create /HOST/new on the host; bbl-bwrap refuses (exit 1, its
+    status for every failure) and leaves the host directory as it was."""
+    result = bblrun(env, "--bind", "/", "/", "--tmpfs", f"{tmp_path}/new/mnt", "true")
+    assert result.returncode == 1
+    assert result.stderr == (
+        f"bwrap: fs[1] (tmpfs) {tmp_path}/new/mnt: cannot create {tmp_path}/new: its parent "
+        "is not on a filesystem this layer created (a bind of a host directory, or a layer "
+        "without new_root), and creating it there would write to the host; create it on the "
+        "host first, or mount elsewhere\n")
+    assert sorted(os.listdir(tmp_path)) == ["run", "state"]  # (the private daemon's)
+
+
 @needs_bwrap
 def test_relative_bind_sources_are_found_from_the_working_directory(env, tmp_path):
     (tmp_path / "d").mkdir()

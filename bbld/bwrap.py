@@ -496,7 +496,7 @@ OPTIONS = {
     "--tmp-overlay": ("--tmp-overlay", 1, _overlay_action(spec.TmpOverlay)),
     "--ro-overlay": ("--ro-overlay", 1, _overlay_action(spec.RoOverlay)),
     "--proc": ("--proc", 1, lambda p, d: p._op(spec.Proc(dest=d))),
-    "--dev": ("--dev", 1, lambda p, d: p._op(spec.Dev(dest=d))),
+    "--dev": ("--dev", 1, lambda p, d: p._op(spec.Dev(dest=d, shm_tmpfs=False))),
     "--tmpfs": ("--tmpfs", 1, P._tmpfs),
     "--mqueue": ("--mqueue", 1, lambda p, d: p._op(spec.Mqueue(dest=d))),
     "--dir": ("--dir", 1, lambda p, d: p._op(spec.Dir(dest=d, mode=p._take_perms(0o755)))),

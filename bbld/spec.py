@@ -154,6 +154,7 @@ class Proc(FsOp, tag="proc", kw_only=True):
 class Dev(FsOp, tag="dev", kw_only=True):
     """A minimal /dev: tmpfs 0755, null zero full random urandom tty, its own devpts, shm."""
     dest: str
+    shm_tmpfs: bool = True  # shm is a tmpfs 1777 of its own; else a directory 0755 (bwrap's)
 
 
 class Devpts(FsOp, tag="devpts", kw_only=True):

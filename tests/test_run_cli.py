@@ -624,6 +624,12 @@ MATRIX = [
     (["--size", "65536", "--tmpfs", "/tmp"], "df -k /tmp | tail -1 | tr -s ' ' | cut -d' ' -f2", {},
      "64\n"),
     (["--unshare-ipc", "--mqueue", "/mq"], "stat -f -c %T /mq", {}, "mqueue\n"),
+    # mountinfo's type and source of each new mount, and --dev's /dev/shm (a plain directory)
+    (["--unshare-ipc", "--mqueue", "/mq", "--tmpfs", "/tmp"],
+     "sed -E 's/^([^ ]+ ){4}([^ ]+) .* - ([^ ]+) ([^ ]+) .*/\\2 \\3 \\4/' /proc/self/mountinfo"
+     " | grep -v -e ^/usr -e devtmpfs; stat -c '%a %F' /dev/shm", {},
+     "/ tmpfs tmpfs\n/proc proc proc\n/dev tmpfs tmpfs\n/dev/pts devpts devpts\n"
+     "/mq mqueue mqueue\n/tmp tmpfs tmpfs\n755 directory\n"),
     (["--dir", "/d", "--perms", "0711", "--dir", "/d2"], "stat -c %a /d /d2", {}, "755\n711\n"),
     (["--dir", "/d", "--chmod", "0750", "/d"], "stat -c %a /d", {}, "750\n"),
     # created parents: 0755 less what the operation's perms give neither group nor others

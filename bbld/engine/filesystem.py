@@ -430,9 +430,12 @@ def _dev(ws: Workspace, op, _data) -> None:
             os.symlink(target, name, dir_fd=dev_fd)
     finally:
         os.close(dev_fd)
-    shm = _new_tmpfs(0o1777)
-    ws.own(shm)
-    _attach(ws, shm, f"{op.dest}/shm")
+    if op.shm_tmpfs:
+        shm = _new_tmpfs(0o1777)
+        ws.own(shm)
+        _attach(ws, shm, f"{op.dest}/shm")
+    else:
+        os.close(_mount_point(ws, f"{op.dest}/shm", directory=True))  # (a 0755 directory)
     _attach(ws, _devpts_mount(), f"{op.dest}/pts")
 
 

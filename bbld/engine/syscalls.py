@@ -256,10 +256,11 @@ def mount_setattr(fd: int, attr_set: int, recursive: bool = True) -> None:
 
 
 def fsmount_new(fstype: str, options: dict[str, str | None], attrs: int) -> int:
-    """Create a new superblock of `fstype` and return a detached mount fd for it."""
+    """Create a new superblock of `fstype` and return a detached mount fd for it. Its source
+    (mountinfo's) is `fstype` unless the options say otherwise, as mount(8) would have it."""
     fs_fd = _check(_libc.syscall(SYS_fsopen, _path(fstype), ctypes.c_uint(FSOPEN_CLOEXEC)))
     try:
-        for key, value in options.items():
+        for key, value in {"source": fstype, **options}.items():
             if value is None:
                 _check(_libc.syscall(SYS_fsconfig, fs_fd, ctypes.c_uint(FSCONFIG_SET_FLAG),
                                      key.encode(), None, 0))

@@ -5,8 +5,6 @@ daemon passes its master here) and relays it to the local terminal (bblctl.termi
 only then: exec and send-args need none of it).
 """
 
-import os
-
 from bblctl.cli import UsageError
 from bblctl.client import SignalForwarder, connect
 
@@ -63,7 +61,7 @@ def _run_in(instance: str, method: str, **parameters) -> int:
 
 
 def attach(argv: list[str]) -> int:
-    from bblctl.terminal import Terminal, relay
+    from bblctl.terminal import attach_terminal
 
     instance, layer, command = parse(argv, "attach")  # no command: bbld starts a shell
     with connect() as conn:
@@ -72,12 +70,7 @@ def attach(argv: list[str]) -> int:
         next(replies)  # started: the pty's master came with it
         if not conn.fds:
             raise UsageError("the daemon sent no terminal")
-        master = conn.fds.pop(0)
-        try:
-            with Terminal(master):
-                relay(master, conn.sock)
-        finally:
-            os.close(master)
+        attach_terminal(conn.fds.pop(0), conn.sock)
         for reply in replies:
             if reply["event"] == "exited":
                 return reply["status"]

@@ -45,7 +45,9 @@ def start(argv: list[str]) -> int:
                 elif reply["event"] == "started":
                     forwarder.aim(id=reply["id"])
                     if reply.get("tty") and conn.fds:
-                        _terminal(conn.fds.pop(0), conn.sock)
+                        from bblctl.terminal import attach_terminal  # (its imports: only here)
+
+                        attach_terminal(conn.fds.pop(0), conn.sock)
                 elif reply["event"] == "exited":
                     return reply["status"]
     finally:
@@ -61,16 +63,6 @@ def _local_spec(target: str, name: str | None, tty: bool) -> str:
         return profile.spec_for_start(target, dict(os.environ), name, tty)
     except profile.ProfileError as exc:
         raise UsageError("\n".join(exc.problems)) from None
-
-
-def _terminal(master: int, daemon) -> None:
-    from bblctl.terminal import Terminal, relay  # (only on a terminal: its imports)
-
-    try:
-        with Terminal(master):
-            relay(master, daemon)
-    finally:
-        os.close(master)
 
 
 def _load(name: str):

@@ -53,7 +53,8 @@ def main(argv: list[str], prog: str = "bbl-bwrap") -> int:
                    f"at most {MAX_FDS} can go to a sandbox: close the others")
         return 1
     try:
-        return _run(fds, dict(prog=prog, bwrap=argv, **instance), parent, conn)
+        return _run(fds, dict(prog=prog, bwrap=argv, tty=_interactive(), **instance), parent,
+                    conn)
     except Sandboxed:  # bbld refused us: the caller's fds are all still here
         return _nested(argv, prog, parent)
     except RemoteError as exc:
@@ -80,6 +81,10 @@ def _run(fds: list[int], parameters: dict, parent: int, conn: Connection | None 
                     if reply.get("die_with_parent"):
                         die_with_parent(parent)
                     forwarder.aim(id=reply["id"])
+                    if reply.get("tty") and conn.fds:  # an interactive command's pty
+                        from bblctl.terminal import attach_terminal
+
+                        attach_terminal(conn.fds.pop(0), conn.sock)
                 elif reply.get("event") == "forwarded":  # to a running single instance
                     forwarder.aim(id=reply["id"], pid=reply["pid"])
                 elif reply.get("event") == "exited":
@@ -87,6 +92,16 @@ def _run(fds: list[int], parameters: dict, parent: int, conn: Connection | None 
         return 1
     finally:
         os.close(cwd)
+
+
+def _interactive() -> bool:
+    """Whether we run in the foreground of a terminal that is our stdin, stdout and stderr:
+    then we can relay a pty made in the sandbox (a background job may not touch the
+    terminal's modes, and a redirected stream must not get a pty's line endings)."""
+    try:
+        return all(os.isatty(fd) for fd in (0, 1, 2)) and os.tcgetpgrp(0) == os.getpgrp()
+    except OSError:
+        return False
 
 
 def _open_fds(besides: int) -> list[int]:
@@ -121,7 +136,7 @@ def _run_spec(argv: list[str], prog: str, instance: dict, parent: int) -> int:
     front = bwrap.FrontEnd(prog)
     try:
         sandbox = front.sandbox(argv, dict(os.environ), os.getuid(), os.getgid(),
-                                instance.get("name"))
+                                instance.get("name"), terminal=_interactive())
     except bwrap.Done as done:
         return done.status
     sandbox.single_instance = bool(instance.get("single_instance"))

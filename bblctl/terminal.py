@@ -42,6 +42,16 @@ class Terminal:
             pass
 
 
+def attach_terminal(master: int, daemon) -> None:
+    """Our terminal on the pty whose `master` we got, until the command's end (the daemon's
+    socket turns readable with its status) or the pty's; `master` is closed after."""
+    try:
+        with Terminal(master):
+            relay(master, daemon)
+    finally:
+        os.close(master)
+
+
 def relay(master: int, daemon) -> None:
     """Copy stdin to the pty and the pty to stdout until the pty's other side is gone."""
     inputs = [0, master, daemon]

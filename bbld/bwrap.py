@@ -106,9 +106,11 @@ class FrontEnd:
         sys.stderr.flush()
 
     def sandbox(self, argv: list[str], environ: dict[str, str], uid: int, gid: int,
-                name: str | None = None, open_fds: set[int] | None = None) -> spec.Sandbox:
+                name: str | None = None, open_fds: set[int] | None = None,
+                terminal: bool = False) -> spec.Sandbox:
         """The sandbox the command line means. Raises Done. `open_fds`: the fds of the
-        caller (default: every fd of this process), see parse()."""
+        caller (default: every fd of this process), see parse(); `terminal`: the caller's
+        stdio is a terminal it may relay a pty to (see to_sandbox)."""
         if not argv:
             sys.stderr.write(usage(self.prog))
             raise Done(1)
@@ -117,7 +119,7 @@ class FrontEnd:
             self.level_prefix = inv.level_prefix
             for warning in inv.warnings:
                 self.say(warning, 4)
-            sandbox = to_sandbox(inv, uid, gid)
+            sandbox = to_sandbox(inv, uid, gid, terminal)
         except Help:
             sys.stdout.write(usage(self.prog))
             sys.stdout.flush()
@@ -619,8 +621,14 @@ def bwrap_message(message: str, fields: dict[str, str] | None = None) -> str:
     return f"{where}: {message}" if where and not where.startswith("command ") else message
 
 
-def to_sandbox(inv: Invocation, uid: int, gid: int) -> spec.Sandbox:
+def to_sandbox(inv: Invocation, uid: int, gid: int, terminal: bool = False) -> spec.Sandbox:
     """The layer tree a bubblewrap command line means, for a caller with this uid/gid.
+
+    The command is always in a session of its own: it never shares the caller's terminal.
+    On a `terminal` (a caller that relays a pty: the client) without --new-session, it gets
+    a pty from the sandbox's own devpts instead, as its controlling terminal: an interactive
+    shell then has job control and Ctrl-C/Ctrl-Z, as it would under bubblewrap, without the
+    host terminal ever being in reach (TIOCSTI).
 
     One layer holds bubblewrap's namespaces and its new root. bubblewrap maps uid 0 first when
     it mounts a devpts (`--dev`) and then switches to the sandbox uid in a nested user
@@ -645,7 +653,9 @@ def to_sandbox(inv: Invocation, uid: int, gid: int) -> spec.Sandbox:
     sandbox_gid = inv.gid if inv.gid is not None else gid
     needs_root = user and any(isinstance(op, (spec.Dev, spec.Devpts)) for op in inv.ops) \
         and (sandbox_uid, sandbox_gid) != (0, 0) and inv.userns_block_fd is None
-    command = spec.Command(argv=inv.command, argv0=inv.argv0, cwd=inv.chdir, new_session=True)
+    tty = terminal and not inv.new_session and not inv.as_pid_1 and _has_ptmx(inv.ops)
+    command = spec.Command(argv=inv.command, argv0=inv.argv0, cwd=inv.chdir, new_session=True,
+                           tty=tty)
     leaf_keys = dict(env=spec.Env(clear=True, set=inv.env), command=command,
                      caps=_caps(inv, uid),
                      ambient_caps=bool(inv.caps), seccomp=_seccomp(inv),
@@ -682,6 +692,17 @@ def to_sandbox(inv: Invocation, uid: int, gid: int) -> spec.Sandbox:
                         info_fd=inv.info_fd, json_status_fd=inv.json_status_fd,
                         block_fd=inv.block_fd, sync_fd=inv.sync_fd,
                         userns_block_fd=inv.userns_block_fd)
+
+
+def _has_ptmx(ops: list[spec.AnyFsOp]) -> bool:
+    """Whether the view ends with a /dev that makes ptys: --dev /dev, or a --dev-bind of the
+    host's / or /dev (a plain bind's nodev makes /dev/ptmx unusable)."""
+    usable = False
+    for op in ops:
+        if getattr(op, "dest", None) in ("/", "/dev"):
+            usable = isinstance(op, spec.DevBind) or isinstance(op, spec.Dev) \
+                and op.dest == "/dev"
+    return usable
 
 
 def _found_sources(ops: list[spec.AnyFsOp]) -> list[spec.AnyFsOp]:

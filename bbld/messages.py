@@ -22,6 +22,7 @@ class StartRequest(msgspec.Struct):
     env: dict[str, str] = {}
     fd_numbers: list[int] = []  # where the extra fds go in the monitor, in order
     hold_tty: bool = False  # keep the main command's pty in the monitor (a detached start)
+    terminal: bool = False  # the caller relays a pty: an interactive command line gets one
 
 
 class Event(msgspec.Struct, omit_defaults=True):

@@ -95,7 +95,10 @@ method Quit() -> ()
 # command): the instance's monitor interprets it with the caller's fds,
 # working directory and environment, and prints what bubblewrap would print
 # on the caller's stderr and stdout (warnings, errors, --help, --version; prog
-# names the program in usage texts); name replaces its name "bwrap".
+# names the program in usage texts); name replaces its name "bwrap"; tty says
+# the caller relays a pty: a command line without --new-session whose view
+# can make ptys then runs on one made inside the sandbox, as its
+# controlling terminal.
 # Call it with "more": the first reply has event "started" (the instance id
 # and, per layer, its name, the host pid of its supervisor when it started
 # (the supervisor of a layer with nothing to run exits or becomes a minimal

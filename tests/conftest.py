@@ -467,3 +467,62 @@ def instances(bbl_env, tmp_path):
         yield started
     finally:
         started.close()
+
+
+class Session:
+    """A bblctl command (attach, start, run) with a pty of ours as its controlling terminal
+    and stdio, as on a user's terminal."""
+
+    def __init__(self, argv: list[str], env: dict):
+        import fcntl
+        import termios
+
+        self.master, self.slave = os.openpty()
+        fcntl.ioctl(self.slave, termios.TIOCSWINSZ, _winsize(24, 80))
+        self.modes = termios.tcgetattr(self.slave)
+
+        def controlling_terminal():
+            os.setsid()
+            fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+
+        self.proc = subprocess.Popen([sys.executable, "-m", "bblctl", *argv], env=env,
+                                     stdin=self.slave, stdout=self.slave, stderr=self.slave,
+                                     preexec_fn=controlling_terminal)
+        self.seen = b""
+
+    def expect(self, text: str, timeout: float = 30) -> str:
+        import select
+
+        deadline = time.monotonic() + timeout
+        while text.encode() not in self.seen:
+            left = deadline - time.monotonic()
+            assert left > 0, f"never saw {text!r}; saw {self.seen!r}"
+            if select.select([self.master], [], [], left)[0]:
+                try:
+                    self.seen += os.read(self.master, 65536)
+                except OSError:
+                    break
+        found = self.seen.decode(errors="replace")
+        self.seen = self.seen[self.seen.index(text.encode()) + len(text):]
+        return found
+
+    def send(self, data: str) -> None:
+        os.write(self.master, data.encode())
+
+    def resize(self, rows: int, cols: int) -> None:
+        import fcntl
+        import termios
+
+        fcntl.ioctl(self.master, termios.TIOCSWINSZ, _winsize(rows, cols))  # SIGWINCH to it
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait(timeout=10)
+        os.close(self.master)
+        os.close(self.slave)
+
+
+def _winsize(rows: int, cols: int) -> bytes:
+    import struct
+
+    return struct.pack("HHHH", rows, cols, 0, 0)

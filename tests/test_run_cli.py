@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import select
 import shutil
 import signal
@@ -11,7 +12,7 @@ import time
 
 import pytest
 
-from tests.conftest import processes_with, read_line, wait_gone, wait_until
+from tests.conftest import Session, processes_with, read_line, wait_gone, wait_until
 
 RUN = [sys.executable, "-m", "bblctl", "run"]
 SYSTEM = ["--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib",
@@ -730,3 +731,51 @@ def test_option_matrix_against_bubblewrap(env, tmp_path, options, script, fds, e
         return  # newer than Debian's bubblewrap 0.8.0: checked against `expected` only
     assert (ours.returncode, ours.stdout) == (theirs.returncode, theirs.stdout), (
         ours.stderr, theirs.stderr)
+
+
+@pytest.mark.parametrize("daemon", [False, True], ids=["daemon started by the run",
+                                                       "daemon running"])
+def test_an_interactive_shell_gets_job_control_on_a_pty_of_the_sandboxs_own(env, daemon):
+    """On a terminal, without --new-session, bubblewrap leaves the command the caller's
+    terminal: an interactive shell has job control. Here the shell gets a pty from the
+    sandbox's own devpts (the host terminal stays out of reach), with the same keys."""
+    if daemon:
+        assert bblrun(env, "--ro-bind", "/", "/", "true").returncode == 0
+    import termios
+
+    session = Session(["run", *SYSTEM, "--unshare-pid", "bash", "--norc", "--noprofile", "-i"],
+                      env)
+    try:
+        session.expect("$ ")
+        session.send("tty; echo flags $-\r")
+        out = session.expect("$ ")
+        assert "/dev/pts/0" in out and re.search(r"flags \w*m", out), out  # m: job control
+        session.send("sleep 6143\r")
+        assert wait_until(lambda: processes_with("sleep\x006143"))
+        session.send("\x1a")  # Ctrl-Z: the job stops, the shell takes the terminal back
+        assert "Stopped" in session.expect("$ ")
+        session.send("kill -9 %1; sleep 6144\r")
+        assert wait_until(lambda: processes_with("sleep\x006144"))
+        session.send("\x03")  # Ctrl-C: SIGINT to the foreground job, not the shell
+        session.expect("$ ")
+        session.send("echo alive $?\r")
+        assert "alive 130" in session.expect("130")
+        session.send("exit 6\r")
+        assert session.proc.wait(timeout=30) == 6
+        assert termios.tcgetattr(session.slave) == session.modes  # raw mode undone
+    finally:
+        session.close()
+
+
+@pytest.mark.parametrize("options", [["--new-session"], ["--unshare-pid", "--as-pid-1"]])
+def test_without_a_pty_the_command_has_no_terminal_at_all(env, options):
+    """--new-session (bubblewrap's own answer to TIOCSTI) and --as-pid-1 keep the plain
+    way: a session of its own without a controlling terminal."""
+    session = Session(["run", *SYSTEM, *options, "sh", "-c",
+                       'read -r pid comm state ppid pgrp sid tty rest </proc/self/stat; '
+                       'echo "controlling terminal $tty"'], env)
+    try:
+        assert "controlling terminal 0\r\n" in session.expect("\n")
+        assert session.proc.wait(timeout=30) == 0
+    finally:
+        session.close()

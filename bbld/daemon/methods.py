@@ -203,7 +203,7 @@ class Daemon:
         request = StartRequest(id=record.id, spec=spec_text or "", bwrap=p.bwrap,
                                prog=p.prog or "bbl-bwrap", name=name, args=p.args,
                                env=p.env, fd_numbers=p.fd_numbers or [],
-                               hold_tty=bool(p.detach))
+                               hold_tty=bool(p.detach), terminal=bool(p.tty))
         try:
             events = await self.forker.start(request, call.fds)
         except BaseException:

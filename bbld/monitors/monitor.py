@@ -114,7 +114,7 @@ def sandbox(request: StartRequest, front: bwrap.FrontEnd | None) -> spec.Sandbox
     else:
         received = {number: _identity(number) for number in request.fd_numbers}
         sandbox = front.sandbox(request.bwrap, request.env, os.getuid(), os.getgid(),
-                                request.name, callers)
+                                request.name, callers, request.terminal)
         for number in received.keys() - spec.caller_fds(sandbox):
             if _identity(number) == received[number]:  # (not one the parse read and closed)
                 os.close(number)

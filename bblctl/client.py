@@ -170,7 +170,8 @@ def _try_connect(path: str):
     _verify); None if nothing listens."""
     sock = wire.unix_socket()
     try:
-        sock.connect(path)
+        with channel.Address(path) as address:
+            sock.connect(address)
     except (FileNotFoundError, ConnectionRefusedError):
         sock.close()
         return None

@@ -21,6 +21,30 @@ MAX_FDS = 64  # file descriptors with one message, on any of BBL's sockets
 _INT = 4  # sizeof(int): one fd in an SCM_RIGHTS record
 
 
+class Address:
+    """A socket's path as bind() and connect() can take it (`with Address(path) as address`):
+    AF_UNIX addresses hold at most 107 bytes, so a longer path (a long XDG_RUNTIME_DIR) is
+    reached through an O_PATH fd of its directory, /proc/self/fd/N/NAME, held meanwhile."""
+
+    LIMIT = 107
+
+    def __init__(self, path: str):
+        self.path = path
+        self.fd: int | None = None
+
+    def __enter__(self) -> str:
+        if len(os.fsencode(self.path)) <= self.LIMIT:
+            return self.path
+        directory, name = os.path.split(self.path)
+        self.fd = os.open(directory or ".", os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+        return f"/proc/self/fd/{self.fd}/{name}"
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+
 class Truncated(ValueError):
     """More fds came with a message than the receiver takes; all of them were closed."""
 

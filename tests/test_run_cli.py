@@ -201,6 +201,29 @@ def test_exec_into_a_layer_1_without_supervisor_gets_each_status(env):
         _end_flat(env, proc)
 
 
+def test_a_long_runtime_directory_still_holds_the_sockets(env, tmp_path):
+    """AF_UNIX paths hold 107 bytes; with a long XDG_RUNTIME_DIR the instances' sockets
+    (36 bytes longer) are bound and reached through their directory's fd."""
+    long = tmp_path / "run" / ("r" * (86 - len(str(tmp_path / "run")) - 1))
+    long.mkdir(mode=0o700)
+    env["XDG_RUNTIME_DIR"] = str(long)  # (the fixture ends the daemon this one finds)
+    instance_socket = f"{long}/bbl/instances/0123456789abcdef.sock"
+    assert len(f"{long}/bbl/bbld.sock") <= 107 < len(instance_socket)
+    proc = subprocess.Popen([*RUN, "--ro-bind", "/", "/", "sh", "-c", "echo ready; read x"],
+                            env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert read_line(proc.stdout) == "ready\n"
+        ps = subprocess.run([*RUN[:3], "ps", "--json"], env=env, capture_output=True,
+                            text=True, timeout=30)
+        (entry,) = json.loads(ps.stdout)
+        assert entry["state"] == "running", ps.stderr
+        proc.stdin.write("go\n")
+        proc.stdin.close()
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+
+
 def test_many_runs_share_one_daemon(env):
     procs = [subprocess.Popen([*RUN, "--ro-bind", "/", "/", "sh", "-c", f"exit {i}"], env=env)
              for i in range(5)]
@@ -246,6 +269,30 @@ def test_die_with_parent_ends_run_and_sandbox_when_the_callers_parent_dies(env, 
         assert wait_gone([client, sleeper]) == []
     finally:
         shell.kill()
+        for pid in processes_with(marker):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_killed_monitor_leaves_no_control_socket(env, marker):
+    """A monitor killed by SIGKILL cannot remove its instance's control socket: bbld, which
+    sees the instance end, removes it when nobody listens there any more."""
+    proc = subprocess.Popen([*RUN, *SYSTEM, "--unshare-pid", "sh", "-c", "echo ready; sleep 1000",
+                             marker], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    instances = os.path.join(env["XDG_RUNTIME_DIR"], "bbl", "instances")
+    try:
+        assert read_line(proc.stdout) == "ready\n"
+        (socket_name,) = os.listdir(instances)
+        (tree,) = json.loads(subprocess.run([*RUN[:3], "tree", "--json"], env=env, text=True,
+                                            capture_output=True, timeout=30).stdout)
+        with open(f"/proc/{tree['layers'][0]['pid']}/stat") as f:
+            monitor = int(f.read().rpartition(")")[2].split()[1])  # layer 1's parent
+        os.kill(monitor, signal.SIGKILL)
+        assert proc.wait(timeout=30) == 1
+        assert wait_until(lambda: not os.listdir(instances)), socket_name
+        assert wait_gone(processes_with(marker)) == []
+    finally:
+        proc.kill()
         for pid in processes_with(marker):
             os.kill(pid, signal.SIGKILL)
 

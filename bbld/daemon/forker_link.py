@@ -3,6 +3,7 @@ send it start requests one at a time, and read each instance's events from its m
 
 from __future__ import annotations
 
+import errno
 import socket
 import subprocess
 import sys
@@ -54,11 +55,16 @@ class ForkerLink:
             async with self.sending:
                 self._ensure_running()
                 await channel.asend(self.sock, data, [theirs.fileno(), *fds])
-        except OSError as exc:  # EMSGSIZE: longer than the socket's buffer (about 200 KB)
+        except OSError as exc:
             mine.close()
-            raise VarlinkError("io.bbl.Manager.StartFailed", exit_code=2,
-                               message=f"the start request ({len(data)} bytes) is too large: "
-                                       f"{exc.strerror}") from None
+            if exc.errno == errno.EMSGSIZE:  # longer than the socket's buffer (about 200 KB)
+                raise VarlinkError("io.bbl.Manager.StartFailed", exit_code=2,
+                                   message=f"the start request ({len(data)} bytes) is too "
+                                           f"large: {exc.strerror}") from None
+            # the forker died just now (the next start makes a new one)
+            raise VarlinkError("io.bbl.Manager.StartFailed", exit_code=1,
+                               message=f"bbld's forker is gone ({exc.strerror}); start again"
+                               ) from None
         finally:
             theirs.close()
         channel.close_all(fds)  # (ours would be held for the whole run)

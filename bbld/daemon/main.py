@@ -18,7 +18,7 @@ import sys
 
 import trio
 
-from bbld import __version__, paths
+from bbld import __version__, channel, paths
 from bbld.daemon import server
 
 SD_LISTEN_FDS_START = 3
@@ -140,7 +140,8 @@ def _pid_of_daemon(path: str) -> int | None:
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
             probe.settimeout(2)
-            probe.connect(path)
+            with channel.Address(path) as address:
+                probe.connect(address)
             probe.sendall(b'{"method": "io.bbl.Manager.Ping"}\0')
             reply = b""
             while not reply.endswith(b"\0") and (chunk := probe.recv(4096)):
@@ -182,7 +183,8 @@ def _listen(path: str) -> socket.socket:
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
     old_umask = os.umask(0o177)  # the socket is created 0600
     try:
-        sock.bind(path)
+        with channel.Address(path) as address:
+            sock.bind(address)
     finally:
         os.umask(old_umask)
     sock.listen(128)

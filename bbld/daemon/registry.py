@@ -134,6 +134,7 @@ class Registry:
             os.unlink(os.path.join(self.directory, f"{record.id}.exited"))
         except OSError:
             pass  # none (it ended while we watched), or not one a monitor made
+        _remove_if_stale(self.control_path(record.id))
         record.done.set()
         self.notify()
 
@@ -282,6 +283,25 @@ class Registry:
 ADOPT_WAIT = 2.0  # seconds bbld's start waits for the monitors of running instances
 
 
+def _remove_if_stale(path: str) -> None:
+    """An ended instance's control socket that nobody listens on any more: its monitor was
+    killed before it could remove it. (A monitor that ends normally removes its own.)"""
+    if not _is_ours(path, stat.S_ISSOCK):
+        return
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_NONBLOCK
+                       | socket.SOCK_CLOEXEC) as probe:
+        try:
+            with channel.Address(path) as address:
+                probe.connect(address)
+        except ConnectionRefusedError:
+            try:
+                os.unlink(path)
+            except OSError:
+                pass  # (removed meanwhile)
+        except OSError:
+            pass  # someone listens (or the path went): not ours to remove
+
+
 def _is_ours(path: str, kind) -> bool:
     try:
         info = os.lstat(path)
@@ -316,7 +336,8 @@ async def call_monitor(path: str, request: ControlRequest, fds=()) -> channel.Me
     socket's name gets nothing (PermissionError)."""
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
     try:
-        await sock.connect(path)
+        with channel.Address(path) as address:
+            await sock.connect(address)
         try:
             peer.check(sock, _home(), "the instance's monitor", "bbld")
         except peer.Refused as refused:

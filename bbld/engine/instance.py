@@ -38,8 +38,12 @@ from bbld.engine.supervisor import Context, spawn_layer
 
 
 class Instance:
-    def __init__(self, plan: Plan, environ: dict[str, str] | None = None):
+    def __init__(self, plan: Plan, environ: dict[str, str] | None = None,
+                 manager: bool = False):
         self.plan = plan
+        # We manage the instance (bbld's monitor): layer 1 dies with us whatever the spec's
+        # die_with_parent says, so that no sandbox outlives the one process that manages it.
+        self.layer1_dies_with_us = manager or plan.sandbox.die_with_parent
         # what layer 1 starts from (default: ours)
         self.environ = dict(os.environ if environ is None else environ)
         self.layer_names = [p.name for p in plan.layers()]
@@ -107,7 +111,7 @@ class Instance:
                 _join_namespaces(self.plan.root.layer.join)
                 self.cwd = os.getcwd()
                 self.layer1 = spawn_layer(self.plan.root, ctx, self.proc_fd, self.environ,
-                                          self.cwd, sandbox.die_with_parent, external_maps)
+                                          self.cwd, self.layer1_dies_with_us, external_maps)
             finally:
                 theirs.close()
                 os.close(go_r)

@@ -62,7 +62,8 @@ class Control:
                 pass
             old_umask = os.umask(0o177)
             try:
-                self.listener.bind(self.path)
+                with channel.Address(self.path) as address:
+                    self.listener.bind(address)
             finally:
                 os.umask(old_umask)
         except OSError:

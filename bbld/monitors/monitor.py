@@ -57,7 +57,7 @@ def run(data: bytes, fds: list[int], directory: str) -> int:
         started = time.time()
         # The caller's environment goes to layer 1 as data; os.environ stays bbld's (making
         # it the caller's, one putenv per variable, is slow).
-        instance = Instance(plan, request.env)
+        instance = Instance(plan, request.env, manager=True)
         instance.start()
     except bwrap.Done as done:  # --help, --version, or a bad command line: already said
         _send(report, Event(event="exited", status=done.status))

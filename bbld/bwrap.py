@@ -334,6 +334,7 @@ class _Parser:
         self.consumed.add(_fd(value))
         return data
 
+
 def _parents_mode(perms: int) -> int:
     """The mode of the parents bubblewrap creates for an operation with these perms: 0755,
     less group r-x if the operation gives the group nothing, less others' r-x likewise

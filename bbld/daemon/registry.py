@@ -134,7 +134,6 @@ class Registry:
             os.unlink(os.path.join(self.directory, f"{record.id}.exited"))
         except OSError:
             pass  # none (it ended while we watched), or not one a monitor made
-        _remove_if_stale(self.control_path(record.id))
         record.done.set()
         self.notify()
 
@@ -177,6 +176,8 @@ class Registry:
             status = await self._watch(record)
         except Exception:  # noqa: BLE001 (a bug here must not take the daemon down)
             log.bug(f"following instance {record.id}")
+        if status is None:  # its monitor ended without a word (killed): its socket stayed
+            _remove_if_stale(self.control_path(record.id))
         self.finish(record, status)
 
     async def _watch(self, record: InstanceRecord) -> int | None:

@@ -149,15 +149,29 @@ def _kernel_facilities():
 def _session():
     found = []
     for name, what in (("DISPLAY", "X11 display"), ("WAYLAND_DISPLAY", "Wayland display"),
-                       ("XAUTHORITY", "X11 authority file"),
-                       ("DBUS_SESSION_BUS_ADDRESS", "session bus")):
+                       ("XAUTHORITY", "X11 authority file")):
         value = os.environ.get(name)
         found.append((INFO, what, f"{name}={value}" if value else f"{name} is not set"))
+    found += _buses()
     for program, package, feature in HELPERS:
         path = shutil.which(program)
         found.append((OK, program, path) if path else
                      (WARN, program, f"not installed ({feature} needs it): apt install "
                       f"{package}"))
+    return found
+
+
+def _buses():
+    """The session and system bus, as `dbus = "host"`/`"filtered"` would reach them."""
+    from bbld import dbus
+
+    found = []
+    for bus in (dbus.SESSION, dbus.SYSTEM):
+        try:
+            found.append((OK, f"{bus} bus", f"{dbus.host_address(bus, dict(os.environ))} "
+                          "answers"))
+        except dbus.DBusError as exc:
+            found.append((WARN, f"{bus} bus", f"{exc} (profiles with dbus need it)"))
     return found
 
 

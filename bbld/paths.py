@@ -21,8 +21,9 @@ class UnsafeDirectory(Exception):
 LOGIND_RUNTIME = "/run/user/{uid}"  # what pam_systemd sets XDG_RUNTIME_DIR to
 
 
-def runtime_dir() -> str:
-    base = os.environ.get("XDG_RUNTIME_DIR")
+def runtime_dir(environ: dict[str, str] | None = None) -> str:
+    """The runtime directory `environ` (default: ours) means."""
+    base = (os.environ if environ is None else environ).get("XDG_RUNTIME_DIR")
     if base and os.path.isabs(base):
         return os.path.join(base, "bbl")
     logind = LOGIND_RUNTIME.format(uid=os.getuid())
@@ -33,7 +34,7 @@ def runtime_dir() -> str:
             return os.path.join(logind, "bbl")
     except OSError:
         pass
-    return os.path.join(home(), ".local", "state", "bbl", "run")
+    return os.path.join(home(environ), ".local", "state", "bbl", "run")
 
 
 def state_dir() -> str:
@@ -45,8 +46,8 @@ def state_dir() -> str:
     return os.path.join(base, "bbl")
 
 
-def home() -> str:
-    home = os.environ.get("HOME")
+def home(environ: dict[str, str] | None = None) -> str:
+    home = (os.environ if environ is None else environ).get("HOME")
     return home if home and os.path.isabs(home) else os.path.expanduser("~")
 
 

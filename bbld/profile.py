@@ -27,7 +27,7 @@ from typing import Literal
 import msgspec
 from msgspec import Struct, field
 
-from bbld import paths, spec
+from bbld import dbus, paths, spec
 
 BUILTIN = os.path.join(os.path.dirname(__file__), "profiles")
 # Commands that would open a URL or file outside the sandbox (or a second, unsandboxed
@@ -38,6 +38,7 @@ OPENERS = ("xdg-open", "gio", "kde-open", "kde-open5", "gnome-open", "exo-open",
            "brave-browser", "microsoft-edge", "opera", "vivaldi", "epiphany", "konqueror",
            "falkon", "qutebrowser", "midori", "librewolf")
 SYSTEM_LINKS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
+HELPERS_TIMEOUT = 10.0  # seconds layer3 waits for the helpers' sockets (they take ~10 ms)
 PASSED_ENV = ["LANG", "LC_ALL", "LC_CTYPE", "LC_MESSAGES", "TERM", "COLORTERM", "TZ"]
 
 
@@ -73,8 +74,9 @@ class Profile(Struct, forbid_unknown_fields=True, kw_only=True):
     command: list[str] = field(default_factory=lambda: list(spec.INTERACTIVE_SHELL))
     send_args: list[str] | None = None
     home: str = "tmpfs"  # or a host directory, bound at the same $HOME path inside
+    app_id: str | None = None  # reverse-DNS id (org.example.App): the D-Bus names it may own
     gui: Literal["none", "host-x11"] = "none"
-    dbus: Literal["none", "host"] = "none"
+    dbus: Literal["none", "host", "filtered"] | dbus.DBus = "none"
     mounts: list[Mount] = []
     opt: bool = False
     hardware: Literal["none", "gpu", "all"] = "none"
@@ -153,10 +155,14 @@ def load(path: str, environ: dict[str, str] | None = None, uid: int | None = Non
         sandbox = _convert(raw, spec.Sandbox, path, text)
         if "name" not in raw:
             sandbox.name = _default_name(path)
+        _check_bus_identities(sandbox.layer, uid, path, text)
     else:
         options = _convert(raw, Profile, path, text)
         _check_options(options, path, text)
-        sandbox = expand(options, options.name or _default_name(path), environ, uid, gid)
+        try:
+            sandbox = expand(options, options.name or _default_name(path), environ, uid, gid)
+        except dbus.DBusError as exc:  # (the host's side: a bus, the proxy)
+            raise ProfileError([f"{path}:{line_of(text, '$.dbus')}: dbus: {exc}"]) from None
     try:
         spec.check(sandbox, uid, gid)
     except spec.SpecError as exc:
@@ -239,11 +245,40 @@ def _check_options(options: Profile, path: str, text: str) -> None:
     for name in [*options.env.pass_, *options.env.set]:
         if not spec.ENV_NAME_PATTERN.match(name):
             say("$.env", f"{name!r} is not a variable name")
+    for where, message in dbus.problems(dbus.of(options.dbus), options.app_id):
+        say(where, message)
     for name, value in options.limits.items():
         if name != "pids" and name not in spec.RLIMITS:
             say("$.limits", f"unknown limit {name!r}; known: pids, {', '.join(spec.RLIMITS)}")
         elif value < (1 if name == "pids" else 0):
             say(f"$.limits.{name}", f"must be >= {1 if name == 'pids' else 0}")
+    if problems:
+        raise ProfileError(problems)
+
+
+def _check_bus_identities(top: spec.Layer, uid: int, path: str, text: str) -> None:
+    """A layer handed a bus address (env.set) must run as the user's uid: the bus checks the
+    uid its peer claims in EXTERNAL authentication against the one the kernel gives it
+    (SO_PEERCRED, the real one), so a layer that is uid 0 (or any other uid) in its user
+    namespace fails to connect ("Exhausted all available authentication mechanisms")."""
+    problems = []
+
+    def visit(layer: spec.Layer, parent_uid: int, bus: str | None, where: str) -> None:
+        own_uid = parent_uid
+        if "user" in layer.namespaces and layer.uid is not None:
+            own_uid = layer.uid
+        if layer.env.clear:
+            bus = None
+        bus = next((v for v in dbus.VARIABLE.values() if v in layer.env.set), bus)
+        if bus and own_uid != uid and (layer.command or layer.companions):
+            line = line_of(text, f"{where}.uid" if own_uid is layer.uid else where)
+            problems.append(f"{path}:{line}: layer {layer.name!r}: runs as uid "
+                            f"{own_uid} with {bus} set, and a bus only lets in the uid it sees "
+                            f"({uid}): give the layer uid = {uid}")
+        for index, child in enumerate(layer.layers):
+            visit(child, own_uid, bus, f"{where}.layers[{index}]")
+
+    visit(top, uid, None, "$.layer")
     if problems:
         raise ProfileError(problems)
 
@@ -302,8 +337,11 @@ def line_of(text: str, where: str) -> int:
 
 def expand(options: Profile, name: str, environ: dict[str, str], uid: int,
            gid: int) -> spec.Sandbox:
-    """BBL's default nested template, shaped by the user options."""
+    """BBL's default nested template, shaped by the user options. Raises dbus.DBusError when
+    the host cannot give the D-Bus the options ask for."""
     home = environ.get("HOME") or f"/home/{uid}"
+    helpers = paths.runtime_dir(environ)  # (layer1 hides it under a tmpfs for the helpers)
+    bus = dbus.parts(dbus.of(options.dbus), options.app_id, environ, uid, helpers)
     rlimits = {name: value for name, value in options.limits.items() if name != "pids"}
     layer4 = spec.Layer(name="layer4", namespaces=["user", "pid", "mount"], uid=uid, gid=gid,
                         seccomp=spec.Seccomp(policy="default"), rlimits=rlimits,
@@ -315,18 +353,25 @@ def expand(options: Profile, name: str, environ: dict[str, str], uid: int,
     if options.net == "none":
         namespaces.append("net")
     layer3 = spec.Layer(name="layer3", namespaces=namespaces, hostname=name[:64],
-                        new_root=True, fs=_layer3_fs(options, home, environ),
-                        env=_layer3_env(options, home, environ), cwd=home,
+                        new_root=True, fs=_layer3_fs(options, home, environ, uid, bus),
+                        env=_layer3_env(options, home, environ, uid, bus), cwd=home,
+                        start_after=bus.start_after, start_timeout=HELPERS_TIMEOUT,
                         pids_limit=options.limits.get("pids"), layers=[layer4, layer4a])
     layer2h = spec.Layer(name="layer2h", namespaces=["mount"], layers=[layer3])
+    helper_commands = [bus.companion] if bus.companion else []
     layer2a = spec.Layer(name="layer2a", namespaces=["user", "pid", "mount"], uid=uid, gid=gid,
-                         companions=[list(c) for c in options.companions])
+                         companions=helper_commands + [list(c) for c in options.companions])
     masks = [spec.Mask(path=_home_path(p, home), origin=f"masks.paths[{index}]")
              for index, p in enumerate(options.masks.paths)]
     layer2 = spec.Layer(name="layer2", namespaces=["mount"], fs=masks,
                         layers=[layer2a, layer2h])
+    # the helpers' sockets live in a tmpfs of the instance's own, over BBL's runtime
+    # directory (which exists while bbld runs): gone with the instance, and bbld's socket and
+    # the other instances' control sockets out of sight of every layer
+    helper_dir = [spec.Tmpfs(dest=helpers, mode=0o700, origin="dbus")] if helper_commands \
+        else []
     layer1 = spec.Layer(name="layer1", namespaces=["user", "pid", "mount"], uid=0, gid=0,
-                        layers=[layer2])
+                        fs=helper_dir, layers=[layer2])
     return spec.Sandbox(name=name, main="layer4", layer=layer1,
                         single_instance=options.instance == "single",
                         send_args=options.send_args)
@@ -336,7 +381,8 @@ def _home_path(path: str, home: str) -> str:
     return home + path[1:] if path == "~" or path.startswith("~/") else path
 
 
-def _layer3_fs(options: Profile, home: str, environ: dict[str, str]) -> list:
+def _layer3_fs(options: Profile, home: str, environ: dict[str, str], uid: int,
+               bus: dbus.Parts) -> list:
     fs: list = [spec.RoBind(src="/usr", dest="/usr"), spec.RoBind(src="/etc", dest="/etc")]
     for link in SYSTEM_LINKS:
         if os.path.islink(f"/{link}"):
@@ -354,8 +400,8 @@ def _layer3_fs(options: Profile, home: str, environ: dict[str, str]) -> list:
     if not host_dev or os.path.isdir("/dev/mqueue"):
         fs.append(spec.Mqueue(dest="/dev/mqueue"))
     fs += [spec.Tmpfs(dest="/tmp", mode=0o1777),
-           spec.Tmpfs(dest="/run", mode=0o755), spec.Tmpfs(dest="/var", mode=0o755),
-           spec.Dir(dest="/var/tmp", mode=0o1777)]
+           spec.Tmpfs(dest="/run", mode=0o755), spec.Dir(dest=f"/run/user/{uid}", mode=0o700),
+           spec.Tmpfs(dest="/var", mode=0o755), spec.Dir(dest="/var/tmp", mode=0o1777)]
     if options.opt:
         fs.append(spec.RoBind(src="/opt", dest="/opt", try_=True))
     if options.home == "tmpfs":
@@ -376,6 +422,7 @@ def _layer3_fs(options: Profile, home: str, environ: dict[str, str]) -> list:
         resolv = "".join(f"nameserver {server}\n" for server in options.dns)
         fs.append(spec.RoBindData(dest="/etc/resolv.conf", content=resolv, mode=0o444))
     fs += _desktop(options, environ)
+    fs += [spec.Bind(src=src, dest=dest, origin="dbus") for src, dest in bus.binds]
     return fs
 
 
@@ -437,11 +484,6 @@ def _desktop(options: Profile, environ: dict[str, str]) -> list:
             cookie = b""
         if cookie:
             fs.append(spec.RoBindData(dest="/run/bbl/Xauthority", data=cookie, mode=0o400))
-    if options.dbus == "host":
-        bus = environ.get("DBUS_SESSION_BUS_ADDRESS", "")
-        if bus.startswith("unix:path="):
-            path = bus.removeprefix("unix:path=").split(",")[0]
-            fs.append(spec.Bind(src=path, dest="/run/bbl/bus", try_=True))
     return fs
 
 
@@ -471,18 +513,17 @@ def xauthority_for(data: bytes, display: str) -> bytes:
     return b"".join(kept)
 
 
-def _layer3_env(options: Profile, home: str, environ: dict[str, str]) -> spec.Env:
+def _layer3_env(options: Profile, home: str, environ: dict[str, str], uid: int,
+                bus: dbus.Parts) -> spec.Env:
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": home, "TMPDIR": "/tmp",
            "USER": environ.get("USER", ""), "LOGNAME": environ.get("LOGNAME", ""),
-           "SHELL": "/bin/sh"}
+           "SHELL": "/bin/sh", "XDG_RUNTIME_DIR": f"/run/user/{uid}"}
     for variable in options.env.pass_:
         if variable in environ:
             env[variable] = environ[variable]
     if options.gui == "host-x11" and environ.get("DISPLAY"):
         env["DISPLAY"] = environ["DISPLAY"]
         env["XAUTHORITY"] = "/run/bbl/Xauthority"
-    if options.dbus == "host" and environ.get("DBUS_SESSION_BUS_ADDRESS", "").startswith(
-            "unix:path="):
-        env["DBUS_SESSION_BUS_ADDRESS"] = "unix:path=/run/bbl/bus"
+    env.update(bus.env)
     env.update(options.env.set)
     return spec.Env(clear=True, set={k: v for k, v in env.items() if v != ""})

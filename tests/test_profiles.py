@@ -261,6 +261,7 @@ def test_gui_dbus_and_hardware_options(instances, tmp_path):
     bus_path = tmp_path / "bus"
     bus = socket.socket(socket.AF_UNIX)
     bus.bind(str(bus_path))
+    bus.listen()  # (a bus that does not answer is refused)
     def entry(family: int, address: bytes, number: bytes, data: bytes) -> bytes:
         fields = (address, number, b"MIT-MAGIC-COOKIE-1", data)
         return family.to_bytes(2, "big") + b"".join(len(f).to_bytes(2, "big") + f
@@ -275,7 +276,7 @@ def test_gui_dbus_and_hardware_options(instances, tmp_path):
     script = ("echo $DISPLAY $XAUTHORITY $DBUS_SESSION_BUS_ADDRESS; "
               "cmp -s $XAUTHORITY /out/expected && echo cookie-filtered; "
               "echo x >> $XAUTHORITY 2>&- || echo cookie-read-only; "
-              "[ -S /run/bbl/bus ] && echo bus; [ -d /sys/class ] && echo sys; "
+              "[ -S $XDG_RUNTIME_DIR/bus ] && echo bus; [ -d /sys/class ] && echo sys; "
               "touch /sys/x 2>&- || echo sys-read-only; grep -c ID=linux /etc/os-release")
     path = write_profile(tmp_path, f'''
 command = ["sh", "-c", {json.dumps(script)}]
@@ -290,8 +291,8 @@ mounts = [{{ src = "{tmp_path}", dest = "/out" }}]
         bus.close()
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
-        ":97 /run/bbl/Xauthority unix:path=/run/bbl/bus", "cookie-filtered", "cookie-read-only",
-        "bus", "sys", "sys-read-only", "1"]
+        f":97 /run/bbl/Xauthority unix:path=/run/user/{os.getuid()}/bus", "cookie-filtered",
+        "cookie-read-only", "bus", "sys", "sys-read-only", "1"]
 
 
 def test_with_bbld_running_it_expands_the_profile_in_the_callers_environment(instances,

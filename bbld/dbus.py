@@ -4,8 +4,9 @@
 and each bus (docs/profiles.md). The proxy runs in layer2a as a trusted companion (the host's
 view, the user's uid, so that the bus's EXTERNAL authentication sees the user), listening in a
 private tmpfs that layer1 mounts over BBL's runtime directory: no layer sees bbld's socket
-there, and nothing is left on the host when the instance ends, however it ends. Layer3 waits
-until the proxy listens (`start_after`), then binds its socket where the app expects a bus.
+there, and nothing is left on the host when the instance ends, however it ends. Layer3 shows
+the sockets' directory with links where apps expect a bus; the app's layers start only once
+the proxy listens (`start_after`).
 
 The grammar of names and rules is xdg-dbus-proxy's, checked here first so that a mistake is a
 line in the profile, not a proxy that exits at start. Pure data and checks: no trio, no engine.
@@ -20,6 +21,8 @@ from typing import Literal
 from urllib.parse import unquote
 
 from msgspec import Struct
+
+from bbld import spec
 
 # a well-known bus name (what GLib's g_dbus_is_name accepts, without unique ":1.5" names):
 # two or more elements, each letters, digits, _ and -, not starting with a digit; 255 at most
@@ -188,17 +191,26 @@ def proxy_program(environ: dict[str, str]) -> str:
 
 
 class Parts(Struct, kw_only=True):
-    """What the template adds for D-Bus: layer2a's companion, layer3's gate, binds and
-    variables."""
+    """What the template adds for D-Bus: layer1's directory for the proxy's sockets,
+    layer2a's companion, layer3's view of the sockets and variables, and the sockets the
+    app's layers wait for."""
+    helpers: bool = False  # the proxy's sockets need layer1's tmpfs over the runtime dir
     companion: list[str] | None = None  # the proxy, in layer2a
-    start_after: list[str] = []  # its sockets (layer3 waits for them)
-    binds: list[tuple[str, str]] = []  # (host path in layer3's parent's view, path inside)
-    env: dict[str, str] = {}
+    fs: list = []  # in layer3
+    env: dict[str, str] = {}  # in layer3
+    start_after: list[str] = []  # layer3's paths of the proxy's sockets (layer4 waits for them)
+
+
+HELPERS = "/run/bbl/helpers"  # where layer3 shows the sockets trusted helpers offer the app
 
 
 def parts(options: DBus, app_id: str | None, environ: dict[str, str], uid: int,
           helper_dir: str) -> Parts:
-    """The template's parts for `options`; DBusError when the host cannot give them."""
+    """The template's parts for `options`; DBusError when the host cannot give them.
+
+    The proxy's sockets are made after layer3's view is built: layer3 binds their directory
+    (layer1's tmpfs, `helper_dir`) and links the paths apps expect to them, so that only the
+    app's layers (small ones) wait for the proxy, not layer3's whole view."""
     if options.mode == "none":
         return Parts()
     inside = {bus: path.format(uid=uid) for bus, path in INSIDE.items()}
@@ -209,21 +221,21 @@ def parts(options: DBus, app_id: str | None, environ: dict[str, str], uid: int,
             raise DBusError(f"dbus = \"host\" binds the session bus's socket file, and "
                             f"DBUS_SESSION_BUS_ADDRESS={session} names none; use dbus = "
                             "\"filtered\" (the proxy reaches abstract addresses)")
-        return Parts(binds=[(path, inside[SESSION])],
+        return Parts(fs=[spec.Bind(src=path, dest=inside[SESSION], origin="dbus")],
                      env={VARIABLE[SESSION]: f"unix:path={inside[SESSION]}"})
+    found = Parts(helpers=True, fs=[spec.RoBind(src=helper_dir, dest=HELPERS, origin="dbus")])
     argv = [proxy_program(environ)]
     buses = [(SESSION, options)] + ([(SYSTEM, options.system)] if options.system else [])
-    found = Parts()
     for bus, rules in buses:
         address = session if bus == SESSION else host_address(SYSTEM, environ)
-        listening = os.path.join(helper_dir, f"dbus-{bus}")
-        argv += [address, listening, "--filter", *proxy_rules(rules, app_id if bus == SESSION
-                                                              else None)]
+        argv += [address, os.path.join(helper_dir, f"dbus-{bus}"), "--filter",
+                 *proxy_rules(rules, app_id if bus == SESSION else None)]
         if options.log:
             argv.append("--log")
-        found.start_after.append(listening)
-        found.binds.append((listening, inside[bus]))
+        found.fs.append(spec.Symlink(target_path=f"{HELPERS}/dbus-{bus}", dest=inside[bus],
+                                     origin="dbus"))
         found.env[VARIABLE[bus]] = f"unix:path={inside[bus]}"
+        found.start_after.append(f"{HELPERS}/dbus-{bus}")
     found.companion = argv
     return found
 

@@ -38,7 +38,7 @@ OPENERS = ("xdg-open", "gio", "kde-open", "kde-open5", "gnome-open", "exo-open",
            "brave-browser", "microsoft-edge", "opera", "vivaldi", "epiphany", "konqueror",
            "falkon", "qutebrowser", "midori", "librewolf")
 SYSTEM_LINKS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
-HELPERS_TIMEOUT = 10.0  # seconds layer3 waits for the helpers' sockets (they take ~10 ms)
+HELPERS_TIMEOUT = 10.0  # seconds the app waits for its helpers' sockets (they take ~5 ms)
 PASSED_ENV = ["LANG", "LC_ALL", "LC_CTYPE", "LC_MESSAGES", "TERM", "COLORTERM", "TZ"]
 
 
@@ -345,17 +345,19 @@ def expand(options: Profile, name: str, environ: dict[str, str], uid: int,
     rlimits = {name: value for name, value in options.limits.items() if name != "pids"}
     layer4 = spec.Layer(name="layer4", namespaces=["user", "pid", "mount"], uid=uid, gid=gid,
                         seccomp=spec.Seccomp(policy="default"), rlimits=rlimits,
-                        command=spec.Command(argv=list(options.command), new_session=False))
+                        command=spec.Command(argv=list(options.command), new_session=False),
+                        start_after=bus.start_after, start_timeout=HELPERS_TIMEOUT)
+    untrusted = [list(c) for c in options.untrusted_companions]
     layer4a = spec.Layer(name="layer4a", namespaces=["user", "pid", "mount"], uid=uid, gid=gid,
                          seccomp=spec.Seccomp(policy="default"), rlimits=rlimits,
-                         companions=[list(c) for c in options.untrusted_companions])
+                         companions=untrusted, start_after=bus.start_after if untrusted else [],
+                         start_timeout=HELPERS_TIMEOUT)
     namespaces = ["mount", "pid", "ipc", "uts", "cgroup"]
     if options.net == "none":
         namespaces.append("net")
     layer3 = spec.Layer(name="layer3", namespaces=namespaces, hostname=name[:64],
                         new_root=True, fs=_layer3_fs(options, home, environ, uid, bus),
                         env=_layer3_env(options, home, environ, uid, bus), cwd=home,
-                        start_after=bus.start_after, start_timeout=HELPERS_TIMEOUT,
                         pids_limit=options.limits.get("pids"), layers=[layer4, layer4a])
     layer2h = spec.Layer(name="layer2h", namespaces=["mount"], layers=[layer3])
     helper_commands = [bus.companion] if bus.companion else []
@@ -368,8 +370,7 @@ def expand(options: Profile, name: str, environ: dict[str, str], uid: int,
     # the helpers' sockets live in a tmpfs of the instance's own, over BBL's runtime
     # directory (which exists while bbld runs): gone with the instance, and bbld's socket and
     # the other instances' control sockets out of sight of every layer
-    helper_dir = [spec.Tmpfs(dest=helpers, mode=0o700, origin="dbus")] if helper_commands \
-        else []
+    helper_dir = [spec.Tmpfs(dest=helpers, mode=0o700, origin="dbus")] if bus.helpers else []
     layer1 = spec.Layer(name="layer1", namespaces=["user", "pid", "mount"], uid=0, gid=0,
                         fs=helper_dir, layers=[layer2])
     return spec.Sandbox(name=name, main="layer4", layer=layer1,
@@ -422,7 +423,7 @@ def _layer3_fs(options: Profile, home: str, environ: dict[str, str], uid: int,
         resolv = "".join(f"nameserver {server}\n" for server in options.dns)
         fs.append(spec.RoBindData(dest="/etc/resolv.conf", content=resolv, mode=0o444))
     fs += _desktop(options, environ)
-    fs += [spec.Bind(src=src, dest=dest, origin="dbus") for src, dest in bus.binds]
+    fs += bus.fs
     return fs
 
 

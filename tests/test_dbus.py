@@ -108,13 +108,13 @@ talk = ["org.freedesktop.UPower"]
     layer1 = sandbox.layer
     layer2a, layer2h = layer1.layers[0].layers
     layer3 = layer2h.layers[0]
+    layer4, layer4a = layer3.layers
     run = fake_host["XDG_RUNTIME_DIR"] + "/bbl"
-    session, system = f"{run}/dbus-session", f"{run}/dbus-system"
     assert [(type(op).__name__, op.dest, op.mode) for op in layer1.fs] == [
         ("Tmpfs", run, 0o700)]
     assert layer2a.uid == 1000 and layer2a.companions[0].argv == [
         f"{tmp_path}/bin/xdg-dbus-proxy",
-        fake_host["DBUS_SESSION_BUS_ADDRESS"], session, "--filter",
+        fake_host["DBUS_SESSION_BUS_ADDRESS"], f"{run}/dbus-session", "--filter",
         "--see=org.example.Seen", "--talk=org.example.X",
         "--talk=org.freedesktop.Notifications", "--talk=org.mpris.MediaPlayer2.*",
         "--own=org.example.App.*", "--own=org.mpris.MediaPlayer2.app",
@@ -122,11 +122,17 @@ talk = ["org.freedesktop.UPower"]
         "--call=org.example.W=@/org/example/*", "--call=org.example.V=org.example.V.*",
         "--call=org.example.*=",
         "--broadcast=org.example.Y=org.example.Signals.*@/org/example/Y", "--log",
-        fake_host["DBUS_SYSTEM_BUS_ADDRESS"], system, "--filter",
+        fake_host["DBUS_SYSTEM_BUS_ADDRESS"], f"{run}/dbus-system", "--filter",
         "--talk=org.freedesktop.UPower", "--log"]
-    assert layer3.start_after == [session, system]
-    assert [(op.src, op.dest) for op in layer3.fs if getattr(op, "origin", "") == "dbus"] == [
-        (session, "/run/user/1000/bus"), (system, "/run/dbus/system_bus_socket")]
+    assert [(type(op).__name__, getattr(op, "src", None) or op.target_path, op.dest)
+            for op in layer3.fs if op.origin == "dbus"] == [
+        ("RoBind", run, "/run/bbl/helpers"),
+        ("Symlink", "/run/bbl/helpers/dbus-session", "/run/user/1000/bus"),
+        ("Symlink", "/run/bbl/helpers/dbus-system", "/run/dbus/system_bus_socket")]
+    assert layer3.start_after == [] and layer4a.start_after == []  # (nothing to run there)
+    assert layer4.start_after == ["/run/bbl/helpers/dbus-session",
+                                  "/run/bbl/helpers/dbus-system"]
+    assert layer4.uid == 1000
     assert {k: v for k, v in layer3.env.set.items() if "BUS" in k or "XDG" in k} == {
         "DBUS_SESSION_BUS_ADDRESS": "unix:path=/run/user/1000/bus",
         "DBUS_SYSTEM_BUS_ADDRESS": "unix:path=/run/dbus/system_bus_socket",
@@ -137,7 +143,7 @@ def test_without_d_bus_there_is_no_proxy_and_no_bus(tmp_path, fake_host):
     sandbox = profile.load(write(tmp_path, 'command = ["true"]\n'), fake_host, 1000, 1000)
     layer2a = sandbox.layer.layers[0].layers[0]
     layer3 = sandbox.layer.layers[0].layers[1].layers[0]
-    assert (sandbox.layer.fs, layer2a.companions, layer3.start_after) == ([], [], [])
+    assert (sandbox.layer.fs, layer2a.companions, layer3.layers[0].start_after) == ([], [], [])
     assert not [k for k in layer3.env.set if k.startswith("DBUS")]
 
 
@@ -299,7 +305,10 @@ def test_a_filtered_session_bus_shows_and_lets_through_only_what_the_profile_say
         instances, tmp_path, session_bus):
     clients = (" && gdbus call --session --dest org.example.X --object-path /org/example/X "
                "--method org.example.X.Ping && dbus-send --session --print-reply "
-               "--dest=org.example.X /org/example/X org.example.X.Ping | grep -o 'X Ping'")
+               "--dest=org.example.X /org/example/X org.example.X.Ping | grep -o 'X Ping'"
+               # the proxy's socket cannot be replaced, and nothing else is beside it
+               "; rm -f /run/bbl/helpers/dbus-session 2>&- || echo read-only"
+               "; ls -A /run/bbl/helpers")
     found = probe(instances, tmp_path, session_bus, '[dbus]\ntalk = ["org.example.X"]\n',
                   extra=clients)
     assert found["variables"] == {"DBUS_SESSION_BUS_ADDRESS": "unix:path=/run/user/"
@@ -314,7 +323,8 @@ def test_a_filtered_session_bus_shows_and_lets_through_only_what_the_profile_say
     assert found["own org.example.Other"].startswith("error ")
     assert found["signals"] == ["org.example.X"]  # Y's, sent first, never came
     assert found["monitor"] == DENIED
-    assert found["after"] == ["('org.example.X Ping',)", "X Ping"]  # gdbus, dbus-send
+    assert found["after"] == ["('org.example.X Ping',)", "X Ping",  # gdbus, dbus-send
+                              "read-only", "dbus-session"]
 
 
 @real_programs

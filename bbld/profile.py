@@ -360,9 +360,10 @@ def expand(options: Profile, name: str, environ: dict[str, str], uid: int,
                         env=_layer3_env(options, home, environ, uid, bus), cwd=home,
                         pids_limit=options.limits.get("pids"), layers=[layer4, layer4a])
     layer2h = spec.Layer(name="layer2h", namespaces=["mount"], layers=[layer3])
-    helper_commands = [bus.companion] if bus.companion else []
+    # (the proxy starts as soon as layer2a is built: the app's layers wait for it)
+    helper_commands = [spec.Command(argv=bus.companion, early=True)] if bus.companion else []
     layer2a = spec.Layer(name="layer2a", namespaces=["user", "pid", "mount"], uid=uid, gid=gid,
-                         companions=helper_commands + [list(c) for c in options.companions])
+                         companions=[*helper_commands, *(list(c) for c in options.companions)])
     masks = [spec.Mask(path=_home_path(p, home), origin=f"masks.paths[{index}]")
              for index, p in enumerate(options.masks.paths)]
     layer2 = spec.Layer(name="layer2", namespaces=["mount"], fs=masks,

@@ -227,6 +227,9 @@ class Command(Struct, forbid_unknown_fields=True):
     # a new pty from the layer's own devpts as stdio and controlling terminal (in a new
     # session); the main command's pty master goes to the engine's caller
     tty: bool = False
+    # a companion that starts as soon as its layer is built, not at the instance-wide go: a
+    # helper other layers wait for (start_after); ended with the rest if the start fails
+    early: bool = False
 
 
 class Seccomp(Struct, forbid_unknown_fields=True):
@@ -598,6 +601,8 @@ def _check_layer(layer: Layer, say, known_policies) -> None:
             say(f"{where}.cwd", "must be an absolute path")
         if any(fd < 0 for fd in command.pass_fds):
             say(f"{where}.pass_fds", "fds must be >= 0")
+        if command.early and where == "command":
+            say("command.early", "only companions start early; the command starts at the go")
 
 
 def _abs_path(say, fieldname: str, path: str) -> None:

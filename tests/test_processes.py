@@ -10,6 +10,8 @@ import time
 import pytest
 
 from tests.conftest import (
+    ENGINE,
+    TIMEOUT,
     app_layer,
     layer,
     processes_with,
@@ -20,6 +22,8 @@ from tests.conftest import (
     sh,
     start_sandbox,
     wait_gone,
+    wait_until,
+    write_spec,
 )
 
 
@@ -467,6 +471,40 @@ def test_start_after_waits_for_a_listening_socket(tmp_path):
         thread.join()
         server.close()
     assert (result.returncode, result.stdout) == (0, "started\n"), result.stderr
+
+
+def test_an_early_companion_starts_before_the_go_and_the_rest_after(tmp_path):
+    """`early` companions run while the instance's go is still held (here by block_fd);
+    the command and the other companions only after it."""
+    binds = app_layer()["fs"] + [{"op": "bind", "src": str(tmp_path), "dest": "/out"}]
+    early, late = tmp_path / "early", tmp_path / "late"
+    top = app_layer("top", fs=binds, command=sh("cat /out/early; sleep 600"), companions=[
+        {"argv": sh("echo early > /out/early; exec sleep 600"), "early": True},
+        sh("echo late > /out/late; exec sleep 600")])
+    block_r, block_w = os.pipe()
+    path = write_spec(tmp_path, sandbox(top, block_fd=block_r))
+    proc = subprocess.Popen([*ENGINE, str(path)], pass_fds=(block_r,), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    os.close(block_r)
+    try:
+        assert wait_until(early.exists)  # while the go is held
+        assert not late.exists()
+        os.write(block_w, b"x")
+        assert read_line(proc.stdout) == "early\n"
+        assert wait_until(late.exists)
+    finally:
+        os.close(block_w)
+        proc.kill()
+        proc.communicate(timeout=TIMEOUT)
+
+
+def test_only_companions_start_early():
+    from bbld import spec
+
+    layer = spec.Layer(name="l", command=spec.Command(argv=["x"], early=True))
+    with pytest.raises(spec.SpecError) as err:
+        spec.check(spec.Sandbox(layer=layer))
+    assert "layer 'l': command.early: only companions start early" in str(err.value)
 
 
 def test_start_after_gives_up_after_its_timeout(tmp_path):

@@ -202,6 +202,7 @@ class LayerSupervisor:
         if self.plan.runs_commands:
             if not self.plan.replaced:
                 self._prepare_commands()  # while the other layers are still being built
+                self._start_commands(early=True)
             aborted = self._wait_for_go()
             if aborted is not None:
                 return aborted
@@ -406,6 +407,7 @@ class LayerSupervisor:
         for pid, status in reap_all():
             child = self.children.pop(pid, None)
             prepared = next((p for p in self.prepared if p.pid == pid), None)
+            self.commands.discard(pid)  # (an early companion may end: its business)
             if child is not None and child.steps_aside and status == 0:
                 self._stepped_aside(pid)
             elif child is not None and (child.runs_commands or status != 0):
@@ -426,9 +428,11 @@ class LayerSupervisor:
         self.prepared = [self._prepare(command, companion) for command, companion in
                          commands + [(command, True) for command in self.layer.companions]]
 
-    def _start_commands(self) -> None:
-        """Release the prepared commands in order, each once the one before has executed."""
-        for prepared in self.prepared:
+    def _start_commands(self, early: bool = False) -> None:
+        """Release the prepared commands in order, each once the one before has executed
+        (with `early`: only the companions that start before the go)."""
+        for prepared in [p for p in self.prepared if p.command.early or not early]:
+            self.prepared.remove(prepared)
             pid = self._release(prepared)
             if not prepared.companion and self.main_pid is None:
                 self.main_pid = pid

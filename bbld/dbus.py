@@ -9,7 +9,8 @@ the sockets' directory with links where apps expect a bus; the app's layers star
 the proxy listens (`start_after`).
 
 The grammar of names and rules is xdg-dbus-proxy's, checked here first so that a mistake is a
-line in the profile, not a proxy that exits at start. Pure data and checks: no trio, no engine.
+line in the profile, not a proxy that exits at start; so is the host's side (the proxy
+installed, each bus answering). No trio, no engine.
 """
 
 from __future__ import annotations
@@ -73,6 +74,8 @@ def of(option: str | DBus) -> DBus:
 def problems(options: DBus, app_id: str | None) -> list[tuple[str, str]]:
     """(where, what) for every name or rule xdg-dbus-proxy would refuse or misread."""
     found = []
+    if app_id is not None and not _name_ok(app_id, wildcard=False):
+        found.append(("$.app_id", f"{app_id!r} is not a D-Bus name like org.example.App"))
     if options.mode != "filtered":
         if options.system is not None or _has_rules(options) or options.log:
             found.append(("$.dbus.mode", f"{options.mode!r} takes no rules; rules, system and "
@@ -92,8 +95,6 @@ def problems(options: DBus, app_id: str | None) -> list[tuple[str, str]]:
                 problem = _rule_problem(entry)
                 if problem:
                     found.append((f"{where}.{kind}[{index}]", problem))
-    if app_id is not None and not _name_ok(app_id, wildcard=False):
-        found.append(("$.app_id", f"{app_id!r} is not a D-Bus name like org.example.App"))
     return found
 
 
@@ -144,28 +145,29 @@ def host_address(bus: str, environ: dict[str, str]) -> str:
     return address
 
 
-def socket_path(address: str) -> str | None:
-    """The socket file of a `unix:path=` address (the first one of a list), else None."""
+def _entries(address: str):
+    """(entry, transport, {key: value}) for each address of a D-Bus address list."""
     for entry in address.split(";"):
         transport, _, keys = entry.partition(":")
-        values = dict(item.partition("=")[::2] for item in keys.split(",") if item)
-        if transport == "unix" and "path" in values:
-            return unquote(values["path"])
-    return None
+        yield entry, transport, {key: unquote(value) for key, _, value in
+                                 (item.partition("=") for item in keys.split(",") if item)}
+
+
+def socket_path(address: str) -> str | None:
+    """The socket file of a `unix:path=` address (the first one of a list), else None."""
+    return next((values["path"] for _, transport, values in _entries(address)
+                 if transport == "unix" and "path" in values), None)
 
 
 def _unreachable(address: str) -> str | None:
     """Why nothing at `address` accepts a connection (None: something does). Only unix
     sockets: a path, or an abstract name (in this network namespace)."""
     reasons = []
-    for entry in address.split(";"):
-        transport, _, keys = entry.partition(":")
-        values = dict(item.partition("=")[::2] for item in keys.split(",") if item)
+    for entry, transport, values in _entries(address):
         if transport != "unix" or not ({"path", "abstract"} & values.keys()):
             reasons.append(f"{entry!r} is not a unix socket address BBL can proxy")
             continue
-        target = unquote(values["path"]) if "path" in values else \
-            "\0" + unquote(values["abstract"])
+        target = values["path"] if "path" in values else "\0" + values["abstract"]
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
             probe.settimeout(2)
             try:

@@ -7,9 +7,10 @@ line and the field. Pure data: no trio, no engine.
 
 The template (see docs/profiles.md):
 
-    layer1   user + pid namespaces, uid 0: holds the instance together
+    layer1   user + pid namespaces, uid 0: holds the instance together (and, for helpers'
+             sockets, a tmpfs over BBL's runtime directory)
     └─ layer2   semi-trusted: its own mount namespace, the host view with private paths masked
-       ├─ layer2a  trusted companions (capabilities dropped)
+       ├─ layer2a  trusted companions (capabilities dropped): the D-Bus proxy, the user's
        └─ layer2h  intermediary
           └─ layer3   untrusted zone: every namespace, a new root of system directories
              ├─ layer4   the app, back to the user's uid
@@ -264,14 +265,13 @@ def _check_bus_identities(top: spec.Layer, uid: int, path: str, text: str) -> No
     problems = []
 
     def visit(layer: spec.Layer, parent_uid: int, bus: str | None, where: str) -> None:
-        own_uid = parent_uid
-        if "user" in layer.namespaces and layer.uid is not None:
-            own_uid = layer.uid
+        sets_uid = "user" in layer.namespaces and layer.uid is not None
+        own_uid = layer.uid if sets_uid else parent_uid
         if layer.env.clear:
             bus = None
         bus = next((v for v in dbus.VARIABLE.values() if v in layer.env.set), bus)
         if bus and own_uid != uid and (layer.command or layer.companions):
-            line = line_of(text, f"{where}.uid" if own_uid is layer.uid else where)
+            line = line_of(text, f"{where}.uid" if sets_uid else where)
             problems.append(f"{path}:{line}: layer {layer.name!r}: runs as uid "
                             f"{own_uid} with {bus} set, and a bus only lets in the uid it sees "
                             f"({uid}): give the layer uid = {uid}")

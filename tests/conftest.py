@@ -515,6 +515,20 @@ class Session:
 
         fcntl.ioctl(self.master, termios.TIOCSWINSZ, _winsize(rows, cols))  # SIGWINCH to it
 
+    def interrupt_and_exit(self, status: int = 6) -> None:
+        """Ctrl-C ends the shell's foreground job, not the shell (status 130 after it); the
+        shell's `exit` ends the session with its status, and the local terminal's modes are
+        back as they were."""
+        import termios
+
+        self.send("\x03")
+        self.expect("$ ")
+        self.send("echo alive $?\r")
+        assert "alive 130" in self.expect("130")
+        self.send(f"exit {status}\r")
+        assert self.proc.wait(timeout=30) == status
+        assert termios.tcgetattr(self.slave) == self.modes  # raw mode undone
+
     def close(self) -> None:
         self.proc.kill()
         self.proc.wait(timeout=10)

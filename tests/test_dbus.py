@@ -390,6 +390,11 @@ def test_no_proxy_outlives_its_instance(instances, tmp_path, session_bus, end):
     helpers = os.path.join(instances.env["XDG_RUNTIME_DIR"], "bbl")
     proxies = processes_with(f"{helpers}/dbus-session")
     assert len(proxies) == 1
+    listed = instances.ctl("exec", instance, "--", "dbus-send", "--session", "--print-reply",
+                           "--dest=org.freedesktop.DBus", "/org/freedesktop/DBus",
+                           "org.freedesktop.DBus.ListNames")  # exec gets the same filter
+    assert listed.returncode == 0, listed.stderr
+    assert "org.freedesktop.DBus" in listed.stdout and "org.example" not in listed.stdout
     if end == "stop":
         assert instances.ctl("stop", instance).returncode == 0
     elif end == "kill the main command":

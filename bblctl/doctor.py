@@ -153,6 +153,7 @@ def _session():
         value = os.environ.get(name)
         found.append((INFO, what, f"{name}={value}" if value else f"{name} is not set"))
     found += _buses()
+    found += _network()
     for program, package, feature in HELPERS:
         path = shutil.which(program)
         found.append((OK, program, path) if path else
@@ -173,6 +174,19 @@ def _buses():
         except dbus.DBusError as exc:
             found.append((WARN, f"{bus} bus", f"{exc} (profiles with dbus need it)"))
     return found
+
+
+def _network():
+    """libnftables, which the egress rules of `net = "nat"` need (the tun device and pasta
+    have their own lines)."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libnftables.so.1")
+    except OSError:
+        return [(WARN, "libnftables", "not installed (net = \"nat\" needs it): apt install "
+                 "libnftables1")]
+    return [(OK, "libnftables", "loads (the egress rules of net = \"nat\")")]
 
 
 def _read(path: str) -> str | None:

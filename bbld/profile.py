@@ -28,7 +28,7 @@ from typing import Literal
 import msgspec
 from msgspec import Struct, field
 
-from bbld import dbus, paths, spec
+from bbld import dbus, net, paths, spec
 
 BUILTIN = os.path.join(os.path.dirname(__file__), "profiles")
 # Commands that would open a URL or file outside the sandbox (or a second, unsandboxed
@@ -83,7 +83,9 @@ class Profile(Struct, forbid_unknown_fields=True, kw_only=True):
     hardware: Literal["none", "gpu", "all"] = "none"
     masks: Masks = field(default_factory=Masks)
     env: Environment = field(default_factory=Environment)
-    net: Literal["host", "none"] = "none"  # untrusted apps get no network unless asked
+    # untrusted apps get no network unless asked; "nat" (or a [net] table): their own,
+    # through user-mode NAT, with forwards, shaping and egress rules (bbld.net)
+    net: net.Mode | net.Net = "none"
     dns: list[str] = []
     # rlimits of the app and its untrusted helpers ("nproc"), and "pids": a cgroup pids limit
     # of the whole untrusted zone (needs BBL_CGROUP)
@@ -160,6 +162,9 @@ def load(path: str, environ: dict[str, str] | None = None, uid: int | None = Non
     else:
         options = _convert(raw, Profile, path, text)
         _check_options(options, path, text)
+        problem = net.host_problem(net.of(options.net), environ)
+        if problem:
+            raise ProfileError([f"{path}:{line_of(text, '$.net')}: net: {problem}"])
         try:
             sandbox = expand(options, options.name or _default_name(path), environ, uid, gid)
         except dbus.DBusError as exc:  # (the host's side: a bus, the proxy)
@@ -247,6 +252,8 @@ def _check_options(options: Profile, path: str, text: str) -> None:
         if not spec.ENV_NAME_PATTERN.match(name):
             say("$.env", f"{name!r} is not a variable name")
     for where, message in dbus.problems(dbus.of(options.dbus), options.app_id):
+        say(where, message)
+    for where, message in net.problems(net.of(options.net)):
         say(where, message)
     for name, value in options.limits.items():
         if name != "pids" and name not in spec.RLIMITS:
@@ -353,12 +360,14 @@ def expand(options: Profile, name: str, environ: dict[str, str], uid: int,
                          companions=untrusted, start_after=bus.start_after if untrusted else [],
                          start_timeout=HELPERS_TIMEOUT)
     namespaces = ["mount", "pid", "ipc", "uts", "cgroup"]
-    if options.net == "none":
+    network = net.of(options.net)
+    if network.mode != "host":
         namespaces.append("net")
     layer3 = spec.Layer(name="layer3", namespaces=namespaces, hostname=name[:64],
                         new_root=True, fs=_layer3_fs(options, home, environ, uid, bus),
                         env=_layer3_env(options, home, environ, uid, bus), cwd=home,
-                        pids_limit=options.limits.get("pids"), layers=[layer4, layer4a])
+                        pids_limit=options.limits.get("pids"), layers=[layer4, layer4a],
+                        network=net.network(network, options.dns))
     layer2h = spec.Layer(name="layer2h", namespaces=["mount"], layers=[layer3])
     # (the proxy starts as soon as layer2a is built: the app's layers wait for it)
     helper_commands = [spec.Command(argv=bus.companion, early=True)] if bus.companion else []

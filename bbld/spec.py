@@ -246,6 +246,47 @@ class Join(Struct, forbid_unknown_fields=True):
     pid: int | None = None  # the layer's processes are born in this pid namespace
 
 
+class PortForward(Struct, forbid_unknown_fields=True, kw_only=True):
+    """Connections to a host port go to a port inside (pasta's -t/-u)."""
+    protocol: Literal["tcp", "udp"] = "tcp"
+    host_address: str = "127.0.0.1"  # where the port is bound on the host
+    host_port: int
+    port: int  # inside
+
+
+class HostPort(Struct, forbid_unknown_fields=True, kw_only=True):
+    """A port of the host's loopback the layer reaches at its own 127.0.0.1 (pasta's -T/-U)."""
+    protocol: Literal["tcp", "udp"] = "tcp"
+    port: int
+
+
+class EgressRule(Struct, forbid_unknown_fields=True, kw_only=True):
+    """Traffic leaving the layer's network namespace: to an address or prefix ("any": every
+    address), optionally one protocol and a port range (first, last)."""
+    to: str
+    protocol: Literal["tcp", "udp"] | None = None
+    ports: tuple[int, int] | None = None  # needs a protocol
+
+
+class Network(Struct, forbid_unknown_fields=True, kw_only=True):
+    """A layer's own network namespace, connected and fenced by its engine's caller before
+    any command runs (bbld.engine.network); nothing inside can undo it unless it holds
+    CAP_NET_ADMIN over the namespace's user namespace."""
+    nat: bool = False  # reach the host's networks through user-mode NAT (pasta)
+    forward: list[PortForward] = []
+    host_ports: list[HostPort] = []
+    mtu: int = 1500  # of the NAT's interface (a 64 KiB one defeats shaping's bursts)
+    # name servers the layer may always reach on port 53 (unless `deny` says otherwise), even
+    # where deny_host or deny_local would reject them: a LAN's or the host's resolver
+    resolvers: list[str] = []
+    rate: int | None = None  # bits per second, each way (download and upload)
+    delay_ms: int | None = None  # added each way (netem; not every kernel has it)
+    deny: list[EgressRule] = []  # rejected first
+    allow: list[EgressRule] = []  # then accepted; when given, everything else is rejected
+    deny_host: bool = True  # the host's own addresses (its services, reached through the NAT)
+    deny_local: bool = False  # private, shared and link-local ranges (the LAN)
+
+
 class Layer(Struct, forbid_unknown_fields=True, kw_only=True):
     name: str
     namespaces: list[Namespace] = []
@@ -272,6 +313,7 @@ class Layer(Struct, forbid_unknown_fields=True, kw_only=True):
     start_timeout: float = 30.0
     rlimits: dict[str, int] = {}  # for its commands: "nproc" = 512 sets soft and hard limit
     pids_limit: int | None = None  # processes of the layer and all below it (a cgroup's pids.max)
+    network: Network | None = None  # with "net" in namespaces: NAT, shaping, egress rules
     lock_files: list[str] = []  # read-locked (fcntl) by the supervisor while the layer lives
     # "deny": nothing in this layer or below creates user namespaces any more;
     # "assert-denied": commands refuse to start if they could create one
@@ -584,6 +626,8 @@ def _check_layer(layer: Layer, say, known_policies) -> None:
         if "sys_resource" in {n.lower().removeprefix("cap_") for n in layer.caps}:
             say("user_namespaces", "\"deny\" cannot hold with cap sys_resource kept: it "
                 "could raise the limit again")
+    if layer.network is not None:
+        _check_network(layer.network, "net" in ns, say)
     if layer.command_replaces_supervisor:
         if layer.command is None:
             say("command_replaces_supervisor", "needs a command")
@@ -603,6 +647,49 @@ def _check_layer(layer: Layer, say, known_policies) -> None:
             say(f"{where}.pass_fds", "fds must be >= 0")
         if command.early and where == "command":
             say("command.early", "only companions start early; the command starts at the go")
+
+
+def _check_network(net: Network, own_namespace: bool, say) -> None:
+    if not own_namespace:
+        say("network", "needs a network namespace of the layer's own; add \"net\" to namespaces")
+    if not net.nat:
+        for name in ("forward", "host_ports", "resolvers", "rate", "delay_ms"):
+            if getattr(net, name):
+                say(f"network.{name}", "needs nat = true (without it only loopback exists)")
+    ports = [(f"forward[{i}].host_port", f.host_port) for i, f in enumerate(net.forward)]
+    ports += [(f"forward[{i}].port", f.port) for i, f in enumerate(net.forward)]
+    ports += [(f"host_ports[{i}].port", h.port) for i, h in enumerate(net.host_ports)]
+    for where, port in ports:
+        if not 0 < port < 65536:
+            say(f"network.{where}", f"{port} is not a port (1 to 65535)")
+    for where, address in [(f"forward[{i}].host_address", f.host_address)
+                           for i, f in enumerate(net.forward)] + [
+            (f"resolvers[{i}]", a) for i, a in enumerate(net.resolvers)]:
+        if not _ip(address, prefix=False):
+            say(f"network.{where}", f"{address!r} is not an IP address")
+    for key in ("deny", "allow"):
+        for index, rule in enumerate(getattr(net, key)):
+            where = f"network.{key}[{index}]"
+            if rule.to != "any" and not _ip(rule.to, prefix=True):
+                say(f"{where}.to", f"{rule.to!r} is not an address or prefix (or \"any\")")
+            if rule.ports is not None and (rule.protocol is None or not
+                                           0 < rule.ports[0] <= rule.ports[1] < 65536):
+                say(f"{where}.ports", "needs a protocol and 1 <= first <= last <= 65535")
+    if not 576 <= net.mtu <= 65520:
+        say("network.mtu", "must be 576 to 65520")
+    for name in ("rate", "delay_ms"):
+        if getattr(net, name) is not None and getattr(net, name) < 1:
+            say(f"network.{name}", "must be >= 1")
+
+
+def _ip(text: str, prefix: bool) -> bool:
+    import ipaddress  # (only specs with a network pay for it)
+
+    try:
+        (ipaddress.ip_network if prefix else ipaddress.ip_address)(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _abs_path(say, fieldname: str, path: str) -> None:

@@ -3,13 +3,14 @@
     python -m tests.launch SPEC.json ID_FILE
 
 writes the instance id to ID_FILE once it runs, passes its own stdio to the sandbox and exits
-with the main command's status (or 1 if the daemon goes away first).
+with the main command's status (a failed start's exit code, or 1 if the daemon goes away
+first).
 """
 
 import os
 import sys
 
-from bblctl.client import ClientError, connect
+from bblctl.client import ClientError, RemoteError, connect
 
 
 def main(spec_path: str, id_path: str) -> int:
@@ -26,6 +27,9 @@ def main(spec_path: str, id_path: str) -> int:
                     os.rename(id_path + ".tmp", id_path)
                 elif reply["event"] == "exited":
                     return reply["status"]
+    except RemoteError as exc:  # (StartFailed: its message and code, as bblctl says them)
+        print(f"launch: {exc.parameters.get('message', exc)}", file=sys.stderr)
+        return exc.parameters.get("exit_code", 1)
     except ClientError as exc:
         print(f"launch: {exc}", file=sys.stderr)
     return 1

@@ -45,8 +45,10 @@ make_venv "$base/venv" "$base/src"
     >/dev/null
 chmod -R a+rX "$base/venv" "$base/src"
 
-# FUSE (AppImage mounts) is root-only on some machines; desktop systems ship /dev/fuse 0666.
+# FUSE (AppImage mounts) and the tun device (NAT through pasta) are root-only on some
+# machines; desktop systems ship /dev/fuse and /dev/net/tun 0666.
 [ -c /dev/fuse ] && chmod 0666 /dev/fuse
+[ -c /dev/net/tun ] && chmod 0666 /dev/net/tun
 
 # A cgroup v2 subtree delegated to the account, as systemd's Delegate= gives one, for the
 # pids-limit tests (they skip without): $cgroup, holding no processes, with the account's

@@ -95,6 +95,11 @@ def _enter(plan, layer, namespace_fds, own, argv, env, cwd, stdio, channel, cgro
     bbld_channel.send(channel, reports.step(reports.Joined()), [pidfd, ours.fileno()])
 
 
+def join_namespaces(namespace_fds: dict[str, int]) -> None:
+    """Enter the namespaces of `namespace_fds` (/proc/PID/ns names -> fds) from ours."""
+    _join(namespace_fds, {name: _identity(f"/proc/self/ns/{name}") for name, _ in ORDER})
+
+
 def _join(namespace_fds: dict[str, int], own: dict) -> None:
     """Enter the layer's namespaces. Entering one takes CAP_SYS_ADMIN in the user namespace
     that owns it *and* in our current one, and capabilities never reach up to an ancestor;

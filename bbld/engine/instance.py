@@ -18,7 +18,7 @@ import socket
 import msgspec
 
 from bbld import channel
-from bbld.engine import bwrap_status, namespaces, reports
+from bbld.engine import bwrap_status, namespaces, network, reports
 from bbld.engine import syscalls as sc
 from bbld.engine.cgroups import Cgroups
 from bbld.engine.enter import Entered, enter
@@ -78,6 +78,7 @@ class Instance:
         self.cgroups: Cgroups | None = None
         self.cwd: str | None = None
         self.layer1 = None  # its Spawned (pid, pidfd)
+        self.nats: list[network.Nat] = []  # the NAT processes of layers with a network
         self.poller: select.poll | None = None
 
     # ------------------------------------------------------------ start
@@ -157,6 +158,7 @@ class Instance:
         if self.failure is not None:
             raise self.failure
         if not self.released and self.barrier <= self.built.keys():
+            self._connect_networks()
             if self.plan.sandbox.block_fd is not None:  # bubblewrap's --block-fd
                 os.read(self.plan.sandbox.block_fd, 1)
             os.write(self.go_w, b"1" * len(self.layer_names))  # one byte for every layer
@@ -170,6 +172,31 @@ class Instance:
             raise StartError(f"exited during start with status {self.status}",
                              layer=self.plan.root.name)
         return False
+
+    def _connect_networks(self) -> None:
+        """Each built layer's `network` (NAT, egress rules, shaping), before the go byte:
+        nothing of the sandbox runs before they hold (bbld.engine.network)."""
+        for node in self.plan.layers():
+            if node.layer.network is None or node.name not in self.built:
+                continue
+            try:
+                nat = network.connect(node.layer.network, self.namespace_fds[node.name]["net"],
+                                      self.environ)
+            except StartError as exc:
+                raise exc.located(layer=node.name) from None
+            if nat is not None:
+                self.nats.append(nat)
+                self.followed[nat.pidfd] = nat.pid  # (not an orphan to reap)
+                self.watch(nat.pidfd, lambda nat=nat, name=node.name: self._nat_ended(nat, name))
+
+    def _nat_ended(self, nat: network.Nat, layer: str) -> None:
+        """The NAT ended before the instance: the layer is cut off, the rest runs on."""
+        self.unwatch(nat.pidfd)
+        self.nats.remove(nat)
+        self.followed.pop(nat.pidfd, None)
+        nat.end()
+        os.write(2, f"bbl: layer '{layer}': the NAT (pasta) ended; the layer has no network "
+                    f"beyond its own any more\n".encode())
 
     # ------------------------------------------------------------ running
 
@@ -406,6 +433,9 @@ class Instance:
             os.close(layer1.pidfd)
             if self.plan.adopts_orphans:  # what the sandbox left behind ends with it
                 kill_all_children(self.proc_fd)
+        for nat in self.nats:  # (pasta would outlive the namespace it serves)
+            nat.end()
+        self.nats.clear()
         if self.cgroups is not None:
             self.cgroups.remove()
         namespace_fds = [fd for fds in self.namespace_fds.values() for fd in fds.values()]

@@ -135,6 +135,9 @@ def prepare(sandbox: spec.Sandbox, args: list[str] = ()) -> Plan:
 
 def _plan_layer(layer: spec.Layer, main: str, main_path: set[str], gated: bool) -> LayerPlan:
     gated = gated or bool(layer.start_after)
+    if gated and layer.network is not None:  # (it is set up before the go, gated layers later)
+        raise StartError(f"layer '{layer.name}': network: not in a layer that waits for a "
+                         "socket (start_after, its own or an ancestor's)", EXIT_USAGE)
     children = [_plan_layer(child, main, main_path, gated) for child in layer.layers]
     plan = LayerPlan(layer=layer, children=children, gated=gated, runs_main=layer.name == main)
     plan.main_child = next((c for c in children if c.name in main_path), None)

@@ -408,3 +408,37 @@ def parse_signalfd_siginfo(raw: bytes) -> tuple[int, int, int]:
     """(signo, si_code, sender pid) from one struct signalfd_siginfo."""
     signo, _errno, code, pid = struct.unpack_from("IiiI", raw)
     return signo, code, pid
+
+
+class _IfAddrs(ctypes.Structure):
+    pass
+
+
+_IfAddrs._fields_ = [("next", ctypes.POINTER(_IfAddrs)), ("name", ctypes.c_char_p),
+                     ("flags", ctypes.c_uint), ("addr", ctypes.c_void_p),
+                     ("netmask", ctypes.c_void_p), ("broadaddr", ctypes.c_void_p),
+                     ("data", ctypes.c_void_p)]
+
+
+def host_addresses() -> list[str]:
+    """Every IPv4 and IPv6 address of every interface of our network namespace
+    (getifaddrs(3)), loopback included."""
+    import socket
+
+    head = ctypes.POINTER(_IfAddrs)()
+    _check(_libc.getifaddrs(ctypes.byref(head)))
+    found = []
+    try:
+        entry = head
+        while entry:
+            addr = entry.contents.addr
+            if addr:
+                family = ctypes.c_ushort.from_address(addr).value
+                if family == socket.AF_INET:
+                    found.append(socket.inet_ntop(family, ctypes.string_at(addr + 4, 4)))
+                elif family == socket.AF_INET6:
+                    found.append(socket.inet_ntop(family, ctypes.string_at(addr + 8, 16)))
+            entry = entry.contents.next
+    finally:
+        _libc.freeifaddrs(head)
+    return found

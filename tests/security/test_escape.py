@@ -5,6 +5,7 @@ can tell when something is open."""
 import ctypes
 import json
 import os
+import shutil
 import socket
 
 import pytest
@@ -97,10 +98,13 @@ def probe_output(result) -> dict:
     return json.loads(result.stdout)
 
 
-def test_the_default_templates_app_layer_holds(instances, tmp_path, targets):
+@pytest.mark.parametrize("net", ["none", "nat"])
+def test_the_default_templates_app_layer_holds(instances, tmp_path, targets, net):
+    if net == "nat" and not (shutil.which("pasta") and os.access("/dev/net/tun", os.W_OK)):
+        pytest.skip("needs pasta and a usable /dev/net/tun (.ci/run, tests/run.sh)")
     path = tmp_path / "probe.toml"
     command = probe_command(with_syscalls(targets))
-    path.write_text(f'net = "none"\ncommand = {json.dumps(command)}\n')
+    path.write_text(f'net = "{net}"\ncommand = {json.dumps(command)}\n')
     found = probe_output(instances.ctl("start", str(path), stdin=open(os.devnull)))
     assert sorted(found) == sorted(SECCOMP + ISOLATION)
     assert {name: verdict for name, verdict in found.items() if verdict != "blocked"} == {}

@@ -16,9 +16,12 @@ from msgspec import Struct
 
 from bbld import spec
 
-NAT_PROGRAM = "pasta"
+NAT_PROGRAMS = ("pasta", "slirp4netns")  # the first found does it (docs/dependencies.md)
+SLIRP_DNS = "10.0.2.3"  # slirp4netns's DNS forwarder (to the host's resolver)
 TUN = "/dev/net/tun"
 RESOLV_CONF = "/etc/resolv.conf"
+# Where systemd-resolved lists the servers its stub (127.0.0.53) asks
+STUB_UPSTREAMS = "/run/systemd/resolve/resolv.conf"
 
 Mode = Literal["none", "host", "nat"]
 
@@ -165,13 +168,23 @@ def problems(value: Net) -> list[tuple[str, str]]:
     return found
 
 
+def nat_with(environ: dict[str, str]) -> str | None:
+    """The NAT program `environ`'s PATH has: pasta, else slirp4netns; None if neither."""
+    return next((name for name in NAT_PROGRAMS
+                 if shutil.which(name, path=environ.get("PATH") or os.defpath)), None)
+
+
 def host_problem(value: Net, environ: dict[str, str]) -> str | None:
     """What this host lacks for `value`, as one line with the fix; None if nothing."""
     if value.mode != "nat":
         return None
-    if shutil.which(NAT_PROGRAM, path=environ.get("PATH") or os.defpath) is None:
-        return "nat needs pasta, which is not installed: apt install passt (dnf/pacman " \
-               "install passt)"
+    program = nat_with(environ)
+    if program is None:
+        return "nat needs pasta (or slirp4netns), and neither is installed: apt install " \
+               "passt (dnf/pacman install passt)"
+    if value.host_ports and program != "pasta":
+        return "host_ports needs pasta (slirp4netns, the one installed, reaches every host " \
+               "loopback port or none): apt install passt"
     if not os.access(TUN, os.R_OK | os.W_OK):
         if not os.path.exists(TUN):
             return f"nat needs {TUN}, which does not exist: as root, modprobe tun"
@@ -181,27 +194,47 @@ def host_problem(value: Net, environ: dict[str, str]) -> str | None:
     return None
 
 
-def network(value: Net, dns: list[str]) -> spec.Network | None:
+def nameservers_to_write(value: Net, dns: list[str], environ: dict[str, str]) -> list[str]:
+    """The name servers the template writes into the app's /etc/resolv.conf ([]: the host's
+    file serves as it is): the profile's `dns`; behind slirp4netns its forwarder; behind pasta,
+    where the host's servers are all on its loopback, the servers that stub asks."""
+    if dns or value.mode != "nat":
+        return list(dns)
+    return [SLIRP_DNS] if nat_with(environ) == "slirp4netns" else stub_upstreams()
+
+
+def network(value: Net, dns: list[str], environ: dict[str, str]) -> spec.Network | None:
     """The spec's Network for layer3 (None unless mode is "nat"). The name servers the app
-    asks (the profile's `dns`, else the host's) stay reachable on port 53 whatever
-    deny_host and deny_local say; one on the host's loopback is not reachable from inside
-    (its own loopback): such hosts need `dns`."""
+    asks stay reachable on port 53 whatever deny_host and deny_local say."""
     if value.mode != "nat":
         return None
-    resolvers = [a for a in dns or host_resolvers() if not ipaddress.ip_address(a).is_loopback]
+    asked = nameservers_to_write(value, dns, environ) or nameservers(RESOLV_CONF)
     return spec.Network(
-        nat=True, forward=[forward(f) for f in value.forward],
-        host_ports=[host_port(p) for p in value.host_ports], resolvers=resolvers,
+        nat=True, nat_with=nat_with(environ) or "pasta",
+        forward=[forward(f) for f in value.forward],
+        host_ports=[host_port(p) for p in value.host_ports],
+        resolvers=[a for a in asked if not ipaddress.ip_address(a).is_loopback],
         rate=rate(value.rate) if value.rate else None,
         delay_ms=delay(value.delay) if value.delay else None,
         deny=[rule(r) for r in value.deny], allow=[rule(r) for r in value.allow],
         deny_host=value.deny_host, deny_local=value.deny_local)
 
 
-def host_resolvers() -> list[str]:
-    """The name servers the host's /etc/resolv.conf names (the app reads the same file)."""
+def stub_upstreams() -> list[str]:
+    """When the host's name servers are all on its loopback (a local stub such as
+    systemd-resolved's 127.0.0.53), which a NAT'd app cannot reach (its loopback is its own):
+    the servers that stub asks, for the app's own /etc/resolv.conf, as podman and docker do.
+    Else [] (the host's /etc/resolv.conf serves the app as it is)."""
+    host = nameservers(RESOLV_CONF)
+    if not host or not all(ipaddress.ip_address(a).is_loopback for a in host):
+        return []
+    return [a for a in nameservers(STUB_UPSTREAMS) if not ipaddress.ip_address(a).is_loopback]
+
+
+def nameservers(path: str) -> list[str]:
+    """The `nameserver` addresses of a resolv.conf file ([] if there is none)."""
     try:
-        with open(RESOLV_CONF) as f:
+        with open(path) as f:
             words = [line.split() for line in f]
     except OSError:
         return []

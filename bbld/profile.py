@@ -367,7 +367,7 @@ def expand(options: Profile, name: str, environ: dict[str, str], uid: int,
                         new_root=True, fs=_layer3_fs(options, home, environ, uid, bus),
                         env=_layer3_env(options, home, environ, uid, bus), cwd=home,
                         pids_limit=options.limits.get("pids"), layers=[layer4, layer4a],
-                        network=net.network(network, options.dns))
+                        network=net.network(network, options.dns, environ))
     layer2h = spec.Layer(name="layer2h", namespaces=["mount"], layers=[layer3])
     # (the proxy starts as soon as layer2a is built: the app's layers wait for it)
     helper_commands = [spec.Command(argv=bus.companion, early=True)] if bus.companion else []
@@ -429,8 +429,9 @@ def _layer3_fs(options: Profile, home: str, environ: dict[str, str], uid: int,
         fs.append((spec.Bind if mount.type == "bind" else spec.RoBind)(
             src=src, dest=dest, origin=f"mounts[{index}]"))
     fs += _masks(options)
-    if options.dns:
-        resolv = "".join(f"nameserver {server}\n" for server in options.dns)
+    servers = net.nameservers_to_write(net.of(options.net), options.dns, environ)
+    if servers:
+        resolv = "".join(f"nameserver {server}\n" for server in servers)
         fs.append(spec.RoBindData(dest="/etc/resolv.conf", content=resolv, mode=0o444))
     fs += _desktop(options, environ)
     fs += bus.fs

@@ -272,7 +272,10 @@ class Network(Struct, forbid_unknown_fields=True, kw_only=True):
     """A layer's own network namespace, connected and fenced by its engine's caller before
     any command runs (bbld.engine.network); nothing inside can undo it unless it holds
     CAP_NET_ADMIN over the namespace's user namespace."""
-    nat: bool = False  # reach the host's networks through user-mode NAT (pasta)
+    nat: bool = False  # reach the host's networks through user-mode NAT
+    # which program: pasta (the host's address and routes, host ports one by one), or
+    # slirp4netns (10.0.2.100 behind 10.0.2.2, its own DNS forwarder at 10.0.2.3)
+    nat_with: Literal["pasta", "slirp4netns"] = "pasta"
     forward: list[PortForward] = []
     host_ports: list[HostPort] = []
     mtu: int = 1500  # of the NAT's interface (a 64 KiB one defeats shaping's bursts)
@@ -659,6 +662,9 @@ def _check_network(net: Network, own_namespace: bool, say) -> None:
     ports = [(f"forward[{i}].host_port", f.host_port) for i, f in enumerate(net.forward)]
     ports += [(f"forward[{i}].port", f.port) for i, f in enumerate(net.forward)]
     ports += [(f"host_ports[{i}].port", h.port) for i, h in enumerate(net.host_ports)]
+    if net.host_ports and net.nat_with != "pasta":
+        say("network.host_ports", "needs pasta: slirp4netns reaches every host loopback port "
+            "or none")
     for where, port in ports:
         if not 0 < port < 65536:
             say(f"network.{where}", f"{port} is not a port (1 to 65535)")

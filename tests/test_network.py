@@ -38,10 +38,11 @@ def _libnftables() -> bool:
 
 
 real_nat = pytest.mark.skipif(
-    not (shutil.which("pasta") and os.access("/dev/net/tun", os.R_OK | os.W_OK)
-         and _libnftables() and os.path.exists(SYSTEM_PYTHON)),
-    reason="needs pasta (passt), a usable /dev/net/tun and libnftables (.ci/run installs "
-           "them; tests/run.sh makes the tun device 0666 as desktop distributions ship it)")
+    not (os.access("/dev/net/tun", os.R_OK | os.W_OK) and _libnftables()
+         and os.path.exists(SYSTEM_PYTHON) and shutil.which("nsenter")),
+    reason="needs a usable /dev/net/tun, libnftables and nsenter (.ci/run installs them; "
+           "tests/run.sh makes the tun device 0666 as desktop distributions ship it)")
+ENV = {"PATH": os.defpath}
 
 
 # ---------------------------------------------------------------- the words
@@ -121,7 +122,7 @@ def test_pasta_forwards_nothing_it_is_not_told_to():
             ("--userns", "/ns/user")} <= pairs
     assert "--no-map-gw" in bare and "--foreground" in bare
     asked = net.network(net.Net(forward=["127.0.0.1:8080:80", "udp:5353:53"],
-                                host_ports=[5432, "udp:53"]), [])
+                                host_ports=[5432, "udp:53"]), [], ENV)
     argv = network.pasta_argv("pasta", asked, "/ns/net", None, "/pid")
     pairs = set(zip(argv, argv[1:], strict=False))
     assert {("--tcp-ports", "127.0.0.1/8080:80"), ("--udp-ports", "127.0.0.1/5353:53"),
@@ -131,7 +132,7 @@ def test_pasta_forwards_nothing_it_is_not_told_to():
 
 def test_the_ruleset_denies_then_allows_then_fences_the_host_and_the_lan():
     rules = net.network(net.Net(deny=["tcp:198.18.0.1:7002"], allow=["tcp:*:443"],
-                                deny_local=True), ["10.0.0.53"])
+                                deny_local=True), ["10.0.0.53"], ENV)
     text = network.ruleset(rules, ["127.0.0.1", "192.0.2.2", "10.1.2.3", "::1", "fd00::2"])
     lines = [line.strip() for line in text.splitlines()]
     body = lines[lines.index('oifname "lo" accept'):]
@@ -144,6 +145,31 @@ def test_the_ruleset_denies_then_allows_then_fences_the_host_and_the_lan():
         "192.168.0.0/16 } reject", "ip6 daddr { fc00::/7, fe80::/10 } reject",
         "reject", "}", "}"]
     assert network.ruleset(spec.Network(deny_host=False), []) is None
+
+
+def test_slirp4netns_takes_no_host_loopback_and_its_forwards_on_its_api_socket():
+    bare = network.nat_argv("slirp4netns", spec.Network(nat=True, nat_with="slirp4netns"),
+                            "/ns/net", "/ns/user", 7)
+    assert bare == ["slirp4netns", "--configure", "--mtu", "1500", "--disable-host-loopback",
+                    "--enable-seccomp", "--ready-fd", "7", "--netns-type=path",
+                    "--userns-path=/ns/user", "/ns/net", "eth0"]
+    forwarded = spec.Network(nat=True, nat_with="slirp4netns", forward=[net.forward("8080:80")])
+    argv = network.nat_argv("slirp4netns", forwarded, "/ns/net", None, 7, "/tmp/x/api.sock")
+    assert "--api-socket" in argv and "--userns-path" not in " ".join(argv)
+
+
+def test_only_pasta_reaches_host_ports(tmp_path):
+    only_slirp = tmp_path / "bin"
+    only_slirp.mkdir()
+    (only_slirp / "slirp4netns").symlink_to("/bin/true")
+    env = {"PATH": str(only_slirp)}
+    assert net.nat_with(env) == "slirp4netns"
+    assert net.host_problem(net.Net(host_ports=[5432]), env).startswith(
+        "host_ports needs pasta")
+    assert net.nameservers_to_write(net.Net(), [], env) == [net.SLIRP_DNS]
+    assert net.nameservers_to_write(net.Net(), ["192.0.2.53"], env) == ["192.0.2.53"]
+    assert net.host_problem(net.Net(), {"PATH": str(tmp_path)}).startswith(
+        "nat needs pasta (or slirp4netns), and neither is installed")
 
 
 def test_shaping_bursts_always_hold_a_few_packets():
@@ -164,8 +190,30 @@ def test_the_template_gives_layer3_what_the_mode_says(tmp_path):
     if net.host_problem(net.Net(), env) is None:
         nat = layer3('[net]\nhost_ports = [5432]\nrate = "2mbit"\n')
         assert "net" in nat.namespaces and nat.network.nat and nat.network.rate == 2_000_000
-        assert nat.network.resolvers == [a for a in net.host_resolvers()
+        assert nat.network.resolvers == [a for a in net.nameservers(net.RESOLV_CONF)
                                          if a not in ("127.0.0.1", "::1")]
+
+
+@pytest.mark.parametrize("host, upstream, app", [
+    ("nameserver 127.0.0.53\n", "nameserver 10.0.0.1\nnameserver 127.0.0.1\n", ["10.0.0.1"]),
+    ("nameserver 192.0.2.53\n", "nameserver 10.0.0.1\n", None),  # (the host's file serves)
+])
+def test_behind_nat_a_stub_resolver_on_the_hosts_loopback_gives_way_to_its_upstreams(
+        tmp_path, monkeypatch, host, upstream, app):
+    if not shutil.which("pasta") or net.host_problem(net.Net(), dict(os.environ)):
+        pytest.skip("needs pasta and a usable /dev/net/tun")
+    (tmp_path / "host").write_text(host)
+    (tmp_path / "upstream").write_text(upstream)
+    monkeypatch.setattr(net, "RESOLV_CONF", str(tmp_path / "host"))
+    monkeypatch.setattr(net, "STUB_UPSTREAMS", str(tmp_path / "upstream"))
+    sandbox = profile.load(write(tmp_path, 'net = "nat"\n'), dict(os.environ))
+    layer3 = spec.path_to(sandbox.layer, "layer3")[-1]
+    resolv = [op for op in layer3.fs if getattr(op, "dest", "") == "/etc/resolv.conf"]
+    if app is None:
+        assert resolv == [] and layer3.network.resolvers == ["192.0.2.53"]
+    else:
+        assert resolv[0].content == "".join(f"nameserver {a}\n" for a in app)
+        assert layer3.network.resolvers == app
 
 
 def test_without_pasta_a_start_is_one_line_naming_the_fix(tmp_path, bbl_env):
@@ -201,8 +249,15 @@ def test_the_validator_names_an_unusable_tun_device(tmp_path, monkeypatch):
 class World:
     """tests/net/world.py, and bblctl run inside it with a daemon of the test's own."""
 
-    def __init__(self, tmp_path, env: dict, tun_0600: bool = False):
+    def __init__(self, tmp_path, env: dict, tun_0600: bool = False, nat_with: str = "pasta"):
         self.env = {**env, "PATH": os.environ["PATH"]}
+        self.nat_with = nat_with
+        self.nsenter = shutil.which("nsenter")
+        if nat_with != "pasta":  # (the first found does it: a PATH with this one alone)
+            only = tmp_path / "nat-bin"
+            only.mkdir()
+            (only / nat_with).symlink_to(shutil.which(nat_with))
+            self.env["PATH"] = str(only)
         base = os.path.commonpath([tmp_path, env["HOME"]])  # (the test's own directories)
         self.source = source = os.path.dirname(os.path.dirname(HERE))
         self.proc = subprocess.Popen(
@@ -224,7 +279,7 @@ class World:
     def argv(self, argv) -> list[str]:
         # (in the sources, entered by path: nsenter's --wd keeps a directory of the host's
         # mount, which is not reachable in the world's)
-        return ["nsenter", "-t", str(self.pid), "--user", "--net", "--mount",
+        return [self.nsenter, "-t", str(self.pid), "--user", "--net", "--mount",
                 "--preserve-credentials", "--", "/bin/sh", "-c", 'cd "$0" && exec "$@"',
                 self.source, *argv]
 
@@ -274,8 +329,9 @@ class World:
             try:
                 with open(f"/proc/{entry}/stat") as f:
                     comm, rest = f.read().rsplit(")", 1)
-                if comm.split("(", 1)[1].startswith(("passt", "pasta")) and rest.split()[0] \
-                        != "Z" and os.stat(f"/proc/{entry}").st_uid == os.getuid():
+                name, state = comm.split("(", 1)[1], rest.split()[0]
+                if name.startswith(("passt", "pasta", "slirp4netns")) and state != "Z" \
+                        and os.stat(f"/proc/{entry}").st_uid == os.getuid():
                     found.append(int(entry))
             except (OSError, ValueError):
                 continue
@@ -291,9 +347,11 @@ class World:
         self.proc.wait(timeout=TIMEOUT)
 
 
-@pytest.fixture
-def world(tmp_path, bbl_env):
-    made = World(tmp_path, bbl_env)
+@pytest.fixture(params=["pasta", "slirp4netns"])
+def world(request, tmp_path, bbl_env):
+    if not shutil.which(request.param):
+        pytest.skip(f"needs {request.param} (.ci/run installs it)")
+    made = World(tmp_path, bbl_env, nat_with=request.param)
     try:
         yield made
     finally:
@@ -301,7 +359,7 @@ def world(tmp_path, bbl_env):
 
 
 ALL = ["tcp:127.0.0.1:7010", "tcp:127.0.0.1:7011", f"tcp:{REMOTE}:7001", f"tcp:{REMOTE}:7002",
-       f"tcp:{HOST_SELF}:7012", f"tcp:{PRIVATE}:7001", "interfaces"]
+       f"tcp:{HOST_SELF}:7012", f"tcp:{PRIVATE}:7001", f"udp:{REMOTE}:7005", "interfaces"]
 
 
 def refused(verdict: str) -> bool:
@@ -310,17 +368,31 @@ def refused(verdict: str) -> bool:
 
 @real_nat
 def test_nat_reaches_the_world_and_only_the_host_ports_it_names(world):
-    found = world.probe('[net]\nhost_ports = [7010]\ndeny_local = true\n', *ALL)
+    ports = "host_ports = [7010]\n" if world.nat_with == "pasta" else ""  # (pasta's alone)
+    # the name server the app asks: the host's (the world's remote holds its address), or
+    # slirp4netns's forwarder, which asks the host's
+    host_resolver = [a for a in net.nameservers(net.RESOLV_CONF) if "." in a][:1]
+    resolver = [net.SLIRP_DNS] if world.nat_with == "slirp4netns" else [
+        a for a in host_resolver if not a.startswith("127.")]
+    found = world.probe(f'[net]\n{ports}deny_local = true\n', *ALL,
+                        *(f"udp:{a}:53" for a in resolver))
     assert found["interfaces"] == ["eth0", "lo"]
-    assert found["tcp:127.0.0.1:7010"] == "host-7010"  # host_ports
+    if ports:
+        assert found["tcp:127.0.0.1:7010"] == "host-7010"  # host_ports
+    else:
+        assert refused(found["tcp:127.0.0.1:7010"])
     assert refused(found["tcp:127.0.0.1:7011"])  # another live host port: pasta's default
     assert found[f"tcp:{REMOTE}:7001"] == "remote-7001"
     assert found[f"tcp:{REMOTE}:7002"] == "remote-7002"
+    assert found[f"udp:{REMOTE}:7005"] == "echo:q"
     assert refused(found[f"tcp:{HOST_SELF}:7012"])  # the host's own address: deny_host
     assert refused(found[f"tcp:{PRIVATE}:7001"])  # the LAN: deny_local
+    if resolver and host_resolver and not host_resolver[0].startswith("127."):
+        assert found[f"udp:{resolver[0]}:53"] == "echo:q"  # on the LAN, and reachable
 
 
 @real_nat
+@pytest.mark.parametrize("world", ["pasta"], indirect=True)  # (the same with either)
 def test_none_has_only_loopback_and_host_shares_the_hosts(world):
     none = world.probe('net = "none"\n', "tcp:127.0.0.1:7010", f"tcp:{REMOTE}:7001",
                        "interfaces")
@@ -352,6 +424,7 @@ def test_egress_rules_hold_and_the_app_cannot_undo_them(world):
 
 
 @real_nat
+@pytest.mark.parametrize("world", ["pasta"], indirect=True)  # (the same with either)
 def test_a_rate_slows_downloads_and_uploads_and_stays(world):
     transfers = [f"download:{REMOTE}:7003", f"upload:{REMOTE}:7004:{1 << 20}"]
     free = world.probe('net = "nat"\n', *transfers)
@@ -364,6 +437,7 @@ def test_a_rate_slows_downloads_and_uploads_and_stays(world):
 
 
 @real_nat
+@pytest.mark.parametrize("world", ["pasta"], indirect=True)  # (the same with either)
 def test_a_delay_needs_netem_and_says_so(world):
     result = world.start('[net]\ndelay = "20ms"\n', ["true"])
     if result.returncode == 0:

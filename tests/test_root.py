@@ -93,3 +93,31 @@ def test_root_has_the_capabilities_bubblewrap_gives_root(instances, options):
                             timeout=60)
     assert theirs.returncode == 0, theirs.stderr
     assert (ours.returncode, ours.stdout) == (0, theirs.stdout), ours.stderr
+
+
+def _nat_processes() -> set[int]:
+    found = set()
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                name, rest = f.read().split("(", 1)[1].rsplit(")", 1)
+        except OSError:
+            continue
+        if name.startswith(("passt", "pasta")) and rest.split()[0] != "Z":
+            found.add(int(entry))
+    return found
+
+
+@pytest.mark.skipif(shutil.which("pasta") is None or not os.path.exists("/dev/net/tun"),
+                    reason="needs pasta (passt) and /dev/net/tun")
+def test_root_gets_a_nat_that_ends_with_the_instance(instances, tmp_path):
+    """As root pasta keeps root's ids (it would switch to nobody, clearing its parent-death
+    signal); only the sandbox's own loopback is contacted."""
+    before = _nat_processes()
+    path = tmp_path / "nat.toml"
+    path.write_text('command = ["sh", "-c", "cut -d: -f1 /proc/net/dev | tail -n +3"]\n'
+                    'net = "nat"\n')
+    result = instances.ctl("start", str(path))
+    assert result.returncode == 0, result.stderr
+    assert sorted(result.stdout.split()) == ["eth0", "lo"]
+    assert _nat_processes() - before == set()

@@ -7,11 +7,12 @@ pyroute2 is slow and large, and every forked layer would carry it: docs/performa
 `network` is done by the engine's caller once the layer is built and before the go byte,
 so nothing of the sandbox runs before it holds:
 
-1. NAT: pasta, in our (the host's) network namespace, joins the layer's user and network
-   namespaces through the fds its Built report carried, makes the tap interface `eth0` and
-   configures it. It runs in the foreground as our child, with our death as its
-   parent-death signal, followed by pidfd and ended with the instance; it says it is ready
-   by writing its pid file (a pipe of ours).
+1. NAT: pasta (or slirp4netns), in our (the host's) network namespace, joins the layer's
+   user and network namespaces through the fds its Built report carried, makes the tap
+   interface `eth0` and configures it. It runs in the foreground as our child, with our
+   death as its parent-death signal, followed by pidfd and ended with the instance; it says
+   it is ready on a pipe of ours (pasta writes its pid file there, slirp4netns its ready
+   byte). slirp4netns takes its forwards on an API socket once it runs.
 2. A forked child of ours enters the namespace (the user namespace that owns it first,
    which gives it CAP_NET_ADMIN there) and installs the egress rules (nftables, through
    libnftables) and the shaping (tc qdiscs through pyroute2, imported only then).
@@ -26,12 +27,14 @@ import ctypes
 import errno
 import fcntl
 import ipaddress
+import json
 import os
 import select
 import shutil
 import signal
 import socket
 import struct
+import tempfile
 import time
 
 from msgspec import Struct
@@ -46,10 +49,9 @@ SIOCSIFFLAGS = 0x8914
 IFF_UP = 0x1
 _IFREQ = "16sh22x"  # struct ifreq: the name, then ifr_flags in the union (40 bytes)
 
-NAT_PROGRAM = "pasta"  # Debian's and Fedora's package: passt
 INTERFACE = "eth0"  # the NAT's interface inside
 DOWNLOAD = "ifb0"  # where downloads are shaped: eth0's ingress is redirected to it
-TIMEOUT = 10.0  # seconds for pasta to connect the namespace, and for the rules and shaping
+TIMEOUT = 10.0  # seconds for the NAT to connect the namespace, and for the rules and shaping
 TUN = "/dev/net/tun"
 # deny_local: private (RFC 1918, ULA), shared (CGNAT) and link-local ranges
 LOCAL_RANGES = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10",
@@ -69,8 +71,12 @@ def bring_up_loopback() -> None:
 # ---------------------------------------------------------------- what the caller checks
 
 
-def nat_program(environ: dict[str, str]) -> str | None:
-    return shutil.which(NAT_PROGRAM, path=environ.get("PATH") or os.defpath)
+SLIRP_GATEWAY = "10.0.2.2"  # slirp4netns's host side (its loopback, unless disabled)
+PACKAGES = {"pasta": "passt", "slirp4netns": "slirp4netns"}
+
+
+def nat_program(name: str, environ: dict[str, str]) -> str | None:
+    return shutil.which(name, path=environ.get("PATH") or os.defpath)
 
 
 def tun_problem() -> str | None:
@@ -86,6 +92,20 @@ def tun_problem() -> str | None:
 
 
 # ---------------------------------------------------------------- the pure parts
+
+
+def nat_argv(program: str, net: spec.Network, netns: str, userns: str | None, ready: int,
+             api: str | None = None) -> list[str]:
+    """The NAT program's command line (`ready`: the fd it tells it is ready on, `api`:
+    slirp4netns's API socket for the forwards)."""
+    if net.nat_with == "pasta":
+        return pasta_argv(program, net, netns, userns, f"/proc/self/fd/{ready}")
+    argv = [program, "--configure", "--mtu", str(net.mtu), "--disable-host-loopback",
+            "--enable-seccomp", "--ready-fd", str(ready), "--netns-type=path"]
+    # (no --enable-sandbox: it needs root in the user namespace it runs in)
+    argv += [f"--userns-path={userns}"] if userns else []
+    argv += ["--api-socket", api] if api else []
+    return [*argv, netns, INTERFACE]
 
 
 def pasta_argv(program: str, net: spec.Network, netns: str, userns: str | None,
@@ -115,8 +135,8 @@ def ruleset(net: spec.Network, host_addresses: list[str]) -> str | None:
     `deny`, `allow`, the resolvers' port 53, the host's addresses, the local ranges; then, when
     `allow` lists anything, everything else is rejected. `reject` answers at once (ICMP
     unreachable, a TCP reset), so a denied connection fails fast instead of timing out."""
-    lines = [f"{_match(rule)} reject" for rule in net.deny]
-    lines += [f"{_match(rule)} accept" for rule in net.allow]
+    lines = [f"{_match(rule)} reject".lstrip() for rule in net.deny]
+    lines += [f"{_match(rule)} accept".lstrip() for rule in net.allow]
     for resolver in net.resolvers:
         family = _family(ipaddress.ip_address(resolver))
         lines += [f"{family} daddr {resolver} {proto} dport 53 accept" for proto in ("udp", "tcp")]
@@ -191,7 +211,10 @@ def connect(net: spec.Network, net_fd: int, environ: dict[str, str]) -> Nat | No
     Raises StartError (with nothing left running)."""
     nat = _start_nat(net, net_fd, environ) if net.nat else None
     try:
-        rules = ruleset(net, sc.host_addresses() if net.deny_host else [])
+        host = sc.host_addresses() if net.deny_host else []
+        if net.deny_host and net.nat_with == "slirp4netns":
+            host.append(SLIRP_GATEWAY)
+        rules = ruleset(net, host)
         if rules or net.rate or net.delay_ms:
             _configure(net, net_fd, rules)
     except BaseException:
@@ -213,37 +236,67 @@ def _owner(net_fd: int) -> int | None:
 
 
 def _start_nat(net: spec.Network, net_fd: int, environ: dict[str, str]) -> Nat:
-    program = nat_program(environ)
+    program = nat_program(net.nat_with, environ)
     if program is None:
-        raise StartError("network: NAT needs pasta, which is not installed: apt install passt "
-                         "(dnf/pacman install passt)", EXIT_USAGE)
+        package = PACKAGES[net.nat_with]
+        raise StartError(f"network: NAT needs {net.nat_with}, which is not installed: apt "
+                         f"install {package} (dnf/pacman install {package})", EXIT_USAGE)
     problem = tun_problem()
     if problem:
         raise StartError(f"network: NAT needs {TUN}: {problem}", EXIT_USAGE)
     owner = _owner(net_fd)
     ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
-    log = os.memfd_create("pasta-log", os.MFD_CLOEXEC)  # its messages, never a full pipe
+    log = os.memfd_create("nat-log", os.MFD_CLOEXEC)  # its messages, never a full pipe
+    api_dir = tempfile.mkdtemp(prefix="bbl-nat-") if net.forward and \
+        net.nat_with == "slirp4netns" else None
+    api = os.path.join(api_dir, "api.sock") if api_dir else None
     keep = [fd for fd in (net_fd, owner, ready_w) if fd is not None]
-    argv = pasta_argv(program, net, f"/proc/self/fd/{net_fd}",
-                      f"/proc/self/fd/{owner}" if owner is not None else None,
-                      f"/proc/self/fd/{ready_w}")
+    argv = nat_argv(program, net, f"/proc/self/fd/{net_fd}",
+                    f"/proc/self/fd/{owner}" if owner is not None else None, ready_w, api)
     try:
         pid = os.fork()
         if pid == 0:
             _exec_nat(argv, keep, log)
-        pidfd = sc.pidfd_open(pid)
+        nat = Nat(pid=pid, pidfd=sc.pidfd_open(pid))
         os.close(ready_w)
         ready_w = None
-        nat = Nat(pid=pid, pidfd=pidfd)
-        if not _wait_readable(ready_r, pidfd) or not os.read(ready_r, 32).strip():
+        try:
+            if not _wait_readable(ready_r, nat.pidfd) or not os.read(ready_r, 32).strip():
+                raise StartError(f"network: {net.nat_with} could not connect the namespace: "
+                                 f"{_last_line(log) or 'no answer within %gs' % TIMEOUT}")
+            if api:
+                _add_forwards(api, net.forward)
+        except BaseException:
             nat.end()
-            raise StartError(f"network: pasta could not connect the namespace: "
-                             f"{_last_line(log) or 'no answer within %gs' % TIMEOUT}")
+            raise
         return nat
     finally:
         for fd in (ready_r, ready_w, log, owner):
             if fd is not None:
                 os.close(fd)
+        if api_dir:  # (slirp4netns listens on until it ends; we have no more to say)
+            shutil.rmtree(api_dir, ignore_errors=True)
+
+
+def _add_forwards(api: str, forwards: list[spec.PortForward]) -> None:
+    """slirp4netns's forwards, one API request each (JSON, one reply per connection)."""
+    for forward in forwards:
+        request = {"execute": "add_hostfwd", "arguments": {
+            "proto": forward.protocol, "host_addr": forward.host_address,
+            "host_port": forward.host_port, "guest_port": forward.port}}
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
+            sock.settimeout(TIMEOUT)
+            try:
+                sock.connect(api)
+                sock.sendall(json.dumps(request).encode())
+                sock.shutdown(socket.SHUT_WR)
+                reply = json.loads(sock.recv(65536) or b"{}")
+            except (OSError, ValueError) as exc:
+                raise StartError(f"network: slirp4netns's API: {exc}") from None
+        if "return" not in reply:
+            error = reply.get("error", {}).get("desc", reply)
+            raise StartError(f"network: forward {forward.host_address}:{forward.host_port} -> "
+                             f"{forward.port}: {error}", EXIT_USAGE)
 
 
 def _exec_nat(argv: list[str], keep: list[int], log: int) -> None:

@@ -10,7 +10,7 @@ is ever contacted: the world has no other way out.
 
 Servers, each answering its own name and closing (unless said otherwise):
   remote  tcp 7001 "remote-7001", tcp 7002 "remote-7002", tcp 7003: 1 MiB then close,
-          tcp 7004: reads to EOF, answers "got N"
+          tcp 7004: reads to EOF, answers "got N"; udp 7005 and 53: "echo:" + the datagram
   host    127.0.0.1 tcp 7010 "host-7010", tcp 7011 "host-7011"; 10.98.0.1 (on the host's lo,
           an address of the host that the NAT does not copy inside) tcp 7012 "host-self"
 
@@ -83,7 +83,8 @@ def _remote_host(go_r: int, ready_w: int) -> None:
     assert os.read(go_r, 1) == b"1"
     with IPRoute() as ipr:
         _up(ipr, "lo")
-        ipr.addr("add", index=_index(ipr, "lo"), address=PRIVATE, prefixlen=32)
+        for address in (PRIVATE, *_resolvers()):
+            ipr.addr("add", index=_index(ipr, "lo"), address=address, prefixlen=32)
         veth = _index(ipr, "veth-r")
         ipr.link("set", index=veth, mtu=1500, state="up")
         ipr.addr("add", index=veth, address=REMOTE, prefixlen=30)
@@ -91,8 +92,20 @@ def _remote_host(go_r: int, ready_w: int) -> None:
         _serve_tcp("0.0.0.0", port, lambda conn, p=port: conn.sendall(f"remote-{p}\n".encode()))
     _serve_tcp("0.0.0.0", 7003, lambda conn: conn.sendall(b"x" * MIB))
     _serve_tcp("0.0.0.0", 7004, _count)
+    _serve_udp_echo(7005)
+    _serve_udp_echo(53)  # (a name server's port: NATs treat it apart)
     os.write(ready_w, b"1")
     threading.Event().wait()
+
+
+def _resolvers() -> list[str]:
+    """The real host's first IPv4 name server, unless on its loopback: the remote host holds
+    its address (and answers on port 53), so that an app asking the host's resolver gets an
+    answer in the world."""
+    from bbld import net
+
+    found = [a for a in net.nameservers(net.RESOLV_CONF) if "." in a]
+    return [a for a in found[:1] if not a.startswith("127.")]
 
 
 def _count(conn: socket.socket) -> None:
@@ -122,6 +135,21 @@ def _handle(conn: socket.socket, handle) -> None:
             handle(conn)
         except OSError:
             pass
+
+
+def _serve_udp_echo(port: int) -> None:
+    """On each address of its own: an answer from 0.0.0.0 would leave from the address the
+    route picks, which a client's connected socket does not take for the answer."""
+    for address in (REMOTE, PRIVATE, *_resolvers()):
+        server = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        server.bind((address, port))
+
+        def loop(server=server):
+            while True:
+                data, peer = server.recvfrom(4096)
+                server.sendto(b"echo:" + data, peer)
+
+        threading.Thread(target=loop, daemon=True).start()
 
 
 def _own_root(directories: list[str], tun_0600: bool) -> None:

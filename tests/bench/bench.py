@@ -85,6 +85,12 @@ def startup(rounds: int, work: str) -> None:
         out = ctl("start", stamp, stdin=subprocess.DEVNULL)
         to_command.append((int(out) - start) / 1e6)
     row("template: start -> command in layer4", "ms", to_command)
+    if shutil.which("pasta") and os.access("/dev/net/tun", os.W_OK):  # (docs/profiles.md)
+        for name, text in (("nat", 'net = "nat"\n'),
+                           ("nat + rate", '[net]\nrate = "100mbit"\n')):
+            nat = profile(work, name.replace(" + ", "-"), f'command = ["true"]\n{text}')
+            row(f"template, {name}: start -> exit", "ms",
+                timed([*BBLCTL, "start", nat], rounds, stdin=subprocess.DEVNULL))
 
 
 def running_instance(rounds: int, work: str) -> None:

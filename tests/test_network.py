@@ -13,7 +13,7 @@ import sys
 import pytest
 
 from bbld import net, profile, spec
-from bbld.engine import network
+from bbld.engine import netsetup
 from tests.conftest import BBLCTL, BBLD, TIMEOUT, read_line, wait_for_socket, wait_gone, wait_until
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "net")
@@ -115,7 +115,7 @@ def test_every_problem_is_reported_at_once(tmp_path):
 def test_pasta_forwards_nothing_it_is_not_told_to():
     """pasta's defaults forward every port bound on either side, and map the gateway to the
     host's loopback: every host service. None of that unless the profile says so."""
-    bare = network.pasta_argv("pasta", spec.Network(nat=True), "/ns/net", "/ns/user", "/pid")
+    bare = netsetup.pasta_argv("pasta", spec.Network(nat=True), "/ns/net", "/ns/user", "/pid")
     pairs = set(zip(bare, bare[1:], strict=False))
     assert {("--tcp-ports", "none"), ("--udp-ports", "none"), ("--tcp-ns", "none"),
             ("--udp-ns", "none"), ("--mtu", "1500"), ("--netns", "/ns/net"),
@@ -123,7 +123,7 @@ def test_pasta_forwards_nothing_it_is_not_told_to():
     assert "--no-map-gw" in bare and "--foreground" in bare
     asked = net.network(net.Net(forward=["127.0.0.1:8080:80", "udp:5353:53"],
                                 host_ports=[5432, "udp:53"]), [], ENV)
-    argv = network.pasta_argv("pasta", asked, "/ns/net", None, "/pid")
+    argv = netsetup.pasta_argv("pasta", asked, "/ns/net", None, "/pid")
     pairs = set(zip(argv, argv[1:], strict=False))
     assert {("--tcp-ports", "127.0.0.1/8080:80"), ("--udp-ports", "127.0.0.1/5353:53"),
             ("--tcp-ns", "5432"), ("--udp-ns", "53")} <= pairs
@@ -133,7 +133,7 @@ def test_pasta_forwards_nothing_it_is_not_told_to():
 def test_the_ruleset_denies_then_allows_then_fences_the_host_and_the_lan():
     rules = net.network(net.Net(deny=["tcp:198.18.0.1:7002"], allow=["tcp:*:443"],
                                 deny_local=True), ["10.0.0.53"], ENV)
-    text = network.ruleset(rules, ["127.0.0.1", "192.0.2.2", "10.1.2.3", "::1", "fd00::2"])
+    text = netsetup.ruleset(rules, ["127.0.0.1", "192.0.2.2", "10.1.2.3", "::1", "fd00::2"])
     lines = [line.strip() for line in text.splitlines()]
     body = lines[lines.index('oifname "lo" accept'):]
     assert body == [
@@ -144,17 +144,17 @@ def test_the_ruleset_denies_then_allows_then_fences_the_host_and_the_lan():
         "ip daddr { 10.0.0.0/8, 100.64.0.0/10, 169.254.0.0/16, 172.16.0.0/12, 192.0.2.2/32, "
         "192.168.0.0/16 } reject", "ip6 daddr { fc00::/7, fe80::/10 } reject",
         "reject", "}", "}"]
-    assert network.ruleset(spec.Network(deny_host=False), []) is None
+    assert netsetup.ruleset(spec.Network(deny_host=False), []) is None
 
 
 def test_slirp4netns_takes_no_host_loopback_and_its_forwards_on_its_api_socket():
-    bare = network.nat_argv("slirp4netns", spec.Network(nat=True, nat_with="slirp4netns"),
+    bare = netsetup.nat_argv("slirp4netns", spec.Network(nat=True, nat_with="slirp4netns"),
                             "/ns/net", "/ns/user", 7)
     assert bare == ["slirp4netns", "--configure", "--mtu", "1500", "--disable-host-loopback",
                     "--enable-seccomp", "--ready-fd", "7", "--netns-type=path",
                     "--userns-path=/ns/user", "/ns/net", "eth0"]
     forwarded = spec.Network(nat=True, nat_with="slirp4netns", forward=[net.forward("8080:80")])
-    argv = network.nat_argv("slirp4netns", forwarded, "/ns/net", None, 7, "/tmp/x/api.sock")
+    argv = netsetup.nat_argv("slirp4netns", forwarded, "/ns/net", None, 7, "/tmp/x/api.sock")
     assert "--api-socket" in argv and "--userns-path" not in " ".join(argv)
 
 
@@ -173,8 +173,8 @@ def test_only_pasta_reaches_host_ports(tmp_path):
 
 
 def test_shaping_bursts_always_hold_a_few_packets():
-    assert network.burst(8000, 1500) >= 4 * 1500
-    assert network.burst(1_000_000_000, 1500) == 1_000_000_000 // 8 // 50
+    assert netsetup.burst(8000, 1500) >= 4 * 1500
+    assert netsetup.burst(1_000_000_000, 1500) == 1_000_000_000 // 8 // 50
 
 
 def test_the_template_gives_layer3_what_the_mode_says(tmp_path):

@@ -18,7 +18,7 @@ import socket
 import msgspec
 
 from bbld import channel
-from bbld.engine import bwrap_status, namespaces, network, reports
+from bbld.engine import bwrap_status, namespaces, reports
 from bbld.engine import syscalls as sc
 from bbld.engine.cgroups import Cgroups
 from bbld.engine.enter import Entered, enter
@@ -78,7 +78,7 @@ class Instance:
         self.cgroups: Cgroups | None = None
         self.cwd: str | None = None
         self.layer1 = None  # its Spawned (pid, pidfd)
-        self.nats: list[network.Nat] = []  # the NAT processes of layers with a network
+        self.nats: list = []  # the NAT processes of layers with a network (netsetup.Nat)
         self.poller: select.poll | None = None
 
     # ------------------------------------------------------------ start
@@ -175,12 +175,14 @@ class Instance:
 
     def _connect_networks(self) -> None:
         """Each built layer's `network` (NAT, egress rules, shaping), before the go byte:
-        nothing of the sandbox runs before they hold (bbld.engine.network)."""
+        nothing of the sandbox runs before they hold (bbld.engine.netsetup)."""
         for node in self.plan.layers():
             if node.layer.network is None or node.name not in self.built:
                 continue
+            from bbld.engine import netsetup  # (its imports: only for instances with one)
+
             try:
-                nat = network.connect(node.layer.network, self.namespace_fds[node.name]["net"],
+                nat = netsetup.connect(node.layer.network, self.namespace_fds[node.name]["net"],
                                       self.environ)
             except StartError as exc:
                 raise exc.located(layer=node.name) from None
@@ -189,7 +191,7 @@ class Instance:
                 self.followed[nat.pidfd] = nat.pid  # (not an orphan to reap)
                 self.watch(nat.pidfd, lambda nat=nat, name=node.name: self._nat_ended(nat, name))
 
-    def _nat_ended(self, nat: network.Nat, layer: str) -> None:
+    def _nat_ended(self, nat, layer: str) -> None:
         """The NAT ended before the instance: the layer is cut off, the rest runs on."""
         self.unwatch(nat.pidfd)
         self.nats.remove(nat)

@@ -1,0 +1,433 @@
+"""What a spec's `network` asks for in a layer's network namespace (its loopback is
+bbld/engine/network.py's). Imported by the engine's caller only for an instance that has one:
+its imports would otherwise weigh on every forked monitor.
+
+`network` is done by the engine's caller once the layer is built and before the go byte,
+so nothing of the sandbox runs before it holds:
+
+1. NAT: pasta (or slirp4netns), in our (the host's) network namespace, joins the layer's
+   user and network namespaces through the fds its Built report carried, makes the tap
+   interface `eth0` and configures it. It runs in the foreground as our child, with our
+   death as its parent-death signal, followed by pidfd and ended with the instance; it says
+   it is ready on a pipe of ours (pasta writes its pid file there, slirp4netns its ready
+   byte). slirp4netns takes its forwards on an API socket once it runs.
+2. A forked child of ours enters the namespace (the user namespace that owns it first,
+   which gives it CAP_NET_ADMIN there) and installs the egress rules (nftables, through
+   libnftables) and the shaping (tc qdiscs through pyroute2, imported only then).
+
+The app runs in a user namespace below the one that owns the network namespace, without
+capabilities over it: it cannot change what was set (tests/test_network.py tries).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import ipaddress
+import json
+import os
+import select
+import shutil
+import signal
+import socket
+import tempfile
+import time
+
+from msgspec import Struct
+
+from bbld import spec
+from bbld.engine import syscalls as sc
+from bbld.engine.enter import join_namespaces
+from bbld.engine.errors import EXIT_USAGE, StartError
+
+INTERFACE = "eth0"  # the NAT's interface inside
+DOWNLOAD = "ifb0"  # where downloads are shaped: eth0's ingress is redirected to it
+TIMEOUT = 10.0  # seconds for the NAT to connect the namespace, and for the rules and shaping
+TUN = "/dev/net/tun"
+# deny_local: private (RFC 1918, ULA), shared (CGNAT) and link-local ranges
+LOCAL_RANGES = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10",
+                "169.254.0.0/16", "fc00::/7", "fe80::/10")
+
+
+# ---------------------------------------------------------------- what the caller checks
+
+
+SLIRP_GATEWAY = "10.0.2.2"  # slirp4netns's host side (its loopback, unless disabled)
+PACKAGES = {"pasta": "passt", "slirp4netns": "slirp4netns"}
+
+
+def nat_program(name: str, environ: dict[str, str]) -> str | None:
+    return shutil.which(name, path=environ.get("PATH") or os.defpath)
+
+
+def tun_problem() -> str | None:
+    """Why the NAT cannot open /dev/net/tun, as a one-line fix; None if it can."""
+    if os.access(TUN, os.R_OK | os.W_OK):
+        return None
+    try:
+        info = os.stat(TUN)
+    except OSError:
+        return f"{TUN} does not exist (modprobe tun, as root)"
+    return (f"{TUN} is mode {info.st_mode & 0o777:04o}, not usable by uid {os.getuid()}: "
+            f"as root, chmod 0666 {TUN} (desktop distributions ship it so)")
+
+
+# ---------------------------------------------------------------- the pure parts
+
+
+def nat_argv(program: str, net: spec.Network, netns: str, userns: str | None, ready: int,
+             api: str | None = None) -> list[str]:
+    """The NAT program's command line (`ready`: the fd it tells it is ready on, `api`:
+    slirp4netns's API socket for the forwards)."""
+    if net.nat_with == "pasta":
+        return pasta_argv(program, net, netns, userns, f"/proc/self/fd/{ready}")
+    argv = [program, "--configure", "--mtu", str(net.mtu), "--disable-host-loopback",
+            "--enable-seccomp", "--ready-fd", str(ready), "--netns-type=path"]
+    # (no --enable-sandbox: it needs root in the user namespace it runs in)
+    argv += [f"--userns-path={userns}"] if userns else []
+    argv += ["--api-socket", api] if api else []
+    return [*argv, netns, INTERFACE]
+
+
+def pasta_argv(program: str, net: spec.Network, netns: str, userns: str | None,
+               pid_file: str) -> list[str]:
+    """pasta's command line: nothing forwarded either way but what `net` names (pasta's
+    defaults would forward every port bound on either side), the gateway not mapped to the
+    host (that would open every host service), our own ids (as root it would switch to
+    nobody, which clears the parent-death signal)."""
+    argv = [program, "--foreground", "--quiet", "--config-net", "--no-map-gw",
+            "--ns-ifname", INTERFACE, "--mtu", str(net.mtu), "--pid", pid_file,
+            "--runas", f"{os.getuid()}:{os.getgid()}", "--netns", netns]
+    argv += ["--userns", userns] if userns else ["--netns-only"]
+    for option, protocol in (("--tcp-ports", "tcp"), ("--udp-ports", "udp")):
+        specs = [f"{f.host_address}/{f.host_port}:{f.port}" for f in net.forward
+                 if f.protocol == protocol]
+        for value in specs or ["none"]:
+            argv += [option, value]
+    for option, protocol in (("--tcp-ns", "tcp"), ("--udp-ns", "udp")):
+        ports = [str(h.port) for h in net.host_ports if h.protocol == protocol]
+        argv += [option, ",".join(ports) or "none"]
+    return argv
+
+
+def ruleset(net: spec.Network, host_addresses: list[str]) -> str | None:
+    """The egress rules as an nftables script, or None when there is nothing to filter.
+    In order: the layer's own loopback and replies to connections made to it (forwards),
+    `deny`, `allow`, the resolvers' port 53, the host's addresses, the local ranges; then, when
+    `allow` lists anything, everything else is rejected. `reject` answers at once (ICMP
+    unreachable, a TCP reset), so a denied connection fails fast instead of timing out."""
+    lines = [f"{_match(rule)} reject".lstrip() for rule in net.deny]
+    lines += [f"{_match(rule)} accept".lstrip() for rule in net.allow]
+    for resolver in net.resolvers:
+        family = _family(ipaddress.ip_address(resolver))
+        lines += [f"{family} daddr {resolver} {proto} dport 53 accept" for proto in ("udp", "tcp")]
+    fenced = []
+    if net.deny_host:
+        fenced += [ipaddress.ip_network(a) for a in host_addresses
+                   if not ipaddress.ip_address(a).is_loopback]
+    if net.deny_local:
+        fenced += [ipaddress.ip_network(r) for r in LOCAL_RANGES]
+    for version in (4, 6):
+        # (an nftables set refuses overlapping intervals: merge them)
+        chosen = [str(n) for n in ipaddress.collapse_addresses(
+            n for n in fenced if n.version == version)]
+        if chosen:
+            lines.append(f"{'ip' if version == 4 else 'ip6'} daddr {{ {', '.join(chosen)} }} "
+                         "reject")
+    if net.allow:
+        lines.append("reject")
+    if not lines:
+        return None
+    body = "\n".join(f"    {line}" for line in [
+        "type filter hook output priority filter; policy accept;",
+        'oifname "lo" accept', "ct state established,related accept", *lines])
+    return f"table inet bbl {{\n  chain output {{\n{body}\n  }}\n}}\n"
+
+
+def _family(address) -> str:
+    return "ip" if address.version == 4 else "ip6"
+
+
+def _match(rule: spec.EgressRule) -> str:
+    parts = []
+    if rule.to != "any":
+        network = ipaddress.ip_network(rule.to, strict=False)
+        parts.append(f"{_family(network)} daddr {network}")
+    if rule.protocol and rule.ports:
+        first, last = rule.ports
+        parts.append(f"{rule.protocol} dport {first if first == last else f'{first}-{last}'}")
+    elif rule.protocol:
+        parts.append(f"meta l4proto {rule.protocol}")
+    return " ".join(parts)
+
+
+def burst(rate: int, mtu: int) -> int:
+    """TBF's bucket in bytes: 20 ms at the rate, and never less than a few packets (a bucket
+    smaller than one packet never lets it through: the trap of a 64 KiB MTU)."""
+    return max(rate // 8 // 50, 4 * (mtu + 14), 16384)
+
+
+# ---------------------------------------------------------------- the caller's part
+
+
+class Nat(Struct):
+    """The NAT process (pasta): our child, followed by pidfd."""
+    pid: int
+    pidfd: int
+
+    def end(self) -> None:
+        try:
+            sc.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        try:
+            os.waitid(os.P_PIDFD, self.pidfd, os.WEXITED)
+        except ChildProcessError:
+            pass  # reaped already (it ended on its own)
+        os.close(self.pidfd)
+
+
+def connect(net: spec.Network, net_fd: int, environ: dict[str, str]) -> Nat | None:
+    """Do what `net` asks for in the namespace `net_fd`; returns the NAT process if any.
+    Raises StartError (with nothing left running)."""
+    nat = _start_nat(net, net_fd, environ) if net.nat else None
+    try:
+        host = sc.host_addresses() if net.deny_host else []
+        if net.deny_host and net.nat_with == "slirp4netns":
+            host.append(SLIRP_GATEWAY)
+        rules = ruleset(net, host)
+        if rules or net.rate or net.delay_ms:
+            _configure(net, net_fd, rules)
+    except BaseException:
+        if nat is not None:
+            nat.end()
+        raise
+    return nat
+
+
+def _owner(net_fd: int) -> int | None:
+    """An fd of the user namespace that owns `net_fd`, or None if that is our own."""
+    owner = fcntl.ioctl(net_fd, sc.NS_GET_USERNS)
+    ours = os.stat("/proc/self/ns/user")
+    info = os.fstat(owner)
+    if (info.st_dev, info.st_ino) == (ours.st_dev, ours.st_ino):
+        os.close(owner)
+        return None
+    return owner
+
+
+def _start_nat(net: spec.Network, net_fd: int, environ: dict[str, str]) -> Nat:
+    program = nat_program(net.nat_with, environ)
+    if program is None:
+        package = PACKAGES[net.nat_with]
+        raise StartError(f"network: NAT needs {net.nat_with}, which is not installed: apt "
+                         f"install {package} (dnf/pacman install {package})", EXIT_USAGE)
+    problem = tun_problem()
+    if problem:
+        raise StartError(f"network: NAT needs {TUN}: {problem}", EXIT_USAGE)
+    owner = _owner(net_fd)
+    ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
+    log = os.memfd_create("nat-log", os.MFD_CLOEXEC)  # its messages, never a full pipe
+    api_dir = tempfile.mkdtemp(prefix="bbl-nat-") if net.forward and \
+        net.nat_with == "slirp4netns" else None
+    api = os.path.join(api_dir, "api.sock") if api_dir else None
+    keep = [fd for fd in (net_fd, owner, ready_w) if fd is not None]
+    argv = nat_argv(program, net, f"/proc/self/fd/{net_fd}",
+                    f"/proc/self/fd/{owner}" if owner is not None else None, ready_w, api)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            _exec_nat(argv, keep, log)
+        nat = Nat(pid=pid, pidfd=sc.pidfd_open(pid))
+        os.close(ready_w)
+        ready_w = None
+        try:
+            if not _wait_readable(ready_r, nat.pidfd) or not os.read(ready_r, 32).strip():
+                raise StartError(f"network: {net.nat_with} could not connect the namespace: "
+                                 f"{_last_line(log) or 'no answer within %gs' % TIMEOUT}")
+            if api:
+                _add_forwards(api, net.forward)
+        except BaseException:
+            nat.end()
+            raise
+        return nat
+    finally:
+        for fd in (ready_r, ready_w, log, owner):
+            if fd is not None:
+                os.close(fd)
+        if api_dir:  # (slirp4netns listens on until it ends; we have no more to say)
+            shutil.rmtree(api_dir, ignore_errors=True)
+
+
+def _add_forwards(api: str, forwards: list[spec.PortForward]) -> None:
+    """slirp4netns's forwards, one API request each (JSON, one reply per connection)."""
+    for forward in forwards:
+        request = {"execute": "add_hostfwd", "arguments": {
+            "proto": forward.protocol, "host_addr": forward.host_address,
+            "host_port": forward.host_port, "guest_port": forward.port}}
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as sock:
+            sock.settimeout(TIMEOUT)
+            try:
+                sock.connect(api)
+                sock.sendall(json.dumps(request).encode())
+                sock.shutdown(socket.SHUT_WR)
+                reply = json.loads(sock.recv(65536) or b"{}")
+            except (OSError, ValueError) as exc:
+                raise StartError(f"network: slirp4netns's API: {exc}") from None
+        if "return" not in reply:
+            error = reply.get("error", {}).get("desc", reply)
+            raise StartError(f"network: forward {forward.host_address}:{forward.host_port} -> "
+                             f"{forward.port}: {error}", EXIT_USAGE)
+
+
+def _exec_nat(argv: list[str], keep: list[int], log: int) -> None:
+    """In the forked child: dies with us, no signal blocked, stdin empty, output to the log."""
+    try:
+        sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        sc.set_signal_mask(signal.SIG_SETMASK, [])
+        sc.default_signal_actions(signal.SIGPIPE, signal.SIGXFSZ)
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(null, 0)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        sc.close_all_fds_except({0, 1, 2, *keep})
+        for fd in keep:
+            os.set_inheritable(fd, True)
+        os.execv(argv[0], argv)
+    finally:
+        os._exit(127)
+
+
+def _wait_readable(fd: int, pidfd: int) -> bool:
+    """Wait for `fd` to be readable; False if the process of `pidfd` ended first or the time
+    ran out."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    poller.register(pidfd, select.POLLIN)
+    deadline = time.monotonic() + TIMEOUT
+    while (left := deadline - time.monotonic()) > 0:
+        ready = {f for f, _ in poller.poll(left * 1000)}
+        if fd in ready:
+            return True
+        if pidfd in ready:
+            return False
+    return False
+
+
+def _last_line(fd: int) -> str:
+    os.lseek(fd, 0, os.SEEK_SET)
+    text = os.read(fd, 1 << 16).decode(errors="replace")
+    lines = [line for line in text.splitlines() if line and "to syslog" not in line]
+    return lines[-1] if lines else ""
+
+
+def _configure(net: spec.Network, net_fd: int, rules: str | None) -> None:
+    """The egress rules and the shaping, by a forked child inside the namespace."""
+    owner = _owner(net_fd)
+    errors_r, errors_w = os.pipe2(os.O_CLOEXEC)
+    try:
+        pid = os.fork()
+        if pid == 0:
+            code = 0
+            try:
+                os.close(errors_r)
+                namespace_fds = {"net": net_fd, **({"user": owner} if owner is not None else {})}
+                join_namespaces(namespace_fds)
+                if rules:
+                    _load_rules(rules)
+                if net.rate or net.delay_ms:
+                    _shape(net)
+            except StartError as exc:
+                os.write(errors_w, str(exc).encode()[:4096])
+                code = exc.exit_code
+            except BaseException as exc:  # noqa: BLE001 (a bug: said, not lost)
+                os.write(errors_w, f"{type(exc).__name__}: {exc}".encode()[:4096])
+                code = 1
+            os._exit(code)
+        os.close(errors_w)
+        errors_w = None
+        pidfd = sc.pidfd_open(pid)
+        try:
+            if not _wait_readable(errors_r, pidfd) and not _ended(pidfd):
+                sc.pidfd_send_signal(pidfd, signal.SIGKILL)
+            message = os.read(errors_r, 4096).decode(errors="replace")
+            status = os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
+        finally:
+            os.close(pidfd)
+        if message or status.si_status != 0 or status.si_code != os.CLD_EXITED:
+            raise StartError(f"network: {message or 'setting up took longer than %gs' % TIMEOUT}",
+                             status.si_status if status.si_code == os.CLD_EXITED else 1)
+    finally:
+        for fd in (errors_r, errors_w, owner):
+            if fd is not None:
+                os.close(fd)
+
+
+def _ended(pidfd: int) -> bool:
+    return bool(select.select([pidfd], [], [], 0)[0])
+
+
+def _load_rules(rules: str) -> None:
+    """Load an nftables script with libnftables (what `nft -f` does, without a program that
+    would lose our capabilities across execve when our uid is not 0 here)."""
+    try:
+        lib = ctypes.CDLL("libnftables.so.1")
+    except OSError:
+        raise StartError("egress rules need libnftables: apt install libnftables1 "
+                         "(or nftables)", EXIT_USAGE) from None
+    lib.nft_ctx_new.restype = ctypes.c_void_p
+    lib.nft_ctx_new.argtypes = [ctypes.c_uint32]
+    lib.nft_ctx_buffer_error.argtypes = [ctypes.c_void_p]
+    lib.nft_ctx_get_error_buffer.restype = ctypes.c_char_p
+    lib.nft_ctx_get_error_buffer.argtypes = [ctypes.c_void_p]
+    lib.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    context = lib.nft_ctx_new(0)
+    lib.nft_ctx_buffer_error(context)
+    if lib.nft_run_cmd_from_buffer(context, rules.encode()) != 0:
+        error = (lib.nft_ctx_get_error_buffer(context) or b"").decode(errors="replace")
+        first = next((line for line in error.splitlines() if line.strip()), "failed")
+        raise StartError(f"egress rules: {first}")
+
+
+def _shape(net: spec.Network) -> None:
+    """Uploads through a TBF on eth0; downloads (eth0's ingress) redirected to an IFB device
+    with a TBF of its own; `delay_ms` as a netem qdisc above each TBF."""
+    from pyroute2 import IPRoute
+    from pyroute2.netlink.exceptions import NetlinkError
+
+    with IPRoute() as ipr:
+        found = ipr.link_lookup(ifname=INTERFACE)
+        if not found:
+            raise StartError(f"rate: no {INTERFACE} to shape (rate needs nat)", EXIT_USAGE)
+        eth = found[0]
+        try:
+            ipr.link("add", ifname=DOWNLOAD, kind="ifb")
+        except NetlinkError as exc:
+            raise StartError(f"rate: cannot make an ifb device to shape downloads "
+                             f"({exc.args[1]}): as root, modprobe ifb", EXIT_USAGE) from None
+        ifb = ipr.link_lookup(ifname=DOWNLOAD)[0]
+        ipr.link("set", index=ifb, state="up")
+        for device in (eth, ifb):
+            parent = "root"
+            if net.delay_ms:
+                try:
+                    ipr.tc("add", "netem", device, handle="1:", delay=net.delay_ms * 1000)
+                except NetlinkError as exc:  # (ENOENT: "Specified qdisc kind is unknown")
+                    raise StartError("delay: this kernel has no netem qdisc (sch_netem)" if
+                                     exc.code == errno.ENOENT else f"delay: {exc.args[1]}",
+                                     EXIT_USAGE) from None
+                parent = "1:1"
+            if net.rate:
+                options = {"rate": f"{net.rate}bit", "burst": burst(net.rate, net.mtu),
+                           "latency": "50ms"}
+                if parent == "root":
+                    ipr.tc("add", "tbf", device, handle="10:", **options)
+                else:
+                    ipr.tc("add", "tbf", device, handle="10:", parent=parent, **options)
+        ipr.tc("add", "ingress", eth, "ffff:")
+        ipr.tc("add-filter", "u32", eth, parent="ffff:", protocol=0x0003, prio=1,
+               keys=["0x0/0x0+0"], target=0x10001,
+               action=[{"kind": "mirred", "direction": "egress", "action": "redirect",
+                        "ifindex": ifb}])

@@ -48,6 +48,7 @@ class Instance:
         self.environ = dict(os.environ if environ is None else environ)
         self.layer_names = [p.name for p in plan.layers()]
         self.barrier = {p.name for p in plan.layers() if not p.gated}
+        self.networks = {p.name: p.layer.network for p in plan.layers() if p.layer.network}
         self.built: dict[str, reports.Built] = {}
         # layer name -> pidfd of its supervisor (None: built by its parent's, LayerPlan.inline)
         self.pidfds: dict[str, int | None] = {}
@@ -78,7 +79,9 @@ class Instance:
         self.cgroups: Cgroups | None = None
         self.cwd: str | None = None
         self.layer1 = None  # its Spawned (pid, pidfd)
-        self.nats: list = []  # the NAT processes of layers with a network (netsetup.Nat)
+        self.setups: dict = {}  # layer -> its network's netsetup.Setup, begun once it is built
+        self.nats: list = []  # the NAT processes of layers with a network (netsetup.Child)
+        self.ending: list = []  # those killed by the end, still to reap (Instance.finish)
         self.poller: select.poll | None = None
 
     # ------------------------------------------------------------ start
@@ -124,6 +127,7 @@ class Instance:
                 self._step()
         except BaseException:
             self._teardown()
+            self.finish()
             raise
         root = self.plan.root.name
         if root in self.built and sandbox.userns_block_fd is None:
@@ -173,23 +177,34 @@ class Instance:
                              layer=self.plan.root.name)
         return False
 
-    def _connect_networks(self) -> None:
-        """Each built layer's `network` (NAT, egress rules, shaping), before the go byte:
-        nothing of the sandbox runs before they hold (bbld.engine.netsetup)."""
-        for node in self.plan.layers():
-            if node.layer.network is None or node.name not in self.built:
-                continue
-            from bbld.engine import netsetup  # (its imports: only for instances with one)
+    def _begin_network(self, name: str, net) -> None:
+        """The layer is built: its `network` begins (bbld.engine.netsetup) while the rest of
+        the tree is built."""
+        from bbld.engine import netsetup  # (its imports: only for instances with a network)
 
+        try:
+            setup = netsetup.Setup(net, self.namespace_fds[name]["net"], self.environ)
+        except StartError as exc:
+            return self._fail(name, exc.message, exc.exit_code, exc.fields())
+        self.setups[name] = setup
+        for child in setup.children():  # (not orphans for _reap_orphans)
+            self.followed[child.pidfd] = child.pid
+
+    def _connect_networks(self) -> None:
+        """Each built layer's `network` (NAT, egress rules, shaping) complete before the go
+        byte: nothing of the sandbox runs before they hold."""
+        while self.setups:
+            name, setup = self.setups.popitem()
+            for child in setup.children():
+                self.followed.pop(child.pidfd, None)
             try:
-                nat = netsetup.connect(node.layer.network, self.namespace_fds[node.name]["net"],
-                                      self.environ)
+                nat = setup.complete()
             except StartError as exc:
-                raise exc.located(layer=node.name) from None
+                raise exc.located(layer=name) from None
             if nat is not None:
                 self.nats.append(nat)
                 self.followed[nat.pidfd] = nat.pid  # (not an orphan to reap)
-                self.watch(nat.pidfd, lambda nat=nat, name=node.name: self._nat_ended(nat, name))
+                self.watch(nat.pidfd, lambda nat=nat, name=name: self._nat_ended(nat, name))
 
     def _nat_ended(self, nat, layer: str) -> None:
         """The NAT ended before the instance: the layer is cut off, the rest runs on."""
@@ -197,8 +212,8 @@ class Instance:
         self.nats.remove(nat)
         self.followed.pop(nat.pidfd, None)
         nat.end()
-        os.write(2, f"bbl: layer '{layer}': the NAT (pasta) ended; the layer has no network "
-                    f"beyond its own any more\n".encode())
+        os.write(2, f"bbl: layer '{layer}': the NAT ended; the layer has no network beyond "
+                    f"its own any more\n".encode())
 
     # ------------------------------------------------------------ running
 
@@ -385,6 +400,8 @@ class Instance:
             self.namespace_fds[name] = dict(zip(report.namespace_fds, fds, strict=True))
             if name == self.main_layer and self.direct:
                 self.poller.register(self.pidfds[name], select.POLLIN)  # _main_layer_ended
+            if name in self.networks:
+                self._begin_network(name, self.networks[name])
         elif isinstance(report, reports.MainEnded):
             self._main_ended(report.status)
         elif fds and name == self.main_layer and self.main_pidfd is None:  # Running
@@ -415,6 +432,13 @@ class Instance:
 
     # ------------------------------------------------------------ the end
 
+    def finish(self) -> None:
+        """Reap the NAT processes the end killed: their exit takes tens of milliseconds (the
+        tap device goes), which a caller need not wait for before it tells the end."""
+        for nat in self.ending:
+            nat.end()
+        self.ending = []
+
     def _teardown(self) -> None:
         """Kill what is left of the tree, reap layer 1, and close our fds (once).
 
@@ -424,6 +448,12 @@ class Instance:
         if self.torn_down:
             return
         self.torn_down = True
+        for setup in self.setups.values():  # (begun, never completed: a failed start)
+            setup.abandon()
+        self.setups.clear()
+        for nat in self.nats:  # first: (pasta would outlive the namespace it serves), and
+            nat.kill()  # its exit takes longer than the rest of the end; reaped by finish()
+        self.ending, self.nats = self.nats, []
         layer1 = self.layer1
         if layer1 is not None:
             if self.status is None:
@@ -435,9 +465,6 @@ class Instance:
             os.close(layer1.pidfd)
             if self.plan.adopts_orphans:  # what the sandbox left behind ends with it
                 kill_all_children(self.proc_fd)
-        for nat in self.nats:  # (pasta would outlive the namespace it serves)
-            nat.end()
-        self.nats.clear()
         if self.cgroups is not None:
             self.cgroups.remove()
         namespace_fds = [fd for fds in self.namespace_fds.values() for fd in fds.values()]
@@ -519,4 +546,7 @@ def run(plan: Plan, info_fd: int | None = None) -> int:
         with open(info_fd, "wb", closefd=True) as out:
             for entry in instance.layers_info():
                 out.write(msgspec.json.encode(entry) + b"\n")
-    return instance.wait()
+    try:
+        return instance.wait()
+    finally:
+        instance.finish()

@@ -171,16 +171,22 @@ def burst(rate: int, mtu: int) -> int:
 # ---------------------------------------------------------------- the caller's part
 
 
-class Nat(Struct):
-    """The NAT process (pasta): our child, followed by pidfd."""
+class Child(Struct):
+    """A child of ours followed by pidfd: the NAT, or the process that configures the
+    namespace."""
     pid: int
     pidfd: int
 
-    def end(self) -> None:
+    def kill(self) -> None:
         try:
             sc.pidfd_send_signal(self.pidfd, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+    def end(self) -> None:
+        """Kill and reap it. A NAT's exit takes 30 to 50 ms here (its tap device and buffers
+        go): Instance reaps it after its caller has told the instance's end."""
+        self.kill()
         try:
             os.waitid(os.P_PIDFD, self.pidfd, os.WEXITED)
         except ChildProcessError:
@@ -188,23 +194,137 @@ class Nat(Struct):
         os.close(self.pidfd)
 
 
-def connect(net: spec.Network, net_fd: int, environ: dict[str, str]) -> Nat | None:
-    """Do what `net` asks for in the namespace `net_fd`; returns the NAT process if any.
-    Raises StartError (with nothing left running)."""
-    nat = _start_nat(net, net_fd, environ) if net.nat else None
-    try:
-        host = sc.host_addresses() if net.deny_host else []
-        if net.deny_host and net.nat_with == "slirp4netns":
-            host.append(SLIRP_GATEWAY)
-        rules = ruleset(net, host)
-        if rules or net.rate or net.delay_ms:
-            _configure(net, net_fd, rules)
-    except BaseException:
-        if nat is not None:
-            nat.end()
-        raise
-    return nat
+class Setup:
+    """What a layer's `network` needs, begun as soon as the layer is built (the NAT comes up,
+    and a child of ours enters the namespace and loads the rules, while the rest of the tree
+    is built) and completed before the go. Raises StartError with nothing left running."""
 
+    def __init__(self, net: spec.Network, net_fd: int, environ: dict[str, str]):
+        self.net = net
+        self.nat: Child | None = None
+        self.child: Child | None = None  # the process that configures the namespace
+        self.ready: int | None = None  # read end: the NAT says it is ready
+        self.log: int | None = None  # the NAT's messages (a memfd: never a full pipe)
+        self.api_dir: str | None = None  # slirp4netns's API socket's directory
+        self.go: int | None = None  # write end: the child may shape (eth0 is there)
+        self.errors: int | None = None  # read end: the child's failure, in words
+        try:
+            owner = _owner(net_fd)
+            try:
+                if net.nat:
+                    self._start_nat(net_fd, owner, environ)
+                host = sc.host_addresses() if net.deny_host else []
+                if net.deny_host and net.nat_with == "slirp4netns":
+                    host.append(SLIRP_GATEWAY)
+                rules = ruleset(net, host)
+                if rules or net.rate or net.delay_ms:
+                    self._start_child(net_fd, owner, rules)
+            finally:
+                if owner is not None:
+                    os.close(owner)
+        except BaseException:
+            self.abandon()
+            raise
+
+    def complete(self) -> Child | None:
+        """Wait until the NAT is ready and the namespace configured; the NAT process, if
+        any, is the caller's to end."""
+        try:
+            if self.nat is not None:
+                if not _wait_readable(self.ready, self.nat.pidfd) or \
+                        not os.read(self.ready, 32).strip():
+                    said = _last_line(self.log) or f"no answer within {TIMEOUT:g}s"
+                    raise StartError(f"network: {self.net.nat_with} could not connect the "
+                                     f"namespace: {said}")
+                if self.api_dir:
+                    _add_forwards(os.path.join(self.api_dir, "api.sock"), self.net.forward)
+            if self.child is not None:
+                if self.go is not None:
+                    os.write(self.go, b"1")
+                self._wait_for_child()
+        except BaseException:
+            self.abandon()
+            raise
+        nat, self.nat = self.nat, None
+        self._close()
+        return nat
+
+    def children(self) -> list[Child]:
+        return [c for c in (self.nat, self.child) if c is not None]
+
+    def abandon(self) -> None:
+        """End what was begun (a failed start)."""
+        for process in (self.child, self.nat):
+            if process is not None:
+                process.end()
+        self.child = self.nat = None
+        self._close()
+
+    def _close(self) -> None:
+        for name in ("ready", "log", "go", "errors"):
+            if getattr(self, name) is not None:
+                os.close(getattr(self, name))
+                setattr(self, name, None)
+        if self.api_dir:  # (slirp4netns listens on until it ends; we have no more to say)
+            shutil.rmtree(self.api_dir, ignore_errors=True)
+            self.api_dir = None
+
+    def _start_nat(self, net_fd: int, owner: int | None, environ: dict[str, str]) -> None:
+        net = self.net
+        program = nat_program(net.nat_with, environ)
+        if program is None:
+            package = PACKAGES[net.nat_with]
+            raise StartError(f"network: NAT needs {net.nat_with}, which is not installed: apt "
+                             f"install {package} (dnf/pacman install {package})", EXIT_USAGE)
+        problem = tun_problem()
+        if problem:
+            raise StartError(f"network: NAT needs {TUN}: {problem}", EXIT_USAGE)
+        self.ready, ready_w = os.pipe2(os.O_CLOEXEC)
+        self.log = os.memfd_create("nat-log", os.MFD_CLOEXEC)
+        if net.forward and net.nat_with == "slirp4netns":
+            self.api_dir = tempfile.mkdtemp(prefix="bbl-nat-")
+        api = os.path.join(self.api_dir, "api.sock") if self.api_dir else None
+        argv = nat_argv(program, net, f"/proc/self/fd/{net_fd}",
+                        f"/proc/self/fd/{owner}" if owner is not None else None, ready_w, api)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                _exec_nat(argv, [fd for fd in (net_fd, owner, ready_w) if fd is not None],
+                          self.log)
+            self.nat = Child(pid=pid, pidfd=sc.pidfd_open(pid))
+        finally:
+            os.close(ready_w)
+
+    def _start_child(self, net_fd: int, owner: int | None, rules: str | None) -> None:
+        """Fork the child that enters the namespace (its owner first, which gives it
+        CAP_NET_ADMIN there), loads the rules, and shapes once the NAT's eth0 is there."""
+        shaping = bool(self.net.rate or self.net.delay_ms)
+        self.errors, errors_w = os.pipe2(os.O_CLOEXEC)
+        go_r = None
+        if shaping:
+            go_r, self.go = os.pipe2(os.O_CLOEXEC)
+        try:
+            pid = os.fork()
+            if pid == 0:
+                _configure(self.net, net_fd, owner, rules, errors_w, go_r)
+            self.child = Child(pid=pid, pidfd=sc.pidfd_open(pid))
+        finally:
+            os.close(errors_w)
+            if go_r is not None:
+                os.close(go_r)
+
+    def _wait_for_child(self) -> None:
+        child, self.child = self.child, None
+        try:
+            if not _wait_readable(self.errors, child.pidfd) and not _ended(child.pidfd):
+                child.kill()
+            message = os.read(self.errors, 4096).decode(errors="replace")
+            status = os.waitid(os.P_PIDFD, child.pidfd, os.WEXITED)
+        finally:
+            os.close(child.pidfd)
+        if message or status.si_status != 0 or status.si_code != os.CLD_EXITED:
+            raise StartError(f"network: {message or 'setting up took longer than %gs' % TIMEOUT}",
+                             status.si_status if status.si_code == os.CLD_EXITED else 1)
 
 def _owner(net_fd: int) -> int | None:
     """An fd of the user namespace that owns `net_fd`, or None if that is our own."""
@@ -215,49 +335,6 @@ def _owner(net_fd: int) -> int | None:
         os.close(owner)
         return None
     return owner
-
-
-def _start_nat(net: spec.Network, net_fd: int, environ: dict[str, str]) -> Nat:
-    program = nat_program(net.nat_with, environ)
-    if program is None:
-        package = PACKAGES[net.nat_with]
-        raise StartError(f"network: NAT needs {net.nat_with}, which is not installed: apt "
-                         f"install {package} (dnf/pacman install {package})", EXIT_USAGE)
-    problem = tun_problem()
-    if problem:
-        raise StartError(f"network: NAT needs {TUN}: {problem}", EXIT_USAGE)
-    owner = _owner(net_fd)
-    ready_r, ready_w = os.pipe2(os.O_CLOEXEC)
-    log = os.memfd_create("nat-log", os.MFD_CLOEXEC)  # its messages, never a full pipe
-    api_dir = tempfile.mkdtemp(prefix="bbl-nat-") if net.forward and \
-        net.nat_with == "slirp4netns" else None
-    api = os.path.join(api_dir, "api.sock") if api_dir else None
-    keep = [fd for fd in (net_fd, owner, ready_w) if fd is not None]
-    argv = nat_argv(program, net, f"/proc/self/fd/{net_fd}",
-                    f"/proc/self/fd/{owner}" if owner is not None else None, ready_w, api)
-    try:
-        pid = os.fork()
-        if pid == 0:
-            _exec_nat(argv, keep, log)
-        nat = Nat(pid=pid, pidfd=sc.pidfd_open(pid))
-        os.close(ready_w)
-        ready_w = None
-        try:
-            if not _wait_readable(ready_r, nat.pidfd) or not os.read(ready_r, 32).strip():
-                raise StartError(f"network: {net.nat_with} could not connect the namespace: "
-                                 f"{_last_line(log) or 'no answer within %gs' % TIMEOUT}")
-            if api:
-                _add_forwards(api, net.forward)
-        except BaseException:
-            nat.end()
-            raise
-        return nat
-    finally:
-        for fd in (ready_r, ready_w, log, owner):
-            if fd is not None:
-                os.close(fd)
-        if api_dir:  # (slirp4netns listens on until it ends; we have no more to say)
-            shutil.rmtree(api_dir, ignore_errors=True)
 
 
 def _add_forwards(api: str, forwards: list[spec.PortForward]) -> None:
@@ -323,46 +400,30 @@ def _last_line(fd: int) -> str:
     return lines[-1] if lines else ""
 
 
-def _configure(net: spec.Network, net_fd: int, rules: str | None) -> None:
-    """The egress rules and the shaping, by a forked child inside the namespace."""
-    owner = _owner(net_fd)
-    errors_r, errors_w = os.pipe2(os.O_CLOEXEC)
+def _configure(net: spec.Network, net_fd: int, owner: int | None, rules: str | None,
+               errors: int, go: int | None) -> None:
+    """In the forked child: the rules, then (once the caller says eth0 is there) the
+    shaping; a failure is written to `errors`. Never returns."""
+    code = 0
     try:
-        pid = os.fork()
-        if pid == 0:
-            code = 0
-            try:
-                os.close(errors_r)
-                namespace_fds = {"net": net_fd, **({"user": owner} if owner is not None else {})}
-                join_namespaces(namespace_fds)
-                if rules:
-                    _load_rules(rules)
-                if net.rate or net.delay_ms:
-                    _shape(net)
-            except StartError as exc:
-                os.write(errors_w, str(exc).encode()[:4096])
-                code = exc.exit_code
-            except BaseException as exc:  # noqa: BLE001 (a bug: said, not lost)
-                os.write(errors_w, f"{type(exc).__name__}: {exc}".encode()[:4096])
-                code = 1
-            os._exit(code)
-        os.close(errors_w)
-        errors_w = None
-        pidfd = sc.pidfd_open(pid)
-        try:
-            if not _wait_readable(errors_r, pidfd) and not _ended(pidfd):
-                sc.pidfd_send_signal(pidfd, signal.SIGKILL)
-            message = os.read(errors_r, 4096).decode(errors="replace")
-            status = os.waitid(os.P_PIDFD, pidfd, os.WEXITED)
-        finally:
-            os.close(pidfd)
-        if message or status.si_status != 0 or status.si_code != os.CLD_EXITED:
-            raise StartError(f"network: {message or 'setting up took longer than %gs' % TIMEOUT}",
-                             status.si_status if status.si_code == os.CLD_EXITED else 1)
-    finally:
-        for fd in (errors_r, errors_w, owner):
-            if fd is not None:
-                os.close(fd)
+        sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        sc.close_all_fds_except({0, 1, 2, net_fd, errors, *(fd for fd in (owner, go)
+                                                             if fd is not None)})
+        join_namespaces({"net": net_fd, **({"user": owner} if owner is not None else {})})
+        if rules:
+            _load_rules(rules)
+        if go is not None:
+            from pyroute2 import IPRoute  # noqa: F401 (imported while the NAT comes up)
+
+            if os.read(go, 1) == b"1":  # (EOF: the start was called off)
+                _shape(net)
+    except StartError as exc:
+        os.write(errors, str(exc).encode()[:4096])
+        code = exc.exit_code
+    except BaseException as exc:  # noqa: BLE001 (a bug: said, not lost)
+        os.write(errors, f"{type(exc).__name__}: {exc}".encode()[:4096])
+        code = 1
+    os._exit(code)
 
 
 def _ended(pidfd: int) -> bool:

@@ -26,7 +26,10 @@ def run_bwrap(argv: list[str], prog: str, sandbox: spec.Sandbox | None = None,
             sandbox = front.sandbox(argv, dict(os.environ), os.getuid(), os.getgid())
         instance = Instance(prepare(sandbox))
         instance.start()
-        return instance.wait()
+        try:
+            return instance.wait()
+        finally:
+            instance.finish()
     except bwrap.Done as done:
         return done.status
     except spec.SpecError as exc:

@@ -95,13 +95,16 @@ def run(data: bytes, fds: list[int], directory: str) -> int:
         instance.main_tty = None
     status = None
     try:
-        status = instance.wait()
-    except StartError as exc:
-        return _failed(report, front, str(exc), exc.exit_code, exc)
+        try:
+            status = instance.wait()
+        except StartError as exc:
+            return _failed(report, front, str(exc), exc.exit_code, exc)
+        finally:
+            control.close(status)
+        _send(report, Event(event="exited", status=status))
+        return 0
     finally:
-        control.close(status)
-    _send(report, Event(event="exited", status=status))
-    return 0
+        instance.finish()  # (after the end is told: a NAT process takes tens of ms to go)
 
 
 def sandbox(request: StartRequest, front: bwrap.FrontEnd | None) -> spec.Sandbox:

@@ -431,8 +431,9 @@ def test_a_rate_slows_downloads_and_uploads_and_stays(world):
     shaped = world.probe('[net]\nrate = "4mbit"\n', *transfers, extra=UNDO)
     print("1 MiB unshaped:", free, "at 4mbit:", shaped)
     assert shaped[transfers[0]][0] == 1 << 20 and shaped[transfers[1]][0] == f"got {1 << 20}"
-    # 1 MiB at 4 Mbit/s takes 2.1 s; assert only the lower bound (shaping only slows down)
-    assert shaped[transfers[0]][1] >= 1.5 and shaped[transfers[1]][1] >= 1.5
+    # 1 MiB at 4 Mbit/s takes 2.1 s: at least 1.5 s; and not many times that (a queue that
+    # drops what the NAT sends made the download take 33 s: netsetup.window)
+    assert 1.5 <= shaped[transfers[0]][1] < 10 and 1.5 <= shaped[transfers[1]][1] < 10
     assert shaped["after"] == ["held"] * 5
 
 

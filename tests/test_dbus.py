@@ -424,9 +424,16 @@ def test_doctor_says_whether_the_buses_answer(instances, tmp_path):
     assert "does not answer" in checks["system bus"]["detail"]
 
 
-def test_the_documented_example_profiles_are_valid(tmp_path, fake_host):
+def test_the_documented_example_profiles_are_valid(tmp_path, fake_host, monkeypatch):
     import re
 
+    from bbld import net
+
+    pasta = os.path.join(fake_host["PATH"], "pasta")  # (the network examples' NAT)
+    shutil.copy(os.path.join(fake_host["PATH"], "xdg-dbus-proxy"), pasta)
+    tun = tmp_path / "tun"
+    tun.write_text("")
+    monkeypatch.setattr(net, "TUN", str(tun))  # (a usable one, whatever this host's is)
     docs = os.path.join(os.path.dirname(HERE), "..", "docs", "profiles.md")
     with open(docs) as f:
         examples = re.findall(r"```toml\n(.*?)```", f.read(), re.DOTALL)

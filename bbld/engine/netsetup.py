@@ -2,8 +2,9 @@
 bbld/engine/network.py's). Imported by the engine's caller only for an instance that has one:
 its imports would otherwise weigh on every forked monitor.
 
-`network` is done by the engine's caller once the layer is built and before the go byte,
-so nothing of the sandbox runs before it holds:
+`network` is begun by the engine's caller as soon as the layer is built (while the rest of
+the tree is built) and completed before the go byte, so nothing of the sandbox runs before
+it holds (`Setup`):
 
 1. NAT: pasta (or slirp4netns), in our (the host's) network namespace, joins the layer's
    user and network namespaces through the fds its Built report carried, makes the tap
@@ -13,7 +14,8 @@ so nothing of the sandbox runs before it holds:
    byte). slirp4netns takes its forwards on an API socket once it runs.
 2. A forked child of ours enters the namespace (the user namespace that owns it first,
    which gives it CAP_NET_ADMIN there) and installs the egress rules (nftables, through
-   libnftables) and the shaping (tc qdiscs through pyroute2, imported only then).
+   libnftables) while the NAT comes up, then, once `eth0` is there, the shaping (tc qdiscs
+   through pyroute2, imported only in that child).
 
 The app runs in a user namespace below the one that owns the network namespace, without
 capabilities over it: it cannot change what was set (tests/test_network.py tries).
@@ -45,13 +47,11 @@ TUN = "/dev/net/tun"
 # deny_local: private (RFC 1918, ULA), shared (CGNAT) and link-local ranges
 LOCAL_RANGES = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10",
                 "169.254.0.0/16", "fc00::/7", "fe80::/10")
+SLIRP_GATEWAY = "10.0.2.2"  # slirp4netns's host side (its loopback, unless disabled)
+PACKAGES = {"pasta": "passt", "slirp4netns": "slirp4netns"}
 
 
 # ---------------------------------------------------------------- what the caller checks
-
-
-SLIRP_GATEWAY = "10.0.2.2"  # slirp4netns's host side (its loopback, unless disabled)
-PACKAGES = {"pasta": "passt", "slirp4netns": "slirp4netns"}
 
 
 def nat_program(name: str, environ: dict[str, str]) -> str | None:
@@ -251,7 +251,10 @@ class Setup:
                     _add_forwards(os.path.join(self.api_dir, "api.sock"), self.net.forward)
             if self.child is not None:
                 if self.go is not None:
-                    os.write(self.go, b"1")
+                    try:
+                        os.write(self.go, b"1")
+                    except BrokenPipeError:
+                        pass  # it failed already: it says why
                 self._wait_for_child()
         except BaseException:
             self.abandon()
@@ -277,10 +280,10 @@ class Setup:
                 os.close(getattr(self, name))
                 setattr(self, name, None)
         if self.api_dir:  # (slirp4netns listens on until it ends; we have no more to say)
-            for remove in (lambda: os.unlink(os.path.join(self.api_dir, "api.sock")),
-                           lambda: os.rmdir(self.api_dir)):
+            for remove, path in ((os.unlink, os.path.join(self.api_dir, "api.sock")),
+                                 (os.rmdir, self.api_dir)):
                 try:
-                    remove()
+                    remove(path)
                 except OSError:
                     pass
             self.api_dir = None
@@ -343,6 +346,7 @@ class Setup:
         if message or status.si_status != 0 or status.si_code != os.CLD_EXITED:
             raise StartError(f"network: {message or 'setting up took longer than %gs' % TIMEOUT}",
                              status.si_status if status.si_code == os.CLD_EXITED else 1)
+
 
 def _owner(net_fd: int) -> int | None:
     """An fd of the user namespace that owns `net_fd`, or None if that is our own."""

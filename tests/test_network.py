@@ -14,7 +14,19 @@ import pytest
 
 from bbld import net, profile, spec
 from bbld.engine import netsetup
-from tests.conftest import BBLCTL, BBLD, TIMEOUT, read_line, wait_for_socket, wait_gone, wait_until
+from tests.conftest import (
+    BBLCTL,
+    BBLD,
+    TIMEOUT,
+    app_layer,
+    layer,
+    read_line,
+    sandbox,
+    system_ops,
+    wait_for_socket,
+    wait_gone,
+    wait_until,
+)
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "net")
 SYSTEM_PYTHON = "/usr/bin/python3"
@@ -477,6 +489,29 @@ def test_no_nat_outlives_its_instance(world, end):
         os.kill(monitor, signal.SIGKILL)
     assert wait_gone(nats) == []
     assert wait_until(lambda: instance not in world.ctl("ps").stdout)
+
+
+@real_nat
+@pytest.mark.parametrize("owner", ["an ancestor layer's", "its own"])
+def test_the_nat_joins_whatever_user_namespace_owns_the_network(world, owner):
+    """pasta and slirp4netns must run in an ancestor of the user namespace that owns the
+    network namespace (from a sibling they are refused): the engine's caller is an ancestor
+    of every layer's, however deep. A spec run by the engine itself, inside the world."""
+    own = owner == "its own"
+    inner = app_layer("net", namespaces=["user", "mount", "pid", "net"] if own else
+                      ["mount", "pid", "net"], new_root=True, fs=[
+                          *system_ops(), {"op": "ro-bind", "src": HERE, "dest": "/probe"}],
+                      network={"nat": True, "nat_with": world.nat_with},
+                      command=[SYSTEM_PYTHON, "/probe/probe.py", f"tcp:{REMOTE}:7001"])
+    if not own:
+        inner.pop("uid"), inner.pop("gid")
+    spec_path = world.tmp / "nested.json"
+    spec_path.write_text(json.dumps(sandbox(layer("top", namespaces=["user", "pid", "mount"],
+                                                  uid=0, gid=0, layers=[inner]))))
+    result = world.run([sys.executable, "-m", "bbld.engine", str(spec_path)])
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == {f"tcp:{REMOTE}:7001": "remote-7001"}
+    assert world.nat_processes() == []  # (ended with the instance)
 
 
 def test_an_unusable_tun_device_is_one_line_naming_the_fix(tmp_path, bbl_env):

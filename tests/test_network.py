@@ -31,6 +31,7 @@ from tests.conftest import (
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "net")
 SYSTEM_PYTHON = "/usr/bin/python3"
 REMOTE, PRIVATE, HOST_SELF = "198.18.0.1", "10.99.0.1", "10.98.0.1"
+REMOTE6, PRIVATE6, HOST_SELF6 = "[2001:db8::1]", "[fd99::1]", "[2001:db8:1::1]"
 
 
 def write(tmp_path, text: str, name: str = "p.toml") -> str:
@@ -372,6 +373,7 @@ def world(request, tmp_path, bbl_env):
 
 ALL = ["tcp:127.0.0.1:7010", "tcp:127.0.0.1:7011", f"tcp:{REMOTE}:7001", f"tcp:{REMOTE}:7002",
        f"tcp:{HOST_SELF}:7012", f"tcp:{PRIVATE}:7001", f"udp:{REMOTE}:7005", "interfaces"]
+ALL6 = [f"tcp:{REMOTE6}:7001", f"tcp:{HOST_SELF6}:7012", f"tcp:{PRIVATE6}:7001"]
 
 
 def refused(verdict: str) -> bool:
@@ -386,7 +388,7 @@ def test_nat_reaches_the_world_and_only_the_host_ports_it_names(world):
     host_resolver = [a for a in net.nameservers(net.RESOLV_CONF) if "." in a][:1]
     resolver = [net.SLIRP_DNS] if world.nat_with == "slirp4netns" else [
         a for a in host_resolver if not a.startswith("127.")]
-    found = world.probe(f'[net]\n{ports}deny_local = true\n', *ALL,
+    found = world.probe(f'[net]\n{ports}deny_local = true\n', *ALL, *ALL6,
                         *(f"udp:{a}:53" for a in resolver))
     assert found["interfaces"] == ["eth0", "lo"]
     if ports:
@@ -401,6 +403,11 @@ def test_nat_reaches_the_world_and_only_the_host_ports_it_names(world):
     assert refused(found[f"tcp:{PRIVATE}:7001"])  # the LAN: deny_local
     if resolver and host_resolver and not host_resolver[0].startswith("127."):
         assert found[f"udp:{resolver[0]}:53"] == "echo:q"  # on the LAN, and reachable
+    if world.nat_with == "pasta":  # and the same over IPv6 (slirp4netns: IPv4 only here)
+        assert found[f"tcp:{REMOTE6}:7001"] == "remote-7001"
+        assert refused(found[f"tcp:{HOST_SELF6}:7012"]) and refused(found[f"tcp:{PRIVATE6}:7001"])
+    else:
+        assert all(found[probe].startswith("error ") for probe in ALL6)
 
 
 @real_nat

@@ -1,5 +1,6 @@
 """Run inside a sandbox by tests/test_network.py (with the system's python3): each argument is
-one probe, `KIND:HOST:PORT[:N]`; prints one JSON object, probe -> what happened.
+one probe, `KIND:HOST:PORT[:N]` (an IPv6 HOST in brackets); prints one JSON object, probe ->
+what happened.
 
   tcp:H:P       the first line the server sends, or "error ECONNREFUSED" (and how long it took)
   udp:H:P       the answer to a datagram "q", or an error
@@ -72,7 +73,12 @@ def listen(port):
 def main():
     found = {}
     for probe in sys.argv[1:]:
-        kind, *args = probe.split(":")
+        kind, _, rest = probe.partition(":")
+        if rest.startswith("["):  # an IPv6 address: KIND:[ADDRESS]:PORT[:N]
+            address, _, rest = rest[1:].partition("]:")
+            args = [address, *rest.split(":")]
+        else:
+            args = rest.split(":") if rest else []
         if kind == "interfaces":
             found[probe] = sorted(os.listdir("/sys/class/net")) if os.path.isdir(
                 "/sys/class/net") else sorted(line.split(":")[0].strip() for line in

@@ -4,15 +4,18 @@
 
 It makes a user namespace (the user mapped to itself) and a network namespace, "the host",
 where the test's bbld will run; and a second network namespace, "the remote host", joined to
-it by a veth pair: the host is 198.18.0.2/30 with its default route through the remote,
-198.18.0.1, which also holds 10.99.0.1 (a private address, for deny_local). Nothing outside
-is ever contacted: the world has no other way out.
+it by a veth pair: the host is 198.18.0.2/30 and 2001:db8::2/64 with its default routes
+through the remote, 198.18.0.1 and 2001:db8::1, which also holds 10.99.0.1 and fd99::1
+(private addresses, for deny_local). Nothing outside is ever contacted: the world has no
+other way out.
 
 Servers, each answering its own name and closing (unless said otherwise):
-  remote  tcp 7001 "remote-7001", tcp 7002 "remote-7002", tcp 7003: 1 MiB then close,
-          tcp 7004: reads to EOF, answers "got N"; udp 7005 and 53: "echo:" + the datagram
+  remote  tcp 7001 "remote-7001", tcp 7002 "remote-7002" (both also on IPv6),
+          tcp 7003: 1 MiB then close, tcp 7004: reads to EOF, answers "got N";
+          udp 7005 and 53: "echo:" + the datagram
   host    127.0.0.1 tcp 7010 "host-7010", tcp 7011 "host-7011"; 10.98.0.1 (on the host's lo,
-          an address of the host that the NAT does not copy inside) tcp 7012 "host-self"
+          an address of the host that the NAT does not copy inside; and 2001:db8:1::1) tcp 7012
+          "host-self"
 
 Its mount namespace has a root of its own (a tmpfs of the user's) with the system's
 directories and the DIRECTORIES (the test's, the virtualenv, the sources) bound at their
@@ -35,6 +38,9 @@ from pyroute2 import IPRoute
 from bbld.engine import syscalls as sc
 
 REMOTE, HOST, PRIVATE, HOST_SELF = "198.18.0.1", "198.18.0.2", "10.99.0.1", "10.98.0.1"
+# IPv6 the same way: documentation addresses on the veth, a ULA as the remote's private one
+REMOTE6, HOST6, PRIVATE6, HOST_SELF6 = "2001:db8::1", "2001:db8::2", "fd99::1", "2001:db8:1::1"
+IFA_F_NODAD = 0x02  # (no duplicate address detection: usable at once)
 MIB = 1 << 20
 
 
@@ -60,6 +66,8 @@ def main() -> None:
     with IPRoute() as ipr:
         _up(ipr, "lo")
         ipr.addr("add", index=_index(ipr, "lo"), address=HOST_SELF, prefixlen=32)
+        ipr.addr("add", index=_index(ipr, "lo"), address=HOST_SELF6, prefixlen=128,
+                 flags=IFA_F_NODAD)
         ipr.link("add", ifname="veth-h", kind="veth", peer="veth-r")
         ipr.link("set", index=_index(ipr, "veth-r"), net_ns_pid=remote)
         os.write(go_w, b"1")
@@ -67,10 +75,13 @@ def main() -> None:
         veth = _index(ipr, "veth-h")
         ipr.link("set", index=veth, mtu=1500, state="up")
         ipr.addr("add", index=veth, address=HOST, prefixlen=30)
+        ipr.addr("add", index=veth, address=HOST6, prefixlen=64, flags=IFA_F_NODAD)
         ipr.route("add", dst="0.0.0.0/0", gateway=REMOTE)
+        ipr.route("add", dst="::/0", gateway=REMOTE6, family=socket.AF_INET6)
     for address, port, reply in (("127.0.0.1", 7010, b"host-7010\n"),
                                  ("127.0.0.1", 7011, b"host-7011\n"),
-                                 (HOST_SELF, 7012, b"host-self\n")):
+                                 (HOST_SELF, 7012, b"host-self\n"),
+                                 (HOST_SELF6, 7012, b"host-self\n")):
         _serve_tcp(address, port, lambda conn, reply=reply: conn.sendall(reply))
     print(f"ready {os.getpid()}", flush=True)
     sys.stdin.read()
@@ -85,11 +96,16 @@ def _remote_host(go_r: int, ready_w: int) -> None:
         _up(ipr, "lo")
         for address in (PRIVATE, *_resolvers()):
             ipr.addr("add", index=_index(ipr, "lo"), address=address, prefixlen=32)
+        ipr.addr("add", index=_index(ipr, "lo"), address=PRIVATE6, prefixlen=128,
+                 flags=IFA_F_NODAD)
         veth = _index(ipr, "veth-r")
         ipr.link("set", index=veth, mtu=1500, state="up")
         ipr.addr("add", index=veth, address=REMOTE, prefixlen=30)
+        ipr.addr("add", index=veth, address=REMOTE6, prefixlen=64, flags=IFA_F_NODAD)
     for port in (7001, 7002):
-        _serve_tcp("0.0.0.0", port, lambda conn, p=port: conn.sendall(f"remote-{p}\n".encode()))
+        for address in ("0.0.0.0", "::"):
+            _serve_tcp(address, port,
+                       lambda conn, p=port: conn.sendall(f"remote-{p}\n".encode()))
     _serve_tcp("0.0.0.0", 7003, lambda conn: conn.sendall(b"x" * MIB))
     _serve_tcp("0.0.0.0", 7004, _count)
     _serve_udp_echo(7005)
@@ -116,8 +132,10 @@ def _count(conn: socket.socket) -> None:
 
 
 def _serve_tcp(address: str, port: int, handle) -> None:
-    listener = socket.socket()
+    listener = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if ":" in address:
+        listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
     listener.bind((address, port))
     listener.listen(16)
 

@@ -11,6 +11,7 @@ The template (see docs/profiles.md):
              sockets, a tmpfs over BBL's runtime directory)
     └─ layer2   semi-trusted: its own mount namespace, the host view with private paths masked
        ├─ layer2a  trusted companions (capabilities dropped): the D-Bus proxy, the user's
+       ├─ layer2x  with gui = "xephyr": the nested X server (bbld.gui)
        └─ layer2h  intermediary
           └─ layer3   untrusted zone: every namespace, a new root of system directories
              ├─ layer4   the app, back to the user's uid
@@ -28,7 +29,7 @@ from typing import Literal
 import msgspec
 from msgspec import Struct, field
 
-from bbld import dbus, net, paths, spec
+from bbld import dbus, gui, net, paths, spec
 
 BUILTIN = os.path.join(os.path.dirname(__file__), "profiles")
 # Commands that would open a URL or file outside the sandbox (or a second, unsandboxed
@@ -76,7 +77,8 @@ class Profile(Struct, forbid_unknown_fields=True, kw_only=True):
     send_args: list[str] | None = None
     home: str = "tmpfs"  # or a host directory, bound at the same $HOME path inside
     app_id: str | None = None  # reverse-DNS id (org.example.App): the D-Bus names it may own
-    gui: Literal["none", "host-x11"] = "none"
+    # "host-x11": the host's display; "xephyr" (or a [gui] table): a display of its own (bbld.gui)
+    gui: gui.Mode | gui.Gui = "none"
     dbus: Literal["none", "host", "filtered"] | dbus.DBus = "none"
     mounts: list[Mount] = []
     opt: bool = False
@@ -162,9 +164,10 @@ def load(path: str, environ: dict[str, str] | None = None, uid: int | None = Non
     else:
         options = _convert(raw, Profile, path, text)
         _check_options(options, path, text)
-        problem = net.host_problem(net.of(options.net), environ)
-        if problem:
-            raise ProfileError([f"{path}:{line_of(text, '$.net')}: net: {problem}"])
+        for key, problem in (("net", net.host_problem(net.of(options.net), environ)),
+                             ("gui", gui.host_problem(gui.of(options.gui), environ))):
+            if problem:
+                raise ProfileError([f"{path}:{line_of(text, '$.' + key)}: {key}: {problem}"])
         try:
             sandbox = expand(options, options.name or _default_name(path), environ, uid, gid)
         except dbus.DBusError as exc:  # (the host's side: a bus, the proxy)
@@ -254,6 +257,8 @@ def _check_options(options: Profile, path: str, text: str) -> None:
     for where, message in dbus.problems(dbus.of(options.dbus), options.app_id):
         say(where, message)
     for where, message in net.problems(net.of(options.net)):
+        say(where, message)
+    for where, message in gui.problems(gui.of(options.gui), net.of(options.net).mode):
         say(where, message)
     for name, value in options.limits.items():
         if name != "pids" and name not in spec.RLIMITS:
@@ -349,23 +354,27 @@ def expand(options: Profile, name: str, environ: dict[str, str], uid: int,
     home = environ.get("HOME") or f"/home/{uid}"
     helpers = paths.runtime_dir(environ)  # (layer1 hides it under a tmpfs for the helpers)
     bus = dbus.parts(dbus.of(options.dbus), options.app_id, environ, uid, helpers)
+    display = gui.parts(gui.of(options.gui), name, environ, uid, gid, helpers, _system_view())
+    waits = [*bus.start_after, *display.start_after]  # (the app's layers, for the helpers)
     rlimits = {name: value for name, value in options.limits.items() if name != "pids"}
     layer4 = spec.Layer(name="layer4", namespaces=["user", "pid", "mount"], uid=uid, gid=gid,
                         seccomp=spec.Seccomp(policy="default"), rlimits=rlimits,
                         command=spec.Command(argv=list(options.command), new_session=False),
-                        start_after=bus.start_after, start_timeout=HELPERS_TIMEOUT)
+                        start_after=waits, start_timeout=HELPERS_TIMEOUT)
     untrusted = [list(c) for c in options.untrusted_companions]
+    if display.session:  # (a window manager or desktop session on the nested display)
+        untrusted.insert(0, display.session)
     layer4a = spec.Layer(name="layer4a", namespaces=["user", "pid", "mount"], uid=uid, gid=gid,
                          seccomp=spec.Seccomp(policy="default"), rlimits=rlimits,
-                         companions=untrusted, start_after=bus.start_after if untrusted else [],
+                         companions=untrusted, start_after=waits if untrusted else [],
                          start_timeout=HELPERS_TIMEOUT)
     namespaces = ["mount", "pid", "ipc", "uts", "cgroup"]
     network = net.of(options.net)
     if network.mode != "host":
         namespaces.append("net")
     layer3 = spec.Layer(name="layer3", namespaces=namespaces, hostname=name[:64],
-                        new_root=True, fs=_layer3_fs(options, home, environ, uid, bus),
-                        env=_layer3_env(options, home, environ, uid, bus), cwd=home,
+                        new_root=True, fs=_layer3_fs(options, home, environ, uid, bus, display),
+                        env=_layer3_env(options, home, environ, uid, bus, display), cwd=home,
                         pids_limit=options.limits.get("pids"), layers=[layer4, layer4a],
                         network=net.network(network, options.dns, environ))
     layer2h = spec.Layer(name="layer2h", namespaces=["mount"], layers=[layer3])
@@ -376,11 +385,12 @@ def expand(options: Profile, name: str, environ: dict[str, str], uid: int,
     masks = [spec.Mask(path=_home_path(p, home), origin=f"masks.paths[{index}]")
              for index, p in enumerate(options.masks.paths)]
     layer2 = spec.Layer(name="layer2", namespaces=["mount"], fs=masks,
-                        layers=[layer2a, layer2h])
+                        layers=[layer2a, *([display.layer] if display.layer else []), layer2h])
     # the helpers' sockets live in a tmpfs of the instance's own, over BBL's runtime
     # directory (which exists while bbld runs): gone with the instance, and bbld's socket and
     # the other instances' control sockets out of sight of every layer
-    helper_dir = [spec.Tmpfs(dest=helpers, mode=0o700, origin="dbus")] if bus.helpers else []
+    helper_dir = [spec.Tmpfs(dest=helpers, mode=0o700, origin="helpers")] \
+        if bus.helpers or display.layer else []
     layer1 = spec.Layer(name="layer1", namespaces=["user", "pid", "mount"], uid=0, gid=0,
                         fs=helper_dir, layers=[layer2])
     return spec.Sandbox(name=name, main="layer4", layer=layer1,
@@ -393,12 +403,8 @@ def _home_path(path: str, home: str) -> str:
 
 
 def _layer3_fs(options: Profile, home: str, environ: dict[str, str], uid: int,
-               bus: dbus.Parts) -> list:
-    fs: list = [spec.RoBind(src="/usr", dest="/usr"), spec.RoBind(src="/etc", dest="/etc")]
-    for link in SYSTEM_LINKS:
-        if os.path.islink(f"/{link}"):
-            fs.append(spec.Symlink(target_path=os.readlink(f"/{link}"), dest=f"/{link}"))
-    fs.append(spec.Proc(dest="/proc"))
+               bus: dbus.Parts, display: gui.Parts) -> list:
+    fs = [*_system_view(), spec.Proc(dest="/proc")]
     host_dev = options.hardware == "all"
     if host_dev:  # mount points can only be the host's own (BBL never creates host files)
         fs += [spec.RoBind(src="/dev", dest="/dev"), spec.RoBind(src="/sys", dest="/sys")]
@@ -435,6 +441,18 @@ def _layer3_fs(options: Profile, home: str, environ: dict[str, str], uid: int,
         fs.append(spec.RoBindData(dest="/etc/resolv.conf", content=resolv, mode=0o444))
     fs += _desktop(options, environ)
     fs += bus.fs
+    if display.layer and not bus.helpers:  # (the helpers' directory, as D-Bus shows it)
+        fs.append(spec.RoBind(src=paths.runtime_dir(environ), dest=dbus.HELPERS, origin="gui"))
+    fs += display.fs
+    return fs
+
+
+def _system_view() -> list:
+    """/usr and /etc read-only, and the links of a merged /usr (/bin -> usr/bin, ...)."""
+    fs: list = [spec.RoBind(src="/usr", dest="/usr"), spec.RoBind(src="/etc", dest="/etc")]
+    for link in SYSTEM_LINKS:
+        if os.path.islink(f"/{link}"):
+            fs.append(spec.Symlink(target_path=os.readlink(f"/{link}"), dest=f"/{link}"))
     return fs
 
 
@@ -485,7 +503,7 @@ def _desktop(options: Profile, environ: dict[str, str]) -> list:
     fs: list = []
     display = environ.get("DISPLAY", "")
     number = re.fullmatch(r":(\d+)(\.\d+)?", display)
-    if options.gui == "host-x11" and number:
+    if gui.of(options.gui).mode == "host-x11" and number:
         socket = f"/tmp/.X11-unix/X{number.group(1)}"
         fs.append(spec.RoBind(src=socket, dest=socket, try_=True))
         authority = environ.get("XAUTHORITY") or os.path.join(_home(environ), ".Xauthority")
@@ -526,16 +544,17 @@ def xauthority_for(data: bytes, display: str) -> bytes:
 
 
 def _layer3_env(options: Profile, home: str, environ: dict[str, str], uid: int,
-                bus: dbus.Parts) -> spec.Env:
+                bus: dbus.Parts, display: gui.Parts) -> spec.Env:
     env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": home, "TMPDIR": "/tmp",
            "USER": environ.get("USER", ""), "LOGNAME": environ.get("LOGNAME", ""),
            "SHELL": "/bin/sh", "XDG_RUNTIME_DIR": f"/run/user/{uid}"}
     for variable in options.env.pass_:
         if variable in environ:
             env[variable] = environ[variable]
-    if options.gui == "host-x11" and environ.get("DISPLAY"):
+    if gui.of(options.gui).mode == "host-x11" and environ.get("DISPLAY"):
         env["DISPLAY"] = environ["DISPLAY"]
         env["XAUTHORITY"] = "/run/bbl/Xauthority"
     env.update(bus.env)
+    env.update(display.env)
     env.update(options.env.set)
     return spec.Env(clear=True, set={k: v for k, v in env.items() if v != ""})

@@ -426,17 +426,27 @@ def test_doctor_says_whether_the_buses_answer(instances, tmp_path):
 
 def test_the_documented_example_profiles_are_valid(tmp_path, fake_host, monkeypatch):
     import re
+    import socket
 
     from bbld import net
 
-    pasta = os.path.join(fake_host["PATH"], "pasta")  # (the network examples' NAT)
-    shutil.copy(os.path.join(fake_host["PATH"], "xdg-dbus-proxy"), pasta)
+    for program in ("pasta", "Xephyr"):  # (the network examples' NAT, the nested display)
+        shutil.copy(os.path.join(fake_host["PATH"], "xdg-dbus-proxy"),
+                    os.path.join(fake_host["PATH"], program))
     tun = tmp_path / "tun"
     tun.write_text("")
     monkeypatch.setattr(net, "TUN", str(tun))  # (a usable one, whatever this host's is)
+    display = socket.socket(socket.AF_UNIX)  # (a host display that answers)
+    number = 4000 + os.getpid() % 1000
+    display.bind(f"\0/tmp/.X11-unix/X{number}")
+    display.listen()
+    fake_host = {**fake_host, "DISPLAY": f":{number}"}
     docs = os.path.join(os.path.dirname(HERE), "..", "docs", "profiles.md")
     with open(docs) as f:
         examples = re.findall(r"```toml\n(.*?)```", f.read(), re.DOTALL)
     assert len(examples) >= 5
-    for index, text in enumerate(examples):
-        profile.load(write(tmp_path, text, f"example{index}.toml"), fake_host, 1000, 1000)
+    try:
+        for index, text in enumerate(examples):
+            profile.load(write(tmp_path, text, f"example{index}.toml"), fake_host, 1000, 1000)
+    finally:
+        display.close()

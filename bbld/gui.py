@@ -1,0 +1,149 @@
+"""The profile's `gui`: a mode name, or a `[gui]` table with `mode` and the options (TOML
+cannot give one key both a string and a table). `xephyr` gives the app a display of its own:
+a nested X server (Xephyr) in a trusted helper layer, shown as one window on the host's
+display, with a cookie of the instance's own (docs/profiles.md, "Graphical apps"). Pure data
+but for what the host has (`host_problem`). No trio, no engine.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import secrets
+import shutil
+import socket
+from typing import Literal
+
+import msgspec
+from msgspec import Struct
+
+from bbld import dbus, spec
+
+Mode = Literal["none", "host-x11", "xephyr"]
+NESTED = "Xephyr"
+SOCKETS = "/tmp/.X11-unix"  # where X clients look for display N's socket (XN)
+AUTHORITY = "/run/bbl/Xauthority"  # the app's XAUTHORITY
+FAMILY_WILD = 0xFFFF  # an Xauthority entry for any host: the sandbox has its own hostname
+
+
+class Gui(Struct, forbid_unknown_fields=True, kw_only=True):
+    mode: Mode = "xephyr"
+    size: str = "1280x800"  # of the nested display (and its window)
+    resizable: bool = True  # the nested display follows its window's size
+    title: str | None = None  # of its window; default "[bbl:NAME] NAME"
+    # a window manager or a whole desktop session, run beside the app (layer4a): the
+    # "isolated desktop"
+    session: list[str] = []
+
+
+def of(value: str | Gui) -> Gui:
+    return Gui(mode=value) if isinstance(value, str) else value
+
+
+class Wrong(ValueError):
+    pass
+
+
+def problems(value: Gui, net_mode: str) -> list[tuple[str, str]]:
+    """(where, what is wrong) for the words, without looking at the host."""
+    found = []
+    options = [name for name, default in (("size", "1280x800"), ("resizable", True),
+                                          ("title", None), ("session", []))
+               if getattr(value, name) != default]
+    if value.mode != "xephyr":
+        return [(f"$.gui.{name}", f"needs mode = \"xephyr\" (mode {value.mode!r} has no "
+                 "display of its own)") for name in options]
+    if not re.fullmatch(r"[1-9]\d{1,4}x[1-9]\d{1,4}", value.size):
+        found.append(("$.gui.size", f"{value.size!r} must be WIDTHxHEIGHT, e.g. \"1280x800\""))
+    if value.session and not value.session[0]:
+        found.append(("$.gui.session", "must name a program, e.g. [\"twm\"]"))
+    if net_mode == "host":  # (the abstract socket lives in the network namespace)
+        found.append(("$.gui", "\"xephyr\" with net = \"host\": the app could reach the host's "
+                      "display through its abstract socket (@/tmp/.X11-unix/X0); use net = "
+                      "\"none\" or \"nat\""))
+    return found
+
+
+def host_display(environ: dict[str, str]) -> int | None:
+    """The display number $DISPLAY names (":0", ":0.0", "unix:0"), None if it names none."""
+    match = re.fullmatch(r"(?:unix)?:(\d+)(?:\.\d+)?", environ.get("DISPLAY", ""))
+    return int(match.group(1)) if match else None
+
+
+def host_problem(value: Gui, environ: dict[str, str]) -> str | None:
+    """What this host lacks for `value`, as one line with the fix; None if nothing."""
+    if value.mode != "xephyr":
+        return None
+    if shutil.which(NESTED, path=environ.get("PATH") or os.defpath) is None:
+        return "xephyr needs Xephyr, which is not installed: apt install xserver-xephyr"
+    number = host_display(environ)
+    if number is None:
+        return ("xephyr shows its window on the host's display, and DISPLAY names none "
+                f"({environ.get('DISPLAY', 'unset')!r}): start it from the desktop session")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
+        try:  # (Xephyr reaches it there: its helper layer has a directory of its own there)
+            probe.connect(f"\0{SOCKETS}/X{number}")
+        except OSError as exc:
+            return (f"xephyr reaches the host's display :{number} through its abstract socket "
+                    f"@{SOCKETS}/X{number}, which does not answer ({exc.strerror})")
+    return None
+
+
+class Parts(Struct, kw_only=True):
+    """What the template adds for a nested display: the helper layer Xephyr runs in,
+    layer3's view and variables, the socket the app's layers wait for, and the session
+    beside the app."""
+    layer: spec.Layer | None = None  # layer2x, under layer2
+    fs: list = []  # in layer3
+    env: dict[str, str] = {}  # in layer3
+    start_after: list[str] = []  # layer3's path of the display's socket
+    session: list[str] | None = None  # in layer4a
+
+
+def parts(value: Gui, name: str, environ: dict[str, str], uid: int, gid: int,
+          helper_dir: str, system: list) -> Parts:
+    """The template's parts for `value` (`name`: the instance's, for the window's title;
+    `system`: the operations that show the system's directories read-only)."""
+    if value.mode != "xephyr":
+        return Parts()
+    number = 1 if host_display(environ) != 1 else 2  # (not the host's: Xephyr is its client)
+    authority = xauthority_entry(str(number), secrets.token_bytes(16))
+    argv = [shutil.which(NESTED, path=environ.get("PATH") or os.defpath) or NESTED,
+            f":{number}", "-auth", "/tmp/xephyr.auth", "-nolisten", "tcp", "-nolisten",
+            "local", "-screen", value.size,
+            "-title", value.title or f"[bbl:{name}] {name}"]
+    if value.resizable:
+        argv.append("-resizeable")
+    host_authority = environ.get("XAUTHORITY") or os.path.join(
+        environ.get("HOME") or os.path.expanduser("~"), ".Xauthority")
+    # Xephyr's own view: the system read-only, a private /tmp (its lock file) with the
+    # helpers' directory (layer1's tmpfs) as its socket directory, so that neither lands on
+    # the host; the host's display reached through its abstract socket (not listening on
+    # one itself: "-nolisten local"), with the user's cookie
+    fs = [*system, spec.Proc(dest="/proc"),
+          *(spec.DevBind(src=f"/dev/{node}", dest=f"/dev/{node}")
+            for node in ("null", "zero", "urandom")),
+          spec.Tmpfs(dest="/tmp", mode=0o1777), spec.Bind(src=helper_dir, dest=SOCKETS),
+          spec.RoBindData(dest="/tmp/xephyr.auth", data=authority, mode=0o400),
+          spec.Tmpfs(dest="/var/lib/xkb", mode=0o755)]
+    if os.path.isfile(host_authority):
+        fs.append(spec.RoBind(src=host_authority, dest=host_authority))
+    layer = spec.Layer(name="layer2x", namespaces=["user", "pid", "mount"], uid=uid, gid=gid,
+                       new_root=True, fs=[msgspec.structs.replace(op, origin="gui")
+                                          for op in fs],
+                       env=spec.Env(set={"XAUTHORITY": host_authority}),
+                       companions=[spec.Command(argv=argv, early=True)])
+    return Parts(
+        layer=layer,
+        fs=[spec.Symlink(target_path=dbus.HELPERS, dest=SOCKETS, origin="gui"),
+            spec.RoBindData(dest=AUTHORITY, data=authority, mode=0o400, origin="gui")],
+        env={"DISPLAY": f":{number}", "XAUTHORITY": AUTHORITY},
+        start_after=[f"{SOCKETS}/X{number}"],
+        session=list(value.session) or None)
+
+
+def xauthority_entry(display: str, cookie: bytes) -> bytes:
+    """One Xauthority entry: any host (FamilyWild), `display`, MIT-MAGIC-COOKIE-1."""
+    fields = (b"", display.encode(), b"MIT-MAGIC-COOKIE-1", cookie)
+    return FAMILY_WILD.to_bytes(2, "big") + b"".join(
+        len(f).to_bytes(2, "big") + f for f in fields)

@@ -1,0 +1,234 @@
+"""Graphical apps: `gui = "xephyr"` gives the app a display of its own, a nested X server in
+a trusted helper layer shown as one window on the host's display. Proven on a real display:
+an Xvfb of the test's own (its own cookie) stands for the host's; what the app draws shows in
+the nested window and nowhere else, and from inside nothing of the host's display is in
+reach (`host-x11`, the control, shows the same probes do see a leak)."""
+
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+
+import pytest
+
+from bbld import gui, profile
+from tests.conftest import TIMEOUT, wait_gone, wait_until
+
+X_PROGRAMS = ("Xvfb", "Xephyr", "xauth", "xdpyinfo", "xsetroot", "xdotool", "import",
+              "xmessage", "xlsclients")
+real_display = pytest.mark.skipif(
+    not all(shutil.which(p) for p in X_PROGRAMS),
+    reason="needs Xvfb, Xephyr, xauth, x11-utils, x11-xserver-utils, xdotool and imagemagick "
+           "(.ci/run installs them)")
+RED, BLUE = "#FF0000", "#0000FF"
+
+
+def write(tmp_path, text: str, name: str = "p.toml") -> str:
+    path = tmp_path / name
+    path.write_text(text)
+    return str(path)
+
+
+# ---------------------------------------------------------------- the words
+
+
+@pytest.mark.parametrize("text, line, problem", [
+    ('[gui]\nsize = "big"\n', 2, "gui.size: 'big' must be WIDTHxHEIGHT"),
+    ('[gui]\nmode = "host-x11"\nresizable = false\n', 3, "gui.resizable: needs mode = \"xephyr\""),
+    ('gui = "xephyr"\nnet = "host"\n', 1, "gui: \"xephyr\" with net = \"host\": the app could "
+     "reach the host's display through its abstract socket"),
+    ('gui = "x11"\n', 1, "gui: Invalid enum value 'x11'"),
+    ('[gui]\nwm = "twm"\n', 2, "gui.wm: unknown key"),
+])
+def test_bad_words_are_refused_with_file_and_line(tmp_path, text, line, problem):
+    path = write(tmp_path, text)
+    with pytest.raises(profile.ProfileError) as caught:
+        profile.load(path, {"HOME": "/home/u", "PATH": os.defpath, "DISPLAY": ":0"})
+    assert caught.value.problems[0].startswith(f"{path}:{line}: {problem}"), \
+        caught.value.problems
+
+
+@pytest.mark.parametrize("environ, problem", [
+    ({"PATH": "/nonexistent"}, "xephyr needs Xephyr, which is not installed: apt install "
+                               "xserver-xephyr"),
+    ({}, "xephyr shows its window on the host's display, and DISPLAY names none"),
+    ({"DISPLAY": ":97"}, "xephyr reaches the host's display :97 through its abstract socket"),
+])
+def test_what_the_host_lacks_is_one_line_naming_the_fix(tmp_path, environ, problem):
+    if "PATH" not in environ and shutil.which("Xephyr") is None:
+        pytest.skip("needs Xephyr (.ci/run installs xserver-xephyr)")
+    path = write(tmp_path, 'gui = "xephyr"\n')
+    with pytest.raises(profile.ProfileError) as caught:
+        profile.load(path, {"HOME": "/home/u", "PATH": os.defpath, **environ})
+    assert caught.value.problems == [f"{path}:1: gui: {problem}"] or \
+        caught.value.problems[0].startswith(f"{path}:1: gui: {problem}"), caught.value.problems
+
+
+def test_the_cookie_is_the_instances_own_in_the_wildcard_family():
+    entry = gui.xauthority_entry("1", b"k" * 16)
+    assert entry[:2] == b"\xff\xff"  # FamilyWild: the sandbox's own hostname matches too
+    assert profile.xauthority_for(entry, "1") == entry and profile.xauthority_for(entry, "0") \
+        == b""
+
+
+# ---------------------------------------------------------------- on a real display
+
+
+class Display:
+    """An Xvfb of the test's own, with a cookie of its own: the host's display."""
+
+    def __init__(self, tmp_path):
+        self.number = _free_display()
+        self.authority = str(tmp_path / "host.xauth")
+        cookie = os.urandom(16).hex()
+        subprocess.run(["xauth", "-f", self.authority, "add", f":{self.number}", ".", cookie],
+                       check=True, capture_output=True)
+        self.proc = subprocess.Popen(
+            ["Xvfb", f":{self.number}", "-screen", "0", "1024x768x24", "+extension",
+             "SECURITY", "-auth", self.authority, "-nolisten", "tcp"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        self.env = {"DISPLAY": f":{self.number}", "XAUTHORITY": self.authority}
+        assert wait_until(lambda: self.run("xdpyinfo").returncode == 0), "Xvfb did not start"
+
+    def run(self, *argv, **kw) -> subprocess.CompletedProcess:
+        return subprocess.run(argv, env={**os.environ, **self.env}, capture_output=True,
+                              text=True, timeout=TIMEOUT, **kw)
+
+    def pixel(self, x: int, y: int) -> str:
+        out = self.run("import", "-window", "root", "-crop", f"1x1+{x}+{y}", "+repage",
+                       "-depth", "8", "txt:-").stdout
+        found = re.search(r"#[0-9A-F]{6}", out)
+        return found.group(0) if found else out
+
+    def window(self, name: str) -> tuple[int, dict]:
+        """The host window whose title contains `name`: its id and geometry."""
+        found = self.run("xdotool", "search", "--name", re.escape(name)).stdout.split()
+        assert len(found) == 1, found
+        geometry = self.run("xdotool", "getwindowgeometry", "--shell", found[0]).stdout
+        values = dict(line.split("=") for line in geometry.split())
+        return int(found[0]), {k: int(v) for k, v in values.items() if k != "SCREEN"}
+
+    def close(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=TIMEOUT)
+
+
+def _free_display() -> int:
+    for number in range(20, 99):
+        if not os.path.exists(f"/tmp/.X11-unix/X{number}") and not os.path.exists(
+                f"/tmp/.X{number}-lock"):
+            return number
+    raise AssertionError("no free display number")
+
+
+@pytest.fixture
+def display(tmp_path):
+    made = Display(tmp_path)
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+def xephyr_processes() -> list[int]:
+    found = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+            if os.path.basename(argv[0]) == b"Xephyr" and \
+                    os.stat(f"/proc/{entry}").st_uid == os.getuid():
+                found.append(int(entry))
+        except OSError:
+            continue
+    return found
+
+
+def start(instances, display, tmp_path, options: str, command: list[str]) -> str:
+    path = write(tmp_path, f"command = {json.dumps(command)}\n{options}", "app.toml")
+    instances.env.update(display.env)
+    started = instances.ctl("start", "--detach", path)
+    assert started.returncode == 0, started.stderr
+    return started.stdout.strip()
+
+
+# (Xephyr loses what is drawn before its window is shown on the host: draw until the test
+# has seen it)
+DRAW = "while :; do xsetroot -solid {color}; sleep 0.2; done"
+INSIDE = ("echo display=$DISPLAY; ls -A /tmp/.X11-unix; xdpyinfo | grep dimensions;"
+          " xdpyinfo -display :{host} >/dev/null 2>&1 && echo HOST-REACHED;"
+          " XAUTHORITY=/dev/null xdpyinfo >/dev/null 2>&1 && echo NO-COOKIE-NEEDED;"
+          " xlsclients -l | grep -c hostsecret")
+
+
+@real_display
+def test_xephyr_shows_the_app_in_one_window_and_nothing_of_the_host(
+        instances, display, tmp_path):
+    secret = subprocess.Popen(["xmessage", "-name", "hostsecret", "host"],
+                              env={**os.environ, **display.env})
+    host_sockets = set(os.listdir("/tmp/.X11-unix"))
+    try:
+        instance = start(instances, display, tmp_path, '[gui]\nsize = "400x300"\n',
+                         ["sh", "-c", DRAW.format(color="red")])
+        title = "[bbl:app] app"
+        assert wait_until(lambda: display.run("xdotool", "search", "--name",
+                                              re.escape(title)).stdout.strip())
+        window, where = display.window(title)
+        inside = (where["X"] + where["WIDTH"] // 2, where["Y"] + where["HEIGHT"] // 2)
+        assert wait_until(lambda: display.pixel(*inside) == RED)  # what the app drew
+        assert display.pixel(1023, 767) != RED  # and nowhere else
+        probes = instances.ctl("exec", instance, "--", "sh", "-c",
+                               INSIDE.format(host=display.number))
+        lines = probes.stdout.split("\n")
+        assert lines[0] == "display=:1" and lines[1] == "X1", probes
+        assert "400x300 pixels" in lines[2]
+        assert lines[3:] == ["0", ""]  # no host display, no way without the cookie, no host
+        # window among the clients
+        xephyr = xephyr_processes()
+        assert len(xephyr) == 1
+        argv = open(f"/proc/{xephyr[0]}/cmdline").read().split("\0")
+        assert "-auth" in argv and "-ac" not in argv and "tcp" in argv  # (-nolisten tcp)
+        # the nested display follows its window's size
+        display.run("xdotool", "windowsize", str(window), "500", "350")
+        assert wait_until(lambda: "500x350 pixels" in instances.ctl(
+            "exec", instance, "--", "sh", "-c", "xdpyinfo | grep dimensions").stdout)
+        assert instances.ctl("stop", instance).returncode == 0
+        assert wait_gone(xephyr) == []
+        assert sorted(os.listdir(os.path.join(instances.env["XDG_RUNTIME_DIR"], "bbl"))) == [
+            "bbld.sock", "instances"]  # (no socket, no cookie left)
+        assert set(os.listdir("/tmp/.X11-unix")) == host_sockets  # (none on the host, ever)
+    finally:
+        secret.kill()
+        secret.wait()
+
+
+@real_display
+def test_host_x11_the_control_reaches_the_hosts_windows(instances, display, tmp_path):
+    secret = subprocess.Popen(["xmessage", "-name", "hostsecret", "host"],
+                              env={**os.environ, **display.env})
+    try:
+        assert wait_until(lambda: "hostsecret" in display.run("xlsclients", "-l").stdout)
+        instance = start(instances, display, tmp_path, 'gui = "host-x11"\n', ["sleep", "600"])
+        probes = instances.ctl("exec", instance, "--", "sh", "-c", "xlsclients -l | grep -c "
+                               "hostsecret; xdpyinfo | grep -c dimensions")
+        found, dimensions = probes.stdout.split()
+        assert int(found) >= 1 and dimensions == "1", probes  # the probes do see a leak
+        assert instances.ctl("stop", instance).returncode == 0
+    finally:
+        secret.kill()
+        secret.wait()
+
+
+@real_display
+def test_a_session_runs_beside_the_app_on_the_nested_display(instances, display, tmp_path):
+    instance = start(instances, display, tmp_path,
+                     '[gui]\nsize = "300x200"\nsession = ["sh", "-c", '
+                     f'{json.dumps(DRAW.format(color="blue"))}]\n', ["sleep", "600"])
+    title = "[bbl:app] app"
+    assert wait_until(lambda: display.run("xdotool", "search", "--name",
+                                          re.escape(title)).stdout.strip())
+    _, where = display.window(title)
+    assert wait_until(lambda: display.pixel(where["X"] + 10, where["Y"] + 10) == BLUE)
+    assert instances.ctl("stop", instance).returncode == 0

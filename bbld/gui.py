@@ -12,6 +12,7 @@ import re
 import secrets
 import shutil
 import socket
+import subprocess
 from typing import Literal
 
 import msgspec
@@ -19,7 +20,8 @@ from msgspec import Struct
 
 from bbld import dbus, spec
 
-Mode = Literal["none", "host-x11", "xephyr"]
+Mode = Literal["none", "host-x11", "host-x11-untrusted", "xephyr"]
+UNTRUSTED_TIMEOUT = 3600  # s an untrusted cookie outlives the app's last X connection
 NESTED = "Xephyr"
 SOCKETS = "/tmp/.X11-unix"  # where X clients look for display N's socket (XN)
 AUTHORITY = "/run/bbl/Xauthority"  # the app's XAUTHORITY
@@ -47,12 +49,16 @@ class Wrong(ValueError):
 def problems(value: Gui, net_mode: str) -> list[tuple[str, str]]:
     """(where, what is wrong) for the words, without looking at the host."""
     found = []
+    if value.mode == "host-x11-untrusted" and net_mode == "host":
+        found.append(("$.gui", "\"host-x11-untrusted\" with net = \"host\": the app could "
+                      "reach the host's display through its abstract socket without the "
+                      "untrusted cookie; use net = \"none\" or \"nat\""))
     options = [name for name, default in (("size", "1280x800"), ("resizable", True),
                                           ("title", None), ("session", []))
                if getattr(value, name) != default]
     if value.mode != "xephyr":
-        return [(f"$.gui.{name}", f"needs mode = \"xephyr\" (mode {value.mode!r} has no "
-                 "display of its own)") for name in options]
+        return found + [(f"$.gui.{name}", f"needs mode = \"xephyr\" (mode {value.mode!r} has "
+                         "no display of its own)") for name in options]
     if not re.fullmatch(r"[1-9]\d{1,4}x[1-9]\d{1,4}", value.size):
         found.append(("$.gui.size", f"{value.size!r} must be WIDTHxHEIGHT, e.g. \"1280x800\""))
     if value.session and not value.session[0]:
@@ -72,6 +78,8 @@ def host_display(environ: dict[str, str]) -> int | None:
 
 def host_problem(value: Gui, environ: dict[str, str]) -> str | None:
     """What this host lacks for `value`, as one line with the fix; None if nothing."""
+    if value.mode == "host-x11-untrusted":
+        return _untrusted_problem(environ)
     if value.mode != "xephyr":
         return None
     if shutil.which(NESTED, path=environ.get("PATH") or os.defpath) is None:
@@ -87,6 +95,89 @@ def host_problem(value: Gui, environ: dict[str, str]) -> str | None:
             return (f"xephyr reaches the host's display :{number} through its abstract socket "
                     f"@{SOCKETS}/X{number}, which does not answer ({exc.strerror})")
     return None
+
+
+def _untrusted_problem(environ: dict[str, str]) -> str | None:
+    if shutil.which("xauth", path=environ.get("PATH") or os.defpath) is None:
+        return "host-x11-untrusted makes its cookie with xauth, which is not installed: " \
+               "apt install xauth"
+    number = host_display(environ)
+    if number is None or not os.path.exists(f"{SOCKETS}/X{number}"):
+        return ("host-x11-untrusted binds the host display's socket, and DISPLAY names none "
+                f"({environ.get('DISPLAY', 'unset')!r}): start it from the desktop session")
+    try:
+        listed = subprocess.run(["xhost"], env=_x_environ(environ), capture_output=True,
+                                text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None  # (no xhost: nothing to tell; xauth's own failure will say more)
+    lines = listed.stdout.splitlines()
+    # (a client without a cookie is let in by the server's own rules: the app would drop
+    # the untrusted cookie and come in trusted through the same socket)
+    if lines and "disabled" in lines[0]:
+        return ("the host's display lets every client in (access control disabled: xhost +), "
+                "so an untrusted cookie changes nothing: run `xhost -` or use gui = "
+                "\"xephyr\"")
+    opened = [line.strip() for line in lines[1:] if line.strip()]
+    if opened:
+        return (f"the host's display lets clients in without a cookie ({', '.join(opened)}), "
+                "which the app would do instead of using its untrusted one: remove them "
+                f"(xhost -{opened[0]}) or use gui = \"xephyr\"")
+    return None
+
+
+def untrusted_cookie(environ: dict[str, str]) -> bytes:
+    """An Xauthority entry (wildcard family) with a cookie the host's display generated as
+    *untrusted* for the X SECURITY extension: no XTEST, no XInput, no reading other
+    clients' windows. DisplayError when the display cannot make one."""
+    import tempfile
+
+    number = host_display(environ)
+    with tempfile.TemporaryDirectory(prefix="bbl-xauth-") as directory:
+        path = os.path.join(directory, "cookie")
+        try:
+            made = subprocess.run(["xauth", "-q", "-f", path, "generate", f":{number}", ".",
+                                   "untrusted", "timeout", str(UNTRUSTED_TIMEOUT)],
+                                  env=_x_environ(environ), capture_output=True, text=True,
+                                  timeout=10)
+            with open(path, "rb") as f:
+                data = f.read()
+        except (OSError, subprocess.TimeoutExpired) as exc:
+            raise DisplayError(f"host-x11-untrusted: xauth could not make a cookie ({exc})") \
+                from None
+    entries = xauthority_for(data, str(number))
+    if made.returncode != 0 or not entries:
+        said = (made.stderr.strip().splitlines() or ["no cookie"])[-1]
+        raise DisplayError(f"host-x11-untrusted: the host's display :{number} made no "
+                           f"untrusted cookie ({said}): it needs the SECURITY extension")
+    return entries
+
+
+class DisplayError(ValueError):
+    """The host's display cannot give what the profile asks for (one line)."""
+
+
+def _x_environ(environ: dict[str, str]) -> dict[str, str]:
+    return {name: environ[name] for name in ("DISPLAY", "XAUTHORITY", "HOME", "PATH")
+            if name in environ}
+
+
+def xauthority_for(data: bytes, display: str) -> bytes:
+    """The entries of an Xauthority file for display `display` only, rewritten to the
+    wildcard family: the sandbox has a hostname of its own, so entries tied to the host's
+    name would not match, and cookies of other displays stay out."""
+    kept, offset = [], 0
+    while offset < len(data):
+        offset += 2  # the family: replaced
+        fields = []
+        for _ in range(4):  # address, display number, auth name, auth data
+            length = int.from_bytes(data[offset:offset + 2], "big")
+            fields.append(data[offset + 2:offset + 2 + length])
+            offset += 2 + length
+        if offset > len(data):
+            return b""  # truncated: not an Xauthority file
+        if fields[1].decode(errors="replace") == display:
+            kept.append(xauthority_entry(display, fields[3], fields[2]))
+    return b"".join(kept)
 
 
 class Parts(Struct, kw_only=True):
@@ -142,8 +233,8 @@ def parts(value: Gui, name: str, environ: dict[str, str], uid: int, gid: int,
         session=list(value.session) or None)
 
 
-def xauthority_entry(display: str, cookie: bytes) -> bytes:
-    """One Xauthority entry: any host (FamilyWild), `display`, MIT-MAGIC-COOKIE-1."""
-    fields = (b"", display.encode(), b"MIT-MAGIC-COOKIE-1", cookie)
+def xauthority_entry(display: str, cookie: bytes, kind: bytes = b"MIT-MAGIC-COOKIE-1") -> bytes:
+    """One Xauthority entry: any host (FamilyWild), `display`, `kind` (MIT-MAGIC-COOKIE-1)."""
+    fields = (b"", display.encode(), kind, cookie)
     return FAMILY_WILD.to_bytes(2, "big") + b"".join(
         len(f).to_bytes(2, "big") + f for f in fields)

@@ -172,6 +172,8 @@ def load(path: str, environ: dict[str, str] | None = None, uid: int | None = Non
             sandbox = expand(options, options.name or _default_name(path), environ, uid, gid)
         except dbus.DBusError as exc:  # (the host's side: a bus, the proxy)
             raise ProfileError([f"{path}:{line_of(text, '$.dbus')}: dbus: {exc}"]) from None
+        except gui.DisplayError as exc:  # (the host's display)
+            raise ProfileError([f"{path}:{line_of(text, '$.gui')}: gui: {exc}"]) from None
     try:
         spec.check(sandbox, uid, gid)
     except spec.SpecError as exc:
@@ -500,47 +502,26 @@ def _masks(options: Profile) -> list:
 
 
 def _desktop(options: Profile, environ: dict[str, str]) -> list:
-    fs: list = []
-    display = environ.get("DISPLAY", "")
-    number = re.fullmatch(r":(\d+)(\.\d+)?", display)
-    if gui.of(options.gui).mode == "host-x11" and number:
-        socket = f"/tmp/.X11-unix/X{number.group(1)}"
-        fs.append(spec.RoBind(src=socket, dest=socket, try_=True))
+    """host-x11: the display's socket and a copy of the user's cookie for it;
+    host-x11-untrusted: the socket and a cookie the display made untrusted (bbld.gui)."""
+    mode = gui.of(options.gui).mode
+    number = gui.host_display(environ)
+    if mode not in ("host-x11", "host-x11-untrusted") or number is None:
+        return []
+    socket = f"{gui.SOCKETS}/X{number}"
+    fs: list = [spec.RoBind(src=socket, dest=socket, try_=True, origin="gui")]
+    if mode == "host-x11-untrusted":
+        cookie = gui.untrusted_cookie(environ)
+    else:
         authority = environ.get("XAUTHORITY") or os.path.join(_home(environ), ".Xauthority")
         try:
             with open(authority, "rb") as f:
-                cookie = xauthority_for(f.read(), number.group(1))
+                cookie = gui.xauthority_for(f.read(), str(number))
         except OSError:
             cookie = b""
-        if cookie:
-            fs.append(spec.RoBindData(dest="/run/bbl/Xauthority", data=cookie, mode=0o400))
+    if cookie:
+        fs.append(spec.RoBindData(dest=gui.AUTHORITY, data=cookie, mode=0o400, origin="gui"))
     return fs
-
-
-FAMILY_WILD = 0xFFFF
-
-
-def xauthority_for(data: bytes, display: str) -> bytes:
-    """The Xauthority entries for display `display` only, rewritten to the wildcard family:
-    the sandbox has a hostname of its own, so entries tied to the host's name would not
-    match, and cookies of other displays stay out."""
-    kept, offset = [], 0
-    try:
-        while offset < len(data):
-            offset += 2  # the family: replaced below
-            fields = []
-            for _ in range(4):  # address, display number, auth name, auth data
-                length = int.from_bytes(data[offset:offset + 2], "big")
-                fields.append(data[offset + 2:offset + 2 + length])
-                offset += 2 + length
-            if offset > len(data):
-                return b""  # truncated: not an Xauthority file
-            if fields[1].decode(errors="replace") == display:
-                kept.append(FAMILY_WILD.to_bytes(2, "big") + b"".join(
-                    len(f).to_bytes(2, "big") + f for f in (b"", *fields[1:])))
-    except ValueError:
-        return b""
-    return b"".join(kept)
 
 
 def _layer3_env(options: Profile, home: str, environ: dict[str, str], uid: int,
@@ -551,7 +532,7 @@ def _layer3_env(options: Profile, home: str, environ: dict[str, str], uid: int,
     for variable in options.env.pass_:
         if variable in environ:
             env[variable] = environ[variable]
-    if gui.of(options.gui).mode == "host-x11" and environ.get("DISPLAY"):
+    if gui.of(options.gui).mode in ("host-x11", "host-x11-untrusted") and environ.get("DISPLAY"):
         env["DISPLAY"] = environ["DISPLAY"]
         env["XAUTHORITY"] = "/run/bbl/Xauthority"
     env.update(bus.env)

@@ -39,6 +39,8 @@ def write(tmp_path, text: str, name: str = "p.toml") -> str:
     ('[gui]\nmode = "host-x11"\nresizable = false\n', 3, "gui.resizable: needs mode = \"xephyr\""),
     ('gui = "xephyr"\nnet = "host"\n', 1, "gui: \"xephyr\" with net = \"host\": the app could "
      "reach the host's display through its abstract socket"),
+    ('gui = "host-x11-untrusted"\nnet = "host"\n', 1, "gui: \"host-x11-untrusted\" with net = "
+     "\"host\": the app could reach the host's display through its abstract socket"),
     ('gui = "x11"\n', 1, "gui: Invalid enum value 'x11'"),
     ('[gui]\nwm = "twm"\n', 2, "gui.wm: unknown key"),
 ])
@@ -69,7 +71,7 @@ def test_what_the_host_lacks_is_one_line_naming_the_fix(tmp_path, environ, probl
 def test_the_cookie_is_the_instances_own_in_the_wildcard_family():
     entry = gui.xauthority_entry("1", b"k" * 16)
     assert entry[:2] == b"\xff\xff"  # FamilyWild: the sandbox's own hostname matches too
-    assert profile.xauthority_for(entry, "1") == entry and profile.xauthority_for(entry, "0") \
+    assert gui.xauthority_for(entry, "1") == entry and gui.xauthority_for(entry, "0") \
         == b""
 
 
@@ -86,8 +88,10 @@ class Display:
         subprocess.run(["xauth", "-f", self.authority, "add", f":{self.number}", ".", cookie],
                        check=True, capture_output=True)
         self.proc = subprocess.Popen(
+            # (-noreset: as a desktop's display, it keeps the cookies it made when its last
+            # client leaves)
             ["Xvfb", f":{self.number}", "-screen", "0", "1024x768x24", "+extension",
-             "SECURITY", "-auth", self.authority, "-nolisten", "tcp"],
+             "SECURITY", "-auth", self.authority, "-nolisten", "tcp", "-noreset"],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.env = {"DISPLAY": f":{self.number}", "XAUTHORITY": self.authority}
         assert wait_until(lambda: self.run("xdpyinfo").returncode == 0), "Xvfb did not start"
@@ -232,3 +236,38 @@ def test_a_session_runs_beside_the_app_on_the_nested_display(instances, display,
     _, where = display.window(title)
     assert wait_until(lambda: display.pixel(where["X"] + 10, where["Y"] + 10) == BLUE)
     assert instances.ctl("stop", instance).returncode == 0
+
+
+UNTRUSTED = ("xdpyinfo >/dev/null 2>&1 && echo connects;"
+             " import -window root /tmp/screen.png >/dev/null 2>&1 && echo read-the-screen;"
+             " xdpyinfo -queryExtensions | grep -c -E 'XTEST|XInputExtension';"
+             " xdotool key a >/dev/null 2>&1 && echo typed")
+
+
+@real_display
+@pytest.mark.parametrize("mode, seen", [
+    ("host-x11-untrusted", ["connects", "0"]),
+    ("host-x11", ["connects", "read-the-screen", "2", "typed"]),  # (the control)
+])
+def test_an_untrusted_cookie_lets_the_app_draw_but_not_read_or_drive_the_host(
+        instances, display, tmp_path, mode, seen):
+    instance = start(instances, display, tmp_path, f'gui = "{mode}"\n', ["sleep", "600"])
+    probes = instances.ctl("exec", instance, "--", "sh", "-c", UNTRUSTED)
+    assert probes.stdout.split() == seen, probes
+    assert instances.ctl("stop", instance).returncode == 0
+
+
+@real_display
+def test_untrusted_is_refused_where_the_display_lets_the_user_in_without_a_cookie(
+        instances, display, tmp_path):
+    import pwd
+
+    user = pwd.getpwuid(os.getuid()).pw_name
+    assert display.run("xhost", f"+SI:localuser:{user}").returncode == 0  # (desktops do)
+    path = write(tmp_path, 'command = ["true"]\ngui = "host-x11-untrusted"\n')
+    instances.env.update(display.env)
+    for argv in (("profile", "validate", path), ("start", path)):
+        result = instances.ctl(*argv)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result
+        assert f"{path}:2: gui: the host's display lets clients in without a cookie " \
+               f"(SI:localuser:{user})" in result.stderr

@@ -20,7 +20,7 @@ from msgspec import Struct
 
 from bbld import dbus, spec
 
-Mode = Literal["none", "host-x11", "host-x11-untrusted", "xephyr"]
+Mode = Literal["none", "host-x11", "host-x11-untrusted", "xephyr", "wayland"]
 UNTRUSTED_TIMEOUT = 3600  # s an untrusted cookie outlives the app's last X connection
 NESTED = "Xephyr"
 SOCKETS = "/tmp/.X11-unix"  # where X clients look for display N's socket (XN)
@@ -80,6 +80,8 @@ def host_problem(value: Gui, environ: dict[str, str]) -> str | None:
     """What this host lacks for `value`, as one line with the fix; None if nothing."""
     if value.mode == "host-x11-untrusted":
         return _untrusted_problem(environ)
+    if value.mode == "wayland":
+        return _wayland_problem(environ)
     if value.mode != "xephyr":
         return None
     if shutil.which(NESTED, path=environ.get("PATH") or os.defpath) is None:
@@ -122,6 +124,31 @@ def _untrusted_problem(environ: dict[str, str]) -> str | None:
         return (f"the host's display lets clients in without a cookie ({', '.join(opened)}), "
                 "which the app would do instead of using its untrusted one: remove them "
                 f"(xhost -{opened[0]}) or use gui = \"xephyr\"")
+    return None
+
+
+def wayland_socket(environ: dict[str, str]) -> str | None:
+    """The compositor's socket, as its clients find it: $WAYLAND_DISPLAY, a path or a name
+    in $XDG_RUNTIME_DIR (None when neither says)."""
+    name = environ.get("WAYLAND_DISPLAY")
+    if not name:
+        return None
+    if os.path.isabs(name):
+        return name
+    directory = environ.get("XDG_RUNTIME_DIR")
+    return os.path.join(directory, name) if directory and os.path.isabs(directory) else None
+
+
+def _wayland_problem(environ: dict[str, str]) -> str | None:
+    path = wayland_socket(environ)
+    if path is None:
+        return ("wayland binds the compositor's socket, and WAYLAND_DISPLAY (with "
+                "XDG_RUNTIME_DIR) names none: start it from a Wayland session")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
+        try:
+            probe.connect(path)
+        except OSError as exc:
+            return f"wayland: the compositor's socket {path} does not answer ({exc.strerror})"
     return None
 
 

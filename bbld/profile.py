@@ -441,7 +441,7 @@ def _layer3_fs(options: Profile, home: str, environ: dict[str, str], uid: int,
     if servers:
         resolv = "".join(f"nameserver {server}\n" for server in servers)
         fs.append(spec.RoBindData(dest="/etc/resolv.conf", content=resolv, mode=0o444))
-    fs += _desktop(options, environ)
+    fs += _desktop(options, environ, uid)
     fs += bus.fs
     if display.layer and not bus.helpers:  # (the helpers' directory, as D-Bus shows it)
         fs.append(spec.RoBind(src=paths.runtime_dir(environ), dest=dbus.HELPERS, origin="gui"))
@@ -501,10 +501,14 @@ def _masks(options: Profile) -> list:
     return fs
 
 
-def _desktop(options: Profile, environ: dict[str, str]) -> list:
+def _desktop(options: Profile, environ: dict[str, str], uid: int) -> list:
     """host-x11: the display's socket and a copy of the user's cookie for it;
-    host-x11-untrusted: the socket and a cookie the display made untrusted (bbld.gui)."""
+    host-x11-untrusted: the socket and a cookie the display made untrusted; wayland: the
+    compositor's socket alone, as $XDG_RUNTIME_DIR/wayland-0 (bbld.gui)."""
     mode = gui.of(options.gui).mode
+    if mode == "wayland":
+        return [spec.RoBind(src=gui.wayland_socket(environ), dest=f"/run/user/{uid}/wayland-0",
+                          origin="gui")]
     number = gui.host_display(environ)
     if mode not in ("host-x11", "host-x11-untrusted") or number is None:
         return []
@@ -537,5 +541,8 @@ def _layer3_env(options: Profile, home: str, environ: dict[str, str], uid: int,
         env["XAUTHORITY"] = "/run/bbl/Xauthority"
     env.update(bus.env)
     env.update(display.env)
+    if gui.of(options.gui).mode == "wayland":  # (toolkits pick Wayland: there is no X)
+        env.update({"WAYLAND_DISPLAY": "wayland-0", "XDG_SESSION_TYPE": "wayland",
+                    "GDK_BACKEND": "wayland", "QT_QPA_PLATFORM": "wayland"})
     env.update(options.env.set)
     return spec.Env(clear=True, set={k: v for k, v in env.items() if v != ""})

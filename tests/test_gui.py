@@ -271,3 +271,72 @@ def test_untrusted_is_refused_where_the_display_lets_the_user_in_without_a_cooki
         assert result.returncode == 2 and result.stderr.count("\n") == 1, result
         assert f"{path}:2: gui: the host's display lets clients in without a cookie " \
                f"(SI:localuser:{user})" in result.stderr
+
+
+# ---------------------------------------------------------------- Wayland
+
+WAYLAND_PROGRAMS = ("weston", "weston-simple-shm", "weston-screenshooter", "convert")
+real_wayland = pytest.mark.skipif(
+    not all(shutil.which(p) for p in WAYLAND_PROGRAMS),
+    reason="needs weston (with its clients) and imagemagick (.ci/run installs them)")
+
+
+class Compositor:
+    """A headless weston of the test's own (its screenshooter allowed: --debug)."""
+
+    def __init__(self, tmp_path):
+        self.directory = tmp_path / "wayland"
+        self.directory.mkdir(mode=0o700)
+        self.socket = self.directory / "wl-test"
+        self.proc = subprocess.Popen(
+            ["weston", "--backend=headless-backend.so", "--use-pixman", "--socket=wl-test",
+             "--width=640", "--height=480", "--debug", "--idle-time=0"],
+            env={**os.environ, "XDG_RUNTIME_DIR": str(self.directory)}, cwd=self.directory,
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        assert wait_until(self.socket.exists), "weston did not start"
+
+    def colors(self) -> int:
+        """How many colors a screenshot of the whole output has (1: the bare background)."""
+        for old in self.directory.glob("wayland-screenshot*.png"):
+            old.unlink()
+        subprocess.run(["weston-screenshooter"], cwd=self.directory, timeout=TIMEOUT,
+                       env={**os.environ, "XDG_RUNTIME_DIR": str(self.directory),
+                            "WAYLAND_DISPLAY": "wl-test"}, capture_output=True)
+        shots = list(self.directory.glob("wayland-screenshot*.png"))
+        if not shots:
+            return 0
+        return int(subprocess.run(["convert", str(shots[0]), "-format", "%k", "info:"],
+                                  capture_output=True, text=True, timeout=TIMEOUT).stdout)
+
+    def close(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(timeout=TIMEOUT)
+
+
+@real_wayland
+def test_wayland_gives_the_app_the_compositors_socket_alone(instances, tmp_path):
+    compositor = Compositor(tmp_path)
+    try:
+        assert compositor.colors() == 1  # (the bare background)
+        path = write(tmp_path, 'command = ["weston-simple-shm"]\ngui = "wayland"\n', "app.toml")
+        instances.env.update({"WAYLAND_DISPLAY": str(compositor.socket)})
+        started = instances.ctl("start", "--detach", path)
+        assert started.returncode == 0, started.stderr
+        instance = started.stdout.strip()
+        assert wait_until(lambda: compositor.colors() > 100)  # the client's pixels
+        probes = instances.ctl("exec", instance, "--", "sh", "-c",
+                               'ls -A "$XDG_RUNTIME_DIR"; echo "$WAYLAND_DISPLAY ${DISPLAY:-no-X}";'
+                               " ls /tmp/.X11-unix 2>/dev/null | wc -l")
+        assert probes.stdout.split() == ["wayland-0", "wayland-0", "no-X", "0"], probes
+        assert instances.ctl("stop", instance).returncode == 0
+    finally:
+        compositor.close()
+
+
+def test_wayland_without_a_compositor_is_one_line(tmp_path):
+    path = write(tmp_path, 'gui = "wayland"\n')
+    with pytest.raises(profile.ProfileError) as caught:
+        profile.load(path, {"HOME": "/home/u", "PATH": os.defpath})
+    assert caught.value.problems == [
+        f"{path}:1: gui: wayland binds the compositor's socket, and WAYLAND_DISPLAY (with "
+        "XDG_RUNTIME_DIR) names none: start it from a Wayland session"]

@@ -1,8 +1,14 @@
 """The profile's `gui`: a mode name, or a `[gui]` table with `mode` and the options (TOML
-cannot give one key both a string and a table). `xephyr` gives the app a display of its own:
-a nested X server (Xephyr) in a trusted helper layer, shown as one window on the host's
-display, with a cookie of the instance's own (docs/profiles.md, "Graphical apps"). Pure data
-but for what the host has (`host_problem`). No trio, no engine.
+cannot give one key both a string and a table); docs/profiles.md, "Graphical apps".
+
+- `host-x11`: the host's display, with a copy of the user's cookie (bbld.profile._desktop);
+- `host-x11-untrusted`: the host's display, with a cookie it made untrusted (X SECURITY);
+- `xephyr`: a display of the app's own, a nested X server (Xephyr) in a trusted helper
+  layer shown as one window on the host's display, with a cookie of the instance's own;
+- `wayland`: the compositor's socket alone.
+
+Pure data but for what the host has and makes (`host_problem`, `untrusted_cookie`). No
+trio, no engine.
 """
 
 from __future__ import annotations
@@ -40,10 +46,6 @@ class Gui(Struct, forbid_unknown_fields=True, kw_only=True):
 
 def of(value: str | Gui) -> Gui:
     return Gui(mode=value) if isinstance(value, str) else value
-
-
-class Wrong(ValueError):
-    pass
 
 
 def problems(value: Gui, net_mode: str) -> list[tuple[str, str]]:

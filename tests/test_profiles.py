@@ -13,7 +13,7 @@ from bbld import profile
 from tests.test_instances import Session
 
 BROKEN = [
-    ('name = "x"\ngui = "wayland"\n', 2, "gui: Invalid enum value 'wayland'"),
+    ('name = "x"\ngui = "sdl"\n', 2, "gui: Invalid enum value 'sdl'"),
     ('name = "x"\n\n[[mounts]]\nsrc = "/a"\n\n[[mounts]]\nsrc = 5\n', 7,
      "mounts[1].src: Expected `str`, got `int`"),
     ('name = "x"\ncolour = 1\n', 2, "colour: unknown key"),

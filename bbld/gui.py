@@ -55,9 +55,9 @@ def problems(value: Gui, net_mode: str) -> list[tuple[str, str]]:
         found.append(("$.gui", "\"host-x11-untrusted\" with net = \"host\": the app could "
                       "reach the host's display through its abstract socket without the "
                       "untrusted cookie; use net = \"none\" or \"nat\""))
-    options = [name for name, default in (("size", "1280x800"), ("resizable", True),
-                                          ("title", None), ("session", []))
-               if getattr(value, name) != default]
+    default = Gui()
+    options = [name for name in value.__struct_fields__
+               if name != "mode" and getattr(value, name) != getattr(default, name)]
     if value.mode != "xephyr":
         return found + [(f"$.gui.{name}", f"needs mode = \"xephyr\" (mode {value.mode!r} has "
                          "no display of its own)") for name in options]

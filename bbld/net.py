@@ -9,7 +9,6 @@ from __future__ import annotations
 import ipaddress
 import os
 import re
-import shutil
 from typing import Literal
 
 from msgspec import Struct
@@ -144,9 +143,9 @@ def _address(text: str) -> str:
 def problems(value: Net) -> list[tuple[str, str]]:
     """(where, what is wrong) for every problem of the words, without looking at the host."""
     found = []
-    options = [name for name in ("forward", "host_ports", "rate", "delay", "deny", "allow")
-               if getattr(value, name)] + [name for name, default in (
-                   ("deny_host", True), ("deny_local", False)) if getattr(value, name) != default]
+    default = Net()
+    options = [name for name in value.__struct_fields__
+               if name != "mode" and getattr(value, name) != getattr(default, name)]
     if value.mode != "nat":
         for name in options:
             found.append((f"$.net.{name}", f"needs mode = \"nat\" (mode {value.mode!r} has "
@@ -170,8 +169,29 @@ def problems(value: Net) -> list[tuple[str, str]]:
 
 def nat_with(environ: dict[str, str]) -> str | None:
     """The NAT program `environ`'s PATH has: pasta, else slirp4netns; None if neither."""
-    return next((name for name in NAT_PROGRAMS
-                 if shutil.which(name, path=environ.get("PATH") or os.defpath)), None)
+    return next((name for name in NAT_PROGRAMS if program(name, environ)), None)
+
+
+def program(name: str, environ: dict[str, str]) -> str | None:
+    """`name` in `environ`'s PATH (shutil.which's job, whose imports would cost a NAT start in
+    the monitor 3 ms)."""
+    for directory in (environ.get("PATH") or os.defpath).split(os.pathsep):
+        path = os.path.join(directory or ".", name)
+        if os.path.isfile(path) and os.access(path, os.X_OK):
+            return path
+    return None
+
+
+def tun_problem() -> str | None:
+    """Why the NAT cannot open /dev/net/tun, as a one-line fix; None if it can (asked when
+    the profile is read, and again by the engine, which may run a spec without one)."""
+    if os.access(TUN, os.R_OK | os.W_OK):
+        return None
+    if not os.path.exists(TUN):
+        return f"nat needs {TUN}, which does not exist: as root, modprobe tun"
+    return (f"nat needs {TUN}, which uid {os.getuid()} cannot open (mode "
+            f"{os.stat(TUN).st_mode & 0o777:04o}): as root, chmod 0666 {TUN} (desktop "
+            "distributions ship it so), or use net = \"none\"")
 
 
 def host_problem(value: Net, environ: dict[str, str]) -> str | None:
@@ -185,13 +205,7 @@ def host_problem(value: Net, environ: dict[str, str]) -> str | None:
     if value.host_ports and program != "pasta":
         return "host_ports needs pasta (slirp4netns, the one installed, reaches every host " \
                "loopback port or none): apt install passt"
-    if not os.access(TUN, os.R_OK | os.W_OK):
-        if not os.path.exists(TUN):
-            return f"nat needs {TUN}, which does not exist: as root, modprobe tun"
-        return (f"nat needs {TUN}, which uid {os.getuid()} cannot open (mode "
-                f"{os.stat(TUN).st_mode & 0o777:04o}): as root, chmod 0666 {TUN} (desktop "
-                "distributions ship it so), or use net = \"none\"")
-    return None
+    return tun_problem()
 
 
 def nameservers_to_write(value: Net, dns: list[str], environ: dict[str, str]) -> list[str]:

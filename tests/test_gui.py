@@ -209,6 +209,21 @@ def test_xephyr_shows_the_app_in_one_window_and_nothing_of_the_host(
 
 
 @real_display
+@pytest.mark.parametrize("end", ["kill", "kill layer 1"])
+def test_no_nested_display_outlives_its_instance(instances, display, tmp_path, end):
+    instance = start(instances, display, tmp_path, 'gui = "xephyr"\n', ["sleep", "600"])
+    assert wait_until(lambda: len(xephyr_processes()) == 1)
+    xephyr = xephyr_processes()
+    if end == "kill":
+        assert instances.ctl("kill", "--signal", "KILL", instance).returncode == 0
+    else:
+        tree = json.loads(instances.ctl("tree", instance, "--json").stdout)
+        os.kill(tree[0]["layers"][0]["pid"], signal.SIGKILL)
+    assert wait_gone(xephyr) == []
+    assert wait_until(lambda: instance not in instances.ctl("ps").stdout)
+
+
+@real_display
 def test_host_x11_the_control_reaches_the_hosts_windows(instances, display, tmp_path):
     secret = subprocess.Popen(["xmessage", "-name", "hostsecret", "host"],
                               env={**os.environ, **display.env})

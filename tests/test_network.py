@@ -444,6 +444,22 @@ def test_egress_rules_hold_and_the_app_cannot_undo_them(world):
 
 @real_nat
 @pytest.mark.parametrize("world", ["pasta"], indirect=True)  # (the same with either)
+def test_exec_into_a_nat_instance_meets_the_same_rules(world):
+    """What `bblctl exec` starts in the app's layer is fenced as the app is."""
+    instance = world.detach(f'[net]\ndeny = ["tcp:{REMOTE}:7002"]\n', ["sleep", "600"])
+    probes = world.ctl("exec", instance, "--", "sh", "-c",
+                       f"{SYSTEM_PYTHON} /probe/probe.py tcp:{REMOTE}:7001 tcp:{REMOTE}:7002"
+                       + UNDO)
+    lines = probes.stdout.splitlines()
+    found = json.loads(lines[0])
+    assert found[f"tcp:{REMOTE}:7001"] == "remote-7001", probes
+    assert refused(found[f"tcp:{REMOTE}:7002"])
+    assert lines[1:] == ["held"] * 5
+    assert world.ctl("stop", instance).returncode == 0
+
+
+@real_nat
+@pytest.mark.parametrize("world", ["pasta"], indirect=True)  # (the same with either)
 def test_a_rate_slows_downloads_and_uploads_and_stays(world):
     transfers = [f"download:{REMOTE}:7003", f"upload:{REMOTE}:7004:{1 << 20}"]
     free = world.probe('net = "nat"\n', *transfers)
@@ -529,7 +545,7 @@ def test_an_unusable_tun_device_is_one_line_naming_the_fix(tmp_path, bbl_env):
         result = world.start('net = "nat"\n', ["true"])
         assert result.returncode == 2, result
         assert result.stderr.count("\n") == 1, result.stderr
-        assert "layer 'layer3': network: NAT needs /dev/net/tun" in result.stderr
+        assert "layer 'layer3': network: nat needs /dev/net/tun, which uid" in result.stderr
         assert "chmod 0666 /dev/net/tun" in result.stderr
         assert world.nat_processes() == []
     finally:

@@ -35,6 +35,7 @@ import time
 
 from msgspec import Struct
 
+from bbld import net as network_words  # (the profile's words for what the host lacks)
 from bbld import spec
 from bbld.engine import syscalls as sc
 from bbld.engine.enter import join_namespaces
@@ -43,7 +44,6 @@ from bbld.engine.errors import EXIT_USAGE, StartError
 INTERFACE = "eth0"  # the NAT's interface inside
 DOWNLOAD = "ifb0"  # where downloads are shaped: eth0's ingress is redirected to it
 TIMEOUT = 10.0  # seconds for the NAT to connect the namespace, and for the rules and shaping
-TUN = "/dev/net/tun"
 # deny_local: private (RFC 1918, ULA), shared (CGNAT) and link-local ranges
 LOCAL_RANGES = ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "100.64.0.0/10",
                 "169.254.0.0/16", "fc00::/7", "fe80::/10")
@@ -52,27 +52,6 @@ PACKAGES = {"pasta": "passt", "slirp4netns": "slirp4netns"}
 
 
 # ---------------------------------------------------------------- what the caller checks
-
-
-def nat_program(name: str, environ: dict[str, str]) -> str | None:
-    """`name` in `environ`'s PATH (shutil.which's job; its imports cost 3 ms per start)."""
-    for directory in (environ.get("PATH") or os.defpath).split(os.pathsep):
-        path = os.path.join(directory or ".", name)
-        if os.path.isfile(path) and os.access(path, os.X_OK):
-            return path
-    return None
-
-
-def tun_problem() -> str | None:
-    """Why the NAT cannot open /dev/net/tun, as a one-line fix; None if it can."""
-    if os.access(TUN, os.R_OK | os.W_OK):
-        return None
-    try:
-        info = os.stat(TUN)
-    except OSError:
-        return f"{TUN} does not exist (modprobe tun, as root)"
-    return (f"{TUN} is mode {info.st_mode & 0o777:04o}, not usable by uid {os.getuid()}: "
-            f"as root, chmod 0666 {TUN} (desktop distributions ship it so)")
 
 
 # ---------------------------------------------------------------- the pure parts
@@ -290,14 +269,14 @@ class Setup:
 
     def _start_nat(self, net_fd: int, owner: int | None, environ: dict[str, str]) -> None:
         net = self.net
-        program = nat_program(net.nat_with, environ)
+        program = network_words.program(net.nat_with, environ)
         if program is None:
             package = PACKAGES[net.nat_with]
             raise StartError(f"network: NAT needs {net.nat_with}, which is not installed: apt "
                              f"install {package} (dnf/pacman install {package})", EXIT_USAGE)
-        problem = tun_problem()
+        problem = network_words.tun_problem()
         if problem:
-            raise StartError(f"network: NAT needs {TUN}: {problem}", EXIT_USAGE)
+            raise StartError(f"network: {problem}", EXIT_USAGE)
         self.ready, ready_w = os.pipe2(os.O_CLOEXEC)
         self.log = os.memfd_create("nat-log", os.MFD_CLOEXEC)
         if net.forward and net.nat_with == "slirp4netns":

@@ -5,6 +5,9 @@ cannot give one key both a string and a table); docs/profiles.md, "Graphical app
 - `host-x11-untrusted`: the host's display, with a cookie it made untrusted (X SECURITY);
 - `xephyr`: a display of the app's own, a nested X server (Xephyr) in a trusted helper
   layer shown as one window on the host's display, with a cookie of the instance's own;
+- `xpra`: a display of the app's own on the untrusted side (an xpra server and its Xvfb,
+  beside the app), its windows shown one by one on the host's display by an xpra client in
+  a trusted helper layer, through a unix socket the two layers share;
 - `wayland`: the compositor's socket alone.
 
 Pure data but for what the host has and makes (`host_problem`, `untrusted_cookie`). No
@@ -26,9 +29,13 @@ from msgspec import Struct
 
 from bbld import dbus, spec
 
-Mode = Literal["none", "host-x11", "host-x11-untrusted", "xephyr", "wayland"]
+Mode = Literal["none", "host-x11", "host-x11-untrusted", "xephyr", "xpra", "wayland"]
+# which way xpra carries the clipboard between the host's and the app's display
+Clipboard = Literal["none", "to-sandbox", "from-sandbox", "both"]
 UNTRUSTED_TIMEOUT = 3600  # s an untrusted cookie outlives the app's last X connection
 NESTED = "Xephyr"
+XPRA_SOCKETS = "/run/bbl/xpra"  # the xpra server's socket directory, as both sides see it
+XPRA_SCREEN = "3840x2160"  # the most the xpra server's Xvfb can grow to (it follows the host's)
 SOCKETS = "/tmp/.X11-unix"  # where X clients look for display N's socket (XN)
 AUTHORITY = "/run/bbl/Xauthority"  # the app's XAUTHORITY
 FAMILY_WILD = 0xFFFF  # an Xauthority entry for any host: the sandbox has its own hostname
@@ -38,10 +45,18 @@ class Gui(Struct, forbid_unknown_fields=True, kw_only=True):
     mode: Mode = "xephyr"
     size: str = "1280x800"  # of the nested display (and its window)
     resizable: bool = True  # the nested display follows its window's size
-    title: str | None = None  # of its window; default "[bbl:NAME] NAME"
+    # xephyr: its window's, default "[bbl:NAME] NAME"; xpra: each window's, where "@title@"
+    # is the app's own, default "[bbl:NAME] @title@"
+    title: str | None = None
     # a window manager or a whole desktop session, run beside the app (layer4a): the
     # "isolated desktop"
     session: list[str] = []
+    clipboard: Clipboard = "none"  # (xpra)
+
+
+OPTIONS = {"xephyr": ("size", "resizable", "title", "session"), "xpra": ("title", "clipboard")}
+# the xpra client's answer to each clipboard policy (it is the trusted side: it enforces it)
+CLIPBOARD_DIRECTION = {"to-sandbox": "to-server", "from-sandbox": "to-client", "both": "both"}
 
 
 def of(value: str | Gui) -> Gui:
@@ -51,24 +66,22 @@ def of(value: str | Gui) -> Gui:
 def problems(value: Gui, net_mode: str) -> list[tuple[str, str]]:
     """(where, what is wrong) for the words, without looking at the host."""
     found = []
-    if value.mode == "host-x11-untrusted" and net_mode == "host":
-        found.append(("$.gui", "\"host-x11-untrusted\" with net = \"host\": the app could "
-                      "reach the host's display through its abstract socket without the "
-                      "untrusted cookie; use net = \"none\" or \"nat\""))
     default = Gui()
-    options = [name for name in value.__struct_fields__
-               if name != "mode" and getattr(value, name) != getattr(default, name)]
-    if value.mode != "xephyr":
-        return found + [(f"$.gui.{name}", f"needs mode = \"xephyr\" (mode {value.mode!r} has "
-                         "no display of its own)") for name in options]
-    if not re.fullmatch(r"[1-9]\d{1,4}x[1-9]\d{1,4}", value.size):
+    for name in value.__struct_fields__:
+        if name != "mode" and getattr(value, name) != getattr(default, name) and \
+                value.mode not in (modes := [m for m, o in OPTIONS.items() if name in o]):
+            found.append((f"$.gui.{name}", "needs mode = " + " or ".join(f'"{m}"' for m in modes)
+                          + f" (mode {value.mode!r} has no such option)"))
+    if value.mode not in ("xephyr", "xpra", "host-x11-untrusted"):
+        return found
+    if net_mode == "host":  # (the abstract socket lives in the network namespace)
+        found.append(("$.gui", f"\"{value.mode}\" with net = \"host\": the app could reach the "
+                      "host's display through its abstract socket (@/tmp/.X11-unix/X0) without "
+                      "the mode's own cookie; use net = \"none\" or \"nat\""))
+    if value.mode == "xephyr" and not re.fullmatch(r"[1-9]\d{1,4}x[1-9]\d{1,4}", value.size):
         found.append(("$.gui.size", f"{value.size!r} must be WIDTHxHEIGHT, e.g. \"1280x800\""))
     if value.session and not value.session[0]:
         found.append(("$.gui.session", "must name a program, e.g. [\"twm\"]"))
-    if net_mode == "host":  # (the abstract socket lives in the network namespace)
-        found.append(("$.gui", "\"xephyr\" with net = \"host\": the app could reach the host's "
-                      "display through its abstract socket (@/tmp/.X11-unix/X0); use net = "
-                      "\"none\" or \"nat\""))
     return found
 
 
@@ -84,25 +97,54 @@ def host_problem(value: Gui, environ: dict[str, str]) -> str | None:
         return _untrusted_problem(environ)
     if value.mode == "wayland":
         return _wayland_problem(environ)
-    if value.mode != "xephyr":
+    if value.mode == "xephyr":
+        found = _program_problem(NESTED, "xserver-xephyr", environ) or _nested_problem(environ)
+    elif value.mode == "xpra":
+        found = _program_problem("xpra", "xpra", environ) or _program_problem(
+            "Xvfb", "xvfb", environ) or _painter_problem() or _nested_problem(environ)
+    else:
         return None
-    if shutil.which(NESTED, path=environ.get("PATH") or os.defpath) is None:
-        return "xephyr needs Xephyr, which is not installed: apt install xserver-xephyr"
+    return found and f"{value.mode} {found}"
+
+
+def _program_problem(program: str, package: str, environ: dict[str, str]) -> str | None:
+    if _which(program, environ) is None:
+        return f"needs {program}, which is not installed: apt install {package}"
+    return None
+
+
+def _which(program: str, environ: dict[str, str]) -> str | None:
+    return shutil.which(program, path=environ.get("PATH") or os.defpath)
+
+
+def _painter_problem() -> str | None:
+    """xpra's client paints windows with cairo through PyGObject: without the binding
+    (Debian's python3-gi-cairo, which xpra only recommends) every window stays black."""
+    gi = "/usr/lib/python3/dist-packages/gi"
+    if os.path.isdir(gi) and not any(n.startswith("_gi_cairo") for n in os.listdir(gi)):
+        return ("cannot paint windows without PyGObject's cairo binding: apt install "
+                "python3-gi-cairo")
+    return None
+
+
+def _nested_problem(environ: dict[str, str]) -> str | None:
+    """The host's display as a trusted helper layer reaches it: through its abstract socket
+    (the helper layer has a socket directory of its own)."""
     number = host_display(environ)
     if number is None:
-        return ("xephyr shows its window on the host's display, and DISPLAY names none "
+        return ("shows windows on the host's display, and DISPLAY names none "
                 f"({environ.get('DISPLAY', 'unset')!r}): start it from the desktop session")
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC) as probe:
-        try:  # (Xephyr reaches it there: its helper layer has a directory of its own there)
+        try:
             probe.connect(f"\0{SOCKETS}/X{number}")
         except OSError as exc:
-            return (f"xephyr reaches the host's display :{number} through its abstract socket "
+            return (f"reaches the host's display :{number} through its abstract socket "
                     f"@{SOCKETS}/X{number}, which does not answer ({exc.strerror})")
     return None
 
 
 def _untrusted_problem(environ: dict[str, str]) -> str | None:
-    if shutil.which("xauth", path=environ.get("PATH") or os.defpath) is None:
+    if _which("xauth", environ) is None:
         return "host-x11-untrusted makes its cookie with xauth, which is not installed: " \
                "apt install xauth"
     number = host_display(environ)
@@ -210,56 +252,149 @@ def xauthority_for(data: bytes, display: str) -> bytes:
 
 
 class Parts(Struct, kw_only=True):
-    """What the template adds for a nested display: the helper layer Xephyr runs in,
-    layer3's view and variables, the socket the app's layers wait for, and the session
-    beside the app."""
-    layer: spec.Layer | None = None  # layer2x, under layer2
+    """What the template adds for a display of the app's own: the trusted helper layer that
+    shows it on the host's display, layer3's view and variables, the socket the app's
+    layers wait for, the session beside the app, and the untrusted server beside it."""
+    layer: spec.Layer | None = None  # layer2x, under layer2: Xephyr, or the xpra client
     fs: list = []  # in layer3
     env: dict[str, str] = {}  # in layer3
     start_after: list[str] = []  # layer3's path of the display's socket
     session: list[str] | None = None  # in layer4a
+    server: spec.Layer | None = None  # layer4x, under layer3: the xpra server
+    helper_dirs: list[str] = []  # tmpfs mounted in layer1's tmpfs of the helpers' sockets
 
 
 def parts(value: Gui, name: str, environ: dict[str, str], uid: int, gid: int,
           helper_dir: str, system: list) -> Parts:
-    """The template's parts for `value` (`name`: the instance's, for the window's title;
+    """The template's parts for `value` (`name`: the instance's, for the window titles;
     `system`: the operations that show the system's directories read-only)."""
-    if value.mode != "xephyr":
-        return Parts()
-    number = 1 if host_display(environ) != 1 else 2  # (not the host's: Xephyr is its client)
+    if value.mode == "xephyr":
+        return _xephyr(value, name, environ, uid, gid, helper_dir, system)
+    if value.mode == "xpra":
+        return _xpra(value, name, environ, uid, gid, helper_dir, system)
+    return Parts()
+
+
+def _xephyr(value: Gui, name: str, environ: dict[str, str], uid: int, gid: int,
+            helper_dir: str, system: list) -> Parts:
+    number = _own_display(environ)
     authority = xauthority_entry(str(number), secrets.token_bytes(16))
-    argv = [shutil.which(NESTED, path=environ.get("PATH") or os.defpath) or NESTED,
+    argv = [_which(NESTED, environ) or NESTED,
             f":{number}", "-auth", "/tmp/xephyr.auth", "-nolisten", "tcp", "-nolisten",
             "local", "-screen", value.size,
             "-title", value.title or f"[bbl:{name}] {name}"]
     if value.resizable:
         argv.append("-resizeable")
-    host_authority = environ.get("XAUTHORITY") or os.path.join(
-        environ.get("HOME") or os.path.expanduser("~"), ".Xauthority")
-    # Xephyr's own view: the system read-only, a private /tmp (its lock file) with the
-    # helpers' directory (layer1's tmpfs) as its socket directory, so that neither lands on
-    # the host; the host's display reached through its abstract socket (not listening on
-    # one itself: "-nolisten local"), with the user's cookie
-    fs = [*system, spec.Proc(dest="/proc"),
-          *(spec.DevBind(src=f"/dev/{node}", dest=f"/dev/{node}")
-            for node in ("null", "zero", "urandom")),
-          spec.Tmpfs(dest="/tmp", mode=0o1777), spec.Bind(src=helper_dir, dest=SOCKETS),
+    # Xephyr's socket directory is the helpers' (layer1's tmpfs), so that neither its socket
+    # nor its lock file lands on the host; it does not listen on the abstract socket
+    # ("-nolisten local")
+    fs = [spec.Bind(src=helper_dir, dest=SOCKETS),
           spec.RoBindData(dest="/tmp/xephyr.auth", data=authority, mode=0o400),
           spec.Tmpfs(dest="/var/lib/xkb", mode=0o755)]
-    if os.path.isfile(host_authority):
-        fs.append(spec.RoBind(src=host_authority, dest=host_authority))
-    layer = spec.Layer(name="layer2x", namespaces=["user", "pid", "mount"], uid=uid, gid=gid,
-                       new_root=True, fs=[msgspec.structs.replace(op, origin="gui")
-                                          for op in fs],
-                       env=spec.Env(set={"XAUTHORITY": host_authority}),
-                       companions=[spec.Command(argv=argv, early=True)])
     return Parts(
-        layer=layer,
+        layer=_host_side(fs, argv, name, environ, uid, gid, system),
         fs=[spec.Symlink(target_path=dbus.HELPERS, dest=SOCKETS, origin="gui"),
             spec.RoBindData(dest=AUTHORITY, data=authority, mode=0o400, origin="gui")],
         env={"DISPLAY": f":{number}", "XAUTHORITY": AUTHORITY},
         start_after=[f"{SOCKETS}/X{number}"],
         session=list(value.session) or None)
+
+
+def _xpra(value: Gui, name: str, environ: dict[str, str], uid: int, gid: int,
+          helper_dir: str, system: list) -> Parts:
+    """The xpra server and its Xvfb beside the app (layer4x, untrusted, in the sandbox's own
+    network namespace: its display is nobody else's); the client in layer2x (trusted),
+    attached through the server's socket in a tmpfs of layer1's (within the helpers') that
+    layer3 shows writable at XPRA_SOCKETS, and started when that socket accepts."""
+    number = _own_display(environ)
+    authority = xauthority_entry(str(number), secrets.token_bytes(16))
+    home = environ.get("HOME") or f"/home/{uid}"
+    sockets = f"{helper_dir}/xpra"
+    common = ["--mdns=no", "--pulseaudio=no", "--notifications=no", "--speaker=off",
+              "--microphone=off", "--webcam=no", "--printing=no", "--file-transfer=no",
+              "--open-files=no", "--open-url=no", "--system-tray=no", "--bell=no", "--mmap=no",
+              "--remote-logging=no", *_clipboard(value.clipboard)]
+    server_argv = [
+        _which("xpra", environ) or "xpra", "start", f":{number}", "--daemon=no",
+        f"--bind={XPRA_SOCKETS}/server", "--start=", "--dbus-launch=",
+        "--dbus-proxy=no", "--dbus-control=no", "--systemd-run=no", "--html=off",
+        "--start-new-commands=no", "--sharing=no", "--xsettings=no", "--input-method=none",
+        *common,
+        "--xvfb=Xvfb +extension Composite -screen 0 " + XPRA_SCREEN + "x24+32 -dpi 96 "
+        "-nolisten tcp -noreset -auth $XAUTHORITY"]
+    # the server's own home and configuration: Debian's /etc/xpra starts an X session
+    # (whose dbus-launch, at-spi and ssh-agent outlived it) and the user's home is not xpra's
+    # to write. Its Xvfb reads our cookie (layer3's XAUTHORITY; xpra's own attempt to add
+    # one to that read-only file fails, and does not matter)
+    server = spec.Layer(
+        name="layer4x", namespaces=["user", "pid", "mount"], uid=uid, gid=gid,
+        seccomp=spec.Seccomp(policy="default"),
+        fs=[spec.Tmpfs(dest="/etc/xpra", mode=0o755, origin="gui"),
+            spec.Tmpfs(dest=home, mode=0o700, origin="gui")],
+        companions=[spec.Command(argv=server_argv, early=True, output="null")])
+    title = value.title or f"[bbl:{name}] @title@"
+    client_argv = [_which("xpra", environ) or "xpra", "attach",
+                   f"socket://{XPRA_SOCKETS}/server", f"--title={title}", "--tray=no",
+                   "--opengl=no", *common]
+    client_fs = [spec.RoBind(src=sockets, dest=XPRA_SOCKETS),
+                 spec.Tmpfs(dest="/etc/xpra", mode=0o755)]
+    client = _host_side(client_fs, client_argv, name, environ, uid, gid, system)
+    client = msgspec.structs.replace(client, start_after=[f"{sockets}/server"],
+                                     companions=[spec.Command(argv=client_argv, output="null")])
+    return Parts(
+        layer=client,
+        fs=[spec.Bind(src=sockets, dest=XPRA_SOCKETS, origin="gui"),
+            spec.Dir(dest=SOCKETS, mode=0o1777, origin="gui"),
+            spec.RoBindData(dest=AUTHORITY, data=authority, mode=0o400, origin="gui")],
+        env={"DISPLAY": f":{number}", "XAUTHORITY": AUTHORITY},
+        start_after=[f"{SOCKETS}/X{number}"],
+        server=server, helper_dirs=[sockets])
+
+
+def _clipboard(policy: Clipboard) -> list[str]:
+    if policy == "none":
+        return ["--clipboard=no"]
+    return ["--clipboard=yes", f"--clipboard-direction={CLIPBOARD_DIRECTION[policy]}"]
+
+
+def _own_display(environ: dict[str, str]) -> int:
+    """The number of the app's display: not the host's (a host-side helper is its client)."""
+    return 1 if host_display(environ) != 1 else 2
+
+
+def _host_side(fs: list, argv: list[str], name: str, environ: dict[str, str], uid: int,
+               gid: int, system: list) -> spec.Layer:
+    """layer2x: a trusted helper shown on the host's display, started as soon as it is
+    built. Its own view: the system read-only, a private /tmp and home, the host's display
+    reached through its abstract socket with a copy of the user's cookie for that display
+    alone (the wildcard family: the layer has a hostname of its own, the instance's, so
+    that the xpra client does not tell the host's to the server), and `fs`."""
+    view = [*system, spec.Proc(dest="/proc"),
+            *(spec.DevBind(src=f"/dev/{node}", dest=f"/dev/{node}")
+              for node in ("null", "zero", "urandom")),
+            spec.Tmpfs(dest="/tmp", mode=0o1777), *fs]
+    cookie = host_cookie(environ)
+    if cookie:
+        view.append(spec.RoBindData(dest=AUTHORITY, data=cookie, mode=0o400))
+    return spec.Layer(name="layer2x", namespaces=["user", "pid", "mount", "uts"], uid=uid,
+                      gid=gid, hostname=name[:64], new_root=True,
+                      fs=[msgspec.structs.replace(op, origin="gui") for op in view],
+                      env=spec.Env(set={"XAUTHORITY": AUTHORITY, "HOME": "/tmp",
+                                        "XDG_RUNTIME_DIR": "/tmp"}),
+                      companions=[spec.Command(argv=argv, early=True, output="null")])
+
+
+def host_cookie(environ: dict[str, str]) -> bytes:
+    """The user's Xauthority entries for the host's display, in the wildcard family
+    (b"" when there are none)."""
+    home = environ.get("HOME")
+    authority = environ.get("XAUTHORITY") or os.path.join(
+        home if home and os.path.isabs(home) else os.path.expanduser("~"), ".Xauthority")
+    try:
+        with open(authority, "rb") as f:
+            return xauthority_for(f.read(), str(host_display(environ)))
+    except OSError:
+        return b""
 
 
 def xauthority_entry(display: str, cookie: bytes, kind: bytes = b"MIT-MAGIC-COOKIE-1") -> bytes:

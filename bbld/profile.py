@@ -11,11 +11,13 @@ The template (see docs/profiles.md):
              sockets, a tmpfs over BBL's runtime directory)
     └─ layer2   semi-trusted: its own mount namespace, the host view with private paths masked
        ├─ layer2a  trusted companions (capabilities dropped): the D-Bus proxy, the user's
-       ├─ layer2x  with gui = "xephyr": the nested X server (bbld.gui)
+       ├─ layer2x  with gui = "xephyr" or "xpra": the nested X server, or the xpra client
+       │           that shows the app's windows on the host's display (bbld.gui)
        └─ layer2h  intermediary
           └─ layer3   untrusted zone: every namespace, a new root of system directories
              ├─ layer4   the app, back to the user's uid
-             └─ layer4a  untrusted companions
+             ├─ layer4a  untrusted companions
+             └─ layer4x  with gui = "xpra": the xpra server and the app's display (Xvfb)
 """
 
 from __future__ import annotations
@@ -377,7 +379,9 @@ def expand(options: Profile, name: str, environ: dict[str, str], uid: int,
     layer3 = spec.Layer(name="layer3", namespaces=namespaces, hostname=name[:64],
                         new_root=True, fs=_layer3_fs(options, home, environ, uid, bus, display),
                         env=_layer3_env(options, home, environ, uid, bus, display), cwd=home,
-                        pids_limit=options.limits.get("pids"), layers=[layer4, layer4a],
+                        pids_limit=options.limits.get("pids"),
+                        layers=[layer4, layer4a, *([msgspec.structs.replace(
+                            display.server, rlimits=rlimits)] if display.server else [])],
                         network=net.network(network, options.dns, environ))
     layer2h = spec.Layer(name="layer2h", namespaces=["mount"], layers=[layer3])
     # (the proxy starts as soon as layer2a is built: the app's layers wait for it)
@@ -391,7 +395,8 @@ def expand(options: Profile, name: str, environ: dict[str, str], uid: int,
     # the helpers' sockets live in a tmpfs of the instance's own, over BBL's runtime
     # directory (which exists while bbld runs): gone with the instance, and bbld's socket and
     # the other instances' control sockets out of sight of every layer
-    helper_dir = [spec.Tmpfs(dest=helpers, mode=0o700, origin="helpers")] \
+    helper_dir = [spec.Tmpfs(dest=helpers, mode=0o700, origin="helpers"),
+                  *(spec.Tmpfs(dest=d, mode=0o700, origin="gui") for d in display.helper_dirs)] \
         if bus.helpers or display.layer else []
     layer1 = spec.Layer(name="layer1", namespaces=["user", "pid", "mount"], uid=0, gid=0,
                         fs=helper_dir, layers=[layer2])
@@ -514,15 +519,8 @@ def _desktop(options: Profile, environ: dict[str, str], uid: int) -> list:
         return []
     socket = f"{gui.SOCKETS}/X{number}"
     fs: list = [spec.RoBind(src=socket, dest=socket, try_=True, origin="gui")]
-    if mode == "host-x11-untrusted":
-        cookie = gui.untrusted_cookie(environ)
-    else:
-        authority = environ.get("XAUTHORITY") or os.path.join(_home(environ), ".Xauthority")
-        try:
-            with open(authority, "rb") as f:
-                cookie = gui.xauthority_for(f.read(), str(number))
-        except OSError:
-            cookie = b""
+    cookie = gui.untrusted_cookie(environ) if mode == "host-x11-untrusted" \
+        else gui.host_cookie(environ)
     if cookie:
         fs.append(spec.RoBindData(dest=gui.AUTHORITY, data=cookie, mode=0o400, origin="gui"))
     return fs

@@ -224,6 +224,9 @@ class Command(Struct, forbid_unknown_fields=True):
     new_session: bool = True  # setsid(): the command never holds the caller's terminal
     pass_fds: list[int] = []  # fds of the engine's caller kept open; all others are closed
     stdin: Literal["inherit", "null"] | None = None  # default: main inherits, companions null
+    # "null": stdout and stderr to /dev/null (the layer's own), for a helper whose chatter
+    # would land in the app's terminal
+    output: Literal["inherit", "null"] = "inherit"
     # a new pty from the layer's own devpts as stdio and controlling terminal (in a new
     # session); the main command's pty master goes to the engine's caller
     tty: bool = False

@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 
+import msgspec
 import pytest
 
 from bbld import gui, profile
@@ -42,6 +43,11 @@ def write(tmp_path, text: str, name: str = "p.toml") -> str:
     ('gui = "host-x11-untrusted"\nnet = "host"\n', 1, "gui: \"host-x11-untrusted\" with net = "
      "\"host\": the app could reach the host's display through its abstract socket"),
     ('gui = "x11"\n', 1, "gui: Invalid enum value 'x11'"),
+    ('[gui]\nclipboard = "both"\n', 2, "gui.clipboard: needs mode = \"xpra\" (mode 'xephyr'"),
+    ('[gui]\nmode = "xpra"\nsession = ["twm"]\n', 3, "gui.session: needs mode = \"xephyr\""),
+    ('[gui]\nmode = "xpra"\nclipboard = "all"\n', 3, "gui.clipboard: Invalid enum value"),
+    ('gui = "xpra"\nnet = "host"\n', 1, "gui: \"xpra\" with net = \"host\": the app could "
+     "reach the host's display through its abstract socket"),
     ('[gui]\nwm = "twm"\n', 2, "gui.wm: unknown key"),
 ])
 def test_bad_words_are_refused_with_file_and_line(tmp_path, text, line, problem):
@@ -55,13 +61,18 @@ def test_bad_words_are_refused_with_file_and_line(tmp_path, text, line, problem)
 @pytest.mark.parametrize("environ, problem", [
     ({"PATH": "/nonexistent"}, "xephyr needs Xephyr, which is not installed: apt install "
                                "xserver-xephyr"),
-    ({}, "xephyr shows its window on the host's display, and DISPLAY names none"),
+    ({}, "xephyr shows windows on the host's display, and DISPLAY names none"),
     ({"DISPLAY": ":97"}, "xephyr reaches the host's display :97 through its abstract socket"),
+    ({"PATH": "/nonexistent", "MODE": "xpra"}, "xpra needs xpra, which is not installed: apt "
+                                               "install xpra"),
+    ({"MODE": "xpra"}, "xpra shows windows on the host's display, and DISPLAY names none"),
 ])
 def test_what_the_host_lacks_is_one_line_naming_the_fix(tmp_path, environ, problem):
-    if "PATH" not in environ and shutil.which("Xephyr") is None:
-        pytest.skip("needs Xephyr (.ci/run installs xserver-xephyr)")
-    path = write(tmp_path, 'gui = "xephyr"\n')
+    environ = dict(environ)
+    mode = environ.pop("MODE", "xephyr")
+    if "PATH" not in environ and not all(shutil.which(p) for p in (gui.NESTED, "xpra")):
+        pytest.skip("needs Xephyr and xpra (.ci/run installs them)")
+    path = write(tmp_path, f'gui = "{mode}"\n')
     with pytest.raises(profile.ProfileError) as caught:
         profile.load(path, {"HOME": "/home/u", "PATH": os.defpath, **environ})
     assert caught.value.problems == [f"{path}:1: gui: {problem}"] or \
@@ -155,7 +166,8 @@ def start(instances, display, tmp_path, options: str, command: list[str]) -> str
     instances.env.update(display.env)
     started = instances.ctl("start", "--detach", path)
     assert started.returncode == 0, started.stderr
-    return started.stdout.strip()
+    instances.ids.append(started.stdout.strip())  # (stopped at the end if the test fails)
+    return instances.ids[-1]
 
 
 # (Xephyr loses what is drawn before its window is shown on the host: draw until the test
@@ -209,11 +221,15 @@ def test_xephyr_shows_the_app_in_one_window_and_nothing_of_the_host(
 
 
 @real_display
-@pytest.mark.parametrize("end", ["kill", "kill layer 1"])
-def test_no_nested_display_outlives_its_instance(instances, display, tmp_path, end):
-    instance = start(instances, display, tmp_path, 'gui = "xephyr"\n', ["sleep", "600"])
-    assert wait_until(lambda: len(xephyr_processes()) == 1)
-    xephyr = xephyr_processes()
+@pytest.mark.parametrize("mode, end", [("xephyr", "kill"), ("xephyr", "kill layer 1"),
+                                       ("xpra", "kill"), ("xpra", "kill layer 1")])
+def test_no_nested_display_outlives_its_instance(instances, display, tmp_path, mode, end):
+    if mode == "xpra" and not shutil.which("xpra"):
+        pytest.skip("needs xpra (.ci/run installs it)")
+    instance = start(instances, display, tmp_path, f'gui = "{mode}"\n', ["sleep", "600"])
+    helpers = xephyr_processes if mode == "xephyr" else xpra_processes
+    assert wait_until(lambda: len(helpers()) == (1 if mode == "xephyr" else 3), 30)
+    xephyr = helpers()
     if end == "kill":
         assert instances.ctl("kill", "--signal", "KILL", instance).returncode == 0
     else:
@@ -355,3 +371,182 @@ def test_wayland_without_a_compositor_is_one_line(tmp_path):
     assert caught.value.problems == [
         f"{path}:1: gui: wayland binds the compositor's socket, and WAYLAND_DISPLAY (with "
         "XDG_RUNTIME_DIR) names none: start it from a Wayland session"]
+
+
+# ---------------------------------------------------------------- xpra
+
+XPRA_PROGRAMS = ("xpra", "xclip")
+real_xpra = pytest.mark.skipif(
+    not all(shutil.which(p) for p in X_PROGRAMS + XPRA_PROGRAMS),
+    reason="needs xpra and xclip besides the X programs (.ci/run installs them)")
+# a window of the app's own, filled red: ImageMagick's display
+WINDOW = ["display", "-title", "hello", "-geometry", "+40+40", "-size", "200x120", "xc:red"]
+
+
+def user_processes() -> dict[int, list[str]]:
+    """pid: argv of the test user's processes."""
+    found = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.stat(f"/proc/{entry}").st_uid == os.getuid():
+                with open(f"/proc/{entry}/cmdline", "rb") as f:
+                    found[int(entry)] = f.read().decode(errors="replace").split("\0")[:-1]
+        except OSError:
+            continue
+    return found
+
+
+def program(argv: list[str]) -> str:
+    """What runs: the script for an interpreter (xpra is a Python script)."""
+    if os.path.basename(argv[0]).startswith("python") and len(argv) > 1:
+        return os.path.basename(argv[1])
+    return os.path.basename(argv[0])
+
+
+def xpra_processes() -> list[int]:
+    return [pid for pid, argv in user_processes().items()
+            if argv and (program(argv) == "xpra" or argv[0].startswith("Xvfb-for-Xpra"))]
+
+
+def instance_programs(instances, instance) -> list[str]:
+    """What runs in the instance (beside BBL's own supervisors: bbl-init, python -I -m)."""
+    tree = json.loads(instances.ctl("tree", instance, "--json").stdout)
+    parents = {}
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                parents[int(entry)] = int(f.read().rsplit(")", 1)[1].split()[1])
+        except OSError:
+            continue
+    inside, found = {tree[0]["layers"][0]["pid"]}, True
+    while found:
+        found = {pid for pid, parent in parents.items() if parent in inside} - inside
+        inside |= found
+    processes = user_processes()
+    names = [program(processes[pid]) for pid in inside if processes.get(pid)]
+    return sorted(n for n in names if not n.startswith("bbl-init") and n != "-I")
+
+
+def stays_false(condition, seconds: float = 3) -> bool:
+    """condition() never true for `seconds` (what must not happen has had its chance)."""
+    return not wait_until(condition, seconds)
+
+
+@real_xpra
+def test_xpra_shows_each_window_on_the_host_and_nothing_of_the_host(
+        instances, display, tmp_path):
+    secret = subprocess.Popen(["xmessage", "-name", "hostsecret", "host"],
+                              env={**os.environ, **display.env})
+    host_sockets = set(os.listdir("/tmp/.X11-unix"))
+    try:
+        instance = start(instances, display, tmp_path, 'gui = "xpra"\n', WINDOW)
+        title = "[bbl:app] hello"  # (the instance's name, then the app's own title)
+        assert wait_until(lambda: display.run("xdotool", "search", "--name",
+                                              re.escape(title)).stdout.strip(), 30)
+        _, where = display.window(title)
+        assert (where["WIDTH"], where["HEIGHT"]) == (200, 120)  # the app's window alone
+        assert wait_until(lambda: display.pixel(where["X"] + 20, where["Y"] + 20) == RED)
+        assert display.pixel(1023, 767) != RED  # and nowhere else
+        probes = instances.ctl("exec", instance, "--", "sh", "-c",
+                               INSIDE.format(host=display.number))
+        lines = probes.stdout.split("\n")
+        assert lines[0] == "display=:1" and lines[1] == "X1", probes
+        assert "1024x768 pixels" in lines[2]  # (the server's display follows the host's)
+        assert lines[3:] == ["0", ""]  # no host display, no way without the cookie, no host
+        # window among the clients
+        # the server starts nothing but the app: no X session, D-Bus, at-spi or ssh-agent
+        assert instance_programs(instances, instance) == [
+            "Xvfb-for-Xpra-:1", "display", "xpra", "xpra"]
+        server = next(user_processes()[pid] for pid in xpra_processes()
+                      if "Xvfb" in user_processes()[pid][0])
+        assert "-auth" in server and "-ac" not in server
+        assert instances.ctl("stop", instance).returncode == 0
+        assert wait_until(lambda: xpra_processes() == [])
+        assert sorted(os.listdir(os.path.join(instances.env["XDG_RUNTIME_DIR"], "bbl"))) == [
+            "bbld.sock", "instances"]  # (no socket, no cookie left)
+        assert set(os.listdir("/tmp/.X11-unix")) == host_sockets  # (none on the host, ever)
+    finally:
+        secret.kill()
+        secret.wait()
+
+
+def clipboard(instances, instance) -> str:
+    return instances.ctl("exec", instance, "--", "xclip", "-o", "-selection",
+                         "clipboard").stdout
+
+
+@real_xpra
+@pytest.mark.parametrize("policy, inward, outward", [
+    ("none", False, False), ("to-sandbox", True, False), ("from-sandbox", False, True),
+    ("both", True, True)])
+def test_xpra_carries_the_clipboard_only_the_way_the_policy_says(
+        instances, display, tmp_path, policy, inward, outward):
+    host = subprocess.Popen(["xclip", "-quiet", "-selection", "clipboard", "-i"],
+                            stdin=subprocess.PIPE, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, env={**os.environ, **display.env})
+    host.stdin.write(b"from-host")
+    host.stdin.close()
+    try:
+        instance = start(instances, display, tmp_path,
+                         f'[gui]\nmode = "xpra"\nclipboard = "{policy}"\n', WINDOW)
+        assert wait_until(lambda: display.run("xdotool", "search", "--name",
+                                              re.escape("[bbl:app] hello")).stdout.strip(), 30)
+        if inward:
+            assert wait_until(lambda: clipboard(instances, instance) == "from-host")
+        else:
+            assert stays_false(lambda: clipboard(instances, instance) == "from-host")
+        assert instances.ctl("exec", instance, "--", "sh", "-c", "printf from-sandbox | xclip "
+                             "-selection clipboard -i >/dev/null 2>&1").returncode == 0
+
+        def host_has():
+            return display.run("xclip", "-o", "-selection", "clipboard").stdout
+        if outward:
+            assert wait_until(lambda: host_has() == "from-sandbox")
+        else:
+            assert stays_false(lambda: host_has() == "from-sandbox")
+        assert instances.ctl("stop", instance).returncode == 0
+    finally:
+        host.kill()
+        host.wait()
+
+
+def layer_named(layer: dict, name: str) -> dict | None:
+    if layer["name"] == name:
+        return layer
+    return next(filter(None, (layer_named(child, name) for child in layer.get("layers", []))),
+                None)
+
+
+@real_xpra
+@pytest.mark.parametrize("policy", ["none", "to-sandbox"])
+def test_the_trusted_client_keeps_the_policy_against_a_server_that_does_not(
+        instances, display, tmp_path, policy):
+    """The app's side is not trusted: an xpra server it took over offers the clipboard both
+    ways, and the client (layer2x) still carries nothing out."""
+    path = write(tmp_path, f'command = {json.dumps(WINDOW)}\n[gui]\nmode = "xpra"\n'
+                 f'clipboard = "{policy}"\n', "app.toml")
+    instances.env.update(display.env)
+    tree = json.loads(msgspec.json.encode(profile.load(path, instances.env)))
+    server = layer_named(tree["layer"], "layer4x")["companions"][0]
+    server["argv"] = [a for a in server["argv"] if not a.startswith("--clipboard")] + [
+        "--clipboard=yes", "--clipboard-direction=both"]
+    instance = instances.start(tree, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    assert wait_until(lambda: display.run("xdotool", "search", "--name",
+                                          re.escape("[bbl:app] hello")).stdout.strip(), 30)
+    assert instances.ctl("exec", instance, "--", "sh", "-c", "printf from-sandbox | xclip "
+                         "-selection clipboard -i >/dev/null 2>&1").returncode == 0
+    assert stays_false(lambda: display.run("xclip", "-o", "-selection", "clipboard").stdout
+                       == "from-sandbox")
+
+
+@real_xpra
+def test_a_terminal_app_gets_its_terminal_under_xpra(instances, display, tmp_path):
+    """xterm chowns its pty to the tty group, which the sandbox does not map: the layer's own
+    devpts gives it the user's group, and it starts."""
+    instance = start(instances, display, tmp_path, 'gui = "xpra"\n', [
+        "xterm", "-T", "term", "-e", "sh", "-c", "tty > /tmp/tty; exec sleep 600"])
+    assert wait_until(lambda: display.run("xdotool", "search", "--name",
+                                          re.escape("[bbl:app] term")).stdout.strip(), 30)
+    assert wait_until(lambda: instances.ctl("exec", instance, "--", "cat", "/tmp/tty")
+                      .stdout.startswith("/dev/pts/"))
+    assert instances.ctl("stop", instance).returncode == 0

@@ -514,3 +514,13 @@ def test_start_after_gives_up_after_its_timeout(tmp_path):
     assert result.returncode == 1
     assert result.stderr.startswith(f"bbl: layer 'gated': start_after: {tmp_path}/never.sock "
                                     "did not accept connections in time")
+
+
+def test_a_companion_with_output_null_says_nothing_on_the_instances_stdio(tmp_path):
+    """(the template's display helpers: their chatter would land in the app's terminal)"""
+    spec = sandbox(app_layer(command=sh("sleep 0.5; echo main"), companions=[
+        {"argv": ["sh", "-c", "echo loud; echo louder >&2"], "output": "null"},
+        {"argv": ["sh", "-c", "echo heard"]}]))
+    result = run_sandbox(tmp_path, spec)
+    assert result.returncode == 0, result.stderr
+    assert sorted(result.stdout.split()) == ["heard", "main"] and "louder" not in result.stderr

@@ -514,6 +514,11 @@ class LayerSupervisor:
             os.close(empty_w)
             os.dup2(empty_r, 0)
             os.close(empty_r)
+        if command.output == "null":
+            null = os.open("/dev/null", os.O_WRONLY | os.O_CLOEXEC)
+            os.dup2(null, 1)
+            os.dup2(null, 2)
+            os.close(null)
         cwd = self._command_cwd(command)
         restrict_and_exec(self.ctx.plan, self.plan, command, {**self.env, "PWD": cwd},
                           errors_fd, release_fd)

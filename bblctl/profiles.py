@@ -25,8 +25,9 @@ def start(argv: list[str]) -> int:
         raise UsageError(f"--name {new_name!r}: use letters, digits, . _ -")
     tty = flags["--detach"] or os.isatty(0)  # detached: the monitor holds the terminal
     conn = running_daemon()
+    notices: list[str] = []  # (the profile's, when it is expanded here)
     if conn is None:
-        request = {"spec": _local_spec(target, new_name, tty)}
+        request = {"spec": _local_spec(target, new_name, tty, notices)}
     else:
         request = {"profile": target, "tty": tty, **({"name": new_name} if new_name else {})}
     null = os.open(os.devnull, os.O_RDWR | os.O_CLOEXEC)
@@ -37,6 +38,9 @@ def start(argv: list[str]) -> int:
             replies = conn.stream("io.bbl.Manager.Run", fds=(*stdio, cwd), args=args,
                                   env=dict(os.environ), detach=flags["--detach"], **request)
             for reply in replies:
+                if reply["event"] == "started":
+                    for notice in notices + (reply.get("notices") or []):
+                        print(f"bblctl: notice: {notice}", file=sys.stderr)
                 if reply["event"] in ("started", "forwarded") and flags["--detach"]:
                     print(reply["id"])
                     return 0
@@ -56,11 +60,11 @@ def start(argv: list[str]) -> int:
     return 1
 
 
-def _local_spec(target: str, name: str | None, tty: bool) -> str:
+def _local_spec(target: str, name: str | None, tty: bool, notices: list[str]) -> str:
     from bbld import profile
 
     try:
-        return profile.spec_for_start(target, dict(os.environ), name, tty)
+        return profile.spec_for_start(target, dict(os.environ), name, tty, notices)
     except profile.ProfileError as exc:
         raise UsageError("\n".join(exc.problems)) from None
 

@@ -262,17 +262,53 @@ class Parts(Struct, kw_only=True):
     session: list[str] | None = None  # in layer4a
     server: spec.Layer | None = None  # layer4x, under layer3: the xpra server
     helper_dirs: list[str] = []  # tmpfs mounted in layer1's tmpfs of the helpers' sockets
+    helpers: bool = False  # uses the helpers' directory (layer1's tmpfs)
+    companion: list[str] | None = None  # a trusted helper in layer2a (early)
+    notice: str | None = None  # what the host lacked, and what was done instead
 
 
 def parts(value: Gui, name: str, environ: dict[str, str], uid: int, gid: int,
-          helper_dir: str, system: list) -> Parts:
+          helper_dir: str, system: list, app_id: str | None = None) -> Parts:
     """The template's parts for `value` (`name`: the instance's, for the window titles;
-    `system`: the operations that show the system's directories read-only)."""
+    `system`: the operations that show the system's directories read-only; `app_id`: the
+    app's, for a Wayland security context)."""
     if value.mode == "xephyr":
         return _xephyr(value, name, environ, uid, gid, helper_dir, system)
     if value.mode == "xpra":
         return _xpra(value, name, environ, uid, gid, helper_dir, system)
+    if value.mode == "wayland":
+        return _wayland(name, environ, uid, helper_dir, app_id)
     return Parts()
+
+
+def _wayland(name: str, environ: dict[str, str], uid: int, helper_dir: str,
+             app_id: str | None) -> Parts:
+    """A socket of the instance's own that the compositor tags as the sandbox's
+    (wp_security_context_manager_v1, made by a helper in layer2a: bbld.wayland), else the
+    compositor's own socket, with a notice."""
+    import sys
+
+    from bbld import wayland
+
+    compositor = wayland_socket(environ)
+    inside = f"/run/user/{uid}/wayland-0"
+    try:
+        tagged = wayland.offers_security_context(compositor)
+    except OSError:
+        tagged = False  # (host_problem said it answers: then it answered nothing useful)
+    if not tagged:
+        return Parts(fs=[spec.RoBind(src=compositor, dest=inside, origin="gui")],
+                     notice="the compositor offers no security context "
+                            "(wp_security_context_manager_v1): the app gets its own socket, "
+                            "with every client's rights")
+    socket_name = "wayland-0"
+    return Parts(
+        helpers=True,
+        companion=[sys.executable, "-I", "-m", "bbld.wayland", compositor,
+                   f"{helper_dir}/{socket_name}", app_id or name, name],
+        fs=[spec.Symlink(target_path=f"{dbus.HELPERS}/{socket_name}", dest=inside,
+                         origin="gui")],
+        start_after=[f"{dbus.HELPERS}/{socket_name}"])
 
 
 def _xephyr(value: Gui, name: str, environ: dict[str, str], uid: int, gid: int,
@@ -292,7 +328,7 @@ def _xephyr(value: Gui, name: str, environ: dict[str, str], uid: int, gid: int,
           spec.RoBindData(dest="/tmp/xephyr.auth", data=authority, mode=0o400),
           spec.Tmpfs(dest="/var/lib/xkb", mode=0o755)]
     return Parts(
-        layer=_host_side(fs, argv, name, environ, uid, gid, system),
+        layer=_host_side(fs, argv, name, environ, uid, gid, system), helpers=True,
         fs=[spec.Symlink(target_path=dbus.HELPERS, dest=SOCKETS, origin="gui"),
             spec.RoBindData(dest=AUTHORITY, data=authority, mode=0o400, origin="gui")],
         env={"DISPLAY": f":{number}", "XAUTHORITY": AUTHORITY},
@@ -342,7 +378,7 @@ def _xpra(value: Gui, name: str, environ: dict[str, str], uid: int, gid: int,
     client = msgspec.structs.replace(client, start_after=[f"{sockets}/server"],
                                      companions=[spec.Command(argv=client_argv, output="null")])
     return Parts(
-        layer=client,
+        layer=client, helpers=True,
         fs=[spec.Bind(src=sockets, dest=XPRA_SOCKETS, origin="gui"),
             spec.Dir(dest=SOCKETS, mode=0o1777, origin="gui"),
             spec.RoBindData(dest=AUTHORITY, data=authority, mode=0o400, origin="gui")],

@@ -148,8 +148,9 @@ def available() -> dict[str, str]:
 
 
 def load(path: str, environ: dict[str, str] | None = None, uid: int | None = None,
-         gid: int | None = None) -> spec.Sandbox:
-    """The checked spec a profile file means. Raises ProfileError with every problem."""
+         gid: int | None = None, notices: list[str] | None = None) -> spec.Sandbox:
+    """The checked spec a profile file means. Raises ProfileError with every problem; what
+    the host could not give and what was done instead goes to `notices` (FILE:LINE: ...)."""
     environ = dict(os.environ) if environ is None else environ
     uid = os.getuid() if uid is None else uid
     gid = os.getgid() if gid is None else gid
@@ -170,12 +171,17 @@ def load(path: str, environ: dict[str, str] | None = None, uid: int | None = Non
                              ("gui", gui.host_problem(gui.of(options.gui), environ))):
             if problem:
                 raise ProfileError([f"{path}:{line_of(text, '$.' + key)}: {key}: {problem}"])
+        said: list[tuple[str, str]] = []
         try:
-            sandbox = expand(options, options.name or _default_name(path), environ, uid, gid)
+            sandbox = expand(options, options.name or _default_name(path), environ, uid, gid,
+                             said)
         except dbus.DBusError as exc:  # (the host's side: a bus, the proxy)
             raise ProfileError([f"{path}:{line_of(text, '$.dbus')}: dbus: {exc}"]) from None
         except gui.DisplayError as exc:  # (the host's display)
             raise ProfileError([f"{path}:{line_of(text, '$.gui')}: gui: {exc}"]) from None
+        if notices is not None:
+            notices += [f"{path}:{line_of(text, '$.' + key)}: {key}: {notice}"
+                        for key, notice in said]
     try:
         spec.check(sandbox, uid, gid)
     except spec.SpecError as exc:
@@ -213,11 +219,11 @@ def _read(path: str) -> str:
 
 
 def spec_for_start(name_or_path: str, environ: dict[str, str], name: str | None = None,
-                   tty: bool = False) -> str:
+                   tty: bool = False, notices: list[str] | None = None) -> str:
     """The spec (JSON) `bblctl start` runs: the profile found and expanded with the caller's
     environment, renamed to `name`, its main command on a terminal made inside the sandbox
-    with `tty`. Raises ProfileError."""
-    sandbox = load(find(name_or_path, environ), environ)
+    with `tty`; its notices added to `notices`. Raises ProfileError."""
+    sandbox = load(find(name_or_path, environ), environ, notices=notices)
     if name is not None:
         if not spec.NAME_PATTERN.match(name):
             raise ProfileError([f"--name {name!r}: use letters, digits, . _ -"])
@@ -352,13 +358,17 @@ def line_of(text: str, where: str) -> int:
 
 
 def expand(options: Profile, name: str, environ: dict[str, str], uid: int,
-           gid: int) -> spec.Sandbox:
+           gid: int, notices: list[tuple[str, str]] | None = None) -> spec.Sandbox:
     """BBL's default nested template, shaped by the user options. Raises dbus.DBusError when
-    the host cannot give the D-Bus the options ask for."""
+    the host cannot give the D-Bus the options ask for; (key, notice) to `notices` for what
+    the host lacks and was done without."""
     home = environ.get("HOME") or f"/home/{uid}"
     helpers = paths.runtime_dir(environ)  # (layer1 hides it under a tmpfs for the helpers)
     bus = dbus.parts(dbus.of(options.dbus), options.app_id, environ, uid, helpers)
-    display = gui.parts(gui.of(options.gui), name, environ, uid, gid, helpers, _system_view())
+    display = gui.parts(gui.of(options.gui), name, environ, uid, gid, helpers, _system_view(),
+                        options.app_id)
+    if display.notice and notices is not None:
+        notices.append(("gui", display.notice))
     waits = [*bus.start_after, *display.start_after]  # (the app's layers, for the helpers)
     rlimits = {name: value for name, value in options.limits.items() if name != "pids"}
     layer4 = spec.Layer(name="layer4", namespaces=["user", "pid", "mount"], uid=uid, gid=gid,
@@ -385,7 +395,8 @@ def expand(options: Profile, name: str, environ: dict[str, str], uid: int,
                         network=net.network(network, options.dns, environ))
     layer2h = spec.Layer(name="layer2h", namespaces=["mount"], layers=[layer3])
     # (the proxy starts as soon as layer2a is built: the app's layers wait for it)
-    helper_commands = [spec.Command(argv=bus.companion, early=True)] if bus.companion else []
+    helper_commands = [spec.Command(argv=argv, early=True) for argv in (bus.companion,
+                                                                         display.companion) if argv]
     layer2a = spec.Layer(name="layer2a", namespaces=["user", "pid", "mount"], uid=uid, gid=gid,
                          companions=[*helper_commands, *(list(c) for c in options.companions)])
     masks = [spec.Mask(path=_home_path(p, home), origin=f"masks.paths[{index}]")
@@ -397,7 +408,7 @@ def expand(options: Profile, name: str, environ: dict[str, str], uid: int,
     # the other instances' control sockets out of sight of every layer
     helper_dir = [spec.Tmpfs(dest=helpers, mode=0o700, origin="helpers"),
                   *(spec.Tmpfs(dest=d, mode=0o700, origin="gui") for d in display.helper_dirs)] \
-        if bus.helpers or display.layer else []
+        if bus.helpers or display.helpers else []
     layer1 = spec.Layer(name="layer1", namespaces=["user", "pid", "mount"], uid=0, gid=0,
                         fs=helper_dir, layers=[layer2])
     return spec.Sandbox(name=name, main="layer4", layer=layer1,
@@ -448,7 +459,7 @@ def _layer3_fs(options: Profile, home: str, environ: dict[str, str], uid: int,
         fs.append(spec.RoBindData(dest="/etc/resolv.conf", content=resolv, mode=0o444))
     fs += _desktop(options, environ, uid)
     fs += bus.fs
-    if display.layer and not bus.helpers:  # (the helpers' directory, as D-Bus shows it)
+    if display.helpers and not bus.helpers:  # (the helpers' directory, as D-Bus shows it)
         fs.append(spec.RoBind(src=paths.runtime_dir(environ), dest=dbus.HELPERS, origin="gui"))
     fs += display.fs
     return fs
@@ -508,12 +519,9 @@ def _masks(options: Profile) -> list:
 
 def _desktop(options: Profile, environ: dict[str, str], uid: int) -> list:
     """host-x11: the display's socket and a copy of the user's cookie for it;
-    host-x11-untrusted: the socket and a cookie the display made untrusted; wayland: the
-    compositor's socket alone, as $XDG_RUNTIME_DIR/wayland-0 (bbld.gui)."""
+    host-x11-untrusted: the socket and a cookie the display made untrusted (the other modes:
+    bbld.gui.parts)."""
     mode = gui.of(options.gui).mode
-    if mode == "wayland":
-        return [spec.RoBind(src=gui.wayland_socket(environ), dest=f"/run/user/{uid}/wayland-0",
-                          origin="gui")]
     number = gui.host_display(environ)
     if mode not in ("host-x11", "host-x11-untrusted") or number is None:
         return []

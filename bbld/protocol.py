@@ -111,7 +111,10 @@ method Quit() -> ()
 # starts nothing: its main command's arguments (and args) go to that
 # instance as SendArgs would send them; the first reply is then "forwarded"
 # (id and pid), the last "exited" with the forwarding command's status.
-# The "started" reply says die_with_parent when the spec (or command line)
+# The "started" reply carries the profile's notices, one line each, when it
+# has any (what the host could not give and what was done instead, e.g. a
+# Wayland compositor without security contexts); the caller should print
+# them. The "started" reply says die_with_parent when the spec (or command line)
 # asks for it: the caller should then end when its own parent does (bwrap's
 # --die-with-parent; its end ends the instance).
 # When the main command has tty (a pty from its layer's devpts), the
@@ -145,6 +148,7 @@ method Run(
   layers: ?[]object,
   tty: ?bool,
   die_with_parent: ?bool,
+  notices: ?[]string,
   pid: ?int,
   status: ?int
 )

@@ -430,7 +430,8 @@ def test_the_documented_example_profiles_are_valid(tmp_path, fake_host, monkeypa
 
     from bbld import net
 
-    for program in ("pasta", "Xephyr"):  # (the network examples' NAT, the nested display)
+    # (the network examples' NAT, the nested display, xpra's display)
+    for program in ("pasta", "Xephyr", "xpra", "Xvfb"):
         shutil.copy(os.path.join(fake_host["PATH"], "xdg-dbus-proxy"),
                     os.path.join(fake_host["PATH"], program))
     tun = tmp_path / "tun"

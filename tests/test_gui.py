@@ -550,3 +550,66 @@ def test_a_terminal_app_gets_its_terminal_under_xpra(instances, display, tmp_pat
     assert wait_until(lambda: instances.ctl("exec", instance, "--", "cat", "/tmp/tty")
                       .stdout.startswith("/dev/pts/"))
     assert instances.ctl("stop", instance).returncode == 0
+
+
+# ---------------------------------------------------------------- Wayland security contexts
+
+# a Wayland client in a few lines: the globals its compositor lists it (a round trip)
+GLOBALS = r'''
+import os, socket, struct
+s = socket.socket(socket.AF_UNIX)
+s.connect(os.path.join(os.environ["XDG_RUNTIME_DIR"], os.environ["WAYLAND_DISPLAY"]))
+s.sendall(struct.pack("=III", 1, 12 << 16 | 1, 2) + struct.pack("=III", 1, 12 << 16, 3))
+data, found = b"", []
+while True:
+    data += s.recv(4096)
+    while len(data) >= 8 and len(data) >= struct.unpack_from("=I", data, 4)[0] >> 16:
+        obj, word = struct.unpack_from("=II", data)
+        body, data = data[8:word >> 16], data[word >> 16:]
+        if obj == 3:
+            print(" ".join(found))
+            raise SystemExit
+        n = struct.unpack_from("=I", body, 4)[0]
+        found.append(body[8:8 + n - 1].decode())
+'''
+
+
+@pytest.mark.parametrize("offers", [True, False])
+def test_wayland_gives_a_socket_the_compositor_knows_as_the_sandboxs(
+        instances, tmp_path, offers):
+    """Where the compositor offers wp_security_context_manager_v1, the app's wayland-0 is a
+    socket of the instance's own that the compositor tags (engine, app id, instance id) and
+    stops serving when the instance ends; elsewhere the compositor's socket, with a notice."""
+    from tests.fake_compositor import FakeCompositor
+
+    directory = tmp_path / "wl"
+    directory.mkdir(mode=0o700)
+    compositor = FakeCompositor(str(directory / "wl-fake"), offers_contexts=offers)
+    try:
+        path = write(tmp_path, f'command = ["python3", "-c", {json.dumps(GLOBALS)}]\n'
+                     'gui = "wayland"\napp_id = "org.example.App"\n', "app.toml")
+        instances.env.update({"WAYLAND_DISPLAY": str(directory / "wl-fake")})
+        result = instances.ctl("start", path)
+        assert result.returncode == 0, result.stderr
+        if offers:
+            assert result.stdout.split() == ["wl_compositor"]  # (no nested contexts)
+            assert result.stderr == ""
+            [context] = compositor.contexts
+            assert context["committed"] and context["engine"] == "io.bbl"
+            assert context["app_id"] == "org.example.App"
+            ended = json.loads(instances.ctl("ps", "--all", "--json").stdout)
+            assert context["instance_id"] == ended[-1]["id"]
+            # (the app's, and the start's own check that the socket accepts)
+            assert compositor.clients["sandboxed"] == 2
+            assert compositor.closed.wait(TIMEOUT)  # the instance ended: no more clients
+        else:
+            assert result.stdout.split() == ["wl_compositor"]
+            assert result.stderr == (
+                f"bblctl: notice: {path}:2: gui: the compositor offers no security context "
+                "(wp_security_context_manager_v1): the app gets its own socket, with every "
+                "client's rights\n")
+            assert compositor.contexts == [] and compositor.clients["sandboxed"] == 0
+        assert sorted(os.listdir(os.path.join(instances.env["XDG_RUNTIME_DIR"], "bbl"))) == [
+            "bbld.sock", "instances"]  # (the socket went with the instance)
+    finally:
+        compositor.close()

@@ -148,15 +148,17 @@ class Daemon:
         """Replies as they happen: started (more follow), then exited (the last); or, for a
         single instance that runs already, forwarded, then exited."""
         call.cancel_when_gone = False  # (until the instance is known: it must not be lost)
-        spec_text, name = await self._resolve(p, call.fds)
+        spec_text, name, notices = await self._resolve(p, call.fds)
         single = _single_instance_name(spec_text) if spec_text else None
         running = await self.registry.running_single(single) if single else None
         if running is not None and await self._forward(running, spec_text, p.args, call):
             return
-        await self._start(p, spec_text, name, single, call)
+        await self._start(p, spec_text, name, single, call, notices)
 
-    async def _resolve(self, p: RunParams, fds: list[int]) -> tuple[str | None, str | None]:
-        """The spec to start (JSON; None for a bubblewrap command line) and the name."""
+    async def _resolve(self, p: RunParams, fds: list[int]) \
+            -> tuple[str | None, str | None, list[str]]:
+        """The spec to start (JSON; None for a bubblewrap command line), the name, and the
+        profile's notices."""
         numbers = p.fd_numbers or []
         if len(fds) != 4 + len(numbers) or len(numbers) > MAX_EXTRA_FDS \
                 or not all(3 <= n < 1000 for n in numbers):
@@ -166,10 +168,11 @@ class Daemon:
             raise VarlinkError(f"{SERVICE}.InvalidParameter",
                                parameter=given[-1] if given else "spec")
         if p.profile is None:
-            return p.spec, p.name
+            return p.spec, p.name, []
+        notices: list[str] = []
         expanded = await trio.to_thread.run_sync(_expand_profile, p.profile, p.env, p.name,
-                                                 bool(p.tty))
-        return expanded, None  # (the name went into the profile's spec)
+                                                 bool(p.tty), notices)
+        return expanded, None, notices  # (the name went into the profile's spec)
 
     async def _forward(self, record: InstanceRecord, spec_text: str, args: list[str],
                        call) -> bool:
@@ -196,7 +199,7 @@ class Daemon:
         return True
 
     async def _start(self, p: RunParams, spec_text: str | None, name: str | None,
-                     single: str | None, call) -> None:
+                     single: str | None, call, notices: list[str]) -> None:
         record = InstanceRecord(id=secrets.token_hex(8), state="starting", started=time.time())
         record.name, record.single_instance = single, bool(single)
         self.registry.add(record)
@@ -210,7 +213,7 @@ class Daemon:
             self.registry.drop(record)
             raise
         with events:
-            if not await self._until_started(record, events, call):
+            if not await self._until_started(record, events, call, notices):
                 return
             die = bool(p.die_with_client) or record.die_with_parent
             if call.gone.is_set():  # it left before the start was known (the command ran)
@@ -233,7 +236,8 @@ class Daemon:
         except VarlinkError:
             record.kill()
 
-    async def _until_started(self, record: InstanceRecord, events, call) -> bool:
+    async def _until_started(self, record: InstanceRecord, events, call,
+                             notices: list[str]) -> bool:
         """Until the monitor says started (True: the registry follows the instance from
         here), or that nothing will start (False: a command line that starts nothing said
         so and ended; or an error). The record lives only if it started."""
@@ -252,7 +256,8 @@ class Daemon:
                     tty = self._started(record, event, fds)
                     await call.reply({"event": "started", "id": record.id,
                                       "layers": event.layers, "tty": tty is not None,
-                                      "die_with_parent": event.die_with_parent},
+                                      "die_with_parent": event.die_with_parent,
+                                      **({"notices": notices} if notices else {})},
                                      continues=True, fds=[tty] if tty is not None else [])
                     return True
                 channel.close_all(fds)
@@ -416,14 +421,16 @@ async def _cancel_soon(scope: trio.CancelScope) -> None:
     scope.cancel()
 
 
-def _expand_profile(name_or_path: str, env: dict, name: str | None, tty: bool) -> str:
-    """A profile's spec for Run (in a worker thread: it reads the user's files)."""
+def _expand_profile(name_or_path: str, env: dict, name: str | None, tty: bool,
+                    notices: list[str]) -> str:
+    """A profile's spec for Run (in a worker thread: it reads the user's files); its notices
+    added to `notices`."""
     try:
         if ("/" in name_or_path or name_or_path.endswith(".toml")) \
                 and not os.path.isabs(name_or_path):  # ours is not the caller's directory
             raise profile.ProfileError([f"{name_or_path}: give the profile file's absolute "
                                         "path"])
-        return profile.spec_for_start(name_or_path, env, name, tty)
+        return profile.spec_for_start(name_or_path, env, name, tty, notices)
     except profile.ProfileError as exc:
         raise VarlinkError("io.bbl.Manager.StartFailed", message="\n".join(exc.problems),
                            exit_code=2) from None

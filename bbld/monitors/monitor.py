@@ -56,8 +56,11 @@ def run(data: bytes, fds: list[int], directory: str) -> int:
         plan = prepare(sandbox(request, front), request.args)
         started = time.time()
         # The caller's environment goes to layer 1 as data; os.environ stays bbld's (making
-        # it the caller's, one putenv per variable, is slow).
-        instance = Instance(plan, request.env, manager=True)
+        # it the caller's, one putenv per variable, is slow). A spec's layers also learn the
+        # instance's id (helpers that name it, e.g. bbld.wayland); a bubblewrap command line's
+        # environment stays exactly the caller's.
+        env = request.env if front else {**request.env, "BBL_INSTANCE_ID": request.id}
+        instance = Instance(plan, env, manager=True)
         instance.start()
     except bwrap.Done as done:  # --help, --version, or a bad command line: already said
         _send(report, Event(event="exited", status=done.status))

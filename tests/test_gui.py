@@ -24,6 +24,7 @@ real_display = pytest.mark.skipif(
     reason="needs Xvfb, Xephyr, xauth, x11-utils, x11-xserver-utils, xdotool and imagemagick "
            "(.ci/run installs them)")
 RED, BLUE = "#FF0000", "#0000FF"
+HOST_BACKGROUND = "#50647D"  # (the host's screen, told apart from a nested one's black)
 
 
 def write(tmp_path, text: str, name: str = "p.toml") -> str:
@@ -106,6 +107,7 @@ class Display:
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         self.env = {"DISPLAY": f":{self.number}", "XAUTHORITY": self.authority}
         assert wait_until(lambda: self.run("xdpyinfo").returncode == 0), "Xvfb did not start"
+        self.run("xsetroot", "-solid", HOST_BACKGROUND)  # (kept: -noreset)
 
     def run(self, *argv, **kw) -> subprocess.CompletedProcess:
         return subprocess.run(argv, env={**os.environ, **self.env}, capture_output=True,
@@ -128,6 +130,13 @@ class Display:
     def close(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(timeout=TIMEOUT)
+
+    def keep_screenshot(self, mode: str) -> None:
+        """The host's whole screen as docs/screenshots/gui-MODE.png shows it: written when
+        BBL_SCREENSHOTS names a directory (the docs' pictures are taken by the tests)."""
+        directory = os.environ.get("BBL_SCREENSHOTS")
+        if directory:
+            self.run("import", "-window", "root", os.path.join(directory, f"gui-{mode}.png"))
 
 
 def _free_display() -> int:
@@ -170,6 +179,8 @@ def start(instances, display, tmp_path, options: str, command: list[str]) -> str
     return instances.ids[-1]
 
 
+# a window of the app's own, filled red: ImageMagick's display
+WINDOW = ["display", "-title", "hello", "-geometry", "+40+40", "-size", "200x120", "xc:red"]
 # (Xephyr loses what is drawn before its window is shown on the host: draw until the test
 # has seen it)
 DRAW = "while :; do xsetroot -solid {color}; sleep 0.2; done"
@@ -186,8 +197,8 @@ def test_xephyr_shows_the_app_in_one_window_and_nothing_of_the_host(
                               env={**os.environ, **display.env})
     host_sockets = set(os.listdir("/tmp/.X11-unix"))
     try:
-        instance = start(instances, display, tmp_path, '[gui]\nsize = "400x300"\n',
-                         ["sh", "-c", DRAW.format(color="red")])
+        # (a window that stays: the nested server resets when its last client leaves)
+        instance = start(instances, display, tmp_path, '[gui]\nsize = "400x300"\n', WINDOW)
         title = "[bbl:app] app"
         assert wait_until(lambda: display.run("xdotool", "search", "--name",
                                               re.escape(title)).stdout.strip())
@@ -195,6 +206,7 @@ def test_xephyr_shows_the_app_in_one_window_and_nothing_of_the_host(
         inside = (where["X"] + where["WIDTH"] // 2, where["Y"] + where["HEIGHT"] // 2)
         assert wait_until(lambda: display.pixel(*inside) == RED)  # what the app drew
         assert display.pixel(1023, 767) != RED  # and nowhere else
+        display.keep_screenshot("xephyr")
         probes = instances.ctl("exec", instance, "--", "sh", "-c",
                                INSIDE.format(host=display.number))
         lines = probes.stdout.split("\n")
@@ -282,7 +294,11 @@ UNTRUSTED = ("xdpyinfo >/dev/null 2>&1 && echo connects;"
 ])
 def test_an_untrusted_cookie_lets_the_app_draw_but_not_read_or_drive_the_host(
         instances, display, tmp_path, mode, seen):
-    instance = start(instances, display, tmp_path, f'gui = "{mode}"\n', ["sleep", "600"])
+    instance = start(instances, display, tmp_path, f'gui = "{mode}"\n', WINDOW)
+    assert wait_until(lambda: display.run("xdotool", "search", "--name", "^hello$").stdout)
+    _, where = display.window("hello")
+    assert wait_until(lambda: display.pixel(where["X"] + 20, where["Y"] + 20) == RED)
+    display.keep_screenshot(mode)
     probes = instances.ctl("exec", instance, "--", "sh", "-c", UNTRUSTED)
     assert probes.stdout.split() == seen, probes
     assert instances.ctl("stop", instance).returncode == 0
@@ -339,6 +355,13 @@ class Compositor:
         return int(subprocess.run(["convert", str(shots[0]), "-format", "%k", "info:"],
                                   capture_output=True, text=True, timeout=TIMEOUT).stdout)
 
+    def keep_screenshot(self) -> None:
+        """The last screenshot as docs/screenshots/gui-wayland.png (with BBL_SCREENSHOTS)."""
+        directory = os.environ.get("BBL_SCREENSHOTS")
+        if directory:
+            shot = next(self.directory.glob("wayland-screenshot*.png"))
+            shutil.copy(shot, os.path.join(directory, "gui-wayland.png"))
+
     def close(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
         self.proc.wait(timeout=TIMEOUT)
@@ -355,6 +378,7 @@ def test_wayland_gives_the_app_the_compositors_socket_alone(instances, tmp_path)
         assert started.returncode == 0, started.stderr
         instance = started.stdout.strip()
         assert wait_until(lambda: compositor.colors() > 100)  # the client's pixels
+        compositor.keep_screenshot()
         probes = instances.ctl("exec", instance, "--", "sh", "-c",
                                'ls -A "$XDG_RUNTIME_DIR"; echo "$WAYLAND_DISPLAY ${DISPLAY:-no-X}";'
                                " ls /tmp/.X11-unix 2>/dev/null | wc -l")
@@ -379,8 +403,6 @@ XPRA_PROGRAMS = ("xpra", "xclip")
 real_xpra = pytest.mark.skipif(
     not all(shutil.which(p) for p in X_PROGRAMS + XPRA_PROGRAMS),
     reason="needs xpra and xclip besides the X programs (.ci/run installs them)")
-# a window of the app's own, filled red: ImageMagick's display
-WINDOW = ["display", "-title", "hello", "-geometry", "+40+40", "-size", "200x120", "xc:red"]
 
 
 def user_processes() -> dict[int, list[str]]:
@@ -447,6 +469,7 @@ def test_xpra_shows_each_window_on_the_host_and_nothing_of_the_host(
         assert (where["WIDTH"], where["HEIGHT"]) == (200, 120)  # the app's window alone
         assert wait_until(lambda: display.pixel(where["X"] + 20, where["Y"] + 20) == RED)
         assert display.pixel(1023, 767) != RED  # and nowhere else
+        display.keep_screenshot("xpra")
         probes = instances.ctl("exec", instance, "--", "sh", "-c",
                                INSIDE.format(host=display.number))
         lines = probes.stdout.split("\n")

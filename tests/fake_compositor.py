@@ -134,6 +134,10 @@ class FakeCompositor:
                 yield tuple(context["fds"])
 
 
+# (the wire's encoding written again, not taken from bbld.wayland: a mistake there must not
+# be made on both ends of the test)
+
+
 def _send(conn, obj: int, opcode: int, payload: bytes) -> None:
     conn.sendall(struct.pack("=II", obj, (8 + len(payload)) << 16 | opcode) + payload)
 

@@ -119,6 +119,12 @@ class Display:
         found = re.search(r"#[0-9A-F]{6}", out)
         return found.group(0) if found else out
 
+    def wait_window(self, name: str, timeout: float = 30) -> tuple[int, dict]:
+        """The host window whose title contains `name`, once it is there."""
+        assert wait_until(lambda: self.run("xdotool", "search", "--name",
+                                           re.escape(name)).stdout.strip(), timeout), name
+        return self.window(name)
+
     def window(self, name: str) -> tuple[int, dict]:
         """The host window whose title contains `name`: its id and geometry."""
         found = self.run("xdotool", "search", "--name", re.escape(name)).stdout.split()
@@ -154,6 +160,26 @@ def display(tmp_path):
         yield made
     finally:
         made.close()
+
+
+@pytest.fixture
+def host_secret(display):
+    """A host window (an xmessage named hostsecret) the app must not find."""
+    secret = subprocess.Popen(["xmessage", "-name", "hostsecret", "host"],
+                              env={**os.environ, **display.env})
+    try:
+        assert wait_until(lambda: "hostsecret" in display.run("xlsclients", "-l").stdout)
+        yield secret
+    finally:
+        secret.kill()
+        secret.wait()
+
+
+def probe_inside(instances, instance, display) -> list[str]:
+    """From inside: DISPLAY, the X sockets, the display's size, then what must fail: the
+    host's display, a connection without the cookie, a host window among the clients."""
+    return instances.ctl("exec", instance, "--", "sh", "-c",
+                         INSIDE.format(host=display.number)).stdout.split("\n")
 
 
 def xephyr_processes() -> list[int]:
@@ -192,44 +218,38 @@ INSIDE = ("echo display=$DISPLAY; ls -A /tmp/.X11-unix; xdpyinfo | grep dimensio
 
 @real_display
 def test_xephyr_shows_the_app_in_one_window_and_nothing_of_the_host(
-        instances, display, tmp_path):
-    secret = subprocess.Popen(["xmessage", "-name", "hostsecret", "host"],
-                              env={**os.environ, **display.env})
+        instances, display, host_secret, tmp_path):
     host_sockets = set(os.listdir("/tmp/.X11-unix"))
-    try:
-        # (a window that stays: the nested server resets when its last client leaves)
-        instance = start(instances, display, tmp_path, '[gui]\nsize = "400x300"\n', WINDOW)
-        title = "[bbl:app] app"
-        assert wait_until(lambda: display.run("xdotool", "search", "--name",
-                                              re.escape(title)).stdout.strip())
-        window, where = display.window(title)
-        inside = (where["X"] + where["WIDTH"] // 2, where["Y"] + where["HEIGHT"] // 2)
-        assert wait_until(lambda: display.pixel(*inside) == RED)  # what the app drew
-        assert display.pixel(1023, 767) != RED  # and nowhere else
-        display.keep_screenshot("xephyr")
-        probes = instances.ctl("exec", instance, "--", "sh", "-c",
-                               INSIDE.format(host=display.number))
-        lines = probes.stdout.split("\n")
-        assert lines[0] == "display=:1" and lines[1] == "X1", probes
-        assert "400x300 pixels" in lines[2]
-        assert lines[3:] == ["0", ""]  # no host display, no way without the cookie, no host
-        # window among the clients
-        xephyr = xephyr_processes()
-        assert len(xephyr) == 1
-        argv = open(f"/proc/{xephyr[0]}/cmdline").read().split("\0")
-        assert "-auth" in argv and "-ac" not in argv and "tcp" in argv  # (-nolisten tcp)
-        # the nested display follows its window's size
-        display.run("xdotool", "windowsize", str(window), "500", "350")
-        assert wait_until(lambda: "500x350 pixels" in instances.ctl(
-            "exec", instance, "--", "sh", "-c", "xdpyinfo | grep dimensions").stdout)
-        assert instances.ctl("stop", instance).returncode == 0
-        assert wait_gone(xephyr) == []
-        assert sorted(os.listdir(os.path.join(instances.env["XDG_RUNTIME_DIR"], "bbl"))) == [
-            "bbld.sock", "instances"]  # (no socket, no cookie left)
-        assert set(os.listdir("/tmp/.X11-unix")) == host_sockets  # (none on the host, ever)
-    finally:
-        secret.kill()
-        secret.wait()
+    # (a window that stays: the nested server resets when its last client leaves)
+    instance = start(instances, display, tmp_path, '[gui]\nsize = "400x300"\n', WINDOW)
+    window, where = display.wait_window("[bbl:app] app")
+    inside = (where["X"] + where["WIDTH"] // 2, where["Y"] + where["HEIGHT"] // 2)
+    assert wait_until(lambda: display.pixel(*inside) == RED)  # what the app drew
+    assert display.pixel(1023, 767) != RED  # and nowhere else
+    display.keep_screenshot("xephyr")
+    lines = probe_inside(instances, instance, display)
+    assert lines[0] == "display=:1" and lines[1] == "X1", lines
+    assert "400x300 pixels" in lines[2]
+    assert lines[3:] == ["0", ""]  # no host display, no way without the cookie, no host
+    # window among the clients
+    xephyr = xephyr_processes()
+    assert len(xephyr) == 1
+    argv = open(f"/proc/{xephyr[0]}/cmdline").read().split("\0")
+    assert "-auth" in argv and "-ac" not in argv and "tcp" in argv  # (-nolisten tcp)
+    # the nested display follows its window's size
+    display.run("xdotool", "windowsize", str(window), "500", "350")
+    assert wait_until(lambda: "500x350 pixels" in instances.ctl(
+        "exec", instance, "--", "sh", "-c", "xdpyinfo | grep dimensions").stdout)
+    assert instances.ctl("stop", instance).returncode == 0
+    assert wait_gone(xephyr) == []
+    assert_nothing_left(instances, host_sockets)
+
+
+def assert_nothing_left(instances, host_sockets: set[str]) -> None:
+    """No socket or cookie in BBL's runtime directory, none on the host's /tmp/.X11-unix."""
+    assert sorted(os.listdir(os.path.join(instances.env["XDG_RUNTIME_DIR"], "bbl"))) == [
+        "bbld.sock", "instances"]
+    assert set(os.listdir("/tmp/.X11-unix")) == host_sockets
 
 
 @real_display
@@ -252,20 +272,14 @@ def test_no_nested_display_outlives_its_instance(instances, display, tmp_path, m
 
 
 @real_display
-def test_host_x11_the_control_reaches_the_hosts_windows(instances, display, tmp_path):
-    secret = subprocess.Popen(["xmessage", "-name", "hostsecret", "host"],
-                              env={**os.environ, **display.env})
-    try:
-        assert wait_until(lambda: "hostsecret" in display.run("xlsclients", "-l").stdout)
-        instance = start(instances, display, tmp_path, 'gui = "host-x11"\n', ["sleep", "600"])
-        probes = instances.ctl("exec", instance, "--", "sh", "-c", "xlsclients -l | grep -c "
-                               "hostsecret; xdpyinfo | grep -c dimensions")
-        found, dimensions = probes.stdout.split()
-        assert int(found) >= 1 and dimensions == "1", probes  # the probes do see a leak
-        assert instances.ctl("stop", instance).returncode == 0
-    finally:
-        secret.kill()
-        secret.wait()
+def test_host_x11_the_control_reaches_the_hosts_windows(
+        instances, display, host_secret, tmp_path):
+    instance = start(instances, display, tmp_path, 'gui = "host-x11"\n', ["sleep", "600"])
+    probes = instances.ctl("exec", instance, "--", "sh", "-c", "xlsclients -l | grep -c "
+                           "hostsecret; xdpyinfo | grep -c dimensions")
+    found, dimensions = probes.stdout.split()
+    assert int(found) >= 1 and dimensions == "1", probes  # the probes do see a leak
+    assert instances.ctl("stop", instance).returncode == 0
 
 
 @real_display
@@ -274,9 +288,7 @@ def test_a_session_runs_beside_the_app_on_the_nested_display(instances, display,
                      '[gui]\nsize = "300x200"\nsession = ["sh", "-c", '
                      f'{json.dumps(DRAW.format(color="blue"))}]\n', ["sleep", "600"])
     title = "[bbl:app] app"
-    assert wait_until(lambda: display.run("xdotool", "search", "--name",
-                                          re.escape(title)).stdout.strip())
-    _, where = display.window(title)
+    _, where = display.wait_window(title)
     assert wait_until(lambda: display.pixel(where["X"] + 10, where["Y"] + 10) == BLUE)
     assert instances.ctl("stop", instance).returncode == 0
 
@@ -295,8 +307,7 @@ UNTRUSTED = ("xdpyinfo >/dev/null 2>&1 && echo connects;"
 def test_an_untrusted_cookie_lets_the_app_draw_but_not_read_or_drive_the_host(
         instances, display, tmp_path, mode, seen):
     instance = start(instances, display, tmp_path, f'gui = "{mode}"\n', WINDOW)
-    assert wait_until(lambda: display.run("xdotool", "search", "--name", "^hello$").stdout)
-    _, where = display.window("hello")
+    _, where = display.wait_window("hello")
     assert wait_until(lambda: display.pixel(where["X"] + 20, where["Y"] + 20) == RED)
     display.keep_screenshot(mode)
     probes = instances.ctl("exec", instance, "--", "sh", "-c", UNTRUSTED)
@@ -456,41 +467,29 @@ def stays_false(condition, seconds: float = 3) -> bool:
 
 @real_xpra
 def test_xpra_shows_each_window_on_the_host_and_nothing_of_the_host(
-        instances, display, tmp_path):
-    secret = subprocess.Popen(["xmessage", "-name", "hostsecret", "host"],
-                              env={**os.environ, **display.env})
+        instances, display, host_secret, tmp_path):
     host_sockets = set(os.listdir("/tmp/.X11-unix"))
-    try:
-        instance = start(instances, display, tmp_path, 'gui = "xpra"\n', WINDOW)
-        title = "[bbl:app] hello"  # (the instance's name, then the app's own title)
-        assert wait_until(lambda: display.run("xdotool", "search", "--name",
-                                              re.escape(title)).stdout.strip(), 30)
-        _, where = display.window(title)
-        assert (where["WIDTH"], where["HEIGHT"]) == (200, 120)  # the app's window alone
-        assert wait_until(lambda: display.pixel(where["X"] + 20, where["Y"] + 20) == RED)
-        assert display.pixel(1023, 767) != RED  # and nowhere else
-        display.keep_screenshot("xpra")
-        probes = instances.ctl("exec", instance, "--", "sh", "-c",
-                               INSIDE.format(host=display.number))
-        lines = probes.stdout.split("\n")
-        assert lines[0] == "display=:1" and lines[1] == "X1", probes
-        assert "1024x768 pixels" in lines[2]  # (the server's display follows the host's)
-        assert lines[3:] == ["0", ""]  # no host display, no way without the cookie, no host
-        # window among the clients
-        # the server starts nothing but the app: no X session, D-Bus, at-spi or ssh-agent
-        assert instance_programs(instances, instance) == [
-            "Xvfb-for-Xpra-:1", "display", "xpra", "xpra"]
-        server = next(user_processes()[pid] for pid in xpra_processes()
-                      if "Xvfb" in user_processes()[pid][0])
-        assert "-auth" in server and "-ac" not in server
-        assert instances.ctl("stop", instance).returncode == 0
-        assert wait_until(lambda: xpra_processes() == [])
-        assert sorted(os.listdir(os.path.join(instances.env["XDG_RUNTIME_DIR"], "bbl"))) == [
-            "bbld.sock", "instances"]  # (no socket, no cookie left)
-        assert set(os.listdir("/tmp/.X11-unix")) == host_sockets  # (none on the host, ever)
-    finally:
-        secret.kill()
-        secret.wait()
+    instance = start(instances, display, tmp_path, 'gui = "xpra"\n', WINDOW)
+    # (the instance's name, then the app's own title)
+    _, where = display.wait_window("[bbl:app] hello")
+    assert (where["WIDTH"], where["HEIGHT"]) == (200, 120)  # the app's window alone
+    assert wait_until(lambda: display.pixel(where["X"] + 20, where["Y"] + 20) == RED)
+    assert display.pixel(1023, 767) != RED  # and nowhere else
+    display.keep_screenshot("xpra")
+    lines = probe_inside(instances, instance, display)
+    assert lines[0] == "display=:1" and lines[1] == "X1", lines
+    assert "1024x768 pixels" in lines[2]  # (the server's display follows the host's)
+    assert lines[3:] == ["0", ""]  # no host display, no way without the cookie, no host
+    # window among the clients
+    # the server starts nothing but the app: no X session, D-Bus, at-spi or ssh-agent
+    assert instance_programs(instances, instance) == [
+        "Xvfb-for-Xpra-:1", "display", "xpra", "xpra"]
+    server = next(user_processes()[pid] for pid in xpra_processes()
+                  if "Xvfb" in user_processes()[pid][0])
+    assert "-auth" in server and "-ac" not in server
+    assert instances.ctl("stop", instance).returncode == 0
+    assert wait_until(lambda: xpra_processes() == [])
+    assert_nothing_left(instances, host_sockets)
 
 
 def clipboard(instances, instance) -> str:
@@ -512,8 +511,7 @@ def test_xpra_carries_the_clipboard_only_the_way_the_policy_says(
     try:
         instance = start(instances, display, tmp_path,
                          f'[gui]\nmode = "xpra"\nclipboard = "{policy}"\n', WINDOW)
-        assert wait_until(lambda: display.run("xdotool", "search", "--name",
-                                              re.escape("[bbl:app] hello")).stdout.strip(), 30)
+        display.wait_window("[bbl:app] hello")
         if inward:
             assert wait_until(lambda: clipboard(instances, instance) == "from-host")
         else:
@@ -554,8 +552,7 @@ def test_the_trusted_client_keeps_the_policy_against_a_server_that_does_not(
     server["argv"] = [a for a in server["argv"] if not a.startswith("--clipboard")] + [
         "--clipboard=yes", "--clipboard-direction=both"]
     instance = instances.start(tree, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    assert wait_until(lambda: display.run("xdotool", "search", "--name",
-                                          re.escape("[bbl:app] hello")).stdout.strip(), 30)
+    display.wait_window("[bbl:app] hello")
     assert instances.ctl("exec", instance, "--", "sh", "-c", "printf from-sandbox | xclip "
                          "-selection clipboard -i >/dev/null 2>&1").returncode == 0
     assert stays_false(lambda: display.run("xclip", "-o", "-selection", "clipboard").stdout
@@ -568,8 +565,7 @@ def test_a_terminal_app_gets_its_terminal_under_xpra(instances, display, tmp_pat
     devpts gives it the user's group, and it starts."""
     instance = start(instances, display, tmp_path, 'gui = "xpra"\n', [
         "xterm", "-T", "term", "-e", "sh", "-c", "tty > /tmp/tty; exec sleep 600"])
-    assert wait_until(lambda: display.run("xdotool", "search", "--name",
-                                          re.escape("[bbl:app] term")).stdout.strip(), 30)
+    display.wait_window("[bbl:app] term")
     assert wait_until(lambda: instances.ctl("exec", instance, "--", "cat", "/tmp/tty")
                       .stdout.startswith("/dev/pts/"))
     assert instances.ctl("stop", instance).returncode == 0

@@ -8,10 +8,11 @@ cannot give one key both a string and a table); docs/profiles.md, "Graphical app
 - `xpra`: a display of the app's own on the untrusted side (an xpra server and its Xvfb,
   beside the app), its windows shown one by one on the host's display by an xpra client in
   a trusted helper layer, through a unix socket the two layers share;
-- `wayland`: the compositor's socket alone.
+- `wayland`: one Wayland socket: the instance's own, registered as the sandbox's where the
+  compositor offers security contexts (bbld.wayland), else the compositor's.
 
-Pure data but for what the host has and makes (`host_problem`, `untrusted_cookie`). No
-trio, no engine.
+Pure data but for what the host has and makes (`host_problem`, `untrusted_cookie`,
+`host_cookie`, and whether the compositor offers security contexts). No trio, no engine.
 """
 
 from __future__ import annotations

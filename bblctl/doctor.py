@@ -136,14 +136,27 @@ def _kernel_facilities():
             found.append((OK, device, f"usable, for {use}"))
         else:
             found.append((WARN, device, f"not usable by you, {use} needs it: {fix}"))
-    cgroup = os.environ.get("BBL_CGROUP")
-    controllers = _read(os.path.join(cgroup, "cgroup.controllers")) if cgroup else None
-    if cgroup and controllers is not None:
-        found.append((OK, "delegated cgroup", f"{cgroup}: {controllers or 'no controllers'}"))
-    else:
-        found.append((INFO, "delegated cgroup", "BBL_CGROUP is not set (or not readable): "
-                      "pids limits are refused; see docs/security.md, Resource limits"))
     return found
+
+
+def _cgroup():
+    """The daemon's delegated cgroup (BBL_CGROUP, or its own under systemd) and which of the
+    controllers limits need it has."""
+    conn = running_daemon()
+    if conn is None:
+        return []  # (_daemon said why)
+    with conn:
+        facts = conn.call("io.bbl.Manager.Status")
+    if not facts.get("cgroup"):
+        return [(INFO, "delegated cgroup", "none: profiles' limits.pids/memory/cpu/io_weight "
+                 "are refused; run bbld as the systemd user service (`bblctl setup`), or set "
+                 "BBL_CGROUP (docs/security.md, \"Resource limits\")")]
+    have = facts.get("controllers") or []
+    lacking = [c for c in ("pids", "memory", "cpu", "io") if c not in have]
+    return [(OK if not lacking else WARN, "delegated cgroup", f"{facts['cgroup']}: "
+             f"{' '.join(have) or 'no controllers'}" + (
+                 f"; without {', '.join(lacking)}, the limits that need "
+                 f"{'them' if len(lacking) > 1 else 'it'} are refused" if lacking else ""))]
 
 
 def _session():
@@ -197,4 +210,4 @@ def _read(path: str) -> str | None:
         return None
 
 
-PROBES = (_user_namespaces, _daemon, _units, _kernel_facilities, _session)
+PROBES = (_user_namespaces, _daemon, _units, _kernel_facilities, _cgroup, _session)

@@ -31,7 +31,7 @@ from typing import Literal
 import msgspec
 from msgspec import Struct, field
 
-from bbld import dbus, gui, net, paths, spec
+from bbld import dbus, gui, limits, net, paths, spec
 
 BUILTIN = os.path.join(os.path.dirname(__file__), "profiles")
 # Commands that would open a URL or file outside the sandbox (or a second, unsandboxed
@@ -91,9 +91,9 @@ class Profile(Struct, forbid_unknown_fields=True, kw_only=True):
     # through user-mode NAT, with forwards, shaping and egress rules (bbld.net)
     net: net.Mode | net.Net = "none"
     dns: list[str] = []
-    # rlimits of the app and its untrusted helpers ("nproc"), and "pids": a cgroup pids limit
-    # of the whole untrusted zone (needs BBL_CGROUP)
-    limits: dict[str, int] = {}
+    # rlimits of the app and its untrusted helpers ("nproc"), and the untrusted zone's cgroup
+    # limits: pids, memory, memory_high, swap, cpu, io_weight; required (bbld.limits)
+    limits: dict[str, int | float | str | bool] = {}
     companions: list[list[str]] = []  # trusted helpers, in layer2a
     untrusted_companions: list[list[str]] = []  # in layer4a, beside the app
 
@@ -172,6 +172,12 @@ def load(path: str, environ: dict[str, str] | None = None, uid: int | None = Non
             if problem:
                 raise ProfileError([f"{path}:{line_of(text, '$.' + key)}: {key}: {problem}"])
         said: list[tuple[str, str]] = []
+        lacking, problem = limits.missing(options.limits)  # (bbld's cgroup: its environment)
+        if lacking and options.limits.get("required", True):
+            raise ProfileError([f"{path}:{line_of(text, '$.limits')}: limits: {problem}"])
+        if lacking:  # (required = false)
+            said.append(("limits", f"{problem}; running without them"))
+            options.limits = {k: v for k, v in options.limits.items() if k not in lacking}
         try:
             sandbox = expand(options, options.name or _default_name(path), environ, uid, gid,
                              said)
@@ -270,11 +276,8 @@ def _check_options(options: Profile, path: str, text: str) -> None:
         say(where, message)
     for where, message in gui.problems(gui.of(options.gui), net.of(options.net).mode):
         say(where, message)
-    for name, value in options.limits.items():
-        if name != "pids" and name not in spec.RLIMITS:
-            say("$.limits", f"unknown limit {name!r}; known: pids, {', '.join(spec.RLIMITS)}")
-        elif value < (1 if name == "pids" else 0):
-            say(f"$.limits.{name}", f"must be >= {1 if name == 'pids' else 0}")
+    for where, message in limits.problems(options.limits):
+        say(where, message)
     if problems:
         raise ProfileError(problems)
 
@@ -370,7 +373,8 @@ def expand(options: Profile, name: str, environ: dict[str, str], uid: int,
     if display.notice and notices is not None:
         notices.append(("gui", display.notice))
     waits = [*bus.start_after, *display.start_after]  # (the app's layers, for the helpers)
-    rlimits = {name: value for name, value in options.limits.items() if name != "pids"}
+    limited = limits.of(options.limits)
+    rlimits = limited.rlimits
     layer4 = spec.Layer(name="layer4", namespaces=["user", "pid", "mount"], uid=uid, gid=gid,
                         seccomp=spec.Seccomp(policy="default"), rlimits=rlimits,
                         command=spec.Command(argv=list(options.command), new_session=False),
@@ -389,7 +393,7 @@ def expand(options: Profile, name: str, environ: dict[str, str], uid: int,
     layer3 = spec.Layer(name="layer3", namespaces=namespaces, hostname=name[:64],
                         new_root=True, fs=_layer3_fs(options, home, environ, uid, bus, display),
                         env=_layer3_env(options, home, environ, uid, bus, display), cwd=home,
-                        pids_limit=options.limits.get("pids"),
+                        pids_limit=limited.pids, resources=limited.resources,
                         layers=[layer4, layer4a, *([msgspec.structs.replace(
                             display.server, rlimits=rlimits)] if display.server else [])],
                         network=net.network(network, options.dns, environ))

@@ -78,7 +78,9 @@ method Status() -> (
   runtime: string,
   instances: int,
   ended: int,
-  watchers: int
+  watchers: int,
+  cgroup: ?string,
+  controllers: ?[]string
 )
 
 # End the daemon after the reply. The instances run on (their monitors hold

@@ -235,6 +235,16 @@ class Command(Struct, forbid_unknown_fields=True):
     early: bool = False
 
 
+class Resources(Struct, forbid_unknown_fields=True, kw_only=True):
+    """Limits a cgroup of the layer's own sets on the layer and every layer below it
+    (bbld.engine.cgroups; the controller each needs must be delegated)."""
+    memory: int | None = None  # bytes: memory.max (past it, the kernel's OOM killer)
+    memory_high: int | None = None  # bytes: memory.high (past it, reclaim and throttling)
+    swap: int | None = None  # bytes: memory.swap.max (default: memory's, when memory is set)
+    cpu: float | None = None  # CPUs' worth of time: cpu.max (0.5: 50 ms in every 100 ms)
+    io_weight: int | None = None  # 1..10000 (default 100): io.weight
+
+
 class Seccomp(Struct, forbid_unknown_fields=True):
     policy: str | None = None  # a named built-in policy (bbld.engine.seccomp.POLICIES)
     extend: list[str] = []  # groups added to the policy (bbld.engine.seccomp.ALL_GROUPS)
@@ -319,6 +329,7 @@ class Layer(Struct, forbid_unknown_fields=True, kw_only=True):
     start_timeout: float = 30.0
     rlimits: dict[str, int] = {}  # for its commands: "nproc" = 512 sets soft and hard limit
     pids_limit: int | None = None  # processes of the layer and all below it (a cgroup's pids.max)
+    resources: Resources | None = None  # memory, CPU and IO of the layer and all below it
     network: Network | None = None  # with "net" in namespaces: NAT, shaping, egress rules
     lock_files: list[str] = []  # read-locked (fcntl) by the supervisor while the layer lives
     # "deny": nothing in this layer or below creates user namespaces any more;
@@ -623,6 +634,8 @@ def _check_layer(layer: Layer, say, known_policies) -> None:
             say(f"rlimits.{name}", "must be >= 0")
     if layer.pids_limit is not None and layer.pids_limit < 1:
         say("pids_limit", "must be >= 1")
+    if layer.resources is not None:
+        _check_resources(layer.resources, say)
     for index, path in enumerate(layer.lock_files):
         _abs_path(say, f"lock_files[{index}]", path)
     if layer.user_namespaces == "deny":
@@ -699,6 +712,18 @@ def _ip(text: str, prefix: bool) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _check_resources(resources: Resources, say) -> None:
+    for name in ("memory", "memory_high", "swap"):
+        value = getattr(resources, name)
+        if value is not None and value < (0 if name == "swap" else 4096):
+            say(f"resources.{name}", "must be >= 0" if name == "swap" else
+                "must be at least 4096 bytes")
+    if resources.cpu is not None and not 0.01 <= resources.cpu <= 4096:
+        say("resources.cpu", "must be between 0.01 and 4096 CPUs")
+    if resources.io_weight is not None and not 1 <= resources.io_weight <= 10000:
+        say("resources.io_weight", "must be between 1 and 10000")
 
 
 def _abs_path(say, fieldname: str, path: str) -> None:

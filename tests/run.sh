@@ -51,20 +51,29 @@ chmod -R a+rX "$base/venv" "$base/src"
 [ -c /dev/net/tun ] && chmod 0666 /dev/net/tun
 
 # A cgroup v2 subtree delegated to the account, as systemd's Delegate= gives one, for the
-# pids-limit tests (they skip without): $cgroup, holding no processes, with the account's
-# test run started in its leaf "tests". Only where cgroup v2 has the pids controller.
+# limits tests (they skip without): $cgroup, holding no processes, with the account's test
+# run started in its leaf "tests", and whichever of the pids, cpu, io and memory controllers
+# cgroup v2 has here. Only where it has the pids controller.
 cgroup=
 cgroup2=$(awk '{ i = 7; while ($i != "-") i++ } $(i + 1) == "cgroup2" { print $5; exit }' \
     /proc/self/mountinfo)
-if [ -n "$cgroup2" ] && grep -qw pids "$cgroup2/cgroup.controllers" 2>/dev/null \
-        && { grep -qw pids "$cgroup2/cgroup.subtree_control" \
-             || echo +pids >"$cgroup2/cgroup.subtree_control"; } 2>/dev/null; then
+enable_controllers() {  # enable_controllers DIR: give DIR's children what it has of ours
+    for controller in pids cpu io memory; do
+        grep -qw "$controller" "$1/cgroup.controllers" 2>/dev/null || continue
+        grep -qw "$controller" "$1/cgroup.subtree_control" \
+            || echo "+$controller" >"$1/cgroup.subtree_control" 2>/dev/null || true
+    done
+}
+if [ -n "$cgroup2" ] && grep -qw pids "$cgroup2/cgroup.controllers" 2>/dev/null; then
+    enable_controllers "$cgroup2"
+fi
+if [ -n "$cgroup2" ] && grep -qw pids "$cgroup2/cgroup.subtree_control" 2>/dev/null; then
     cgroup=$cgroup2/bbl-test-$user
     mkdir -p "$cgroup/tests"
     chown "$user:" "$cgroup" "$cgroup"/cgroup.procs "$cgroup"/cgroup.subtree_control \
         "$cgroup"/cgroup.threads
     chown -R "$user:" "$cgroup/tests"
-    grep -qw pids "$cgroup/cgroup.subtree_control" || echo +pids >"$cgroup/cgroup.subtree_control"
+    enable_controllers "$cgroup"
 fi
 in_cgroup() {  # in_cgroup COMMAND...: run it in $cgroup/tests when there is one
     if [ -n "$cgroup" ]; then

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SHARED = ("spec", "bwrap", "profile", "dbus", "gui", "wayland", "net", "paths", "peer", "text",
-          "protocol", "channel", "messages", "__init__")
+SHARED = ("spec", "bwrap", "profile", "dbus", "gui", "wayland", "net", "limits", "cgroupfs",
+          "paths", "peer", "text", "protocol", "channel", "messages", "__init__")
 RULES = {  # package (or module) -> what it may not import
     "bbld/daemon": ("bbld.engine", "bbld.monitors", "bblctl"),
     "bbld/monitors": ("trio", "bbld.daemon", "bblctl"),

@@ -18,7 +18,7 @@ import sys
 
 import trio
 
-from bbld import __version__, channel, paths
+from bbld import __version__, cgroupfs, channel, paths
 from bbld.daemon import server
 
 SD_LISTEN_FDS_START = 3
@@ -52,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 1
     _raise_fd_limit()
+    cgroupfs.claim()  # (before the forker starts: the monitors inherit BBL_CGROUP)
     try:
         trio.run(_run, listener, place)
     finally:

@@ -19,7 +19,7 @@ import time
 import msgspec
 import trio
 
-from bbld import __version__, channel, profile, protocol, spec
+from bbld import __version__, cgroupfs, channel, profile, protocol, spec
 from bbld.daemon.registry import InstanceRecord, call_monitor
 from bbld.messages import MAX_EXTRA_FDS, ControlRequest, StartRequest
 from bbld.protocol import VarlinkError
@@ -133,7 +133,7 @@ class Daemon:
                 "socket": place.socket if place else "",
                 "runtime": place.runtime if place else "",
                 "instances": len(self.registry.live), "ended": len(self.registry.ended),
-                "watchers": len(self.registry.subscribers)}
+                "watchers": len(self.registry.subscribers), **_cgroup()}
 
     async def quit(self, p: NoParams, call) -> dict:
         """End the daemon after this reply; instances run on (their monitors hold them) and
@@ -419,6 +419,12 @@ def _start_failed(event) -> VarlinkError:
 async def _cancel_soon(scope: trio.CancelScope) -> None:
     await trio.sleep(0.05)  # (the reply goes out first)
     scope.cancel()
+
+
+def _cgroup() -> dict:
+    """Where instances' cgroup limits go, and the controllers there (Status)."""
+    base = cgroupfs.base()
+    return {"cgroup": base, "controllers": cgroupfs.controllers(base)} if base else {}
 
 
 def _expand_profile(name_or_path: str, env: dict, name: str | None, tty: bool,

@@ -1,17 +1,20 @@
-"""Per-layer pids limits, in a cgroup v2 subtree delegated to the user.
+"""Per-layer limits (pids, memory, CPU, IO), in a cgroup v2 subtree delegated to the user.
 
-A layer with a `pids_limit` gets a cgroup of its own; the limit counts every process of the
-layer and of the layers below it, which no rlimit can do (RLIMIT_NPROC counts per uid):
+A layer with a `pids_limit` or `resources` gets a cgroup of its own; its limits count every
+process of the layer and of the layers below it, which no rlimit can do (RLIMIT_NPROC counts
+per uid, RLIMIT_AS per process):
 
     $BBL_CGROUP/                     delegated to the user, holding no processes itself
         bbl-<monitor pid>-<n>/       the instance
-            <layer>/                 pids.max = the layer's limit
+            <layer>/                 pids.max, memory.max, cpu.max, ... (`settings`)
                 _self/               the layer's supervisor is cloned straight into it
                                      (CLONE_INTO_CGROUP), with its commands and sub-layers
                 <lower layer>/       a limited layer further down: the same again
 Processes live only in the `_self` leaves, as cgroup v2's no-internal-processes rule wants;
 `_self` cannot clash with a layer name (those begin with a letter or digit). Everything is
-removed when the instance ends. Without BBL_CGROUP a pids limit is a clear start error.
+removed when the instance ends. Without BBL_CGROUP (bbld sets it to its own delegated cgroup
+when systemd gives it one: bbld.cgroupfs), or without a controller a limit needs, the start
+is refused in one line: never silently unlimited.
 """
 
 from __future__ import annotations
@@ -20,11 +23,44 @@ import itertools
 import os
 import select
 
+from bbld import cgroupfs
 from bbld.engine.errors import EXIT_USAGE, StartError
 
-ENV = "BBL_CGROUP"
+ENV = cgroupfs.ENV
 LEAF = "_self"
+PERIOD = 100_000  # µs: cpu.max's period
 _counter = itertools.count()
+
+
+def settings(layer) -> dict[str, str]:
+    """The cgroup files a layer's limits write, and what: `pids_limit` and `resources`."""
+    found = {}
+    if layer.pids_limit is not None:
+        found["pids.max"] = str(layer.pids_limit)
+    r = layer.resources
+    if r is None:
+        return found
+    if r.memory is not None:
+        found["memory.max"] = str(r.memory)
+    if r.memory_high is not None:
+        found["memory.high"] = str(r.memory_high)
+    swap = r.swap if r.swap is not None else r.memory
+    if swap is not None:
+        found["memory.swap.max"] = str(swap)
+    if r.cpu is not None:
+        found["cpu.max"] = f"{max(1000, round(r.cpu * PERIOD))} {PERIOD}"
+    if r.io_weight is not None:
+        found["io.weight"] = f"default {r.io_weight}"
+    return found
+
+
+_WHY = {"io.weight": "io_weight needs the BFQ I/O scheduler on the disk, or io.cost",
+        "memory.swap.max": "swap accounting is off"}
+
+
+def controllers(files) -> list[str]:
+    """The controllers the files belong to, in a stable order."""
+    return sorted({name.split(".")[0] for name in files})
 
 
 class Cgroups:
@@ -33,24 +69,39 @@ class Cgroups:
     def __init__(self, plan):
         self.made: list[str] = []  # directories, parents first
         self.fds: list[int] = []
-        limited = [node for node in plan.layers() if node.layer.pids_limit is not None]
+        limited = [node for node in plan.layers() if settings(node.layer)]
         if not limited:
             return
+        needed = controllers(f for node in limited for f in settings(node.layer))
         base = os.environ.get(ENV, "")
+        first = f"layer '{limited[0].name}': {' and '.join(needed)} limits"
         if not base:
-            raise StartError(f"layer '{limited[0].name}': pids_limit needs a delegated cgroup: "
-                             f"set {ENV} in bbld's environment to a cgroup v2 directory you "
-                             "own with the pids controller (see docs/security.md), or use the "
-                             "nproc rlimit", EXIT_USAGE)
+            raise StartError(f"{first} need a delegated cgroup: run bbld as the systemd user "
+                             f"service (Delegate=yes), or set {ENV} in bbld's environment to "
+                             "a cgroup v2 directory you own (docs/security.md, \"Resource "
+                             "limits\")", EXIT_USAGE)
+        if not os.path.isfile(os.path.join(base, "cgroup.controllers")):
+            raise StartError(f"{ENV}={base}: not a cgroup v2 directory (no cgroup.controllers);"
+                             " it must be a cgroup v2 directory you own, with no processes of "
+                             "its own", EXIT_USAGE)
+        missing = [c for c in needed if c not in cgroupfs.controllers(base)]
+        if missing:
+            raise StartError(f"{first}: the delegated cgroup {base} has no "
+                             f"{' or '.join(missing)} controller (it has: "
+                             f"{' '.join(cgroupfs.controllers(base)) or 'none'}): "
+                             f"{cgroupfs.FIX}", EXIT_USAGE)
         try:
-            _enable_pids(base)
+            _enable(base, needed)
             top = self._make(base, f"bbl-{os.getpid()}-{next(_counter)}")
-            self._place(plan.root, top)
+            self._place(plan.root, top, needed)
+        except StartError:
+            self.remove()
+            raise
         except OSError as exc:
             self.remove()
             raise StartError(f"{ENV}={base}: {exc.filename or base}: {exc.strerror}; it must "
-                             "be a cgroup v2 directory you own, with the pids controller and "
-                             "no processes of its own", EXIT_USAGE) from None
+                             f"be a cgroup v2 directory you own, with the {' '.join(needed)} "
+                             "controllers and no processes of its own", EXIT_USAGE) from None
 
     def _make(self, parent: str, name: str) -> str:
         path = os.path.join(parent, name)
@@ -58,17 +109,24 @@ class Cgroups:
         self.made.append(path)
         return path
 
-    def _place(self, node, parent: str) -> None:
+    def _place(self, node, parent: str, needed: list[str]) -> None:
         here = parent
-        if node.layer.pids_limit is not None:
-            _enable_pids(parent)
+        files = settings(node.layer)
+        if files:
+            _enable(parent, needed)
             here = self._make(parent, node.name)
-            _write(here, "pids.max", str(node.layer.pids_limit))
+            for name, value in files.items():
+                if not os.path.exists(os.path.join(here, name)):
+                    if name == "memory.swap.max" and node.layer.resources.swap is None:
+                        continue  # (a kernel without swap accounting: memory.max alone)
+                    raise StartError(f"layer '{node.name}': this kernel's cgroups have no "
+                                     f"{name} ({_WHY.get(name, 'not built in')})", EXIT_USAGE)
+                _write(here, name, value)
             leaf = self._make(here, LEAF)
             node.cgroup_fd = os.open(leaf, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             self.fds.append(node.cgroup_fd)
         for child in node.children:
-            self._place(child, here)
+            self._place(child, here, needed)
 
     def remove(self) -> None:
         """Once the instance has ended: kill stragglers (layers without a pid namespace die
@@ -93,11 +151,12 @@ class Cgroups:
         self.made.clear()
 
 
-def _enable_pids(path: str) -> None:
+def _enable(path: str, needed: list[str]) -> None:
+    """The controllers given to the cgroups below `path` (what is enabled stays)."""
     with open(os.path.join(path, "cgroup.subtree_control")) as f:
-        if "pids" in f.read().split():
-            return
-    _write(path, "cgroup.subtree_control", "+pids")
+        missing = [c for c in needed if c not in f.read().split()]
+    if missing:
+        _write(path, "cgroup.subtree_control", " ".join(f"+{c}" for c in missing))
 
 
 def _write(directory: str, name: str, text: str) -> None:

@@ -71,5 +71,6 @@ def _commands_see(layer: spec.Layer) -> bool:
 
 def _only_an_empty_mount(layer: spec.Layer) -> bool:
     return layer.namespaces == ["mount"] and not layer.fs and not layer.new_root \
-        and layer.pids_limit is None and not layer.start_after \
+        and layer.pids_limit is None and layer.resources is None \
+        and not layer.start_after \
         and layer.user_namespaces == "allow"

@@ -27,7 +27,7 @@ class LayerPlan(Struct, kw_only=True):
     main_child: LayerPlan | None = None  # the sub-layer on the way to the main command
     gated: bool = False  # waits for a socket (itself or an ancestor): not in the start barrier
     fds: frozenset[int] = frozenset()  # caller fds this layer's subtree still needs
-    cgroup_fd: int | None = None  # its pids_limit's cgroup (engine.cgroups), set by the monitor
+    cgroup_fd: int | None = None  # its limits' cgroup (engine.cgroups), set by the monitor
     fate: fates.Fate = "supervise"  # what its supervisor becomes once built (engine.fates)
 
     @property

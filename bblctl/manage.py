@@ -38,12 +38,15 @@ def ps(argv: list[str]) -> int:
     if flags["--json"]:
         _print_json(rows)
         return 0
-    table = [["ID", "NAME", "STATE", "STARTED", "PID", "LAYERS", "COMMAND"]]
+    table = [["ID", "NAME", "STATE", "STARTED", "PID", "LAYERS", "MEM", "COMMAND"]]
     for row in rows:
         state = row["state"] if row["status"] is None else f"{row['state']} ({row['status']})"
+        if row["cause"]:
+            state = f"{state[:-1]}: {row['cause']})"
         table.append([printable(row["id"]), printable(row["name"]), state,
                       row["started"][:19].replace("T", " "), str(row["pid"] or "-"),
-                      str(row["layers"]), _command(row["command"])])
+                      str(row["layers"]), _size(row["usage"].get("memory")),
+                      _command(row["command"])])
     widths = [max(len(line[i]) for line in table) for i in range(len(table[0]) - 1)]
     for line in table:
         cells = [cell.ljust(width) for cell, width in zip(line[:-1], widths, strict=True)]
@@ -90,7 +93,19 @@ def _ps_row(entry: dict) -> dict:
     return {"id": entry["id"], "name": entry["name"], "state": entry["state"],
             "pid": entry["pid"], "started": _local_time(entry["started"]),
             "command": entry["command"], "layers": entry["layer_count"],
-            "status": entry["status"]}
+            "status": entry["status"], "cause": entry.get("cause"),
+            "usage": entry.get("usage", {})}
+
+
+def _size(count: int | None) -> str:
+    """Bytes as ps shows them: 12K, 340M, 1.5G; "-" when not counted."""
+    if count is None:
+        return "-"
+    for unit, scale in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if count >= scale:
+            value = count / scale
+            return f"{value:.1f}{unit}" if value < 10 else f"{value:.0f}{unit}"
+    return f"{count}B"
 
 
 # ---------------------------------------------------------------- tree
@@ -131,6 +146,8 @@ def _layer_tree(layers: list[dict]) -> list[dict]:
         node = {"name": layer["layer"], "pid": layer["pid"] if alive else None,
                 "uid": layer.get("uid"), "gid": layer.get("gid"), "fate": layer.get("fate"),
                 "namespaces": layer["namespaces"],
+                **({"limits": layer["limits"], "usage": layer.get("usage", {})}
+                   if "limits" in layer else {}),
                 "processes": _processes(layer["pid"], supervisors) if alive else [],
                 "children": []}
         nodes[node["name"]] = node

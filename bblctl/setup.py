@@ -35,6 +35,23 @@ def setup(argv: list[str]) -> int:
     return remove(bindir) if flags["--remove"] else install(bindir)
 
 
+def render(text: str, bindir: str, docs: str, systemd: int) -> str:
+    """A unit template with this install's paths, for this systemd."""
+    subgroup = "DelegateSubgroup=daemon" if systemd >= 254 else \
+        f"# (no DelegateSubgroup=: systemd {systemd or 'unknown'})"
+    return text.replace("@bindir@", bindir).replace("@docdir@", docs).replace(
+        "@delegate_subgroup@", subgroup)
+
+
+def _systemd_version() -> int:
+    try:
+        said = subprocess.run(["systemctl", "--version"], capture_output=True, text=True,
+                              timeout=10).stdout.split()
+        return int(said[1]) if len(said) > 1 and said[1].isdigit() else 0
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+
+
 def install(bindir: str) -> int:
     links = os.path.join(paths.home(), ".local", "bin")
     os.makedirs(links, exist_ok=True)
@@ -48,7 +65,7 @@ def install(bindir: str) -> int:
     templates, docs = _shared("systemd"), _shared("docs")
     for name in UNITS:
         with open(os.path.join(templates, name)) as f:
-            text = f.read().replace("@bindir@", bindir).replace("@docdir@", docs)
+            text = render(f.read(), bindir, docs, _systemd_version())
         _write_unit(os.path.join(units, name), MARK + text)
     if not _user_manager():
         _say("no systemd user manager runs here: bblctl starts bbld when it is needed")

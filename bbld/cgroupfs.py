@@ -1,12 +1,15 @@
 """Where BBL's cgroups live: a cgroup v2 subtree delegated to the user.
 
 `BBL_CGROUP` in bbld's environment names it. Without it, bbld looks at its own cgroup: run as
-the systemd user service, whose unit says `Delegate=yes`, that cgroup is the user's to manage,
-and bbld, alone there, makes it the base (`claim`): it moves itself into a leaf, `daemon`
-(where the monitors it starts live too), so that the base holds no processes (cgroup v2's
-no-internal-processes rule), gives the base's children the controllers it has, and sets
-BBL_CGROUP for the monitors it starts. Shared by the daemon, the engine, the profile checks
-and `bblctl doctor`; no trio.
+the systemd user service whose unit says `Delegate=yes` and `DelegateSubgroup=daemon`
+(systemd 254 and later; `bblctl setup` writes both there), bbld runs in the leaf `daemon` of
+a cgroup that is the user's to manage, and makes that cgroup the base (`claim`): it gives
+the base's children the controllers it has, and sets BBL_CGROUP for the monitors it starts.
+The base holds no process of its own (cgroup v2's no-internal-processes rule): bbld and its
+monitors live in `daemon`. Not with older systemd: bbld would have to move itself out of the
+unit's own cgroup, and systemd could then not start the next bbld there while instances run
+(it fails with 219/CGROUP, systemd issue 24064). Shared by the daemon, the engine, the
+profile checks and `bblctl doctor`; no trio.
 """
 
 from __future__ import annotations
@@ -45,6 +48,24 @@ def controllers(path: str) -> list[str]:
         return []
 
 
+def usage(path: str) -> dict[str, int]:
+    """What a cgroup uses now: memory (bytes), pids, cpu_usec (CPU time so far), as far as
+    its controllers count them."""
+    found = {}
+    for key, name in (("memory", "memory.current"), ("pids", "pids.current")):
+        try:
+            with open(os.path.join(path, name)) as f:
+                found[key] = int(f.read())
+        except (OSError, ValueError):
+            pass
+    try:
+        with open(os.path.join(path, "cpu.stat")) as f:
+            found["cpu_usec"] = int(dict(line.split() for line in f)["usage_usec"])
+    except (OSError, ValueError, KeyError):
+        pass
+    return found
+
+
 def base(environ=None) -> str | None:
     """The delegated cgroup instances are made in (BBL_CGROUP), None without one."""
     return (os.environ if environ is None else environ).get(ENV) or None
@@ -58,34 +79,24 @@ def delegated(path: str) -> bool:
 
 
 def claim() -> str | None:
-    """With no BBL_CGROUP: make bbld's own cgroup the base where it is delegated and bbld is
-    alone in it (as the systemd service is; see the module's docstring); returns it, or None
+    """With no BBL_CGROUP: bbld's own cgroup's parent as the base, where bbld runs in its
+    leaf `daemon` of a delegated cgroup (see the module's docstring); returns it, or None
     (nothing changed)."""
     own = own_cgroup()
-    if base() is not None or own is None:
+    if base() is not None or own is None or os.path.basename(own) != LEAF:
         return None
-    if os.path.basename(own) == LEAF and delegated(os.path.dirname(own)):
-        own = os.path.dirname(own)  # (a restarted bbld, or DelegateSubgroup=daemon)
-    else:
-        try:
-            with open(os.path.join(own, "cgroup.procs")) as f:
-                alone = f.read().split() == [str(os.getpid())]
-            if not alone or not delegated(own):
-                return None
-            leaf = os.path.join(own, LEAF)
-            os.makedirs(leaf, exist_ok=True)
-            _write(os.path.join(leaf, "cgroup.procs"), str(os.getpid()))
-        except OSError:
-            return None  # (not ours after all: instances with limits are refused in one line)
-    wanted = [c for c in WANTED if c in controllers(own)]
+    parent = os.path.dirname(own)
+    if not delegated(parent):
+        return None
+    wanted = [c for c in WANTED if c in controllers(parent)]
     try:
         if wanted:
-            _write(os.path.join(own, "cgroup.subtree_control"),
+            _write(os.path.join(parent, "cgroup.subtree_control"),
                    " ".join(f"+{c}" for c in wanted))
     except OSError:
-        return None
-    os.environ[ENV] = own
-    return own
+        return None  # (not ours after all: instances with limits are refused in one line)
+    os.environ[ENV] = parent
+    return parent
 
 
 def _write(path: str, text: str) -> None:

@@ -215,6 +215,7 @@ def test_setup_installs_links_and_units_that_verify_and_removes_them(tmp_path):
         assert os.readlink(home / ".local" / "bin" / name) == f"{sys.prefix}/bin/{name}"
     service = (units / "bbld.service").read_text()
     assert f"ExecStart={sys.prefix}/bin/bbld\n" in service and "@" not in service
+    assert "\nDelegate=yes\n" in service  # (DelegateSubgroup= only where systemd has it:)
     docs = re.search(r"Documentation=file://(\S+)", (units / "bbld.socket").read_text())[1]
     assert os.path.isfile(docs)
     analyze = shutil.which("systemd-analyze")
@@ -230,6 +231,15 @@ def test_setup_installs_links_and_units_that_verify_and_removes_them(tmp_path):
     removed = subprocess.run([*setup, "--remove"], capture_output=True, text=True, timeout=60)
     assert removed.returncode == 0, removed.stderr
     assert os.listdir(units) == [] and os.listdir(home / ".local" / "bin") == ["mine"]
+
+
+@pytest.mark.parametrize("systemd, line", [
+    (254, "\nDelegateSubgroup=daemon\n"), (252, "\n# (no DelegateSubgroup=: systemd 252)\n")])
+def test_the_service_runs_bbld_in_a_leaf_of_its_cgroup_where_systemd_can(systemd, line):
+    from bblctl.setup import render
+
+    template = (Path(__file__).parent.parent / "systemd" / "bbld.service").read_text()
+    assert line in render(template, "/b", "/d", systemd)
 
 
 def test_file_descriptors_where_none_are_expected_are_refused_and_closed(daemon):

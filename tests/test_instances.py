@@ -167,7 +167,7 @@ def test_ps_tree_kill_and_ps_all(instances, app):
     with open(f"/proc/{entry['pid']}/status") as f:
         assert "NoNewPrivs:\t1" in f.read()  # the main command's own host pid
     table = instances.ctl("ps").stdout.splitlines()
-    assert table[0].split() == ["ID", "NAME", "STATE", "STARTED", "PID", "LAYERS", "COMMAND"]
+    assert table[0].split() == ["ID", "NAME", "STATE", "STARTED", "PID", "LAYERS", "MEM", "COMMAND"]
     assert table[1].startswith(instance)
     (tree,) = json.loads(instances.ctl("tree", instance, "--json").stdout)
     (outer,) = tree["layers"]

@@ -77,3 +77,16 @@ def test_a_spec_checks_its_resources():
     assert problems == ["resources.memory: must be at least 4096 bytes",
                         "resources.cpu: must be between 0.01 and 4096 CPUs",
                         "resources.io_weight: must be between 1 and 10000"]
+
+
+def test_an_oom_kill_in_a_limited_layer_is_the_instances_cause(tmp_path):
+    """(memory.events as the kernel writes it; the real one where the memory controller is
+    delegated: tests/security/test_cgroup_limits.py)"""
+    quiet, killed = tmp_path / "a", tmp_path / "b"
+    quiet.mkdir()
+    killed.mkdir()
+    (quiet / "memory.events").write_text("low 0\nhigh 0\nmax 0\noom 0\noom_kill 0\n")
+    (killed / "memory.events").write_text("low 0\nhigh 3\nmax 9\noom 2\noom_kill 2\n")
+    assert cgroups.cause_of([str(quiet)]) is None
+    assert cgroups.cause_of([str(quiet), str(killed), str(tmp_path / "none")]) == \
+        "out of memory: limits.memory reached, 2 processes killed"

@@ -27,7 +27,8 @@ BROKEN = [
     ('[[mounts]]\ntype = "loop"\nsrc = "/a"\n', 2, "mounts[0].type: Invalid enum value 'loop'"),
     ('[env]\npass = ["A=B"]\n', 1, "env: 'A=B' is not a variable name"),
     ('limits = { pids = 0 }\n', 1, "limits.pids: must be a whole number >= 1"),
-    ('limits = { forks = 5 }\n', 1, "limits: unknown limit 'forks'; known: pids, memory, memory_high, swap, cpu, io_weight, required, as,"),
+    ('limits = { forks = 5 }\n', 1, "limits: unknown limit 'forks'; known: pids, memory, "
+     "memory_high, swap, cpu, io_weight, required, as,"),
 ]
 
 

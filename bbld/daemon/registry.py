@@ -19,7 +19,7 @@ import time
 import msgspec
 import trio
 
-from bbld import channel, peer
+from bbld import cgroupfs, channel, peer
 from bbld.daemon import log
 from bbld.daemon.history import History
 from bbld.messages import (
@@ -51,6 +51,7 @@ class InstanceRecord:
         self.die_with_parent = False  # its spec asks to end with the caller that started it
         self.done = trio.Event()  # set once the registry has recorded its end (finish)
         self.reported_status: int | None = None  # what its start's report channel said
+        self.cause: str | None = None  # why it ended, when a limit ended it (its monitor's)
 
     @classmethod
     def from_entry(cls, entry: dict) -> "InstanceRecord":
@@ -58,6 +59,7 @@ class InstanceRecord:
         record.name, record.command = entry.get("name"), entry.get("command", [])
         record.pid, record.layers = entry.get("pid"), entry.get("layers", [])
         record.status, record.ended = entry.get("status"), entry.get("ended")
+        record.cause = entry.get("cause")
         record.single_instance = bool(entry.get("single_instance"))
         return record
 
@@ -67,9 +69,21 @@ class InstanceRecord:
                  "started": self.started, "pid": self.pid, "command": self.command,
                  "layer_count": len(self.layers), "status": self.status,
                  "ended": self.ended, "single_instance": self.single_instance}
+        if self.cause:
+            entry["cause"] = self.cause
+        usage = self.usage()
+        if usage:
+            entry["usage"] = usage
         if not brief:
-            entry["layers"] = self.layers
+            entry["layers"] = [{**layer, "usage": cgroupfs.usage(layer["cgroup"])}
+                               if "cgroup" in layer and self.state == "running" else layer
+                               for layer in self.layers]
         return entry
+
+    def usage(self) -> dict[str, int]:
+        """What the outermost limited layer (and all below it) uses now, while it runs."""
+        limited = next((layer for layer in self.layers if "cgroup" in layer), None)
+        return cgroupfs.usage(limited["cgroup"]) if limited and self.state == "running" else {}
 
     def kill(self) -> None:
         """SIGKILL the instance's monitor; layer 1 (die_with_parent) and all below follow."""
@@ -189,7 +203,7 @@ class Registry:
                     reply, fds = answer
                     channel.close_all(fds)
                     if reply.op == "exited":
-                        status = reply.status
+                        status, record.cause = reply.status, reply.message
                         break
         except OSError:  # its monitor cannot be reached: it may still run (its socket gone)
             if record.monitor is not None:
@@ -197,11 +211,13 @@ class Registry:
                     await trio.lowlevel.wait_readable(record.monitor)  # a pidfd: its end
                 except trio.ClosedResourceError:
                     return None  # finished meanwhile, by the start that made it
-            status = self._ended_status(record.id)
+            status = self._ended_status(record)
         return status
 
-    def _ended_status(self, instance_id: str) -> int | None:
-        entry = _read_exited(os.path.join(self.directory, f"{instance_id}.exited"))
+    def _ended_status(self, record: InstanceRecord) -> int | None:
+        entry = _read_exited(os.path.join(self.directory, f"{record.id}.exited"))
+        if entry:
+            record.cause = entry.get("cause")
         return entry.get("status") if entry else None
 
     async def adopt(self, nursery: trio.Nursery) -> None:

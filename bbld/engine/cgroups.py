@@ -69,6 +69,7 @@ class Cgroups:
     def __init__(self, plan):
         self.made: list[str] = []  # directories, parents first
         self.fds: list[int] = []
+        self.paths: dict[str, str] = {}  # a limited layer's name: its cgroup
         limited = [node for node in plan.layers() if settings(node.layer)]
         if not limited:
             return
@@ -115,6 +116,7 @@ class Cgroups:
         if files:
             _enable(parent, needed)
             here = self._make(parent, node.name)
+            self.paths[node.name] = here
             for name, value in files.items():
                 if not os.path.exists(os.path.join(here, name)):
                     if name == "memory.swap.max" and node.layer.resources.swap is None:
@@ -127,6 +129,10 @@ class Cgroups:
             self.fds.append(node.cgroup_fd)
         for child in node.children:
             self._place(child, here, needed)
+
+    def cause(self) -> str | None:
+        """Why the instance ended, if a limit ended it: the memory limit's OOM kills."""
+        return cause_of(self.paths.values())
 
     def remove(self) -> None:
         """Once the instance has ended: kill stragglers (layers without a pid namespace die
@@ -149,6 +155,23 @@ class Cgroups:
             except OSError:
                 pass  # best effort at the end of an instance: nothing to report it to
         self.made.clear()
+
+
+def cause_of(paths) -> str | None:
+    """"out of memory ..." when the kernel's OOM killer ended processes in these cgroups
+    (their memory.events' oom_kill; cgroups without the memory controller have none)."""
+    killed = 0
+    for path in paths:
+        try:
+            with open(os.path.join(path, "memory.events")) as f:
+                counts = dict(line.split() for line in f if line.strip())
+        except (OSError, ValueError):
+            continue
+        killed += int(counts.get("oom_kill", 0))
+    if not killed:
+        return None
+    return f"out of memory: limits.memory reached, {killed} process" + \
+        ("es" if killed > 1 else "") + " killed"
 
 
 def _enable(path: str, needed: list[str]) -> None:

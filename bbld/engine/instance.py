@@ -21,6 +21,7 @@ from bbld import channel
 from bbld.engine import bwrap_status, namespaces, reports
 from bbld.engine import syscalls as sc
 from bbld.engine.cgroups import Cgroups
+from bbld.engine.cgroups import settings as cgroup_settings
 from bbld.engine.enter import Entered, enter
 from bbld.engine.errors import EXIT_USAGE, FIELDS, StartError
 from bbld.engine.plan import Plan
@@ -77,6 +78,7 @@ class Instance:
         self.sigfd = -1  # the signals we forward, blocked into a signalfd
         self.ignored: set[int] = set()  # signals the caller ignores (nohup): not forwarded
         self.cgroups: Cgroups | None = None
+        self.cause: str | None = None  # why it ended, when a limit ended it
         self.cwd: str | None = None
         self.layer1 = None  # its Spawned (pid, pidfd)
         self.setups: dict = {}  # layer -> its network's netsetup.Setup, begun once it is built
@@ -323,6 +325,9 @@ class Instance:
                              "pid": pidfd_pid(pidfd) if pidfd is not None else 0,
                              "namespaces": self.built[node.name].namespaces,
                              "uid": uid, "gid": gid, "fate": node.fate})
+                if self.cgroups is not None and node.name in self.cgroups.paths:
+                    info[-1]["cgroup"] = self.cgroups.paths[node.name]
+                    info[-1]["limits"] = cgroup_settings(layer)
             for child in node.children:
                 visit(child, node.name, uid, gid)
 
@@ -466,6 +471,7 @@ class Instance:
             if self.plan.adopts_orphans:  # what the sandbox left behind ends with it
                 kill_all_children(self.proc_fd)
         if self.cgroups is not None:
+            self.cause = self.cgroups.cause()
             self.cgroups.remove()
         namespace_fds = [fd for fds in self.namespace_fds.values() for fd in fds.values()]
         pidfds = [fd for fd in self.pidfds.values() if fd is not None]

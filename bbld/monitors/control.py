@@ -203,10 +203,11 @@ class Control:
 
     # ------------------------------------------------------------ the end
 
-    def close(self, status: int | None) -> None:
-        """The instance ended: record it, tell the watchers, remove the socket."""
+    def close(self, status: int | None, cause: str | None = None) -> None:
+        """The instance ended (`cause`: a limit ended it): record it, tell the watchers,
+        remove the socket."""
         final = {**self.entry, "pid": None, "state": "exited", "status": status,
-                 "ended": time.time()}
+                 "ended": time.time(), **({"cause": cause} if cause else {})}
         self._record_end(msgspec.json.encode(final))
         for pid in list(self.execs):
             pidfd, conn = self.execs.pop(pid)
@@ -218,7 +219,7 @@ class Control:
             os.close(pidfd)
             conn.close()
         for conn in self.watchers:
-            _reply(conn, ControlReply(op="exited", status=status))
+            _reply(conn, ControlReply(op="exited", status=status, message=cause))
             conn.close()
         self.watchers.clear()
         try:

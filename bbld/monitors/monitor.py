@@ -103,7 +103,7 @@ def run(data: bytes, fds: list[int], directory: str) -> int:
         except StartError as exc:
             return _failed(report, front, str(exc), exc.exit_code, exc)
         finally:
-            control.close(status)
+            control.close(status, instance.cause)
         _send(report, Event(event="exited", status=status))
         return 0
     finally:

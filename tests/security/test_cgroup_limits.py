@@ -153,7 +153,23 @@ def test_the_limits_are_written_where_they_count_and_the_layer_is_cloned_into_th
     app = main or next(layer["pid"] for layer in tree[0]["layers"] if layer["name"] == "layer4")
     with open(f"/proc/{app}/cgroup") as f:
         assert f.read().strip().endswith(f"/{top}/layer3/_self")
+    # ps and tree report the use and the limits
+    [entry] = json.loads(instances.ctl("ps", "--json").stdout)
+    assert entry["usage"].get("pids", 1) >= 1 and entry["usage"].get("cpu_usec", 0) >= 0
+    zone_layer = _find(json.loads(instances.ctl("tree", instance, "--json").stdout)[0]["layers"],
+                       "layer3")
+    assert zone_layer["limits"] == wanted and "usage" in zone_layer
     assert instances.ctl("stop", instance).returncode == 0
+
+
+def _find(layers: list[dict], name: str) -> dict | None:
+    for node in layers:
+        if node["name"] == name:
+            return node
+        found = _find(node["children"], name)
+        if found:
+            return found
+    return None
 
 
 def test_a_memory_limit_ends_the_app_and_says_so(pids_cgroup, instances, tmp_path):
@@ -166,6 +182,9 @@ def test_a_memory_limit_ends_the_app_and_says_so(pids_cgroup, instances, tmp_pat
                     '"b = bytearray(256 << 20); print(len(b))"]\n')
     result = instances.ctl("start", str(path), stdin=open(os.devnull))
     assert result.returncode == 137, result  # (SIGKILL, by the OOM killer)
+    [ended] = json.loads(instances.ctl("ps", "--all", "--json").stdout)
+    assert ended["cause"].startswith("out of memory: limits.memory reached")
+    assert "out of memory" in instances.ctl("ps", "--all").stdout
 
 
 @pytest.mark.parametrize("words, key", [("memory = \"1G\"", "memory"), ("cpu = 0.5", "cpu"),
@@ -196,24 +215,30 @@ def test_required_false_runs_without_them_and_says_so(instances, tmp_path):
                              "; running without them\n")
 
 
-def test_bbld_claims_the_delegated_cgroup_it_runs_alone_in(pids_cgroup, tmp_path):
-    """As the systemd service with Delegate=yes: bbld, started alone in a cgroup of the
-    user's, moves itself into a leaf and makes the cgroup the base of the instances'."""
+def test_bbld_claims_the_delegated_cgroup_whose_leaf_it_runs_in(pids_cgroup, tmp_path):
+    """As the systemd service with Delegate=yes and DelegateSubgroup=daemon: bbld, started in
+    the leaf daemon of a cgroup of the user's, makes that cgroup the instances' base."""
     runtime = tmp_path / "run"
     runtime.mkdir(mode=0o700)
+    leaf = os.path.join(pids_cgroup, "daemon")
+    os.mkdir(leaf)
     env = {key: value for key, value in os.environ.items() if key != "BBL_CGROUP"}
     env.update(XDG_RUNTIME_DIR=str(runtime), HOME=str(tmp_path))
-    daemon = subprocess.Popen(["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"',
-                               pids_cgroup, *BBLD], env=env)
+    daemon = subprocess.Popen(["sh", "-c", 'echo $$ > "$0/cgroup.procs" && exec "$@"', leaf,
+                               *BBLD], env=env)
     try:
         assert wait_until(lambda: (runtime / "bbl" / "bbld.sock").exists())
-        with open(f"/proc/{daemon.pid}/cgroup") as f:
-            assert f.read().strip().endswith(f"{os.path.basename(pids_cgroup)}/daemon")
         status = subprocess.run([*BBLCTL, "doctor", "--json"], env=env, capture_output=True,
                                 text=True, timeout=60)
         line = next(c for c in json.loads(status.stdout) if c["what"] == "delegated cgroup")
         assert line["detail"].startswith(f"{pids_cgroup}: ") and "pids" in line["detail"]
+        path = tmp_path / "limited.toml"
+        path.write_text('limits = { pids = 20 }\ncommand = ["echo", "limited"]\n')
+        started = subprocess.run([*BBLCTL, "start", str(path)], env=env, capture_output=True,
+                                 text=True, timeout=60, stdin=subprocess.DEVNULL)
+        # (without the claim: refused in one line, as test_a_limit_the_host_cannot_give_...)
+        assert (started.returncode, started.stdout, started.stderr) == (0, "limited\n", "")
     finally:
         daemon.terminate()
         daemon.wait(timeout=10)
-    os.rmdir(os.path.join(pids_cgroup, "daemon"))
+        os.rmdir(leaf)

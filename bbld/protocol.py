@@ -68,7 +68,8 @@ method Ping() -> (version: string, pid: int)
 # epoch) and how ("by hand", "autostart" by a client, "socket activation"
 # by systemd), the socket it listens on, its runtime directory, how many
 # instances run, how many ended ones it remembers, and how many callers
-# follow Events.
+# follow Events; cgroup, the delegated cgroup instances' limits go in (its
+# BBL_CGROUP, or its own under systemd), and the controllers it has there.
 method Status() -> (
   version: string,
   pid: int,
@@ -162,7 +163,11 @@ method Run(
 # layers (as in Run's "started" reply; left out with brief, which is what a
 # listing of many instances wants: about 2 KB each), layer_count and status
 # (once exited: the main command's exit status, 128+N for signal N; null if
-# unknown) and ended (when it ended, seconds since the epoch). Ended ones are
+# unknown) and ended (when it ended, seconds since the epoch); cause, when a
+# limit ended it ("out of memory: ..."); usage, while it runs with cgroup
+# limits: what its outermost limited layer uses now (memory and pids, bytes
+# and processes; cpu_usec, CPU time so far), and in layers, each limited
+# layer's cgroup, limits (cgroup file: value) and usage. Ended ones are
 # kept across daemon restarts (the last 100, in $XDG_STATE_HOME/bbl).
 method List(all: ?bool, brief: ?bool) -> (instances: []Instance)
 
@@ -177,7 +182,9 @@ type Instance (
   layer_count: int,
   status: ?int,
   ended: ?float,
-  single_instance: bool
+  single_instance: bool,
+  cause: ?string,
+  usage: ?object
 )
 
 # Instances starting and ending, as it happens, until the caller hangs up.

@@ -428,7 +428,7 @@ def test_the_documented_example_profiles_are_valid(tmp_path, fake_host, monkeypa
     import re
     import socket
 
-    from bbld import net
+    from bbld import cgroupfs, net
 
     # (the network examples' NAT, the nested display, xpra's display)
     for program in ("pasta", "Xephyr", "xpra", "Xvfb"):
@@ -437,6 +437,8 @@ def test_the_documented_example_profiles_are_valid(tmp_path, fake_host, monkeypa
     tun = tmp_path / "tun"
     tun.write_text("")
     monkeypatch.setattr(net, "TUN", str(tun))  # (a usable one, whatever this host's is)
+    monkeypatch.setenv("BBL_CGROUP", str(tmp_path))  # (a delegated cgroup with everything)
+    monkeypatch.setattr(cgroupfs, "controllers", lambda base: ["pids", "memory", "cpu", "io"])
     display = socket.socket(socket.AF_UNIX)  # (a host display that answers)
     number = 4000 + os.getpid() % 1000
     display.bind(f"\0/tmp/.X11-unix/X{number}")

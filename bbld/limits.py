@@ -3,7 +3,7 @@ zone (layer3 and below) that a cgroup of its own enforces: `pids`, `memory`, `me
 `swap`, `cpu`, `io_weight` (docs/profiles.md, "Resource limits"). `required = false` lets
 a start go on without the cgroup limits the host cannot give, with a notice.
 
-Pure words, but for `host_problem`, which asks the delegated cgroup (bbld.cgroupfs) which
+Pure words, but for `missing`, which asks the delegated cgroup (bbld.cgroupfs) which
 controllers it has. No trio, no engine.
 """
 
@@ -44,9 +44,12 @@ def problems(words: dict) -> list[tuple[str, str]]:
         elif name in ("memory", "memory_high", "swap"):
             if size(value) is None:
                 found.append((where, f"{value!r} must be a size: bytes, or \"512M\", \"2G\""))
+            elif name != "swap" and size(value) < 4096:
+                found.append((where, f"{value!r} is less than a page: at least \"4K\""))
         elif name == "cpu":
-            if cpus(value) is None or cpus(value) <= 0:
-                found.append((where, f"{value!r} must be CPUs (0.5) or a percentage (\"50%\")"))
+            if cpus(value) is None or not 0.01 <= cpus(value) <= 4096:
+                found.append((where, f"{value!r} must be CPUs (0.5, at least 0.01) or a "
+                              "percentage (\"50%\")"))
         elif name == "io_weight":
             if not isinstance(value, int) or not 1 <= value <= 10000:
                 found.append((where, "must be a whole number from 1 to 10000 (default 100)"))

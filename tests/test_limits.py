@@ -33,8 +33,9 @@ def test_each_limit_becomes_its_cgroup_file(words, files):
 
 @pytest.mark.parametrize("text, problem", [
     ('limits = { memory = "lots" }\n', "limits.memory: 'lots' must be a size"),
-    ('limits = { cpu = 0 }\n', "limits.cpu: 0 must be CPUs (0.5) or a percentage"),
+    ('limits = { cpu = 0 }\n', "limits.cpu: 0 must be CPUs (0.5, at least 0.01) or a"),
     ('limits = { cpu = "fast" }\n', "limits.cpu: 'fast' must be CPUs"),
+    ('limits = { memory = 100 }\n', "limits.memory: 100 is less than a page: at least \"4K\""),
     ('limits = { io_weight = 0 }\n', "limits.io_weight: must be a whole number from 1 to 10000"),
     ('limits = { pids = 0 }\n', "limits.pids: must be a whole number >= 1"),
     ('limits = { required = 1 }\n', "limits.required: must be true or false"),

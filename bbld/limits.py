@@ -22,6 +22,11 @@ CGROUP_KEYS = {"pids": "pids", "memory": "memory", "memory_high": "memory", "swa
 # rlimits by the profile's names: the spec's, but RLIMIT_CPU (seconds of CPU time) is
 # "cpu_time", as "cpu" is the share of the cgroup's cpu.max
 RLIMITS = {("cpu_time" if name == "cpu" else name): name for name in spec.RLIMITS}
+# Processes (threads count too) each of the app's layers may hold unless the profile says
+# otherwise ("unlimited" lifts it): a fork bomb stops there, with the host's user limit far
+# away. Browsers run a few hundred threads; a build inside may want more.
+DEFAULT_NPROC = 4096
+UNLIMITED = "unlimited"  # an rlimit's word for "the caller's own limit, as without BBL"
 
 
 class Limits(Struct, kw_only=True):
@@ -53,10 +58,13 @@ def problems(words: dict) -> list[tuple[str, str]]:
         elif name == "io_weight":
             if not isinstance(value, int) or not 1 <= value <= 10000:
                 found.append((where, "must be a whole number from 1 to 10000 (default 100)"))
+        elif name in RLIMITS and value == UNLIMITED:
+            pass
         elif name == "pids" or name in RLIMITS:
             least = 1 if name == "pids" else 0
             if not isinstance(value, int) or value < least:
-                found.append((where, f"must be a whole number >= {least}"))
+                found.append((where, f"must be a whole number >= {least}" +
+                              (f", or \"{UNLIMITED}\"" if name in RLIMITS else "")))
         else:
             found.append(("$.limits", f"unknown limit {name!r}; known: "
                           f"{', '.join([*CGROUP_KEYS, 'required', *RLIMITS])}"))
@@ -90,7 +98,9 @@ def of(words: dict) -> Limits:
             memory_high=_maybe(size, cgroup.get("memory_high")),
             swap=_maybe(size, cgroup.get("swap")), cpu=_maybe(cpus, cgroup.get("cpu")),
             io_weight=cgroup.get("io_weight"))
-    return Limits(rlimits={RLIMITS[n]: v for n, v in words.items() if n in RLIMITS},
+    rlimits = {RLIMITS[n]: v for n, v in {"nproc": DEFAULT_NPROC, **words}.items()
+               if n in RLIMITS and v != UNLIMITED}
+    return Limits(rlimits=rlimits,
                   pids=cgroup.get("pids"), resources=resources,
                   required=words.get("required", True))
 

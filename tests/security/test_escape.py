@@ -7,11 +7,13 @@ import json
 import os
 import shutil
 import socket
+import subprocess
 
 import pytest
 
 from bbld.engine import seccomp
-from tests.conftest import app_layer, run_sandbox, sandbox
+from bbld.limits import DEFAULT_NPROC
+from tests.conftest import BBLCTL, app_layer, read_line, run_sandbox, sandbox
 
 PROBE = open(os.path.join(os.path.dirname(__file__), "probe.py")).read()
 SECCOMP = ["ioctl TIOCSTI", "ioctl TIOCLINUX", "ioctl TIOCSTI (high bits)", "keyctl",
@@ -150,6 +152,31 @@ def test_a_fork_bomb_stops_at_the_layers_process_limit(instances, tmp_path):
     result = instances.ctl("start", str(path), stdin=open(os.devnull))
     assert result.returncode == 0, result.stderr
     assert 0 < int(result.stdout) < 40  # the layer's processes count, not the host's
+
+
+# forks sleepers (exec'd: a few hundred KB each) until fork fails, says how many, and stays
+EXEC_BOMB = ("import os, sys, time\ncount = 0\nwhile count < 100000:\n    try:\n"
+             "        pid = os.fork()\n    except OSError:\n        break\n    if pid == 0:\n"
+             "        os.execv('/bin/sleep', ['sleep', '120'])\n    count += 1\n"
+             "print(count, flush=True)\ntime.sleep(120)\n")
+
+
+def test_the_default_template_stops_a_fork_bomb_and_the_host_still_forks(instances, tmp_path):
+    """No `limits` in the profile: the app's layer still stops at the default process limit
+    (bbld.limits.DEFAULT_NPROC), and while the bomb's processes live the host forks."""
+    path = tmp_path / "bomb.toml"
+    path.write_text(f'command = {json.dumps(["python3", "-c", EXEC_BOMB])}\n')
+    bomb = subprocess.Popen([*BBLCTL, "start", str(path)], env=instances.env,
+                            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, text=True)
+    try:
+        count = int(read_line(bomb.stdout, timeout=120))
+        assert DEFAULT_NPROC - 50 < count < DEFAULT_NPROC  # (the layer's own few, then it)
+        assert subprocess.run(["true"], timeout=30).returncode == 0  # the host still forks
+    finally:
+        [entry] = json.loads(instances.ctl("ps", "--json").stdout)
+        instances.ctl("kill", "--signal", "KILL", entry["id"])
+        bomb.wait(timeout=60)
+        bomb.stdout.close()
 
 
 def test_the_probe_sees_a_layer_that_keeps_sys_admin(tmp_path):

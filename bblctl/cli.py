@@ -80,6 +80,12 @@ def report(error: ClientError) -> int:
         print(f"bblctl: no running instance {printable(repr(error.parameters.get('id')))}; "
               "see bblctl ps", file=sys.stderr)
         return 2
+    if isinstance(error, RemoteError) and error.name == "io.bbl.Manager.AmbiguousInstance":
+        candidates = error.parameters.get("candidates") or []
+        print(f"bblctl: {printable(repr(error.parameters.get('id')))} fits "
+              f"{len(candidates)} running instances ({printable(', '.join(candidates))}): "
+              "give an id, or more of it", file=sys.stderr)
+        return 2
     if isinstance(error, RemoteError) and "message" in error.parameters:
         print(f"bblctl: {printable(str(error.parameters['message']))}", file=sys.stderr)
         return error.parameters.get("exit_code", 1)

@@ -9,8 +9,8 @@ from bblctl.client import connect
 
 
 def signal_number(text: str) -> int:
-    """9, KILL, SIGKILL, sigkill -> 9."""
-    if text.isdigit() and 1 <= int(text) <= 64:
+    """9, KILL, SIGKILL, sigkill -> 9 (0: none, to ask whether it runs)."""
+    if text.isdigit() and 0 <= int(text) <= 64:
         return int(text)
     import signal  # (its enum costs milliseconds: only for names)
 
@@ -55,20 +55,29 @@ def ps(argv: list[str]) -> int:
 
 
 def _watch(as_json: bool) -> int:
-    """Instances starting and ending, a line each (JSON lines with --json), until Ctrl-C."""
+    """The running instances first ("running" lines), then instances starting and ending as
+    it happens, a line each (JSON lines with --json), until Ctrl-C."""
     try:
         with connect() as conn:
+            running = conn.call("io.bbl.Manager.List", brief=True)["instances"]
+            for entry in running:
+                _say_event({"event": "running", "id": entry["id"], "name": entry["name"],
+                            "time": entry["started"]}, as_json)
             for event in conn.stream("io.bbl.Manager.Events"):
-                if as_json:
-                    _print_json(event, indent=None)
-                    continue
-                when = time.strftime("%H:%M:%S", time.localtime(event["time"]))
-                status = f" status {event['status']}" if event["event"] == "exited" else ""
-                print(printable(f"{when} {event['event']} {event['id']} {event['name']}"
-                                f"{status}"), flush=True)
+                _say_event(event, as_json)
     except KeyboardInterrupt:
         return 130
     return 0
+
+
+def _say_event(event: dict, as_json: bool) -> None:
+    if as_json:
+        _print_json(event, indent=None)
+        return
+    when = time.strftime("%H:%M:%S", time.localtime(event["time"]))
+    status = f" status {event['status']}" if event["event"] == "exited" else ""
+    print(printable(f"{when} {event['event']} {event['id']} {event['name']}{status}"),
+          flush=True)
 
 
 def _command(argv: list[str]) -> str:
@@ -224,8 +233,14 @@ def stop(argv: list[str]) -> int:
         timeout = float(values["--timeout"])
     except ValueError:
         raise UsageError(f"--timeout {values['--timeout']!r}: give seconds, e.g. 5") from None
+    if not timeout >= 0:
+        raise UsageError(f"--timeout {values['--timeout']!r}: give seconds, e.g. 5")
+    print(f"bblctl: stopping {instance}: SIGTERM to its app, SIGKILL to the whole instance "
+          f"if it still runs after {values['--timeout']} s", file=sys.stderr)
     with connect() as conn:
-        conn.call("io.bbl.Manager.Stop", id=instance, timeout=timeout)
+        said = conn.call("io.bbl.Manager.Stop", id=instance, timeout=timeout)
+    how = f"killed after {values['--timeout']} s" if said.get("killed") else "terminated"
+    print(f"bblctl: {instance}: {how} (status {said.get('status')})", file=sys.stderr)
     return 0
 
 

@@ -148,8 +148,10 @@ def available() -> dict[str, str]:
 
 
 def load(path: str, environ: dict[str, str] | None = None, uid: int | None = None,
-         gid: int | None = None, notices: list[str] | None = None) -> spec.Sandbox:
-    """The checked spec a profile file means. Raises ProfileError with every problem; what
+         gid: int | None = None, notices: list[str] | None = None,
+         name: str | None = None) -> spec.Sandbox:
+    """The checked spec a profile file means (`name`: the instance's, instead of the
+    profile's: also the sandbox's hostname). Raises ProfileError with every problem; what
     the host could not give and what was done instead goes to `notices` (FILE:LINE: ...)."""
     environ = dict(os.environ) if environ is None else environ
     uid = os.getuid() if uid is None else uid
@@ -179,8 +181,8 @@ def load(path: str, environ: dict[str, str] | None = None, uid: int | None = Non
             said.append(("limits", f"{problem}; running without them"))
             options.limits = {k: v for k, v in options.limits.items() if k not in lacking}
         try:
-            sandbox = expand(options, options.name or _default_name(path), environ, uid, gid,
-                             said)
+            sandbox = expand(options, name or options.name or _default_name(path), environ,
+                             uid, gid, said)
         except dbus.DBusError as exc:  # (the host's side: a bus, the proxy)
             raise ProfileError([f"{path}:{line_of(text, '$.dbus')}: dbus: {exc}"]) from None
         except gui.DisplayError as exc:  # (the host's display)
@@ -229,10 +231,10 @@ def spec_for_start(name_or_path: str, environ: dict[str, str], name: str | None 
     """The spec (JSON) `bblctl start` runs: the profile found and expanded with the caller's
     environment, renamed to `name`, its main command on a terminal made inside the sandbox
     with `tty`; its notices added to `notices`. Raises ProfileError."""
-    sandbox = load(find(name_or_path, environ), environ, notices=notices)
-    if name is not None:
-        if not spec.NAME_PATTERN.match(name):
-            raise ProfileError([f"--name {name!r}: use letters, digits, . _ -"])
+    if name is not None and not spec.NAME_PATTERN.match(name):
+        raise ProfileError([f"--name {name!r}: use letters, digits, . _ -"])
+    sandbox = load(find(name_or_path, environ), environ, notices=notices, name=name)
+    if name is not None:  # (a profile with a tree of its own: its layers keep their hostnames)
         sandbox.name = name
     main = spec.path_to(sandbox.layer, spec.main_layer_name(sandbox))[-1]
     main.command = msgspec.structs.replace(main.command, tty=tty)

@@ -202,13 +202,14 @@ method Events() -> (
 # instance has): its main command gets SIGTERM, SIGINT, SIGHUP, SIGUSR1 and
 # SIGUSR2 through its layer's supervisor, as bubblewrap's command would; any
 # other signal goes to layer 1 (SIGKILL ends every layer); with pid, the
-# process Exec started instead.
+# process Exec started instead. Signal 0 sends nothing: the instance runs
+# (else NoSuchInstance).
 method Signal(id: string, signal: int, pid: ?int) -> ()
 
 # SIGTERM to the main command; once timeout seconds (default 10) pass, SIGKILL
 # to layer 1, which takes every layer below it along. Returns when the
-# instance has ended, with its status.
-method Stop(id: string, timeout: ?float) -> (status: ?int)
+# instance has ended, with its status, and killed: whether SIGKILL was needed.
+method Stop(id: string, timeout: ?float) -> (status: ?int, killed: ?bool)
 
 # Run a command in a layer of a running instance (default: the layer of the
 # main command) with exactly that layer's namespaces, uid/gid, capabilities,
@@ -244,8 +245,12 @@ method SendArgs(id: string, args: []string) -> (
 # program, no pty); exit_code is 2 for what the caller can fix, else 1.
 error ExecFailed (message: string, exit_code: int)
 
-# No running instance has this id.
+# No running instance has this id, name or id prefix.
 error NoSuchInstance (id: string)
+
+# More than one running instance has this name, or an id that begins so:
+# candidates are "ID NAME" of each, in start order.
+error AmbiguousInstance (id: string, candidates: []string)
 
 # The sandbox did not start: nothing of it runs. exit_code is 2 when the
 # spec is invalid or does not fit this machine, else 1 (always 1 for a

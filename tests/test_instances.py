@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import time
 
@@ -217,10 +218,14 @@ def test_stops_with_no_timeout_racing_the_instances_own_end(instances, tmp_path)
         stops = [subprocess.Popen([*BBLCTL, "stop", instance, "--timeout", "0"],
                                   env=instances.env, stdout=subprocess.DEVNULL,
                                   stderr=subprocess.PIPE, text=True) for instance in ids]
-        outcomes = [(stop.wait(timeout=60), stop.stderr.read()) for stop in stops]
+        outcomes = [(stop.wait(timeout=60), stop.stderr.read().splitlines()[-1:])
+                    for stop in stops]
         for stop in stops:
             stop.stderr.close()
-        assert outcomes == [(0, "")] * len(ids)
+        # (each says what it did: "terminated", or "killed after 0 s" when SIGTERM was slow)
+        assert [(code, re.sub(r"^bblctl: \w+: (terminated|killed after 0 s) \(status "
+                                r"\d+\)$", "said", said[0]) if said else "")
+                for code, said in outcomes] == [(0, "said")] * len(ids), outcomes
         ids = [instances.ctl("start", str(path), "--detach").stdout.strip() for _ in range(8)]
         instances.ids += ids
 
@@ -440,10 +445,13 @@ def test_ps_watch_follows_starts_and_ends(instances):
     import subprocess
     import sys
 
-    instances.ctl("ps")  # the daemon runs
+    earlier = instances.start(sandbox(app_layer(command=["sleep", "600"]), name="earlier"))
     watcher = subprocess.Popen([sys.executable, "-m", "bblctl", "ps", "--watch", "--json"],
                                env=instances.env, stdout=subprocess.PIPE, text=True)
     try:
+        running = json.loads(read_line(watcher.stdout))  # what runs already comes first
+        assert (running["event"], running["id"], running["name"]) == (
+            "running", earlier, "earlier")
         assert wait_until(lambda: _daemon_status(instances)["watchers"] == 1)  # subscribed
         instance = instances.start(sandbox(app_layer(command=["sleep", "600"]), name="watched"))
         started = json.loads(read_line(watcher.stdout))

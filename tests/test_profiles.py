@@ -179,8 +179,34 @@ def test_start_default_detached_then_exec(instances):
     instances.ids.append(instance)
     (entry,) = json.loads(instances.ctl("ps", "--json").stdout)
     assert (entry["id"], entry["name"], entry["layers"]) == (instance, "shell", 7)
-    result = instances.ctl("exec", "shell", "--", "sh", "-c", "id -u; echo $HOME; ls ~ | wc -l")
-    assert result.stdout.split() == [str(os.getuid()), instances.env["HOME"], "0"]
+    result = instances.ctl("exec", "shell", "--", "sh", "-c",
+                           "id -u; echo $HOME; ls ~ | wc -l; hostname")
+    # (--name is the instance's name, and its hostname: the profile's is "default")
+    assert result.stdout.split() == [str(os.getuid()), instances.env["HOME"], "0", "shell"]
+
+
+def test_instances_by_id_prefix_name_and_ambiguity_and_stop_says_what_it_did(
+        instances, tmp_path):
+    path = tmp_path / "idle.toml"
+    path.write_text('command = ["sleep", "600"]\n')
+    ids = []
+    for _ in range(2):
+        ids.append(instances.ctl("start", str(path), "--detach").stdout.strip())
+        instances.ids.append(ids[-1])
+    alive = instances.ctl("kill", "--signal", "0", ids[0][:6])  # a unique prefix, signal 0
+    assert (alive.returncode, alive.stderr) == (0, "")
+    same = instances.ctl("kill", "--signal", "0", "idle")  # the name both have
+    assert same.returncode == 2 and same.stderr.count("\n") == 1, same
+    assert "bblctl: 'idle' fits 2 running instances (" in same.stderr
+    assert all(f"{i} idle" in same.stderr for i in ids) and "give an id" in same.stderr
+    common = os.path.commonprefix(ids)
+    if common:  # (two random ids may share a first digit)
+        assert instances.ctl("kill", "--signal", "0", common).returncode == 2
+    stopped = instances.ctl("stop", ids[0][:8], "--timeout", "5")
+    assert stopped.returncode == 0 and stopped.stderr.splitlines()[-1] == (
+        f"bblctl: {ids[0][:8]}: terminated (status 143)"), stopped.stderr
+    gone = instances.ctl("kill", "--signal", "0", ids[0])
+    assert gone.returncode == 2 and "no running instance" in gone.stderr
 
 
 def test_start_in_the_foreground_gives_the_app_a_terminal(instances):

@@ -20,7 +20,7 @@ import msgspec
 import trio
 
 from bbld import __version__, cgroupfs, channel, profile, protocol, spec
-from bbld.daemon.registry import InstanceRecord, call_monitor
+from bbld.daemon.registry import Ambiguous, InstanceRecord, call_monitor
 from bbld.messages import MAX_EXTRA_FDS, ControlRequest, StartRequest
 from bbld.protocol import VarlinkError
 
@@ -307,15 +307,21 @@ class Daemon:
         return {"instances": [record.entry(bool(p.brief)) for record in records]}
 
     def _live(self, id: str) -> InstanceRecord:
-        record = self.registry.find(id)
+        try:
+            record = self.registry.find(id)
+        except Ambiguous as exc:
+            raise VarlinkError("io.bbl.Manager.AmbiguousInstance", id=id, candidates=[
+                f"{r.id} {r.name or ''}".strip() for r in exc.records]) from None
         if record is None or record.state != "running":
             raise VarlinkError("io.bbl.Manager.NoSuchInstance", id=id)
         return record
 
     async def signal(self, p: SignalParams, call) -> dict:
         record = self._live(p.id)
-        if not 1 <= p.signal <= 64:
+        if not 0 <= p.signal <= 64:
             raise VarlinkError(f"{SERVICE}.InvalidParameter", parameter="signal")
+        if p.signal == 0:  # (kill -0: it runs, or _live said it does not)
+            return {}
         await self._control(record, ControlRequest(op="signal", signal=p.signal, pid=p.pid))
         return {}
 
@@ -325,13 +331,14 @@ class Daemon:
         await self._control(record, ControlRequest(op="signal", signal=_signal.SIGTERM))
         with trio.move_on_after(max(0.0, 10.0 if p.timeout is None else p.timeout)):
             await record.done.wait()
-        if not record.done.is_set():  # layer 1 killed: every layer below goes with it
+        killed = not record.done.is_set()
+        if killed:  # layer 1 killed: every layer below goes with it
             try:
                 await self._control(record, ControlRequest(op="signal", signal=_signal.SIGKILL))
             except VarlinkError:
                 pass  # its monitor is ending or gone: the registry hears of it all the same
             await record.done.wait()
-        return {"status": record.status}
+        return {"status": record.status, "killed": killed}
 
     async def _control(self, record: InstanceRecord, request: ControlRequest):
         """One request to the instance's monitor; its reply. A request it refuses names the

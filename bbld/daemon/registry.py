@@ -100,6 +100,14 @@ class InstanceRecord:
             self.monitor = None
 
 
+class Ambiguous(Exception):
+    """More than one live instance fits a name or an id prefix."""
+
+    def __init__(self, records: list[InstanceRecord]):
+        super().__init__()
+        self.records = records
+
+
 class Registry:
     def __init__(self, directory: str, history: History | None = None):
         self.directory = directory
@@ -114,11 +122,17 @@ class Registry:
         return os.path.join(self.directory, f"{instance_id}.sock")
 
     def find(self, key: str) -> InstanceRecord | None:
-        """A live instance by id, or by name when exactly one live instance has it."""
+        """A live instance by id, by name, or by a prefix of its id (as docker and podman
+        take them). Ambiguous when a name or a prefix fits more than one."""
         if key in self.live:
             return self.live[key]
-        named = [r for r in self.live.values() if r.name == key]
-        return named[0] if len(named) == 1 else None
+        for fits in (lambda r: r.name == key, lambda r: r.id.startswith(key)):
+            found = [r for r in self.live.values() if key and fits(r)]
+            if len(found) > 1:
+                raise Ambiguous(found)
+            if found:
+                return found[0]
+        return None
 
     async def running_single(self, name: str) -> InstanceRecord | None:
         """The running single-instance instance called `name`; one that is starting is

@@ -92,3 +92,20 @@ def test_masked_host_path_is_unreadable_from_layer2_on(tmp_path, marker):
     spec["main"] = "layer2a"
     result = run_sandbox(tmp_path, spec)
     assert "key" not in result.stdout and "rc=2" in result.stdout, result
+
+
+def test_nothing_the_app_can_read_of_its_sandboxs_processes_names_the_host(instances, tmp_path):
+    """Every command line (and comm) the app's layer can read: no interpreter or venv path,
+    no BBL runtime directory, no host uid (a supervisor forked from the monitor showed the
+    monitor's: `…/venv/bin/python3 -I -m bbld.monitors.forker 18 /run/user/UID/bbl/…`)."""
+    import sys
+
+    path = tmp_path / "look.toml"
+    path.write_text('command = ["sh", "-c", "for p in /proc/[0-9]*; do [ $p = /proc/$$ ] || '
+                    "{ tr '\\\\0' ' ' < $p/cmdline; echo; cat $p/comm; }; done\"]\n")
+    result = instances.ctl("start", str(path), stdin=open(os.devnull))
+    assert result.returncode == 0, result.stderr
+    seen = result.stdout
+    assert "bbl-layer layer4" in seen  # (the layer's supervisor, pid 1 there)
+    for host in (sys.prefix, instances.env["XDG_RUNTIME_DIR"], "bbld", "python"):
+        assert host not in seen, (host, seen)

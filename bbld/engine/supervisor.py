@@ -112,6 +112,7 @@ def _layer_main(plan, ctx, proc_fd, env, cwd, release_r, release_w, die_with_par
     status = 1
     try:
         os.close(release_w)
+        sc.set_cmdline(f"bbl-layer {plan.name}")  # (the sandbox can read it: no host paths)
         if die_with_parent:
             sc.prctl(sc.PR_SET_PDEATHSIG, signal.SIGKILL)
         if os.read(release_r, 1) != b"1":  # the parent died or failed before releasing us

@@ -420,6 +420,23 @@ _IfAddrs._fields_ = [("next", ctypes.POINTER(_IfAddrs)), ("name", ctypes.c_char_
                      ("data", ctypes.c_void_p)]
 
 
+def set_cmdline(title: str) -> None:
+    """What /proc/self/cmdline shows, for every process that can see us: `title` (its first
+    word is the name, /proc/self/comm), written
+    over our own argv area through /proc/self/mem (ours to write), the rest made NULs. A
+    process forked from the monitor otherwise shows the monitor's command line: the
+    interpreter's path, BBL's runtime directory, the user's id."""
+    with open("/proc/self/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end (fields 48, 49)
+    data = title.encode()[:max(end - start - 1, 0)]
+    with open("/proc/self/mem", "r+b", buffering=0) as mem:
+        mem.seek(start)
+        mem.write(data + b"\0" * (end - start - len(data)))
+    with open("/proc/self/comm", "w") as comm:  # (and the name: "python" otherwise)
+        comm.write(title.split()[0][:15])
+
+
 def host_addresses() -> list[str]:
     """Every IPv4 and IPv6 address of every interface of our network namespace
     (getifaddrs(3)), loopback included."""

@@ -195,7 +195,7 @@ async def test_a_start_stop_and_the_registry_agree(bbld):
     listed = (await call_once(path, "List", brief=True))["parameters"]["instances"]
     assert [(e["id"], e["state"]) for e in listed] == [(started["id"], "running")]
     stopped = await call_once(path, "Stop", id=started["id"], timeout=5)
-    assert stopped["parameters"] == {"status": 143}
+    assert stopped["parameters"] == {"status": 143, "killed": False}
     assert (await caller.reply())["parameters"]["status"] == 143
     ended = (await call_once(path, "List", all=True))["parameters"]["instances"]
     assert [(e["state"], e["status"]) for e in ended] == [("exited", 143)]

@@ -442,7 +442,7 @@ def xpra_processes() -> list[int]:
 
 
 def instance_programs(instances, instance) -> list[str]:
-    """What runs in the instance (beside BBL's own supervisors: bbl-init, python -I -m)."""
+    """What runs in the instance (beside BBL's own: bbl-layer, bbl-init, python -I -m)."""
     tree = json.loads(instances.ctl("tree", instance, "--json").stdout)
     parents = {}
     for entry in filter(str.isdigit, os.listdir("/proc")):
@@ -457,7 +457,7 @@ def instance_programs(instances, instance) -> list[str]:
         inside |= found
     processes = user_processes()
     names = [program(processes[pid]) for pid in inside if processes.get(pid)]
-    return sorted(n for n in names if not n.startswith("bbl-init") and n != "-I")
+    return sorted(n for n in names if not n.startswith("bbl-") and n != "-I")
 
 
 def stays_false(condition, seconds: float = 3) -> bool:

@@ -75,7 +75,8 @@ class Environment(Struct, forbid_unknown_fields=True, kw_only=True):
 class Profile(Struct, forbid_unknown_fields=True, kw_only=True):
     name: str | None = None  # default: the file's name
     instance: Literal["single", "multi"] = "multi"
-    command: list[str] = field(default_factory=lambda: list(spec.INTERACTIVE_SHELL))
+    # the app; None: an interactive shell, which `bblctl start PROFILE -- CMD ...` replaces
+    command: list[str] | None = None
     send_args: list[str] | None = None
     home: str = "tmpfs"  # or a host directory, bound at the same $HOME path inside
     app_id: str | None = None  # reverse-DNS id (org.example.App): the D-Bus names it may own
@@ -256,7 +257,7 @@ def _check_options(options: Profile, path: str, text: str) -> None:
 
     if options.name is not None and not spec.NAME_PATTERN.match(options.name):
         say("$.name", f"{options.name!r} must match {spec.NAME_PATTERN.pattern}")
-    if not options.command or not options.command[0]:
+    if options.command is not None and (not options.command or not options.command[0]):
         say("$.command", "must name a program, e.g. [\"firefox\"]")
     if options.home != "tmpfs":
         absolute("$.home", options.home)
@@ -379,7 +380,9 @@ def expand(options: Profile, name: str, environ: dict[str, str], uid: int,
     rlimits = limited.rlimits
     layer4 = spec.Layer(name="layer4", namespaces=["user", "pid", "mount"], uid=uid, gid=gid,
                         seccomp=spec.Seccomp(policy="default"), rlimits=rlimits,
-                        command=spec.Command(argv=list(options.command), new_session=False),
+                        command=spec.Command(argv=list(options.command or spec.INTERACTIVE_SHELL),
+                                             new_session=False,
+                                             args_replace=options.command is None),
                         start_after=waits, start_timeout=HELPERS_TIMEOUT)
     untrusted = [list(c) for c in options.untrusted_companions]
     if display.session:  # (a window manager or desktop session on the nested display)

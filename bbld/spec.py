@@ -230,6 +230,9 @@ class Command(Struct, forbid_unknown_fields=True):
     # a new pty from the layer's own devpts as stdio and controlling terminal (in a new
     # session); the main command's pty master goes to the engine's caller
     tty: bool = False
+    # the main command as a default only (the template's interactive shell): arguments given
+    # at the start replace argv instead of extending it
+    args_replace: bool = False
     # a companion that starts as soon as its layer is built, not at the instance-wide go: a
     # helper other layers wait for (start_after); ended with the rest if the start fails
     early: bool = False

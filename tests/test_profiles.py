@@ -366,3 +366,15 @@ def test_a_failed_mount_names_the_profiles_own_key(instances, tmp_path):
     result = instances.ctl("start", str(path), stdin=subprocess.DEVNULL)
     assert result.stderr == ("bblctl: layer 'layer3': mounts[1] (ro-bind) /x: source "
                              "/nonexistent-bbl does not exist in the parent layer's view\n")
+
+
+def test_start_runs_the_given_command_where_the_profile_names_none(instances, tmp_path):
+    """The interactive shell is only the default: `start default -- CMD` runs CMD; a profile
+    with a command gets the arguments as the app's."""
+    ran = instances.ctl("start", "default", "--", "sh", "-c", "echo ran $0", "zero",
+                        stdin=open(os.devnull))
+    assert (ran.returncode, ran.stdout) == (0, "ran zero\n"), ran
+    path = tmp_path / "echo.toml"
+    path.write_text('command = ["echo", "app:"]\n')
+    given = instances.ctl("start", str(path), "--", "a", "b c", stdin=open(os.devnull))
+    assert (given.returncode, given.stdout) == (0, "app: a b c\n"), given

@@ -123,7 +123,8 @@ def prepare(sandbox: spec.Sandbox, args: list[str] = ()) -> Plan:
     if args:
         main_plan = next(p for p in root.walk() if p.runs_main)
         command = main_plan.layer.command
-        command = msgspec.structs.replace(command, argv=[*command.argv, *args])
+        argv = list(args) if command.args_replace else [*command.argv, *args]
+        command = msgspec.structs.replace(command, argv=argv, args_replace=False)
         main_plan.layer = msgspec.structs.replace(main_plan.layer, command=command)
     umask = os.umask(0)
     os.umask(umask)

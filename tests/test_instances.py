@@ -97,7 +97,8 @@ def test_exec_status_stdio_and_errors(instances, app):
         (["exec", instance, "--", "/no/such/program"],
          "bblctl: '/no/such/program': cannot execute: No such file or directory\n"),
         (["exec", "--layer", "nope", instance, "--", "true"],
-         "bblctl: no layer named 'nope' runs in this instance\n"),
+         "bblctl: no layer named 'nope' runs in this instance; layers that can be entered: "
+         "outer, app\n"),
         (["exec", "feedbeef", "--", "true"],
          "bblctl: no running instance 'feedbeef'; see bblctl ps\n"),
         (["exec", instance], "bblctl exec: exec needs a command after the instance: "
@@ -106,6 +107,19 @@ def test_exec_status_stdio_and_errors(instances, app):
     ]:
         bad = instances.ctl(*argv)
         assert (bad.returncode, bad.stderr) == (2, message), argv
+
+
+def test_a_layer_with_nothing_left_to_run_cannot_be_entered_and_says_so(instances):
+    """The default template's layer2a (no helpers) ends once the tree runs, and its pid
+    namespace with it: exec and attach say so, and which layers can be entered."""
+    instance = instances.ctl("start", "default", "--detach").stdout.strip()
+    instances.ids.append(instance)
+    for command in ("exec", "attach"):
+        bad = instances.ctl(command, "--layer", "layer2a", instance, "--", "true")
+        assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad
+        assert bad.stderr == ("bblctl: layer 'layer2a' has ended: nothing ran there, and its "
+                              "pid namespace went with its supervisor; layers that can be "
+                              "entered: layer1, layer2, layer2h, layer3, layer4\n"), bad
 
 
 def test_exec_forwards_signals_and_dies_with_its_client(instances, app, marker):

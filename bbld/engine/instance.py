@@ -267,8 +267,14 @@ class Instance:
         """Start `argv` in a running layer (default: the main command's), as its commands
         run; stdio None gives it a new pty from the layer's devpts. Raises StartError."""
         name = layer or self.main_layer
-        if name not in self.namespace_fds:
-            raise StartError(f"no layer named {name!r} runs in this instance", EXIT_USAGE)
+        if name not in self.namespace_fds or self._pid_namespace_gone(name):
+            open_ = [n.name for n in self.plan.root.walk() if n.name in self.namespace_fds
+                     and not self._pid_namespace_gone(n.name)]
+            why = "has ended: nothing ran there, and its pid namespace went with its " \
+                "supervisor" if name in self.namespace_fds else "runs in this instance"
+            raise StartError(f"{'layer' if name in self.namespace_fds else 'no layer named'} "
+                             f"{name!r} {why}; layers that can be entered: "
+                             f"{', '.join(open_)}", EXIT_USAGE)
         if not argv or not argv[0]:
             raise StartError("no command given", EXIT_USAGE)
         env, cwd = self.plan.environment(name, self.environ)
@@ -281,6 +287,15 @@ class Instance:
         self.followed[entered.pidfd] = entered.pid
         self.watch(entered.joiner, lambda: self._reap_joiner(entered.joiner))
         return entered
+
+    def _pid_namespace_gone(self, name: str) -> bool:
+        """A layer with a pid namespace of its own whose supervisor (its pid 1) ended: no
+        process can join it any more (fork there fails with ENOMEM)."""
+        node = next((n for n in self.plan.root.walk() if n.name == name), None)
+        pidfd = self.pidfds.get(name)
+        if node is None or "pid" not in node.layer.namespaces or pidfd is None:
+            return False
+        return bool(select.select([pidfd], [], [], 0)[0])
 
     def reap(self, pidfd: int) -> os.waitid_result:
         """Reap a child followed by its pidfd (enter()'s command or joiner)."""

@@ -84,6 +84,7 @@ RESOLVE_IN_ROOT = 0x10
 
 # --- prctl ---
 PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
 PR_SET_DUMPABLE = 4
 PR_SET_KEEPCAPS = 8
 PR_CAPBSET_READ = 23
@@ -422,19 +423,24 @@ _IfAddrs._fields_ = [("next", ctypes.POINTER(_IfAddrs)), ("name", ctypes.c_char_
 
 def set_cmdline(title: str) -> None:
     """What /proc/self/cmdline shows, for every process that can see us: `title` (its first
-    word is the name, /proc/self/comm), written
-    over our own argv area through /proc/self/mem (ours to write), the rest made NULs. A
-    process forked from the monitor otherwise shows the monitor's command line: the
-    interpreter's path, BBL's runtime directory, the user's id."""
-    with open("/proc/self/stat", "rb") as f:
-        fields = f.read().rsplit(b")", 1)[1].split()
+    word is the name, /proc/self/comm), written over our own argv area through
+    /proc/self/mem (ours to write), the rest made NULs. A process forked from the monitor
+    otherwise shows the monitor's command line: the interpreter's path, BBL's runtime
+    directory, the user's id."""
+    fd = os.open("/proc/self/stat", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        fields = os.read(fd, 4096).rsplit(b")", 1)[1].split()
+    finally:
+        os.close(fd)
     start, end = int(fields[45]), int(fields[46])  # arg_start, arg_end (fields 48, 49)
     data = title.encode()[:max(end - start - 1, 0)]
-    with open("/proc/self/mem", "r+b", buffering=0) as mem:
-        mem.seek(start)
-        mem.write(data + b"\0" * (end - start - len(data)))
-    with open("/proc/self/comm", "w") as comm:  # (and the name: "python" otherwise)
-        comm.write(title.split()[0][:15])
+    fd = os.open("/proc/self/mem", os.O_RDWR | os.O_CLOEXEC)
+    try:
+        os.pwrite(fd, data + b"\0" * (end - start - len(data)), start)
+    finally:
+        os.close(fd)
+    name = ctypes.create_string_buffer(title.split()[0].encode()[:15])
+    prctl(PR_SET_NAME, ctypes.addressof(name))
 
 
 def host_addresses() -> list[str]:

@@ -20,6 +20,12 @@ from bblctl.client import running_daemon
 from bbld import paths
 
 SCRIPTS = ("bblctl", "bbl-bwrap", "bbld")
+# the man pages and the shell completion (made by bblctl.manual), linked where man (for
+# ~/.local/bin on PATH) and bash-completion look: relative to ~/.local/share
+MANUALS = {"man/bblctl.1": "man/man1/bblctl.1", "man/bbld.1": "man/man1/bbld.1",
+           "man/bbl-bwrap.1": "man/man1/bbl-bwrap.1",
+           "man/bbl-profile.5": "man/man5/bbl-profile.5",
+           "completions/bblctl.bash": "bash-completion/completions/bblctl"}
 UNITS = ("bbld.socket", "bbld.service")
 MARK = "# Written by `bblctl setup`; `bblctl setup --remove` removes it.\n"
 
@@ -57,6 +63,9 @@ def install(bindir: str) -> int:
     os.makedirs(links, exist_ok=True)
     for name in SCRIPTS:
         _link(os.path.join(links, name), os.path.join(bindir, name))
+    for source, link in _manuals():
+        os.makedirs(os.path.dirname(link), exist_ok=True)
+        _link(link, source)
     if links not in os.environ.get("PATH", "").split(os.pathsep):
         _say(f"{links} is not on this shell's PATH: a new login shell has it (Debian's "
              "~/.profile adds it once it exists); or add it to PATH yourself")
@@ -102,12 +111,20 @@ def remove(bindir: str) -> int:
             _say(f"{path} was not written by bblctl setup: left alone")
     if _user_manager():
         _systemctl("daemon-reload")
-    for name in SCRIPTS:
-        link = os.path.join(paths.home(), ".local", "bin", name)
-        if os.path.islink(link) and os.readlink(link) == os.path.join(bindir, name):
+    links = [(os.path.join(bindir, name), os.path.join(paths.home(), ".local", "bin", name))
+             for name in SCRIPTS]
+    for target, link in [*links, *_manuals()]:
+        if os.path.islink(link) and os.readlink(link) == target:
             os.unlink(link)
             _say(f"removed {link}")
     return 0
+
+
+def _manuals() -> list[tuple[str, str]]:
+    """(this install's file, the link to it under ~/.local/share) for each manual."""
+    share = os.path.join(paths.home(), ".local", "share")
+    return [(os.path.join(_shared("docs"), source), os.path.join(share, link))
+            for source, link in MANUALS.items()]
 
 
 def _link(link: str, target: str) -> None:

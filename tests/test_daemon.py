@@ -213,6 +213,11 @@ def test_setup_installs_links_and_units_that_verify_and_removes_them(tmp_path):
                                              "starts bbld when it is needed")
     for name in ("bblctl", "bbl-bwrap", "bbld"):
         assert os.readlink(home / ".local" / "bin" / name) == f"{sys.prefix}/bin/{name}"
+    manuals = [home / ".local" / "share" / path for path in (
+        "man/man1/bblctl.1", "man/man1/bbld.1", "man/man1/bbl-bwrap.1",
+        "man/man5/bbl-profile.5", "bash-completion/completions/bblctl")]
+    assert all(path.is_symlink() and path.exists() for path in manuals)  # (man and bash
+    # find them there for a ~/.local/bin on PATH)
     service = (units / "bbld.service").read_text()
     assert f"ExecStart={sys.prefix}/bin/bbld\n" in service and "@" not in service
     assert "\nDelegate=yes\n" in service  # (DelegateSubgroup= only where systemd has it:)
@@ -231,6 +236,7 @@ def test_setup_installs_links_and_units_that_verify_and_removes_them(tmp_path):
     removed = subprocess.run([*setup, "--remove"], capture_output=True, text=True, timeout=60)
     assert removed.returncode == 0, removed.stderr
     assert os.listdir(units) == [] and os.listdir(home / ".local" / "bin") == ["mine"]
+    assert not any(os.path.lexists(path) for path in manuals)
 
 
 @pytest.mark.parametrize("systemd, line", [

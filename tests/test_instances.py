@@ -103,7 +103,8 @@ def test_exec_status_stdio_and_errors(instances, app):
          "bblctl: no running instance 'feedbeef'; see bblctl ps\n"),
         (["exec", instance], "bblctl exec: exec needs a command after the instance: "
                              "bblctl exec ID -- CMD...\n"),
-        (["exec", "--bogus", instance, "true"], "bblctl exec: unknown option --bogus\n"),
+        (["exec", "--bogus", instance, "true"],
+         "bblctl exec: unknown option --bogus; see bblctl exec --help\n"),
     ]:
         bad = instances.ctl(*argv)
         assert (bad.returncode, bad.stderr) == (2, message), argv

@@ -4,7 +4,7 @@ bubblewrap front-end's option table, bbl-profile(5) from docs/profiles.md's tabl
 
     python -m bblctl.manual DIRECTORY
 
-writes man/*.1, man/bbl-profile.5 and completions/bblctl.bash into DIRECTORY (the tree keeps
+writes man/*.1, man/bbl-profile.5 and completions/ (bash, zsh, fish) into DIRECTORY (the tree keeps
 them in docs/; a test regenerates them and compares). Not on any command's start-up path.
 """
 
@@ -142,11 +142,97 @@ complete -F _bblctl bblctl
 """
 
 
+def _commands() -> list[tuple[str, str, list[str]]]:
+    """(command, what it does in a line, its options) from bblctl's HELP."""
+    from bblctl.__main__ import HELP
+
+    found = []
+    for name, synopsis, text in HELP:
+        summary = text.split(";")[0].split(":")[0]
+        if summary.count("(") > summary.count(")"):
+            summary = summary[:summary.rindex(" (")]
+        found.append((name, summary[:70],
+                      sorted(set(re.findall(r"--[a-z-]+", synopsis)) | {"--help"})))
+    return found
+
+
+def zsh_completion() -> str:
+    """Commands with their descriptions, each one's options, instances and profiles."""
+    commands = "\n".join(f"        '{name}:{summary.replace(chr(39), '')}'"
+                          for name, summary, _ in _commands())
+    cases = "\n".join(f"        {name}) opts=({' '.join(opts)}) ;;"
+                      for name, _, opts in _commands())
+    return f"""#compdef bblctl
+# zsh completion for bblctl (made by bblctl.manual from bblctl --help)
+_bblctl() {{
+    local -a commands opts words
+    commands=(
+{commands}
+    )
+    if (( CURRENT == 2 )); then
+        _describe 'command' commands
+        return
+    fi
+    case $words[2] in
+{cases}
+    esac
+    if [[ $PREFIX == -* ]]; then
+        compadd -- $opts
+        return
+    fi
+    case $words[2] in
+        start|desktop|profile)
+            compadd -- ${{(f)"$(bblctl profile list 2>/dev/null | awk '{{print $1}}')"}}
+            _files ;;
+        ps|setup|doctor|daemon|run) _files ;;
+        *)
+            compadd -- ${{(f)"$(bblctl ps --json 2>/dev/null |
+                sed -n 's/.*"\\(id\\|name\\)": "\\([^"]*\\)".*/\\2/p')"}} ;;
+    esac
+}}
+_bblctl "$@"
+"""
+
+
+def fish_completion() -> str:
+    lines = ["# fish completion for bblctl (made by bblctl.manual from bblctl --help)",
+             "complete -c bblctl -f",
+             "complete -c bblctl -n __fish_use_subcommand -l version -d \"print BBL's version\""]
+    for name, summary, opts in _commands():
+        lines.append(f"complete -c bblctl -n __fish_use_subcommand -a {name} "
+                     f"-d {_fish_quote(summary)}")
+        for option in opts:
+            lines.append(f"complete -c bblctl -n '__fish_seen_subcommand_from {name}' "
+                         f"-l {option[2:]}")
+    lines += FISH_LOOKUPS.strip().splitlines()
+    return "\n".join(lines) + "\n"
+
+
+FISH_LOOKUPS = r"""
+function __bblctl_profiles
+    bblctl profile list 2>/dev/null | string split -f1 ' '
+end
+function __bblctl_instances
+    bblctl ps --json 2>/dev/null | string match -rg '"(?:id|name)": "([^"]*)"'
+end
+complete -c bblctl -n '__fish_seen_subcommand_from start desktop profile' \
+    -a '(__bblctl_profiles)' -F
+complete -c bblctl -n '__fish_seen_subcommand_from tree exec attach send-args stop kill' \
+    -a '(__bblctl_instances)'
+"""
+
+
+def _fish_quote(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def write_all(directory: str, docs: str) -> list[str]:
     """Every page and completion into `directory`; the paths written."""
     made = {"man/bblctl.1": bblctl_page(), "man/bbld.1": bbld_page(),
             "man/bbl-bwrap.1": bwrap_page(), "man/bbl-profile.5": profile_page(docs),
-            "completions/bblctl.bash": bash_completion()}
+            "completions/bblctl.bash": bash_completion(),
+            "completions/_bblctl": zsh_completion(),
+            "completions/bblctl.fish": fish_completion()}
     for name, text in made.items():
         path = os.path.join(directory, name)
         os.makedirs(os.path.dirname(path), exist_ok=True)

@@ -25,7 +25,9 @@ SCRIPTS = ("bblctl", "bbl-bwrap", "bbld")
 MANUALS = {"man/bblctl.1": "man/man1/bblctl.1", "man/bbld.1": "man/man1/bbld.1",
            "man/bbl-bwrap.1": "man/man1/bbl-bwrap.1",
            "man/bbl-profile.5": "man/man5/bbl-profile.5",
-           "completions/bblctl.bash": "bash-completion/completions/bblctl"}
+           "completions/bblctl.bash": "bash-completion/completions/bblctl",
+           "completions/bblctl.fish": "fish/vendor_completions.d/bblctl.fish",
+           "completions/_bblctl": "zsh/site-functions/_bblctl"}
 UNITS = ("bbld.socket", "bbld.service")
 MARK = "# Written by `bblctl setup`; `bblctl setup --remove` removes it.\n"
 

@@ -215,7 +215,8 @@ def test_setup_installs_links_and_units_that_verify_and_removes_them(tmp_path):
         assert os.readlink(home / ".local" / "bin" / name) == f"{sys.prefix}/bin/{name}"
     manuals = [home / ".local" / "share" / path for path in (
         "man/man1/bblctl.1", "man/man1/bbld.1", "man/man1/bbl-bwrap.1",
-        "man/man5/bbl-profile.5", "bash-completion/completions/bblctl")]
+        "man/man5/bbl-profile.5", "bash-completion/completions/bblctl",
+        "fish/vendor_completions.d/bblctl.fish", "zsh/site-functions/_bblctl")]
     assert all(path.is_symlink() and path.exists() for path in manuals)  # (man and bash
     # find them there for a ~/.local/bin on PATH)
     service = (units / "bbld.service").read_text()

@@ -1,6 +1,7 @@
 """--help for every command, and the man pages and completion made from the same texts."""
 
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -53,3 +54,21 @@ def test_bash_completes_commands_and_options():
     options = subprocess.run(["bash", "-c", complete, script, "bblctl", "stop", "x", "--"],
                              capture_output=True, text=True, timeout=30)
     assert options.stdout.split() == ["--help", "--timeout"], options
+
+
+@pytest.mark.skipif(not shutil.which("fish"), reason="needs fish (.ci/run installs it)")
+def test_fish_completes_commands_and_options():
+    script = ROOT / "docs" / "completions" / "bblctl.fish"
+    said = subprocess.run(["fish", "-c", f"source {script}; complete -C 'bblctl ki'; "
+                           "complete -C 'bblctl stop --'"], capture_output=True, text=True,
+                          timeout=30)
+    assert said.stdout.splitlines() == [
+        "kill\tsend a signal to the main command", "--help", "--timeout"], said
+
+
+@pytest.mark.skipif(not shutil.which("zsh"), reason="needs zsh (.ci/run installs it)")
+def test_zsh_reads_its_completion():
+    script = ROOT / "docs" / "completions" / "_bblctl"
+    said = subprocess.run(["zsh", "-n", str(script)], capture_output=True, text=True, timeout=30)
+    assert (said.returncode, said.stderr) == (0, "")
+    assert "'stop:SIGTERM to the main command'" in script.read_text()

@@ -200,27 +200,45 @@ def _any_alive(nodes: list[dict]) -> bool:
     return any(node["pid"] or _any_alive(node["children"]) for node in nodes)
 
 
-def _draw(node: dict, indent: str) -> None:
-    ns = " ".join(f"{name}:{inode}" for name, inode in sorted(node["namespaces"].items()))
+def _draw(node: dict, indent: str, parent: dict | None = None) -> None:
+    """One line a layer: its pid (or why it has none), uid:gid, and the namespaces it made
+    (those that differ from its parent's, or for a top layer from bblctl's own; the inodes
+    are in --json)."""
     fate = node["fate"]  # (bbld.engine.fates)
     if node["pid"] and fate == "retire":
-        pid = f"pid {node['pid']} (a minimal init: nothing to run)"
+        pid = f"pid {node['pid']} (a minimal init)"
     elif node["pid"] and fate == "replaced":
-        pid = f"pid {node['pid']} (the command itself: no supervisor)"
+        pid = f"pid {node['pid']} (the command itself)"
     elif node["pid"]:
         pid = f"pid {node['pid']}"
     elif fate == "inline" and _any_alive(node["children"]):
-        pid = "no process (built by its parent's supervisor; its sub-layers live on)"
+        pid = "no process (built by its parent)"
     elif fate == "step-aside" and _any_alive(node["children"]):
-        pid = "no supervisor (nothing to run; its sub-layers live on)"
+        pid = "no supervisor (its sub-layers live on)"
     else:
         pid = "ended (nothing left to run)"
-    print(f"{indent}{printable(node['name'])}  {pid}  uid {node['uid']} gid {node['gid']}  "
-          f"[{ns}]")
+    outer = parent["namespaces"] if parent else _own_namespaces()
+    made = sorted(NS_SHORT.get(name, name) for name, inode in node["namespaces"].items()
+                  if outer.get(name) != inode)
+    print(f"{indent}{printable(node['name'])}  {pid}  uid {node['uid']}:{node['gid']}  "
+          f"new: {' '.join(made) or 'none'}")
     for process in node["processes"]:
         print(f"{indent}  · {process['pid']} {_command(process['command'])}")
     for child in node["children"]:
-        _draw(child, indent + "  ")
+        _draw(child, indent + "  ", node)
+
+
+NS_SHORT = {"time_for_children": "time"}
+
+
+def _own_namespaces() -> dict[str, int]:
+    found = {}
+    for name in os.listdir("/proc/self/ns"):
+        try:
+            found[name] = os.stat(f"/proc/self/ns/{name}").st_ino
+        except OSError:
+            continue
+    return found
 
 
 # ---------------------------------------------------------------- stop, kill

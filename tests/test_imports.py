@@ -23,7 +23,10 @@ RULES = {  # package (or module) -> what it may not import
 # the client's process), and the slower paths of the client that parse command lines,
 # profiles or specs themselves (no daemon yet, --single-instance, profile show/validate).
 ALLOWED = {("bblctl/run.py", "bbld.engine.standalone"), ("bblctl/run.py", "msgspec"),
-           ("bblctl/profiles.py", "msgspec")}
+           ("bblctl/profiles.py", "msgspec"),
+           # (the man pages' maker, run when the docs are made, never by a command: bbld's
+           # own usage text is its source)
+           ("bblctl/manual.py", "bbld.daemon.main"), ("bblctl/manual.py", "bbld.daemon.main.USAGE")}
 
 
 def imports_of(path: Path) -> set[str]:

@@ -164,12 +164,14 @@ untrusted_companions = [["sleep", "600"]]
     # their parent's process, layer1's and layer3's supervisors became minimal inits (exec
     # above still entered them all); tree reads each layer's fate from the instance's data
     drawn = instances.ctl("tree", instance).stdout
-    for pattern in (r"\n  layer1  pid \d+ \(a minimal init: nothing to run\)",
-                    r"\n    layer2  no process \(built by its parent's supervisor",
-                    r"\n      layer2h  no process \(built by its parent's supervisor",
-                    r"\n        layer3  pid \d+ \(a minimal init: nothing to run\)",
-                    r"\n          layer4  pid \d+  uid"):
+    for pattern in (r"\n  layer1  pid \d+ \(a minimal init\)  uid 0:0  new: mnt pid user\n",
+                    r"\n    layer2  no process \(built by its parent\)  uid 0:0  new: mnt\n",
+                    r"\n      layer2h  no process \(built by its parent\)",
+                    r"\n        layer3  pid \d+ \(a minimal init\)  uid 0:0  new: cgroup ipc "
+                    r"mnt net pid uts\n",
+                    r"\n          layer4  pid \d+  uid \d+:\d+  new: mnt pid user\n"):
         assert re.search(pattern, drawn), drawn
+    assert max(len(line) for line in drawn.splitlines() if "·" not in line) <= 100
 
 
 def test_start_default_detached_then_exec(instances):

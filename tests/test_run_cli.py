@@ -361,6 +361,9 @@ def test_a_second_run_joins_the_namespaces_of_info_fds_child_pid(env, how, dev):
     try:
         with os.fdopen(info_r) as info:
             child = json.load(info)["child-pid"]
+        if how == "ours":  # (reported before its exec: until then it is a supervisor, not
+            # dumpable, whose namespaces nobody else may open)
+            assert wait_until(lambda: open(f"/proc/{child}/cmdline").read().startswith("sleep"))
         user = os.open(f"/proc/{child}/ns/user", os.O_RDONLY)
         pid = os.open(f"/proc/{child}/ns/pid", os.O_RDONLY)
         try:

@@ -161,7 +161,7 @@ def load(path: str, environ: dict[str, str] | None = None, uid: int | None = Non
     try:
         raw = msgspec.toml.decode(text)
     except msgspec.DecodeError as exc:
-        raise ProfileError([f"{path}: not valid TOML: {exc}"]) from None
+        raise ProfileError([_toml_error(path, text, str(exc))]) from None
     if "layer" in raw:  # a tree of its own, with the spec's keys
         sandbox = _convert(raw, spec.Sandbox, path, text)
         if "name" not in raw:
@@ -170,6 +170,9 @@ def load(path: str, environ: dict[str, str] | None = None, uid: int | None = Non
     else:
         options = _convert(raw, Profile, path, text)
         _check_options(options, path, text)
+        missing = _missing_sources(options, environ, path, text)
+        if missing:
+            raise ProfileError(missing)
         for key, problem in (("net", net.host_problem(net.of(options.net), environ)),
                              ("gui", gui.host_problem(gui.of(options.gui), environ))):
             if problem:
@@ -196,6 +199,41 @@ def load(path: str, environ: dict[str, str] | None = None, uid: int | None = Non
     except spec.SpecError as exc:
         raise ProfileError([f"{path}: {problem}" for problem in exc.problems]) from None
     return sandbox
+
+
+def _toml_error(path: str, text: str, message: str) -> str:
+    """FILE:LINE: not valid TOML: WHAT. The parser says where it noticed; an unclosed
+    bracket or quote is where it was opened, the last line before that holding one."""
+    found = re.search(r"\s*\(at line (\d+), column \d+\)$", message)
+    if not found:
+        return f"{path}: not valid TOML: {message}"
+    line, what = int(found.group(1)), message[:found.start()]
+    if what.startswith("Unclosed"):
+        opener = {"array": "[", "table": "{", "inline table": "{"}.get(
+            what.split(" ", 1)[1] if " " in what else "", '"')
+        lines = text.splitlines()
+        line = next((n for n in range(min(line, len(lines)), 0, -1)
+                     if opener in lines[n - 1]), line)
+    return f"{path}:{line}: not valid TOML: {what}"
+
+
+def _missing_sources(options: Profile, environ: dict[str, str], path: str,
+                     text: str) -> list[str]:
+    """mounts whose source is not on the host, each as FILE:LINE: mounts[N].src: ... (a
+    start would fail on them, in the generated tree's words)."""
+    home = environ.get("HOME") or os.path.expanduser("~")
+    found = []
+    if options.home != "tmpfs" and not os.path.isdir(_home_path(options.home, home)):
+        found.append(f"{path}:{line_of(text, '$.home')}: home: "
+                     f"{_home_path(options.home, home)} is not a directory: create it "
+                     "(mkdir -p), or fix the path")
+    for index, mount in enumerate(options.mounts):
+        source = _home_path(mount.src, home)
+        if not os.path.lexists(source):
+            where = f"$.mounts[{index}].src"
+            found.append(f"{path}:{line_of(text, where)}: mounts[{index}].src: {source} does "
+                         "not exist: create it, or fix the path")
+    return found
 
 
 MAX_SIZE = 1 << 20  # bytes: a profile is a page of TOML, not a file to read whatever its size

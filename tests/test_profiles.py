@@ -47,7 +47,7 @@ def test_invalid_toml_and_a_broken_custom_tree(tmp_path):
     path.write_text('name = "x"\ngui = \n')
     with pytest.raises(profile.ProfileError) as err:
         profile.load(str(path))
-    assert err.value.problems[0].startswith(f"{path}: not valid TOML")
+    assert err.value.problems[0].startswith(f"{path}:2: not valid TOML")
     path.write_text('[layer]\nname = "only"\nfs = [{ op = "bind", src = "/a", dest = "b" }]\n')
     with pytest.raises(profile.ProfileError) as err:
         profile.load(str(path))
@@ -352,22 +352,34 @@ def test_with_bbld_running_it_expands_the_profile_in_the_callers_environment(ins
     assert len(json.loads(instances.ctl("ps", "--all", "--json").stdout)) == ended_before + 2
 
 
-def test_a_failed_mount_names_the_profiles_own_key(instances, tmp_path):
-    """Start errors carry where they happened; a profile's operations say which of its keys
-    made them (spec `origin`), not `layer3 fs[14]`."""
+def test_a_missing_source_is_the_profiles_own_key_and_line(instances, tmp_path):
+    """A home or mount source the host lacks is the profile's problem, found before the
+    start, every one, in validate too: FILE:LINE: key (not `layer3 fs[14]`)."""
     path = tmp_path / "m.toml"
     path.write_text('command = ["true"]\nmounts = [{ src = "/usr" }, '
                     '{ src = "/nonexistent-bbl", dest = "/x" }]\nhome = "/nonexistent-home"\n')
-    result = instances.ctl("start", str(path), stdin=subprocess.DEVNULL)
-    assert result.returncode == 2
-    assert result.stderr == ("bblctl: layer 'layer3': home (bind) " + os.environ["HOME"] +
-                             ": source /nonexistent-home does not exist in the parent "
-                             "layer's view\n")
-    path.write_text('command = ["true"]\nmounts = [{ src = "/usr" }, '
-                    '{ src = "/nonexistent-bbl", dest = "/x" }]\n')
-    result = instances.ctl("start", str(path), stdin=subprocess.DEVNULL)
-    assert result.stderr == ("bblctl: layer 'layer3': mounts[1] (ro-bind) /x: source "
-                             "/nonexistent-bbl does not exist in the parent layer's view\n")
+    for argv in (("start", str(path)), ("profile", "validate", str(path))):
+        result = instances.ctl(*argv, stdin=subprocess.DEVNULL)
+        assert result.returncode == 2
+        lines = result.stderr.splitlines()  # (the first after "bblctl start: " where the
+        # client expanded the profile itself)
+        assert len(lines) == 2 and lines[0].endswith(
+            f"{path}:3: home: /nonexistent-home is not a directory: create it (mkdir -p), or "
+            "fix the path") and lines[1].endswith(
+            f"{path}:2: mounts[1].src: /nonexistent-bbl does not exist: create it, or fix "
+            "the path"), result.stderr
+
+
+def test_a_toml_syntax_error_is_file_and_line(tmp_path):
+    path = tmp_path / "p.toml"
+    path.write_text('name = "x"\ncommand = ["a"\nhome = "tmpfs"\n')
+    with pytest.raises(profile.ProfileError) as err:
+        profile.load(str(path), {"HOME": "/home/u"}, 1000, 1000)
+    assert err.value.problems == [f"{path}:2: not valid TOML: Unclosed array"]  # (opened)
+    path.write_text('name = "x"\nhome = \n')
+    with pytest.raises(profile.ProfileError) as err:
+        profile.load(str(path), {"HOME": "/home/u"}, 1000, 1000)
+    assert err.value.problems == [f"{path}:2: not valid TOML: Invalid value"]
 
 
 def test_start_runs_the_given_command_where_the_profile_names_none(instances, tmp_path):

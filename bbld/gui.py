@@ -96,6 +96,8 @@ def host_problem(value: Gui, environ: dict[str, str]) -> str | None:
     """What this host lacks for `value`, as one line with the fix; None if nothing."""
     if value.mode == "host-x11-untrusted":
         return _untrusted_problem(environ)
+    if value.mode == "host-x11":
+        return _display_socket_problem("host-x11", environ)
     if value.mode == "wayland":
         return _wayland_problem(environ)
     if value.mode == "xephyr":
@@ -148,10 +150,9 @@ def _untrusted_problem(environ: dict[str, str]) -> str | None:
     if _which("xauth", environ) is None:
         return "host-x11-untrusted makes its cookie with xauth, which is not installed: " \
                "apt install xauth"
-    number = host_display(environ)
-    if number is None or not os.path.exists(f"{SOCKETS}/X{number}"):
-        return ("host-x11-untrusted binds the host display's socket, and DISPLAY names none "
-                f"({environ.get('DISPLAY', 'unset')!r}): start it from the desktop session")
+    missing = _display_socket_problem("host-x11-untrusted", environ)
+    if missing:
+        return missing
     try:
         listed = subprocess.run(["xhost"], env=_x_environ(environ), capture_output=True,
                                 text=True, timeout=10)
@@ -169,6 +170,18 @@ def _untrusted_problem(environ: dict[str, str]) -> str | None:
         return (f"the host's display lets clients in without a cookie ({', '.join(opened)}), "
                 "which the app would do instead of using its untrusted one: remove them "
                 f"(xhost -{opened[0]}) or use gui = \"xephyr\"")
+    return None
+
+
+def _display_socket_problem(mode: str, environ: dict[str, str]) -> str | None:
+    """The host display's socket, which the mode binds, is not there."""
+    number = host_display(environ)
+    if number is None:
+        return (f"{mode} binds the host display's socket, and DISPLAY names none "
+                f"({environ.get('DISPLAY', 'unset')!r}): start it from the desktop session")
+    if not os.path.exists(f"{SOCKETS}/X{number}"):
+        return (f"{mode} binds the host display's socket {SOCKETS}/X{number}, which is not "
+                "there: is the display running? (DISPLAY names it)")
     return None
 
 

@@ -11,7 +11,7 @@ import uuid
 
 import pytest
 
-from bbld import profile
+from bbld import gui, profile
 from tests.conftest import TIMEOUT, processes_with, read_line, wait_gone, wait_until
 
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "dbus")
@@ -440,6 +440,7 @@ def test_the_documented_example_profiles_are_valid(tmp_path, fake_host, monkeypa
     monkeypatch.setenv("BBL_CGROUP", str(tmp_path))  # (a delegated cgroup with everything)
     monkeypatch.setattr(profile, "_missing_sources", lambda *args: [])  # (the examples'
     # mounts are the reader's files)
+    monkeypatch.setattr(gui, "_display_socket_problem", lambda *args: None)  # (and X's)
     monkeypatch.setattr(cgroupfs, "controllers", lambda base: ["pids", "memory", "cpu", "io"])
     display = socket.socket(socket.AF_UNIX)  # (a host display that answers)
     number = 4000 + os.getpid() % 1000

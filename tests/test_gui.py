@@ -67,6 +67,10 @@ def test_bad_words_are_refused_with_file_and_line(tmp_path, text, line, problem)
     ({"PATH": "/nonexistent", "MODE": "xpra"}, "xpra needs xpra, which is not installed: apt "
                                                "install xpra"),
     ({"MODE": "xpra"}, "xpra shows windows on the host's display, and DISPLAY names none"),
+    ({"MODE": "host-x11"}, "host-x11 binds the host display's socket, and DISPLAY names none "
+                           "('unset'): start it from the desktop session"),
+    ({"MODE": "host-x11", "DISPLAY": ":97"}, "host-x11 binds the host display's socket "
+                                             "/tmp/.X11-unix/X97, which is not there"),
 ])
 def test_what_the_host_lacks_is_one_line_naming_the_fix(tmp_path, environ, problem):
     environ = dict(environ)

@@ -314,10 +314,17 @@ dbus = "host"
 hardware = "all"
 mounts = [{{ src = "{tmp_path}", dest = "/out" }}]
 ''')
+    import socket
+
+    display = socket.socket(socket.AF_UNIX)  # (display :97's socket: host-x11 wants one)
     try:
+        display.bind("/tmp/.X11-unix/X97")
         result = instances.ctl("start", path, stdin=open(os.devnull))
     finally:
         bus.close()
+        display.close()
+        if os.path.exists("/tmp/.X11-unix/X97"):
+            os.unlink("/tmp/.X11-unix/X97")
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == [
         f":97 /run/bbl/Xauthority unix:path=/run/user/{os.getuid()}/bus", "cookie-filtered",

@@ -161,7 +161,7 @@ def test_without_a_pid_namespace_the_command_is_layer_1_itself(env):
         pid = int(read_line(proc.stdout))
         drawn = subprocess.run([sys.executable, "-m", "bblctl", "tree", "flat"], env=env,
                                capture_output=True, text=True, timeout=30).stdout
-        assert f"bwrap  pid {pid} (the command itself: no supervisor)" in drawn, drawn
+        assert f"bwrap  pid {pid} (the command itself)  uid" in drawn, drawn
         subprocess.run([sys.executable, "-m", "bblctl", "stop", "flat"], env=env,
                        timeout=30, check=True)
         assert proc.wait(timeout=30) == 128 + signal.SIGTERM

@@ -205,6 +205,11 @@ class Registry:
         except Exception:  # noqa: BLE001 (a bug here must not take the daemon down)
             log.bug(f"following instance {record.id}")
         if status is None:  # its monitor ended without a word (killed): its socket stayed
+            if record.monitor is not None:  # (its exit closes its files before the pidfd
+                try:  # says so: the listener may outlive the watch connection's end)
+                    await trio.lowlevel.wait_readable(record.monitor)
+                except (trio.ClosedResourceError, OSError):
+                    pass
             _remove_if_stale(self.control_path(record.id))
         self.finish(record, status)
 

@@ -460,7 +460,15 @@ def expand(options: Profile, name: str, environ: dict[str, str], uid: int,
                         fs=helper_dir, layers=[layer2])
     return spec.Sandbox(name=name, main="layer4", layer=layer1,
                         single_instance=options.instance == "single",
-                        send_args=options.send_args)
+                        send_args=options.send_args or _default_send_args(options))
+
+
+def _default_send_args(options: Profile) -> list[str]:
+    """How new arguments reach the running app when the profile does not say: its whole
+    command again with them (so that `sh -c SCRIPT NAME` and commands with arguments of
+    their own get them where they expect), or, for the interactive-shell default, the
+    arguments as a command of their own."""
+    return [*options.command, "{args}"] if options.command else ["{args}"]
 
 
 def _home_path(path: str, home: str) -> str:

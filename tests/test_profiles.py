@@ -10,6 +10,7 @@ import time
 import pytest
 
 from bbld import profile
+from tests.conftest import wait_until
 from tests.test_instances import Session
 
 BROKEN = [
@@ -282,6 +283,31 @@ mounts = [{{ type = "bind", src = "{tmp_path}" }}]
     assert second.returncode == 0, second.stderr
     assert lines(tmp_path / "log") == ["got one", "got two https://example.org/?a b"]
     assert len(json.loads(instances.ctl("ps", "--json").stdout)) == 1
+
+
+def test_every_path_hands_the_running_app_only_the_new_arguments(instances, tmp_path):
+    """One rule for a second start and send-args: the profile's whole command runs again
+    with the new arguments alone (a `sh -c` command with arguments of its own included;
+    like an app that hands them to its first instance, the later runs end at once)."""
+    log = tmp_path / "log"
+    script = (f'echo \\"started with: $*\\" >> {log}; [ -e {log}.up ] && exit 0; '
+              f'touch {log}.up; exec sleep 600')
+    path = write_profile(tmp_path, f'''
+name = "notes"
+instance = "single"
+command = ["sh", "-c", "{script}", "sh", "own"]
+mounts = [{{ type = "bind", src = "{tmp_path}" }}]
+''')
+    first = instances.ctl("start", path, "--detach", "--", "a")
+    assert first.returncode == 0, first.stderr
+    instances.ids.append(first.stdout.strip())
+    assert wait_until(lambda: log.exists() and log.read_text() == "started with: own a\n")
+    second = instances.ctl("start", path, "--", "c d", "e")
+    sent = instances.ctl("send-args", "notes", "--", "f", "g h")
+    assert second.returncode == 0 and sent.returncode == 0, (second, sent)
+    assert wait_until(lambda: len(log.read_text().splitlines()) == 3)
+    assert sorted(log.read_text().splitlines()[1:]) == [
+        "started with: own c d e", "started with: own f g h"]
 
 
 def test_gui_dbus_and_hardware_options(instances, tmp_path):

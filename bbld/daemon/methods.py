@@ -151,7 +151,8 @@ class Daemon:
         spec_text, name, notices = await self._resolve(p, call.fds)
         single = _single_instance_name(spec_text) if spec_text else None
         running = await self.registry.running_single(single) if single else None
-        if running is not None and await self._forward(running, spec_text, p.args, call):
+        if running is not None and await self._forward(running, spec_text, p.args, call,
+                                                       p.profile is not None):
             return
         await self._start(p, spec_text, name, single, call, notices)
 
@@ -175,14 +176,16 @@ class Daemon:
         return expanded, None, notices  # (the name went into the profile's spec)
 
     async def _forward(self, record: InstanceRecord, spec_text: str, args: list[str],
-                       call) -> bool:
+                       call, profile: bool) -> bool:
         """Hand a single-instance start's arguments to its running instance (events:
         forwarded, then exited). False if that instance ended before it could take them:
-        then this start makes a new one."""
+        then this start makes a new one. A profile's start hands over its new arguments
+        alone, as `send-args` does (its command's own arguments are the running app's
+        already); a spec's, its command's arguments too (they are that start's)."""
         try:
             sandbox = spec.decode(spec_text, "json", "request")
             main = spec.path_to(sandbox.layer, spec.main_layer_name(sandbox))[-1]
-            argv = main.command.argv[1:]
+            argv = [] if profile else main.command.argv[1:]
         except (spec.SpecError, ValueError, IndexError, AttributeError) as exc:
             problems = exc.problems if isinstance(exc, spec.SpecError) else [str(exc)]
             raise VarlinkError("io.bbl.Manager.StartFailed", exit_code=2,

@@ -15,8 +15,9 @@ HELP = [
      "prints the instance id and returns. ARGS are the app's arguments, or the command "
      "itself where the profile names none; --name is the instance's name and hostname"),
     ("profile", "profile list | show NAME [--expanded] | validate FILE|NAME",
-     "the profiles; show prints one (--expanded: the whole layer tree it means); validate "
-     "reports every problem with file:line (exit 2)"),
+     "the profiles: list shows each one's instance name, file and state (ok, or broken and "
+     "its first problem); show prints one (--expanded: the whole layer tree it means); "
+     "validate reports every problem with file:line (exit 2)"),
     ("ps", "ps [--all] [--json] [--watch]",
      "list running instances and their memory use (--all: also recently ended ones, with "
      "status and cause; --watch: the running ones, then instances starting and ending, a "

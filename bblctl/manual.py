@@ -132,7 +132,7 @@ _bblctl() {{
         return ;;
     esac
     case " {takes_profile} " in *" $command "*)
-        words="$(bblctl profile list 2>/dev/null | awk '{{print $1}}') list show validate install"
+        words="$(bblctl profile list 2>/dev/null | awk 'NR > 1 {{print $1}}') list show validate install"
         COMPREPLY=($(compgen -W "$words" -- "$cur") $(compgen -f -- "$cur"))
         return ;;
     esac
@@ -182,7 +182,7 @@ _bblctl() {{
     fi
     case $words[2] in
         start|desktop|profile)
-            compadd -- ${{(f)"$(bblctl profile list 2>/dev/null | awk '{{print $1}}')"}}
+            compadd -- ${{(f)"$(bblctl profile list 2>/dev/null | awk 'NR > 1 {{print $1}}')"}}
             _files ;;
         ps|setup|doctor|daemon|run) _files ;;
         *)
@@ -210,7 +210,7 @@ def fish_completion() -> str:
 
 FISH_LOOKUPS = r"""
 function __bblctl_profiles
-    bblctl profile list 2>/dev/null | string split -f1 ' '
+    bblctl profile list 2>/dev/null | tail -n +2 | string split -f1 ' '
 end
 function __bblctl_instances
     bblctl ps --json 2>/dev/null | string match -rg '"(?:id|name)": "([^"]*)"'

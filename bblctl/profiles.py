@@ -87,9 +87,7 @@ def profile_command(argv: list[str]) -> int:
     command, argv = argv[0], argv[1:]
     flags, _, positional = parse(argv, {"--expanded": False}, {})
     if command == "list":
-        for name, path in profile.available().items():
-            print(f"{name:20} {path}")
-        return 0
+        return _list(profile)
     if len(positional) != 1:
         raise UsageError(f"profile {command} takes one profile name or file")
     if command == "validate":
@@ -109,6 +107,25 @@ def profile_command(argv: list[str]) -> int:
     else:
         with open(path) as f:
             sys.stdout.write(f.read())
+    return 0
+
+
+def _list(profile) -> int:
+    """Each profile: its name, the instance name it gives, whether it is usable here (its
+    first problem, else "ok"), and its file."""
+    rows = [("PROFILE", "INSTANCE", "STATE", "FILE")]
+    for name, path in profile.available().items():
+        try:
+            loaded, state = profile.load(path), "ok"
+            instance = loaded.name
+        except profile.ProfileError as exc:
+            instance = "-"
+            problem = exc.problems[0].split(": ", 1)[-1] if exc.problems else "broken"
+            state = f"broken: {problem[:60]}{'…' if len(problem) > 60 else ''}"
+        rows.append((name, instance, state, path))
+    widths = [max(len(row[i]) for row in rows) for i in range(2)]
+    for row in rows:
+        print(f"{row[0]:{widths[0]}}  {row[1]:{widths[1]}}  {row[3]}  {row[2]}")
     return 0
 
 

@@ -71,11 +71,16 @@ def test_validate_reports_and_exits_2(instances, tmp_path):
 def test_profiles_are_found_by_name_and_shown_expanded(instances, tmp_path):
     config = tmp_path / "config" / "bbl" / "profiles"
     config.mkdir(parents=True)
-    (config / "mine.toml").write_text('command = ["true"]\n')
+    (config / "mine.toml").write_text('command = ["true"]\nname = "work"\n')
+    (config / "broken.toml").write_text('command = ["true"]\nnet = "sometimes"\n')
     instances.env["XDG_CONFIG_HOME"] = str(tmp_path / "config")
-    listed = instances.ctl("profile", "list").stdout.split()
-    assert listed[listed.index("mine") + 1] == str(config / "mine.toml") and "default" in listed
-    assert instances.ctl("profile", "show", "mine").stdout == 'command = ["true"]\n'
+    table = instances.ctl("profile", "list").stdout.splitlines()
+    assert table[0].split() == ["PROFILE", "INSTANCE", "FILE", "STATE"]
+    rows = {line.split()[0]: line.split(maxsplit=3)[1:] for line in table[1:]}
+    assert rows["mine"] == ["work", str(config / "mine.toml"), "ok"]
+    assert rows["broken"][:2] == ["-", str(config / "broken.toml")]
+    assert rows["broken"][2].startswith("broken: net: ") and rows["default"][2] == "ok"
+    assert instances.ctl("profile", "show", "mine").stdout == 'command = ["true"]\nname = "work"\n'
     expanded = instances.ctl("profile", "show", "mine", "--expanded").stdout
     assert '"main": "layer4"' in expanded and '"name": "layer3"' in expanded
     missing = instances.ctl("profile", "show", "nope")

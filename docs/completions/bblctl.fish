@@ -47,7 +47,7 @@ complete -c bblctl -n __fish_use_subcommand -a doctor -d 'check what BBL needs o
 complete -c bblctl -n '__fish_seen_subcommand_from doctor' -l help
 complete -c bblctl -n '__fish_seen_subcommand_from doctor' -l json
 function __bblctl_profiles
-    bblctl profile list 2>/dev/null | string split -f1 ' '
+    bblctl profile list 2>/dev/null | tail -n +2 | string split -f1 ' '
 end
 function __bblctl_instances
     bblctl ps --json 2>/dev/null | string match -rg '"(?:id|name)": "([^"]*)"'

@@ -32,7 +32,8 @@ _bblctl() {
         return ;;
     esac
     case " start desktop profile " in *" $command "*)
-        words="$(bblctl profile list 2>/dev/null | awk 'NR > 1 {print $1}') list show validate install"
+        words="$(bblctl profile list 2>/dev/null | awk 'NR > 1 {print $1}')"
+        words="$words list show validate install"
         COMPREPLY=($(compgen -W "$words" -- "$cur") $(compgen -f -- "$cur"))
         return ;;
     esac

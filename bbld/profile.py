@@ -42,6 +42,7 @@ OPENERS = ("xdg-open", "gio", "kde-open", "kde-open5", "gnome-open", "exo-open",
            "brave-browser", "microsoft-edge", "opera", "vivaldi", "epiphany", "konqueror",
            "falkon", "qutebrowser", "midori", "librewolf")
 SYSTEM_LINKS = ("bin", "sbin", "lib", "lib32", "lib64", "libx32")
+FUSE = "/dev/fuse"  # what an AppImage mount opens (bbld.engine.squashfs)
 HELPERS_TIMEOUT = 10.0  # seconds the app waits for its helpers' sockets (they take ~5 ms)
 PASSED_ENV = ["LANG", "LC_ALL", "LC_CTYPE", "LC_MESSAGES", "TERM", "COLORTERM", "TZ"]
 
@@ -229,10 +230,14 @@ def _missing_sources(options: Profile, environ: dict[str, str], path: str,
                      "(mkdir -p), or fix the path")
     for index, mount in enumerate(options.mounts):
         source = _home_path(mount.src, home)
+        where = f"$.mounts[{index}].src"
         if not os.path.lexists(source):
-            where = f"$.mounts[{index}].src"
             found.append(f"{path}:{line_of(text, where)}: mounts[{index}].src: {source} does "
                          "not exist: create it, or fix the path")
+        elif mount.type == "appimage" and not os.access(FUSE, os.R_OK | os.W_OK):
+            found.append(f"{path}:{line_of(text, where)}: mounts[{index}]: an AppImage is "
+                         f"mounted through FUSE, and {FUSE} is not usable by you: make it "
+                         "mode 0666 (as root; desktop systems ship it so)")
     return found
 
 

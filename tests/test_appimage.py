@@ -111,3 +111,22 @@ def test_squashfuse_parses_the_image_without_privileges(instances, tmp_path):
     status = dict(line.split(":", 1) for line in open(f"/proc/{server}/status"))
     assert {key: status[key].strip() for key in ("CapEff", "CapPrm", "CapBnd", "NoNewPrivs")} \
         == {"CapEff": "0" * 16, "CapPrm": "0" * 16, "CapBnd": "0" * 16, "NoNewPrivs": "1"}
+
+
+def test_an_appimage_profile_without_usable_fuse_is_one_line_per_image(tmp_path, monkeypatch):
+    """The validator (and a start) says what a FUSE-less host lacks, at the mount's line."""
+    from bbld import profile
+
+    image = tmp_path / "App.AppImage"
+    image.write_bytes(b"\x7fELF")
+    unusable = tmp_path / "fuse"
+    unusable.write_text("")
+    unusable.chmod(0)
+    monkeypatch.setattr(profile, "FUSE", str(unusable))
+    path = tmp_path / "app.toml"
+    path.write_text(f'command = ["true"]\n[[mounts]]\ntype = "appimage"\nsrc = "{image}"\n')
+    with pytest.raises(profile.ProfileError) as caught:
+        profile.load(str(path), {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    assert caught.value.problems == [
+        f"{path}:4: mounts[0]: an AppImage is mounted through FUSE, and {unusable} is not "
+        "usable by you: make it mode 0666 (as root; desktop systems ship it so)"]

@@ -111,13 +111,12 @@ def profile_command(argv: list[str]) -> int:
 
 
 def _list(profile) -> int:
-    """Each profile: its name, the instance name it gives, whether it is usable here (its
-    first problem, else "ok"), and its file."""
+    """Each profile: its name, the instance name it gives, whether its words are right (its
+    first problem, else "ok": `validate` also asks the host), and its file."""
     rows = [("PROFILE", "INSTANCE", "STATE", "FILE")]
     for name, path in profile.available().items():
         try:
-            loaded, state = profile.load(path), "ok"
-            instance = loaded.name
+            instance, state = profile.checked_name(path), "ok"
         except profile.ProfileError as exc:
             instance = "-"
             problem = exc.problems[0].split(": ", 1)[-1] if exc.problems else "broken"

@@ -159,10 +159,7 @@ def load(path: str, environ: dict[str, str] | None = None, uid: int | None = Non
     uid = os.getuid() if uid is None else uid
     gid = os.getgid() if gid is None else gid
     text = _read(path)
-    try:
-        raw = msgspec.toml.decode(text)
-    except msgspec.DecodeError as exc:
-        raise ProfileError([_toml_error(path, text, str(exc))]) from None
+    raw = _decode(path, text)
     if "layer" in raw:  # a tree of its own, with the spec's keys
         sandbox = _convert(raw, spec.Sandbox, path, text)
         if "name" not in raw:
@@ -200,6 +197,27 @@ def load(path: str, environ: dict[str, str] | None = None, uid: int | None = Non
     except spec.SpecError as exc:
         raise ProfileError([f"{path}: {problem}" for problem in exc.problems]) from None
     return sandbox
+
+
+def checked_name(path: str) -> str:
+    """The instance name a profile gives, once its words are checked; nothing of the host is
+    asked (no display, bus, compositor or cgroup: `load` does that, and may act on them).
+    Raises ProfileError."""
+    text = _read(path)
+    raw = _decode(path, text)
+    if "layer" in raw:
+        return raw.get("name") or _convert(raw, spec.Sandbox, path, text).name \
+            or _default_name(path)
+    options = _convert(raw, Profile, path, text)
+    _check_options(options, path, text)
+    return options.name or _default_name(path)
+
+
+def _decode(path: str, text: str) -> dict:
+    try:
+        return msgspec.toml.decode(text)
+    except msgspec.DecodeError as exc:
+        raise ProfileError([_toml_error(path, text, str(exc))]) from None
 
 
 def _toml_error(path: str, text: str, message: str) -> str:

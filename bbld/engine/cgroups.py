@@ -70,10 +70,11 @@ class Cgroups:
         self.made: list[str] = []  # directories, parents first
         self.fds: list[int] = []
         self.paths: dict[str, str] = {}  # a limited layer's name: its cgroup
-        limited = [node for node in plan.layers() if settings(node.layer)]
+        files = {node.name: settings(node.layer) for node in plan.layers()}
+        limited = [node for node in plan.layers() if files[node.name]]
         if not limited:
             return
-        needed = controllers(f for node in limited for f in settings(node.layer))
+        needed = controllers(f for node in limited for f in files[node.name])
         base = os.environ.get(ENV, "")
         first = f"layer '{limited[0].name}': {' and '.join(needed)} limits"
         if not base:
@@ -94,7 +95,7 @@ class Cgroups:
         try:
             _enable(base, needed)
             top = self._make(base, f"bbl-{os.getpid()}-{next(_counter)}")
-            self._place(plan.root, top, needed)
+            self._place(plan.root, top, needed, files)
         except StartError:
             self.remove()
             raise
@@ -110,9 +111,9 @@ class Cgroups:
         self.made.append(path)
         return path
 
-    def _place(self, node, parent: str, needed: list[str]) -> None:
+    def _place(self, node, parent: str, needed: list[str], all_files: dict) -> None:
         here = parent
-        files = settings(node.layer)
+        files = all_files[node.name]
         if files:
             _enable(parent, needed)
             here = self._make(parent, node.name)
@@ -128,7 +129,7 @@ class Cgroups:
             node.cgroup_fd = os.open(leaf, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             self.fds.append(node.cgroup_fd)
         for child in node.children:
-            self._place(child, here, needed)
+            self._place(child, here, needed, all_files)
 
     def cause(self) -> str | None:
         """Why the instance ended, if a limit ended it: the memory limit's OOM kills."""

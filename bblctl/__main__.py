@@ -9,11 +9,13 @@ HELP = [
      "run a command in a sandbox described by a bubblewrap command line, as an instance of "
      "the daemon (bbld; started when needed); with --single-instance, a second run with "
      "the same name hands its arguments to the running instance instead"),
-    ("start", "start PROFILE [--name NAME] [--detach] [-- ARGS...]",
+    ("start", "start PROFILE [--name NAME] [--detach] [--detach-key KEY] [-- ARGS...]",
      "start a sandbox from a profile (a name, see `profile list`, or a file): in the "
-     "foreground, with a terminal made inside the sandbox when stdin is one; --detach "
-     "prints the instance id and returns. ARGS are the app's arguments, or the command "
-     "itself where the profile names none; --name is the instance's name and hostname"),
+     "foreground, with a terminal made inside the sandbox when stdin is one (Ctrl-] "
+     "detaches from it and leaves the app running; `attach ID` shows it again); --detach "
+     "prints the instance id and returns at once. ARGS are the app's arguments, or the "
+     "command itself where the profile names none; --name is the instance's name and "
+     "hostname. KEY: ctrl-X, ^X or none (default: $BBL_DETACH_KEY, else ctrl-])"),
     ("profile", "profile list | show NAME [--expanded] | validate FILE|NAME",
      "the profiles: list shows each one's instance name, file and state (ok, or broken and "
      "its first problem); show prints one (--expanded: the whole layer tree it means); "
@@ -27,8 +29,13 @@ HELP = [
     ("exec", "exec [--layer NAME] ID [--] COMMAND [ARGS...]",
      "run a command in a layer of a running instance (default: the main command's layer), "
      "with exactly that layer's restrictions"),
-    ("attach", "attach [--layer NAME] ID [-- COMMAND [ARGS...]]",
-     "the same with a terminal made inside the sandbox (default: a shell)"),
+    ("attach", "attach [--new] [--layer NAME] [--detach-key KEY] ID [-- COMMAND [ARGS...]]",
+     "show the app's own terminal, if it has one (started on a terminal, or with --detach): "
+     "the last 64 KiB it wrote come first, Ctrl-] (or KEY) detaches and "
+     "leaves it running, a second attach takes the terminal over, and the status is the "
+     "app's if it ends meanwhile. With --new, a layer or a command (or for an app without "
+     "a terminal): a new terminal made inside the sandbox with that command, a shell by "
+     "default, which ends with this attach"),
     ("send-args", "send-args ID [--] ARGS...",
      "hand arguments to a running instance: its main program runs again in its main "
      "layer with them (or the spec's send_args command)"),

@@ -6,37 +6,46 @@ only then: exec and send-args need none of it).
 """
 
 from bblctl.cli import UsageError
-from bblctl.client import SignalForwarder, connect
+from bblctl.client import RemoteError, SignalForwarder, connect
 
 
-def parse(argv: list[str], command: str) -> tuple[str, str | None, list[str]]:
-    """`[--layer NAME] ID [--] [CMD...]`: options first, then the id, then the command."""
-    layer = None
-    while argv and argv[0].startswith("--") and argv[0] != "--":
+def parse(argv: list[str], command: str, flags: tuple[str, ...] = (),
+          values: tuple[str, ...] = ("--layer",)) -> tuple[str, dict, list[str]]:
+    """`[OPTIONS] ID [OPTIONS] [--] [CMD...]`: the options (`flags`, and `values` that take
+    one) before or right after the id, then the command."""
+    options: dict = {}
+    instance = None
+    while argv and argv[0] != "--":
         name, eq, value = argv[0].partition("=")
-        if name != "--layer":
+        if instance is not None and name not in (*flags, *values):
+            break  # (the command)
+        if not name.startswith("--"):
+            instance, argv = argv[0], argv[1:]
+            continue
+        if name in flags and not eq:
+            options[name], argv = True, argv[1:]
+            continue
+        if name not in values:
             raise UsageError(f"unknown option {argv[0]}")
         if not eq:
             if len(argv) < 2:
-                raise UsageError("--layer needs a layer name; see bblctl tree")
+                raise UsageError(f"{name} needs a value" if name != "--layer"
+                                 else "--layer needs a layer name; see bblctl tree")
             value, argv = argv[1], argv[1:]
-        layer, argv = value, argv[1:]
-    if not argv or argv[0] == "--":
+        options[name], argv = value, argv[1:]
+    if instance is None:
         raise UsageError(f"{command} needs an instance id or name; see bblctl ps")
-    instance, rest = argv[0], argv[1:]
-    if rest and rest[0] == "--layer":  # also after the id
-        return parse(["--layer", *rest[1:2], instance, *rest[2:]], command)
-    if rest and rest[0] == "--":
-        rest = rest[1:]
-    return instance, layer, rest
+    if argv and argv[0] == "--":
+        argv = argv[1:]
+    return instance, options, argv
 
 
 def exec_(argv: list[str]) -> int:
-    instance, layer, command = parse(argv, "exec")
+    instance, options, command = parse(argv, "exec")
     if not command:
         raise UsageError("exec needs a command after the instance: bblctl exec ID -- CMD...")
     return _run_in(instance, "io.bbl.Manager.Exec", argv=command,
-                   **({"layer": layer} if layer else {}))
+                   **({"layer": options["--layer"]} if "--layer" in options else {}))
 
 
 def send_args(argv: list[str]) -> int:
@@ -61,16 +70,48 @@ def _run_in(instance: str, method: str, **parameters) -> int:
 
 
 def attach(argv: list[str]) -> int:
-    from bblctl.terminal import attach_terminal
+    """The app's own terminal (detach key: Ctrl-] unless --detach-key), when it has one and
+    neither a layer, a command nor --new is given; else a new terminal with a command (a
+    shell by default) in the layer."""
+    from bblctl import terminal
 
-    instance, layer, command = parse(argv, "attach")  # no command: bbld starts a shell
+    instance, options, command = parse(argv, "attach", ("--new",),
+                                       ("--layer", "--detach-key"))
+    try:
+        key = terminal.detach_key(options.get("--detach-key"))
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
+    if not ({"--new", "--layer"} & options.keys() or command):
+        try:
+            return _attach_console(instance, key)
+        except RemoteError as exc:
+            if exc.name != "io.bbl.Manager.NoTerminal":
+                raise
     with connect() as conn:
-        replies = conn.stream("io.bbl.Manager.Exec", id=instance, argv=command,
-                              tty=True, **({"layer": layer} if layer else {}))
+        replies = conn.stream("io.bbl.Manager.Exec", id=instance, argv=command, tty=True,
+                              **({"layer": options["--layer"]} if "--layer" in options else {}))
         next(replies)  # started: the pty's master came with it
         if not conn.fds:
             raise UsageError("the daemon sent no terminal")
-        attach_terminal(conn.fds.pop(0), conn.sock)
+        terminal.attach_terminal(conn.fds.pop(0), conn.sock)
+        for reply in replies:
+            if reply["event"] == "exited":
+                return reply["status"]
+    return 1
+
+
+def _attach_console(instance: str, key: bytes | None) -> int:
+    """Attach to the app's terminal: its status if it ends meanwhile, else 0 (detached)."""
+    from bblctl.terminal import ENDED, attach_terminal, said_detached
+
+    with connect() as conn:
+        replies = conn.stream("io.bbl.Manager.Attach", id=instance)
+        started = next(replies)
+        if not conn.fds:
+            raise UsageError("the daemon sent no terminal")
+        how = attach_terminal(conn.fds.pop(0), conn.sock, console=True, key=key)
+        if how != ENDED:
+            return said_detached(how, started["id"])
         for reply in replies:
             if reply["event"] == "exited":
                 return reply["status"]

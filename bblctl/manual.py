@@ -50,9 +50,15 @@ def bblctl_page() -> str:
         ("DESCRIPTION", "bblctl is the client of bbld, the per-user BBL daemon, which it "
                         "starts when none runs. " + IDS),
         ("COMMANDS", [(synopsis, text) for _, synopsis, text in HELP]),
-        ("EXIT STATUS", "The sandbox's main command's status (128+N for signal N) for run "
-                        "and start; 2 for a bad command line or profile, with one line "
-                        "saying what and how to fix it; 1 for a failure at run time."),
+        ("EXIT STATUS", "The sandbox's main command's status (128+N for signal N) for run, "
+                        "start and attach (0 when they detach); 2 for a bad command line "
+                        "or profile, with one line saying what and how to fix it; 1 for a "
+                        "failure at run time."),
+        ("ENVIRONMENT", [("BBL_DETACH_KEY", "the detach key of start and attach when "
+                                            "--detach-key is not given (default ctrl-])"),
+                         ("XDG_RUNTIME_DIR", "where bbld's socket is: "
+                                             "$XDG_RUNTIME_DIR/bbl/bbld.sock (without it, "
+                                             "/run/user/UID/bbl/bbld.sock)")]),
         ("SEE ALSO", "bbld(1), bbl-bwrap(1), bbl-profile(5)")])
 
 
@@ -149,9 +155,7 @@ def _commands() -> list[tuple[str, str, list[str]]]:
 
     found = []
     for name, synopsis, text in HELP:
-        summary = text.split(";")[0].split(":")[0]
-        if summary.count("(") > summary.count(")"):
-            summary = summary[:summary.rindex(" (")]
+        summary = re.sub(r" \([^)]*\)?", "", text.split(";")[0].split(":")[0])
         found.append((name, summary[:70],
                       sorted(set(re.findall(r"--[a-z-]+", synopsis)) | {"--help"})))
     return found

@@ -14,7 +14,8 @@ def start(argv: list[str]) -> int:
     With bbld running, the daemon finds and expands the profile with our environment (the
     client imports no spec). Otherwise it is expanded here, so that a bad profile starts no
     daemon."""
-    flags, values, positional = parse(argv, {"--detach": False}, {"--name": None})
+    flags, values, positional = parse(argv, {"--detach": False},
+                                      {"--name": None, "--detach-key": None})
     if not positional:
         raise UsageError("start needs a profile name or file; see bblctl profile list")
     target, args = positional[0], positional[1:]
@@ -24,6 +25,8 @@ def start(argv: list[str]) -> int:
     if new_name is not None and not is_name(new_name):
         raise UsageError(f"--name {new_name!r}: use letters, digits, . _ -")
     tty = flags["--detach"] or os.isatty(0)  # detached: the monitor holds the terminal
+    key = _detach_key(values["--detach-key"]) \
+        if (tty and not flags["--detach"]) or values["--detach-key"] else None
     conn = running_daemon()
     notices: list[str] = []  # (the profile's, when it is expanded here)
     if conn is None:
@@ -49,15 +52,26 @@ def start(argv: list[str]) -> int:
                 elif reply["event"] == "started":
                     forwarder.aim(id=reply["id"])
                     if reply.get("tty") and conn.fds:
-                        from bblctl.terminal import attach_terminal  # (its imports: only here)
+                        from bblctl.terminal import ENDED, attach_terminal, said_detached
 
-                        attach_terminal(conn.fds.pop(0), conn.sock)
+                        how = attach_terminal(conn.fds.pop(0), conn.sock, console=True, key=key)
+                        if how != ENDED:  # (the app runs on)
+                            return said_detached(how, reply["id"])
                 elif reply["event"] == "exited":
                     return reply["status"]
     finally:
         os.close(null)
         os.close(cwd)
     return 1
+
+
+def _detach_key(name: str | None) -> bytes | None:
+    from bblctl.terminal import detach_key  # (its imports: only on a terminal)
+
+    try:
+        return detach_key(name)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
 
 
 def _local_spec(target: str, name: str | None, tty: bool, notices: list[str]) -> str:

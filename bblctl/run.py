@@ -84,7 +84,7 @@ def _run(fds: list[int], parameters: dict, parent: int, conn: Connection | None 
                     if reply.get("tty") and conn.fds:  # an interactive command's pty
                         from bblctl.terminal import attach_terminal
 
-                        attach_terminal(conn.fds.pop(0), conn.sock)
+                        attach_terminal(conn.fds.pop(0), conn.sock, console=True)
                 elif reply.get("event") == "forwarded":  # to a running single instance
                     forwarder.aim(id=reply["id"], pid=reply["pid"])
                 elif reply.get("event") == "exited":

@@ -50,7 +50,7 @@ CONTROL_FDS = 3
 
 
 class ControlRequest(msgspec.Struct, forbid_unknown_fields=True):
-    op: str  # status, watch, signal, exec, send-args
+    op: str  # status, watch, signal, exec, send-args, attach
     signal: int = 0
     pid: int | None = None
     layer: str | None = None

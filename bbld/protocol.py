@@ -121,9 +121,10 @@ method Quit() -> ()
 # asks for it: the caller should then end when its own parent does (bwrap's
 # --die-with-parent; its end ends the instance).
 # When the main command has tty (a pty from its layer's devpts), the
-# "started" reply says tty and carries the pty's master (SCM_RIGHTS); with
-# detach, the instance's monitor keeps the master instead (and discards what
-# is written to it), so the caller may leave.
+# instance's monitor holds the pty from start to end, and the "started"
+# reply says tty and carries the caller's end of it, as Attach's does (see
+# there): the caller may detach, and Attach shows the terminal again. With
+# detach, no client end comes (nobody is attached), so the caller may leave.
 # Four file descriptors travel with the call (SCM_RIGHTS), in this order:
 # stdin, stdout and stderr for the sandbox, and its working directory;
 # then one fd for each entry of fd_numbers, which the spec or command line
@@ -241,9 +242,30 @@ method SendArgs(id: string, args: []string) -> (
   status: ?int
 )
 
+# Show the app's own terminal: the pty its main command was started on,
+# which the instance's monitor holds from the start to the end (whether or
+# not a client shows it). Call it with "more". The "started" reply carries
+# this client's end of a SOCK_SEQPACKET socket (SCM_RIGHTS), each packet a
+# tag byte and its payload: the client sends "i" + input and "w" + struct
+# winsize; it receives "o" + output (first the last 64 KiB the app wrote)
+# and "n" + why it was let go. One client at a time: a new Attach takes the
+# terminal over, and the previous client gets an "n" packet and its end.
+# Closing the socket detaches: the app goes on. Replies: event "started"
+# (pid: the main command's), then event "exited" (status) when the instance
+# ends. NoTerminal if the app was not started on a terminal.
+method Attach(id: string) -> (
+  event: string,
+  pid: ?int,
+  status: ?int
+)
+
 # The command could not be started in the layer (no such layer, no such
 # program, no pty); exit_code is 2 for what the caller can fix, else 1.
 error ExecFailed (message: string, exit_code: int)
+
+# The app has no terminal to attach to: it was not started on one (a start
+# without a terminal and without --detach), or its terminal has closed.
+error NoTerminal (id: string, message: string)
 
 # No running instance has this id, name or id prefix.
 error NoSuchInstance (id: string)

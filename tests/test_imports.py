@@ -10,7 +10,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SHARED = ("spec", "bwrap", "profile", "dbus", "gui", "wayland", "net", "limits", "cgroupfs",
-          "paths", "peer", "text", "protocol", "channel", "messages", "__init__")
+          "paths", "peer", "text", "protocol", "channel", "messages", "console", "__init__")
 RULES = {  # package (or module) -> what it may not import
     "bbld/daemon": ("bbld.engine", "bbld.monitors", "bblctl"),
     "bbld/monitors": ("trio", "bbld.daemon", "bblctl"),

@@ -77,6 +77,10 @@ class ExecParams(Params):
     tty: bool | None = None
 
 
+class AttachParams(Params):
+    id: str
+
+
 class SendArgsParams(Params):
     id: str
     args: list[str]
@@ -107,9 +111,10 @@ class Daemon:
             "io.bbl.Manager.Stop": (self.stop, StopParams, False),
             "io.bbl.Manager.Exec": (self.exec, ExecParams, True),
             "io.bbl.Manager.SendArgs": (self.send_args, SendArgsParams, True),
+            "io.bbl.Manager.Attach": (self.attach, AttachParams, False),
             "io.bbl.Manager.Events": (self.events, NoParams, False),
         }
-        self.streams = {"io.bbl.Manager.Run", "io.bbl.Manager.Exec",
+        self.streams = {"io.bbl.Manager.Run", "io.bbl.Manager.Exec", "io.bbl.Manager.Attach",
                         "io.bbl.Manager.SendArgs", "io.bbl.Manager.Events"}
 
     # ------------------------------------------------------------ about the daemon
@@ -377,6 +382,11 @@ class Daemon:
             raise VarlinkError(f"{SERVICE}.InvalidParameter", parameter="fds")
         await self._exec(record, ControlRequest(op="send-args", args=p.args), call)
 
+    async def attach(self, p: AttachParams, call) -> None:
+        """The app's own terminal (its monitor holds it): started (with this client's end of
+        it), then exited when the instance ends."""
+        await self._exec(self._live(p.id), ControlRequest(op="attach"), call)
+
     async def _exec(self, record: InstanceRecord, request: ControlRequest, call) -> None:
         try:
             monitor = await call_monitor(self.registry.control_path(record.id), request,
@@ -392,6 +402,9 @@ class Daemon:
             reply, fds = answer
             if reply.op == "error":
                 channel.close_all(fds)
+                if reply.parameter == "terminal":  # (Attach)
+                    raise VarlinkError("io.bbl.Manager.NoTerminal", id=record.id,
+                                       message=reply.message)
                 raise VarlinkError("io.bbl.Manager.ExecFailed", message=reply.message,
                                    exit_code=reply.exit_code or 1)
             if reply.op == "started":

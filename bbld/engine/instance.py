@@ -253,10 +253,11 @@ class Instance:
                     traceback.print_exc()
                     self.unwatch(fd)  # nor make it spin on an fd that stays readable
 
-    def watch(self, fd: int, callback) -> None:
-        """Call `callback()` from the instance's loop whenever `fd` is readable."""
+    def watch(self, fd: int, callback, events: int = select.POLLIN) -> None:
+        """Call `callback()` from the instance's loop whenever `fd` has one of `events`
+        (readable; watched again, the events change)."""
         self.watches[fd] = callback
-        self.poller.register(fd, select.POLLIN)
+        self.poller.register(fd, events)
 
     def unwatch(self, fd: int) -> None:
         if self.watches.pop(fd, None) is not None:

@@ -106,6 +106,7 @@ NS_GET_PARENT = 0xB702  # ioctl on a user (or pid) namespace fd: its parent's
 TIOCSPTLCK = 0x40045431  # unlock a pty pair
 TIOCGPTPEER = 0x5441  # open the peer of a pty master (race-free, kernel >= 4.13)
 TIOCSCTTY = 0x540E
+TIOCSIG = 0x40045436  # on a pty master: signal the slave's foreground process group
 
 
 def _check(result: int) -> int:

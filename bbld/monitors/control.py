@@ -14,6 +14,9 @@ instances. One request per connection, JSON (ControlRequest); replies are Contro
                        the process dies if the connection closes first
   send-args (+3 fds) -> the same, for the command that hands `args` to the instance (the
                        spec's send_args template, or the main program with the arguments)
+  attach            -> started (with the client's end of the app's terminal: bbld.console),
+                       then exited (status), as for watch; error (parameter "terminal") if
+                       the app has no terminal
 
 When the instance ends the monitor writes ID.exited (the final entry) for a bbld that was not
 there to see it, answers every watcher, and removes its socket.
@@ -54,6 +57,7 @@ class Control:
         self.directory = directory
         self.watchers: list[socket.socket] = []
         self.execs: dict[int, tuple[int, socket.socket]] = {}  # pid -> (pidfd, connection)
+        self.console = None  # the app's terminal, if it has one (bbld.monitors.console)
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         try:
             try:
@@ -130,6 +134,8 @@ class Control:
             conn.close()
         elif request.op == "exec":
             self._exec(conn, request, fds)
+        elif request.op == "attach":
+            self._attach(conn)
         elif request.op == "send-args":  # exec of the command the spec says takes them
             argv = send_args_argv(self.instance.plan.sandbox, request.args)
             self._exec(conn, ControlRequest(op="exec", argv=argv), fds)
@@ -184,6 +190,24 @@ class Control:
         self.execs[pid] = (entered.pidfd, conn)
         self.instance.watch(entered.pidfd, lambda: self._exec_ended(pid))
         self.instance.watch(conn.fileno(), lambda: self._exec_hung_up(pid))
+
+    def _attach(self, conn: socket.socket) -> None:
+        """A new client of the app's terminal: started (its end of the terminal's socket),
+        then, like a watcher, exited when the instance ends."""
+        if self.console is None:
+            raise BadParameter("terminal", "the app has no terminal of its own (it was not "
+                                           "started on one)")
+        try:
+            fd = self.console.attach()
+        except OSError:
+            raise BadParameter("terminal", "the app's terminal has closed") from None
+        try:
+            _reply(conn, ControlReply(op="started", pid=self.instance.main_pid), [fd])
+        finally:
+            os.close(fd)
+        conn.settimeout(None)
+        self.watchers.append(conn)
+        self.instance.watch(conn.fileno(), lambda: self._watcher_gone(conn))
 
     def _exec_ended(self, pid: int) -> None:
         pidfd, conn = self.execs.pop(pid)

@@ -24,6 +24,7 @@ from bbld.engine import Instance, StartError, prepare
 from bbld.engine.errors import EXIT_USAGE
 from bbld.engine.syscalls import default_signal_actions
 from bbld.messages import INSTANCE_ID, Event, StartRequest
+from bbld.monitors.console import Console
 from bbld.monitors.control import Control
 
 request_decoder = msgspec.json.Decoder(StartRequest)
@@ -84,18 +85,18 @@ def run(data: bytes, fds: list[int], directory: str) -> int:
         return _failed(report, front, f"cannot make the instance's control socket in "
                                       f"{directory}: {exc.strerror}", 1)
     own = os.pidfd_open(os.getpid())  # the daemon signals the instance through its monitor
-    tty = [instance.main_tty] if instance.main_tty is not None else []
-    if request.hold_tty and tty:  # detached: the terminal stays open here, its output unread
-        instance.watch(tty[0], lambda: _discard(tty[0]))
-        tty = []
+    console = None  # the app's terminal, held here (bbld.monitors.console)
+    if instance.main_tty is not None:
+        console, instance.main_tty = Console(instance, instance.main_tty), None
+    control.console = console
+    # The caller's client shows the terminal from the start, unless it starts detached.
+    client = [console.attach()] if console and not request.hold_tty else []
     _send(report, Event(event="started", name=entry["name"], command=entry["command"],
                         started=started, main_pid=instance.main_pid, layers=layers,
-                        tty=bool(tty), die_with_parent=plan.sandbox.die_with_parent),
-          [own, *tty])
-    os.close(own)
-    for fd in tty:  # the caller's now: when it closes, the sandbox's terminal hangs up
+                        tty=bool(client), die_with_parent=plan.sandbox.die_with_parent),
+          [own, *client])
+    for fd in (own, *client):
         os.close(fd)
-        instance.main_tty = None
     status = None
     try:
         try:
@@ -103,6 +104,8 @@ def run(data: bytes, fds: list[int], directory: str) -> int:
         except StartError as exc:
             return _failed(report, front, str(exc), exc.exit_code, exc)
         finally:
+            if console is not None:  # (first: the client shows the app's last output)
+                console.close()
             control.close(status, instance.cause)
         _send(report, Event(event="exited", status=status))
         return 0
@@ -150,14 +153,6 @@ def _failed(report: socket.socket, front: bwrap.FrontEnd | None, message: str,
     _send(report, Event(event="failed", message=message, exit_code=code,
                         reported=front is not None, fields=fields))
     return 0
-
-
-def _discard(fd: int) -> None:
-    """Read what a detached instance writes to its terminal, so that it never blocks."""
-    try:
-        os.read(fd, 65536)
-    except OSError:
-        pass
 
 
 def _send(report: socket.socket, event: Event, fds: list[int] = ()) -> None:

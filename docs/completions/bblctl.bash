@@ -7,12 +7,12 @@ _bblctl() {
     fi
     case $command in
         run) opts="--help --name --single-instance" ;;
-        start) opts="--detach --help --name" ;;
+        start) opts="--detach --detach-key --help --name" ;;
         profile) opts="--expanded --help" ;;
         ps) opts="--all --help --json --watch" ;;
         tree) opts="--help --json" ;;
         exec) opts="--help --layer" ;;
-        attach) opts="--help --layer" ;;
+        attach) opts="--detach-key --help --layer --new" ;;
         send-args) opts="--help" ;;
         stop) opts="--help --timeout" ;;
         kill) opts="--help --signal" ;;

@@ -5,8 +5,9 @@ complete -c bblctl -n __fish_use_subcommand -a run -d 'run a command in a sandbo
 complete -c bblctl -n '__fish_seen_subcommand_from run' -l help
 complete -c bblctl -n '__fish_seen_subcommand_from run' -l name
 complete -c bblctl -n '__fish_seen_subcommand_from run' -l single-instance
-complete -c bblctl -n __fish_use_subcommand -a start -d 'start a sandbox from a profile (a name, see `profile list`, or a file)'
+complete -c bblctl -n __fish_use_subcommand -a start -d 'start a sandbox from a profile'
 complete -c bblctl -n '__fish_seen_subcommand_from start' -l detach
+complete -c bblctl -n '__fish_seen_subcommand_from start' -l detach-key
 complete -c bblctl -n '__fish_seen_subcommand_from start' -l help
 complete -c bblctl -n '__fish_seen_subcommand_from start' -l name
 complete -c bblctl -n __fish_use_subcommand -a profile -d 'the profiles'
@@ -23,9 +24,11 @@ complete -c bblctl -n '__fish_seen_subcommand_from tree' -l json
 complete -c bblctl -n __fish_use_subcommand -a exec -d 'run a command in a layer of a running instance'
 complete -c bblctl -n '__fish_seen_subcommand_from exec' -l help
 complete -c bblctl -n '__fish_seen_subcommand_from exec' -l layer
-complete -c bblctl -n __fish_use_subcommand -a attach -d 'the same with a terminal made inside the sandbox'
+complete -c bblctl -n __fish_use_subcommand -a attach -d 'show the app\'s own terminal, if it has one'
+complete -c bblctl -n '__fish_seen_subcommand_from attach' -l detach-key
 complete -c bblctl -n '__fish_seen_subcommand_from attach' -l help
 complete -c bblctl -n '__fish_seen_subcommand_from attach' -l layer
+complete -c bblctl -n '__fish_seen_subcommand_from attach' -l new
 complete -c bblctl -n __fish_use_subcommand -a send-args -d 'hand arguments to a running instance'
 complete -c bblctl -n '__fish_seen_subcommand_from send-args' -l help
 complete -c bblctl -n __fish_use_subcommand -a stop -d 'SIGTERM to the main command'
@@ -34,10 +37,10 @@ complete -c bblctl -n '__fish_seen_subcommand_from stop' -l timeout
 complete -c bblctl -n __fish_use_subcommand -a kill -d 'send a signal to the main command'
 complete -c bblctl -n '__fish_seen_subcommand_from kill' -l help
 complete -c bblctl -n '__fish_seen_subcommand_from kill' -l signal
-complete -c bblctl -n __fish_use_subcommand -a desktop -d 'a menu launcher (~/.local/share/applications) that starts the profile'
+complete -c bblctl -n __fish_use_subcommand -a desktop -d 'a menu launcher that starts the profile'
 complete -c bblctl -n '__fish_seen_subcommand_from desktop' -l from
 complete -c bblctl -n '__fish_seen_subcommand_from desktop' -l help
-complete -c bblctl -n __fish_use_subcommand -a daemon -d 'whether bbld runs (pid, version, how it started, socket, instances)'
+complete -c bblctl -n __fish_use_subcommand -a daemon -d 'whether bbld runs'
 complete -c bblctl -n '__fish_seen_subcommand_from daemon' -l help
 complete -c bblctl -n '__fish_seen_subcommand_from daemon' -l json
 complete -c bblctl -n __fish_use_subcommand -a setup -d 'make this install ready to use'

@@ -22,6 +22,7 @@ The template (see docs/profiles.md):
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 import shlex
@@ -166,19 +167,21 @@ def load(path: str, environ: dict[str, str] | None = None, uid: int | None = Non
             sandbox.name = _default_name(path)
         _check_bus_identities(sandbox.layer, uid, path, text)
     else:
-        options = _convert(raw, Profile, path, text)
-        _check_options(options, path, text)
-        missing = _missing_sources(options, environ, path, text)
-        if missing:
-            raise ProfileError(missing)
+        options, problems, numbering = _options(raw, path, text)
+        problems += _option_problems(options, path, text, numbering)
+        problems += _missing_sources(options, environ, path, text, numbering)
+        said: list[tuple[str, str]] = []
+        # What the host lacks for a key whose words are right (bbld's cgroup: its own):
+        wrong = {re.split(r"[.\[:]", problem.split(": ")[1])[0] for problem in problems}
         for key, problem in (("net", net.host_problem(net.of(options.net), environ)),
                              ("gui", gui.host_problem(gui.of(options.gui), environ))):
-            if problem:
-                raise ProfileError([f"{path}:{line_of(text, '$.' + key)}: {key}: {problem}"])
-        said: list[tuple[str, str]] = []
-        lacking, problem = limits.missing(options.limits)  # (bbld's cgroup: its environment)
+            if problem and key not in wrong:
+                problems.append(f"{path}:{line_of(text, '$.' + key)}: {key}: {problem}")
+        lacking, problem = limits.missing(options.limits) if "limits" not in wrong else ([], "")
         if lacking and options.limits.get("required", True):
-            raise ProfileError([f"{path}:{line_of(text, '$.limits')}: limits: {problem}"])
+            problems.append(f"{path}:{line_of(text, '$.limits')}: limits: {problem}")
+        if problems:
+            raise ProfileError(_in_file_order(problems))
         if lacking:  # (required = false)
             said.append(("limits", f"{problem}; running without them"))
             options.limits = {k: v for k, v in options.limits.items() if k not in lacking}
@@ -199,6 +202,16 @@ def load(path: str, environ: dict[str, str] | None = None, uid: int | None = Non
     return sandbox
 
 
+def _locate_origins(sandbox: spec.Sandbox, path: str, text: str) -> None:
+    """Operations that come from a key the profile has say FILE:LINE too, so that a start
+    failing on one names the profile's line (`FILE:4: mounts[0] (ro-bind) /x: ...`)."""
+    for layer, _parent in spec.walk(sandbox.layer):
+        for op in layer.fs:
+            key = (op.origin or "").split("[")[0].split(".")[0]
+            if key and re.search(rf"^\s*\[?\s*{re.escape(key)}\b", text, re.MULTILINE):
+                op.origin = f"{path}:{line_of(text, '$.' + op.origin)}: {op.origin}"
+
+
 def checked_name(path: str) -> str:
     """The instance name a profile gives, once its words are checked; nothing of the host is
     asked (no display, bus, compositor or cgroup: `load` does that, and may act on them).
@@ -208,9 +221,20 @@ def checked_name(path: str) -> str:
     if "layer" in raw:
         return raw.get("name") or _convert(raw, spec.Sandbox, path, text).name \
             or _default_name(path)
-    options = _convert(raw, Profile, path, text)
-    _check_options(options, path, text)
+    options, problems, numbering = _options(raw, path, text)
+    problems += _option_problems(options, path, text, numbering)
+    if problems:
+        raise ProfileError(_in_file_order(problems))
     return options.name or _default_name(path)
+
+
+def _in_file_order(problems: list[str]) -> list[str]:
+    """FILE:LINE: ... lines sorted by their line (stable: a line's problems keep theirs)."""
+    def line(problem: str) -> int:
+        found = re.match(r".*?:(\d+): ", problem)
+        return int(found.group(1)) if found else 0
+
+    return sorted(problems, key=line)
 
 
 def _decode(path: str, text: str) -> dict:
@@ -237,21 +261,29 @@ def _toml_error(path: str, text: str, message: str) -> str:
 
 
 def _missing_sources(options: Profile, environ: dict[str, str], path: str,
-                     text: str) -> list[str]:
+                     text: str, numbering: dict) -> list[str]:
     """mounts whose source is not on the host, each as FILE:LINE: mounts[N].src: ... (a
     start would fail on them, in the generated tree's words)."""
     home = environ.get("HOME") or os.path.expanduser("~")
     found = []
-    if options.home != "tmpfs" and not os.path.isdir(_home_path(options.home, home)):
+    if options.home != "tmpfs" and os.path.isabs(_home_path(options.home, home)) \
+            and not os.path.isdir(_home_path(options.home, home)):
         found.append(f"{path}:{line_of(text, '$.home')}: home: "
                      f"{_home_path(options.home, home)} is not a directory: create it "
                      "(mkdir -p), or fix the path")
-    for index, mount in enumerate(options.mounts):
+    for index, mount in _numbered(options.mounts, numbering.get("mounts")):
         source = _home_path(mount.src, home)
         where = f"$.mounts[{index}].src"
+        if not os.path.isabs(source):
+            continue  # (_option_problems says so)
         if not os.path.lexists(source):
             found.append(f"{path}:{line_of(text, where)}: mounts[{index}].src: {source} does "
                          "not exist: create it, or fix the path")
+        elif mount.type == "appimage" and not (os.path.isfile(source)
+                                               and os.access(source, os.R_OK)):
+            found.append(f"{path}:{line_of(text, where)}: mounts[{index}].src: {source} is "
+                         "not a file you can read: an AppImage is one (chmod u+r, or fix "
+                         "the path)")
         elif mount.type == "appimage" and not os.access(FUSE, os.R_OK | os.W_OK):
             found.append(f"{path}:{line_of(text, where)}: mounts[{index}]: an AppImage is "
                          f"mounted through FUSE, and {FUSE} is not usable by you: make it "
@@ -295,7 +327,9 @@ def spec_for_start(name_or_path: str, environ: dict[str, str], name: str | None 
     with `tty`; its notices added to `notices`. Raises ProfileError."""
     if name is not None and not spec.NAME_PATTERN.match(name):
         raise ProfileError([f"--name {name!r}: use letters, digits, . _ -"])
-    sandbox = load(find(name_or_path, environ), environ, notices=notices, name=name)
+    path = find(name_or_path, environ)
+    sandbox = load(path, environ, notices=notices, name=name)
+    _locate_origins(sandbox, path, _read(path))
     if name is not None:  # (a profile with a tree of its own: its layers keep their hostnames)
         sandbox.name = name
     main = spec.path_to(sandbox.layer, spec.main_layer_name(sandbox))[-1]
@@ -303,7 +337,7 @@ def spec_for_start(name_or_path: str, environ: dict[str, str], name: str | None 
     return msgspec.json.encode(sandbox).decode()
 
 
-def _check_options(options: Profile, path: str, text: str) -> None:
+def _option_problems(options: Profile, path: str, text: str, numbering: dict) -> list[str]:
     """What the types cannot say, each problem with its line."""
     problems = []
 
@@ -322,13 +356,13 @@ def _check_options(options: Profile, path: str, text: str) -> None:
         say("$.command", "must name a program, e.g. [\"firefox\"]")
     if options.home != "tmpfs":
         absolute("$.home", options.home)
-    for index, mount in enumerate(options.mounts):
+    for index, mount in _numbered(options.mounts, numbering.get("mounts")):
         absolute(f"$.mounts[{index}].src", mount.src)
         if mount.dest is not None:
             absolute(f"$.mounts[{index}].dest", mount.dest)
     for index, masked in enumerate(options.masks.paths):
         absolute(f"$.masks.paths[{index}]", masked)
-    for index, server in enumerate(options.dns):
+    for index, server in _numbered(options.dns, numbering.get("dns")):
         if not re.fullmatch(r"[0-9.]+|[0-9a-fA-F:]+", server):
             say(f"$.dns[{index}]", f"{server!r} is not an IP address")
     for name in [*options.env.pass_, *options.env.set]:
@@ -342,8 +376,7 @@ def _check_options(options: Profile, path: str, text: str) -> None:
         say(where, message)
     for where, message in limits.problems(options.limits):
         say(where, message)
-    if problems:
-        raise ProfileError(problems)
+    return problems
 
 
 def _check_bus_identities(top: spec.Layer, uid: int, path: str, text: str) -> None:
@@ -376,19 +409,88 @@ def _default_name(path: str) -> str:
     return os.path.basename(path).removesuffix(".toml")
 
 
+MAX_PROBLEMS = 50  # type problems reported from one profile
+
+
 def _convert(raw: dict, kind, path: str, text: str):
-    try:
-        return msgspec.convert(raw, kind)
-    except msgspec.ValidationError as exc:
-        message, found, where = str(exc).rpartition(" - at `")
-        message, where = (message, where.rstrip("`")) if found else (str(exc), "$")
-        unknown = re.match(r"Object contains unknown field `([\w-]+)`", message)
-        if unknown:  # point at the key itself
-            where = f"{where}.{unknown.group(1)}"
-            message = "unknown key; see docs/profiles.md for the keys there are"
-        line = line_of(text, where)
-        field_name = where.removeprefix("$.") or "top level"
-        raise ProfileError([f"{path}:{line}: {field_name}: {message}"]) from None
+    """`raw` as a `kind`; ProfileError with every type problem (_typed)."""
+    value, problems = _typed(raw, kind, path, text)
+    if problems:
+        raise ProfileError(problems)
+    return value
+
+
+def _options(raw: dict, path: str, text: str) -> tuple[Profile, list[str], dict]:
+    """The user options, every type problem in them, and the numbering of lists that lost
+    elements. Each top-level key (and each element of a top-level list) is checked on its
+    own, so that one problem hides no other; the options hold what has none, and
+    numbering[key] the original index of each element a list kept."""
+    problems, good, numbering = [], {}, {}
+    for key, value in raw.items():
+        parts = list(enumerate(value)) if isinstance(value, list) else [(None, value)]
+        kept = []
+        for index, part in parts:
+            found = _typed({key: [part] if index is not None else part}, Profile, path, text,
+                           (f"$.{key}[0]", f"$.{key}[{index}]"))[1]
+            problems += found
+            kept += [] if found else [index]
+        if len(kept) == len(parts):
+            good[key] = value
+        elif parts[0][0] is not None:  # (a list: its good elements, for their own checks)
+            good[key], numbering[key] = [value[index] for index in kept], kept
+    return msgspec.convert(good, Profile), problems[:MAX_PROBLEMS], numbering
+
+
+def _numbered(items: list, numbering: list[int] | None):
+    """(index in the profile, item) of a list that may have lost elements (_options)."""
+    return zip(numbering, items, strict=True) if numbering is not None else enumerate(items)
+
+
+def _typed(raw: dict, kind, path: str, text: str, renamed: tuple[str, str] = ("", "")):
+    """(`raw` as a `kind`, or None; its type problems as FILE:LINE: key: message). After a
+    problem the key it names is left out and the rest tried again, until a problem names no
+    key that can go (a missing key, a list's element) or none is left. `renamed`: a path
+    prefix to report as another (a list's element checked alone)."""
+    raw = copy.deepcopy(raw)
+    problems, dropped = [], set()
+    while len(problems) < MAX_PROBLEMS:
+        try:
+            return msgspec.convert(raw, kind), problems
+        except msgspec.ValidationError as exc:
+            message, found, where = str(exc).rpartition(" - at `")
+            message, where = (message, where.rstrip("`")) if found else (str(exc), "$")
+            missing = re.match(r"Object missing required field `([\w-]+)`", message)
+            if missing and f"{where}.{missing.group(1)}" in dropped:
+                break  # (we left it out, after saying what was wrong with it)
+            unknown = re.match(r"Object contains unknown field `([\w-]+)`", message)
+            if unknown:  # point at the key itself
+                where = f"{where}.{unknown.group(1)}"
+                message = "unknown key; see docs/profiles.md for the keys there are"
+            shown = renamed[1] + where.removeprefix(renamed[0]) \
+                if renamed[0] and where.startswith(renamed[0]) else where
+            problems.append(f"{path}:{line_of(text, shown)}: "
+                            f"{shown.removeprefix('$.') or 'top level'}: {message}")
+            if missing or not _drop(raw, where):
+                break
+            dropped.add(where)
+    return None, problems
+
+
+def _drop(raw: dict, where: str) -> bool:
+    """Leave out the table key msgspec's `$.a[1].b` names; False if it names none."""
+    steps = re.findall(r"\.([\w-]+)|\[(\d+)\]", where)
+    if not steps or not steps[-1][0]:
+        return False
+    container = raw
+    for key, index in steps[:-1]:
+        try:
+            container = container[key] if key else container[int(index)]
+        except (KeyError, IndexError, TypeError):
+            return False
+    if not isinstance(container, dict) or steps[-1][0] not in container:
+        return False
+    del container[steps[-1][0]]
+    return True
 
 
 def line_of(text: str, where: str) -> int:
@@ -413,12 +515,44 @@ def line_of(text: str, where: str) -> int:
             if key is None:
                 continue
             path = f"{table}.{key.group(1)}"
-            if wanted == path or wanted.startswith(path + ".") or wanted.startswith(path + "["):
+            if wanted.startswith(path + "["):  # an element of an array: its own line
+                return _element_line(lines, number, int(wanted[len(path) + 1:].split("]")[0]))
+            if wanted == path or wanted.startswith(path + "."):
                 return number
             continue
         if wanted == table or wanted.startswith(table + ".") or wanted.startswith(table + "["):
             best = number
     return best
+
+
+def _element_line(lines: list[str], number: int, index: int) -> int:
+    """The line where element `index` of the array assigned on line `number` begins (that
+    line if it cannot tell): arrays written one element a line point at the element."""
+    depth, count, quote, expecting = 0, -1, None, False
+    for n in range(number - 1, len(lines)):
+        line = lines[n]
+        for ch in line[line.index("=") + 1:] if n == number - 1 else line:
+            if quote:
+                quote = None if ch == quote else quote
+                continue
+            if ch == "#":
+                break  # (a comment, to the end of the line)
+            if depth == 1 and expecting and not ch.isspace() and ch not in ",]":
+                count, expecting = count + 1, False
+                if count == index:
+                    return n + 1
+            if ch in "\"'":
+                quote = ch
+            elif ch in "[{":
+                depth += 1
+                expecting = expecting or depth == 1
+            elif ch in "]}":
+                depth -= 1
+                if depth == 0:
+                    return number
+            elif ch == "," and depth == 1:
+                expecting = True
+    return number
 
 
 # ---------------------------------------------------------------- the template

@@ -130,3 +130,20 @@ def test_an_appimage_profile_without_usable_fuse_is_one_line_per_image(tmp_path,
     assert caught.value.problems == [
         f"{path}:4: mounts[0]: an AppImage is mounted through FUSE, and {unusable} is not "
         "usable by you: make it mode 0666 (as root; desktop systems ship it so)"]
+
+
+def test_an_unreadable_appimage_is_the_profiles_problem(tmp_path):
+    from bbld import profile
+
+    image = tmp_path / "App.AppImage"
+    image.write_bytes(b"\x7fELF")
+    image.chmod(0)
+    path = tmp_path / "app.toml"
+    path.write_text(f'command = ["true"]\nmounts = [\n  {{ type = "appimage", src = "{tmp_path}" }},'
+                    f'\n  {{ type = "appimage", src = "{image}" }},\n]\n')
+    with pytest.raises(profile.ProfileError) as caught:
+        profile.load(str(path), {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    assert caught.value.problems == [
+        f"{path}:{line}: mounts[{index}].src: {source} is not a file you can read: an AppImage "
+        "is one (chmod u+r, or fix the path)" for index, (line, source) in
+        enumerate([(3, tmp_path), (4, image)])]

@@ -43,6 +43,66 @@ def test_broken_profiles_name_file_line_and_field(tmp_path, text, line, message)
         err.value.problems
 
 
+EVERY_PROBLEM = """name = 5
+command = "sh"
+home = "relative/dir"
+mounts = [
+  { src = "/nonexistent-bbl-a" },
+  { src = 7 },
+  { src = "~/x", dest = "rel", colour = "red" },
+]
+dns = ["1.1.1.1", 3, "nope"]
+gui = { mode = "xephyr", size = "big" }
+
+[masks]
+openers = "no"
+os_release = 1
+"""
+
+
+def test_validate_reports_every_problem_in_one_pass_in_the_files_order(tmp_path):
+    """Types, unknown keys, words and the host's lacks, each at its own line (an element of
+    an array at its element's line); a key's wrong words hide none of the others, and no
+    host check runs on words that are wrong (gui here)."""
+    path = tmp_path / "every.toml"
+    path.write_text(EVERY_PROBLEM)
+    with pytest.raises(profile.ProfileError) as err:
+        profile.load(str(path), {"HOME": "/home/u"}, 1000, 1000)
+    assert [p.removeprefix(f"{path}:") for p in err.value.problems] == [
+        "1: name: Expected `str | null`, got `int`",
+        "2: command: Expected `array | null`, got `str`",
+        "3: home: 'relative/dir' must be an absolute path (or start with ~/)",
+        "5: mounts[0].src: /nonexistent-bbl-a does not exist: create it, or fix the path",
+        "6: mounts[1].src: Expected `str`, got `int`",
+        "7: mounts[2].colour: unknown key; see docs/profiles.md for the keys there are",
+        "9: dns[1]: Expected `str`, got `int`",
+        "9: dns[2]: 'nope' is not an IP address",
+        "10: gui.size: 'big' must be WIDTHxHEIGHT, e.g. \"1280x800\"",
+        "13: masks.openers: Expected `bool`, got `str`",
+        "14: masks.os_release: Expected `bool`, got `int`"]
+
+
+@pytest.mark.parametrize("text, where, line", [
+    ("a = [1, 2,\n 3]\n", "$.a[2]", 2),
+    ('a = ["x,[", 2,\n 3]  # ]\n', "$.a[2]", 2),
+    ("a = [\n  { b = [1, 2] },\n  { b = 3 },\n]\n", "$.a[1].b", 3),
+    ("a = [1]\n", "$.a[5]", 1),
+    ("[[t]]\nc = 1\n[[t]]\nc = 2\n", "$.t[1].c", 4),
+])
+def test_line_of_finds_array_elements_and_tables(text, where, line):
+    assert profile.line_of(text, where) == line
+
+
+def test_a_start_failing_on_a_profile_key_names_its_file_and_line(instances, tmp_path):
+    path = tmp_path / "dest.toml"
+    path.write_text('command = ["true"]\nmounts = [\n  { src = "/usr/share", dest = '
+                    '"/dev/null/x" },\n]\n')
+    result = instances.ctl("start", str(path), stdin=subprocess.DEVNULL)
+    assert (result.returncode, result.stderr) == (1, f"bblctl: {path}:3: mounts[0] (ro-bind) "
+                                                     "/dev/null/x: Not a directory "
+                                                     "(layer 'layer3')\n")
+
+
 def test_invalid_toml_and_a_broken_custom_tree(tmp_path):
     path = tmp_path / "p.toml"
     path.write_text('name = "x"\ngui = \n')
@@ -61,9 +121,9 @@ def test_validate_reports_and_exits_2(instances, tmp_path):
     path.write_text('name = "x"\ndns = ["nope"]\n[[mounts]]\nsrc = "rel"\n')
     result = instances.ctl("profile", "validate", str(path))
     assert result.returncode == 2
-    assert result.stderr.splitlines() == [
-        f"{path}:4: mounts[0].src: 'rel' must be an absolute path (or start with ~/)",
-        f"{path}:2: dns[0]: 'nope' is not an IP address"]
+    assert result.stderr.splitlines() == [  # (in the file's order)
+        f"{path}:2: dns[0]: 'nope' is not an IP address",
+        f"{path}:4: mounts[0].src: 'rel' must be an absolute path (or start with ~/)"]
     assert instances.ctl("profile", "validate", "default").stdout == "default: valid\n"
     assert instances.ctl("start", str(path)).returncode == 2
 
@@ -402,10 +462,10 @@ def test_a_missing_source_is_the_profiles_own_key_and_line(instances, tmp_path):
         lines = result.stderr.splitlines()  # (the first after "bblctl start: " where the
         # client expanded the profile itself)
         assert len(lines) == 2 and lines[0].endswith(
-            f"{path}:3: home: /nonexistent-home is not a directory: create it (mkdir -p), or "
-            "fix the path") and lines[1].endswith(
             f"{path}:2: mounts[1].src: /nonexistent-bbl does not exist: create it, or fix "
-            "the path"), result.stderr
+            "the path") and lines[1].endswith(
+            f"{path}:3: home: /nonexistent-home is not a directory: create it (mkdir -p), or "
+            "fix the path"), result.stderr
 
 
 def test_a_toml_syntax_error_is_file_and_line(tmp_path):

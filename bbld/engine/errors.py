@@ -28,6 +28,9 @@ class StartError(Exception):
         self.strerror, self.command = strerror, command
 
     def __str__(self) -> str:
+        if self.where and self.where.startswith("/"):  # a file's line (a profile's key)
+            return f"{self.where}: {self.message}" + (f" (layer '{self.layer}')"
+                                                      if self.layer else "")
         return ": ".join(part for part in (f"layer '{self.layer}'" if self.layer else None,
                                            self.where, self.message) if part)
 

@@ -139,8 +139,9 @@ def test_an_unreadable_appimage_is_the_profiles_problem(tmp_path):
     image.write_bytes(b"\x7fELF")
     image.chmod(0)
     path = tmp_path / "app.toml"
-    path.write_text(f'command = ["true"]\nmounts = [\n  {{ type = "appimage", src = "{tmp_path}" }},'
-                    f'\n  {{ type = "appimage", src = "{image}" }},\n]\n')
+    path.write_text(f'command = ["true"]\nmounts = [\n'
+                    f'  {{ type = "appimage", src = "{tmp_path}" }},\n'
+                    f'  {{ type = "appimage", src = "{image}" }},\n]\n')
     with pytest.raises(profile.ProfileError) as caught:
         profile.load(str(path), {"HOME": str(tmp_path), "PATH": "/usr/bin:/bin"})
     assert caught.value.problems == [

@@ -28,10 +28,10 @@ def parse(argv: list[str], command: str, flags: tuple[str, ...] = (),
         if name not in values:
             raise UsageError(f"unknown option {argv[0]}")
         if not eq:
-            if len(argv) < 2:
-                raise UsageError(f"{name} needs a value" if name != "--layer"
-                                 else "--layer needs a layer name; see bblctl tree")
-            value, argv = argv[1], argv[1:]
+            value, argv = (argv[1], argv[1:]) if len(argv) > 1 else ("", argv)
+        if not value:
+            raise UsageError(f"{name} needs a value" if name != "--layer"
+                             else "--layer needs a layer name; see bblctl tree")
         options[name], argv = value, argv[1:]
     if instance is None:
         raise UsageError(f"{command} needs an instance id or name; see bblctl ps")

@@ -244,21 +244,27 @@ def _own_namespaces() -> dict[str, int]:
 # ---------------------------------------------------------------- stop, kill
 
 
+MAX_TIMEOUT = 86400  # seconds stop may wait for SIGTERM to do its work (a day)
+
+
 def stop(argv: list[str]) -> int:
     _, values, positional = parse(argv, {}, {"--timeout": "10"})
     instance = _one_instance(positional, "stop")
     try:
         timeout = float(values["--timeout"])
     except ValueError:
-        raise UsageError(f"--timeout {values['--timeout']!r}: give seconds, e.g. 5") from None
-    if not timeout >= 0:
-        raise UsageError(f"--timeout {values['--timeout']!r}: give seconds, e.g. 5")
-    print(f"bblctl: stopping {instance}: SIGTERM to its app, SIGKILL to the whole instance "
-          f"if it still runs after {values['--timeout']} s", file=sys.stderr)
+        timeout = -1.0
+    if not 0 <= timeout <= MAX_TIMEOUT:  # (nan is neither)
+        raise UsageError(f"--timeout {values['--timeout']!r}: give seconds from 0 to "
+                         f"{MAX_TIMEOUT}, e.g. 5")
+    shown = printable(instance)
     with connect() as conn:
+        conn.call("io.bbl.Manager.Signal", id=instance, signal=0)  # (it runs: else one line)
+        print(f"bblctl: stopping {shown}: SIGTERM to its app, SIGKILL to the whole instance "
+              f"if it still runs after {values['--timeout']} s", file=sys.stderr)
         said = conn.call("io.bbl.Manager.Stop", id=instance, timeout=timeout)
     how = f"killed after {values['--timeout']} s" if said.get("killed") else "terminated"
-    print(f"bblctl: {instance}: {how} (status {said.get('status')})", file=sys.stderr)
+    print(f"bblctl: {shown}: {how} (status {said.get('status')})", file=sys.stderr)
     return 0
 
 

@@ -26,7 +26,7 @@ def start(argv: list[str]) -> int:
         raise UsageError(f"--name {new_name!r}: use letters, digits, . _ -")
     tty = flags["--detach"] or os.isatty(0)  # detached: the monitor holds the terminal
     key = _detach_key(values["--detach-key"]) \
-        if (tty and not flags["--detach"]) or values["--detach-key"] else None
+        if (tty and not flags["--detach"]) or values["--detach-key"] is not None else None
     conn = running_daemon()
     notices: list[str] = []  # (the profile's, when it is expanded here)
     if conn is None:

@@ -25,7 +25,8 @@ ENDED, DETACHED = "ended", "detached"  # how a relay ends (or the monitor's note
 def detach_key(name: str | None) -> bytes | None:
     """The byte a key name (`ctrl-]`, `^A`, `none`) stands for; ValueError if it is none of
     them. Default: $BBL_DETACH_KEY, else Ctrl-]."""
-    name = name or os.environ.get("BBL_DETACH_KEY") or DEFAULT_DETACH_KEY
+    if name is None:
+        name = os.environ.get("BBL_DETACH_KEY") or DEFAULT_DETACH_KEY
     if name.lower() == "none":
         return None
     lowered = name.lower()

@@ -4,6 +4,7 @@ import json
 import os
 import re
 import signal
+import subprocess
 import time
 
 import pytest
@@ -245,10 +246,46 @@ def test_stops_with_no_timeout_racing_the_instances_own_end(instances, tmp_path)
         instances.ids += ids
 
 
+def test_no_bad_reference_or_option_gets_more_than_one_line(instances):
+    """Every instance command, fed ids that name nothing (odd ones too), an ended instance,
+    bad layers and bad option values: one line on stderr saying what and how to fix it,
+    exit 2 (1 for what the machine refused), never a raw exception; and what runs, runs on."""
+    started = instances.ctl("start", "default", "--detach", "--", "sleep", "600")
+    ended = instances.ctl("start", "default", "--detach", "--", "true")
+    live, gone = started.stdout.strip(), ended.stdout.strip()
+    instances.ids.append(live)
+    assert wait_until(lambda: gone not in instances.ctl("ps").stdout)
+    ids = ["nope", "", "-", "../x", "x" * 5000, "ü", "a\nb", "%s", gone, gone[:6], "zz"]
+    commands = [["tree", "ID"], ["exec", "ID", "--", "true"], ["attach", "ID"],
+                ["attach", "--new", "ID"], ["attach", "ID", "--", "true"],
+                ["send-args", "ID", "--", "x"], ["stop", "ID"], ["kill", "ID"],
+                ["kill", "--signal", "0", "ID"]]
+    cases = [[instance if word == "ID" else word for word in command]
+             for command in commands for instance in ids]
+    cases += [[*command, live] for command in (
+        ["exec", "--layer", "nope"], ["exec", "--layer", ""], ["exec", "--layer=layer2a"],
+        ["attach", "--layer", "nope"], ["attach", "--layer", "layer2a"], ["exec"],
+        ["attach", "--detach-key", "x"], ["attach", "--detach-key", ""], ["kill", "--signal", "99"],
+        ["kill", "--signal", "-1"], ["stop", "--timeout", "1e999"], ["stop", "--timeout", "nan"],
+        ["tree", "extra"], ["send-args"], ["exec", "--bogus"])]
+    cases += [["exec", live, "--", "/nonexistent"], ["attach", "--new", live, "--", "/nonexistent"],
+              ["exec"], ["attach"], ["send-args"], ["kill", live, "--signal"]]
+    said = {}
+    for argv in cases:
+        result = instances.ctl(*argv, stdin=subprocess.DEVNULL)
+        lines = result.stderr.splitlines()
+        if result.returncode not in (1, 2) or len(lines) != 1 or "Traceback" in result.stderr \
+                or not lines[0].startswith("bblctl") or "Error(" in lines[0]:
+            said[" ".join(argv)[:60]] = (result.returncode, result.stderr[-300:])
+    assert said == {}
+    assert [entry["id"] for entry in json.loads(instances.ctl("ps", "--json").stdout)] == [live]
+
+
 @pytest.mark.parametrize("argv, message", [
     (["ps", "extra"], "bblctl ps: ps takes no arguments (got 'extra')\n"),
     (["stop"], "bblctl stop: stop takes one instance id or name; see bblctl ps\n"),
-    (["stop", "x", "--timeout", "soon"], "bblctl stop: --timeout 'soon': give seconds, e.g. 5\n"),
+    (["stop", "x", "--timeout", "soon"],
+     "bblctl stop: --timeout 'soon': give seconds from 0 to 86400, e.g. 5\n"),
     (["kill", "x", "--signal", "NOPE"],
      "bblctl kill: unknown signal 'NOPE'; use a name like TERM or a number\n"),
     (["tree", "nope"], "bblctl: no running instance 'nope'; see bblctl ps\n"),

@@ -452,8 +452,9 @@ class Instances:
                               **kw)
 
     def close(self) -> None:
-        if daemon_pid(self.env):
-            for instance in self.ids:
+        if daemon_pid(self.env):  # every instance it runs (also those a test started itself)
+            listed = self.ctl("ps", "--json").stdout
+            for instance in {*self.ids, *(e["id"] for e in json.loads(listed or "[]"))}:
                 self.ctl("stop", instance, "--timeout", "0")
         for proc in self.launchers:
             proc.kill()

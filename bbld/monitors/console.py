@@ -10,8 +10,10 @@ previous client is told so and let go (the way `screen -d -r` does), so a client
 lost terminal never locks the app out.
 
 Driven by the instance's poll loop (Instance.watch), like the control socket: nothing here
-blocks. A client that reads slower than the app writes holds the app back (the terminal's
-output is not read until the client took the last packet), as a slow terminal would.
+blocks. Each side holds the other back, as a terminal would: a client that reads slower
+than the app writes (the terminal's output is not read until the client took the last
+packet), an app that reads input slower than the client sends it (the client's packets are
+not read while TYPEAHEAD bytes wait for the app).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from bbld.engine import syscalls as sc
 
 SCROLLBACK = 64 * 1024  # the app's output kept for the next client to attach
 CHUNK = 16 * 1024  # read from the terminal, sent to the client, at a time
+TYPEAHEAD = 64 * 1024  # input waiting for the app (a long paste) before the client waits
 
 
 class Console:
@@ -37,11 +40,12 @@ class Console:
         self.master = master
         os.set_blocking(master, False)
         self.kept = bytearray()  # the app's last SCROLLBACK bytes of output
+        self.typed = bytearray()  # input the terminal has not taken yet
         self.client: socket.socket | None = None
         self.pending = b""  # a packet the client has not taken yet
         self.sized = True  # whether the client's size has come since it attached
         self.open = True  # the app's side of the terminal is still held by someone
-        instance.watch(master, self._output)
+        self._watch()
 
     def attach(self) -> int:
         """A client's end of a new connection to the terminal (theirs to keep): what the app
@@ -54,13 +58,13 @@ class Console:
                                          socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         ours.setblocking(False)
         self.client, self.pending, self.sized = ours, b"", False
-        self.instance.watch(ours.fileno(), self._client_ready)
         replay = _from_a_line(self.kept) if len(self.kept) >= SCROLLBACK else bytes(self.kept)
         try:
             for start in range(0, len(replay), CHUNK):  # (a new socket's buffer holds them)
                 ours.send(wire.OUTPUT + replay[start:start + CHUNK])
         except BlockingIOError:
             pass  # (a buffer smaller than the scrollback: the rest is not shown)
+        self._watch()
         return theirs.detach()
 
     def close(self) -> None:
@@ -68,24 +72,45 @@ class Console:
         (Blocking now, with a timeout: a client that stopped reading does not hold us.)"""
         self.instance.unwatch(self.master)
         if self.client is not None:
+            self.instance.unwatch(self.client.fileno())
             self.client.setblocking(True)
             self.client.settimeout(2)
-            if self.pending and not self._flush():
-                self._drop()
+        while self.client is not None and self.pending and self._flush():
+            pass
         while self.open and self._read():
             pass
         if self.client is not None:
             self._drop()
         os.close(self.master)
 
+    def _watch(self) -> None:
+        """What each side is waited for, from the state: the app's output unless a packet
+        waits for the client, room for typed input, the client's packets unless enough input
+        waits for the app, room for the packet that waits."""
+        wanted = [(self.master, self._master_ready,
+                   (select.POLLIN if self.open and not self.pending else 0)
+                   | (select.POLLOUT if self.typed and self.open else 0))]
+        if self.client is not None:
+            wanted.append((self.client.fileno(), self._client_ready,
+                           (select.POLLIN if len(self.typed) < TYPEAHEAD else 0)
+                           | (select.POLLOUT if self.pending else 0)))
+        for fd, callback, events in wanted:
+            if events:
+                self.instance.watch(fd, callback, events)
+            else:
+                self.instance.unwatch(fd)
+
     # ------------------------------------------------------------ the app's side
 
-    def _output(self) -> None:
-        if not self._read():
-            self.instance.unwatch(self.master)  # (closed, or paused for the client)
+    def _master_ready(self) -> None:
+        if self.typed:
+            self._type()
+        if self.open and not self.pending:
+            self._read()
+        self._watch()
 
     def _read(self) -> bool:
-        """Take one chunk of output; False when no more should be read now."""
+        """Take one chunk of output; False when no more can be taken now."""
         try:
             data = os.read(self.master, CHUNK)
         except BlockingIOError:
@@ -96,6 +121,7 @@ class Console:
             data = b""  # EIO: nothing in the sandbox holds the terminal any more
         if not data:
             self.open = False
+            self.typed.clear()
             if self.client is not None and not self.pending:
                 self._drop()
             return False
@@ -106,19 +132,30 @@ class Console:
         self.pending = wire.OUTPUT + data
         return self._flush()
 
+    def _type(self) -> None:
+        """Give the terminal what was typed, as much as it takes now."""
+        try:
+            del self.typed[:os.write(self.master, self.typed)]
+        except BlockingIOError:
+            pass
+        except OSError:
+            self.typed.clear()  # (its terminal closed: nobody reads it)
+
     # ------------------------------------------------------------ the client's side
 
     def _client_ready(self) -> None:
         """Input or a size from the client, its end, or room for pending output."""
-        if not self._take_input():
+        if self.pending:
+            self._flush()
+        if self.client is not None and len(self.typed) < TYPEAHEAD \
+                and not self._take_input():
             self._drop()  # detached (or gone): the app goes on
-        elif self.pending and self._flush():
-            self.instance.watch(self.master, self._output)  # taken: read the app again
+        self._watch()
 
     def _take_input(self) -> bool:
         """What the client has sent (also after it left: its last keys count); False at its
-        end."""
-        while True:
+        end. Reads until TYPEAHEAD bytes wait for the app."""
+        while len(self.typed) < TYPEAHEAD:
             try:
                 packet = self.client.recv(wire.PACKET, socket.MSG_DONTWAIT)
             except BlockingIOError:
@@ -128,14 +165,13 @@ class Console:
             if not packet:
                 return False
             self._from_client(packet)
+        return True
 
     def _from_client(self, packet: bytes) -> None:
         tag, payload = packet[:1], packet[1:]
-        if tag == wire.INPUT:
-            try:
-                os.write(self.master, payload)
-            except OSError:
-                pass  # the app reads no input now (or its terminal closed): dropped
+        if tag == wire.INPUT and self.open:
+            self.typed += payload
+            self._type()
         elif tag == wire.SIZE and len(payload) == 8:
             self._resize(payload)
 
@@ -152,22 +188,18 @@ class Console:
         self.sized = True
 
     def _flush(self) -> bool:
-        """Send the pending packet; False while the client has no room (then we wait for it
-        to be writable, and read no more of the app's output)."""
+        """Send the pending packet; False while the client has no room for it."""
         try:
             self.client.send(self.pending)
         except BlockingIOError:
-            self.instance.watch(self.client.fileno(), self._client_ready,
-                                select.POLLIN | select.POLLOUT)
             return False
         except OSError:  # it has left
             self._take_input()
             self._drop()
-            return True
+            return False
         self.pending = b""
-        self.instance.watch(self.client.fileno(), self._client_ready)
         if not self.open:
-            self._drop()
+            self._drop()  # (it has all of it)
         return True
 
     def _let_go(self, why: bytes) -> None:
@@ -181,8 +213,6 @@ class Console:
         self.instance.unwatch(self.client.fileno())
         self.client.close()
         self.client, self.pending = None, b""
-        if self.open:
-            self.instance.watch(self.master, self._output)
 
 
 def _from_a_line(kept: bytearray) -> bytes:

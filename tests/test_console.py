@@ -162,6 +162,24 @@ def test_attach_opens_a_new_shell_where_the_app_has_no_terminal_or_when_asked(in
     assert instance in running(instances)
 
 
+def test_the_attach_call_says_noterminal_for_an_app_without_one(instances):
+    import socket
+
+    quiet = instances.start(sandbox(app_layer(command=sh("sleep 600"))))
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.settimeout(30)
+        sock.connect(os.path.join(instances.env["XDG_RUNTIME_DIR"], "bbl", "bbld.sock"))
+        sock.sendall(json.dumps({"method": "io.bbl.Manager.Attach", "parameters": {"id": quiet},
+                                 "more": True}).encode() + b"\0")
+        data = b""
+        while not data.endswith(b"\0") and (chunk := sock.recv(65536)):
+            data += chunk
+    reply = json.loads(data[:-1])
+    assert reply["error"] == "io.bbl.Manager.NoTerminal"
+    assert reply["parameters"] == {"id": quiet, "message": "the app has no terminal of its own "
+                                                           "(it was not started on one)"}
+
+
 def test_a_bubblewrap_command_line_has_no_detach_key(bbl_env):
     from tests.test_run_cli import SYSTEM
 

@@ -40,8 +40,9 @@ HELP = [
      "hand arguments to a running instance: its main program runs again in its main "
      "layer with them (or the spec's send_args command)"),
     ("stop", "stop ID [--timeout SECONDS]",
-     "SIGTERM to the main command; SIGKILL to the whole tree after the timeout (default "
-     "10); says which it took"),
+     "SIGTERM to the main command (and, if it ignores that on a terminal of its own, as an "
+     "interactive shell does, a hangup of the terminal); SIGKILL to the whole tree after "
+     "the timeout (default 10); says which it took"),
     ("kill", "kill ID [--signal SIG]",
      "send a signal to the main command (default KILL; 0: only check that it runs)"),
     ("desktop", "desktop install PROFILE [--from APP.desktop]",

@@ -57,6 +57,7 @@ class ControlRequest(msgspec.Struct, forbid_unknown_fields=True):
     argv: list[str] = []
     args: list[str] = []  # send-args: the arguments; the instance's spec says how they go in
     tty: bool = False
+    hangup: bool = False  # signal: also hang up the app's terminal if the app ignores it
 
 
 class ControlReply(msgspec.Struct, omit_defaults=True):

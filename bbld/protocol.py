@@ -207,7 +207,9 @@ method Events() -> (
 # (else NoSuchInstance).
 method Signal(id: string, signal: int, pid: ?int) -> ()
 
-# SIGTERM to the main command; once timeout seconds (default 10) pass, SIGKILL
+# SIGTERM to the main command (and when it ignores SIGTERM and was started
+# on a terminal, as an interactive shell is, a hangup of that terminal:
+# SIGHUP to its session); once timeout seconds (default 10) pass, SIGKILL
 # to layer 1, which takes every layer below it along. Returns when the
 # instance has ended, with its status, and killed: whether SIGKILL was needed.
 method Stop(id: string, timeout: ?float) -> (status: ?int, killed: ?bool)

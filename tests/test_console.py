@@ -121,6 +121,21 @@ def test_a_long_paste_reaches_the_app_whole(instances):
         session.close()
 
 
+def test_stop_hangs_up_the_apps_terminal_so_an_interactive_shell_ends_at_once(instances):
+    """bash -i ignores SIGTERM; the hangup that comes with it ends it (no waiting for the
+    timeout and SIGKILL). The attached client sees its end and the app's status."""
+    instance = start_detached(instances)
+    session = Session(["attach", instance], instances.env)
+    try:
+        session.expect("$ ")
+        result = instances.ctl("stop", instance, "--timeout", "60")
+        assert (result.returncode, result.stderr.splitlines()[-1]) == (
+            0, f"bblctl: {instance}: terminated (status 129)"), result.stderr
+        assert session.proc.wait(timeout=30) == 129
+    finally:
+        session.close()
+
+
 def test_the_detach_key_can_be_changed_and_otherwise_reaches_the_app(instances):
     bad = instances.ctl("start", "default", "--detach-key", "ctrl-1")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr

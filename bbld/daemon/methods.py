@@ -334,9 +334,17 @@ class Daemon:
         return {}
 
     async def stop(self, p: StopParams, call) -> dict:
-        """SIGTERM to the main command; SIGKILL to the whole tree after `timeout` seconds."""
+        """SIGTERM to the main command (and a hangup of its terminal, if it has one and
+        ignores SIGTERM: an interactive shell); SIGKILL to the whole tree after `timeout`
+        seconds."""
         record = self._live(p.id)
-        await self._control(record, ControlRequest(op="signal", signal=_signal.SIGTERM))
+        try:
+            await self._control(record, ControlRequest(op="signal", signal=_signal.SIGTERM,
+                                                       hangup=True))
+        except VarlinkError as exc:  # (a monitor of an older BBL, which has no hangup)
+            if exc.name != f"{SERVICE}.InvalidParameter":
+                raise
+            await self._control(record, ControlRequest(op="signal", signal=_signal.SIGTERM))
         with trio.move_on_after(max(0.0, 10.0 if p.timeout is None else p.timeout)):
             await record.done.wait()
         killed = not record.done.is_set()

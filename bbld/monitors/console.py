@@ -67,9 +67,23 @@ class Console:
         self._watch()
         return theirs.detach()
 
+    def hang_up(self) -> None:
+        """Close the terminal, as a terminal window closing does: the kernel sends SIGHUP to
+        the app's session (how an interactive shell is ended). Its client gets the end."""
+        if self.master is None:
+            return
+        self.instance.unwatch(self.master)
+        if self.client is not None:
+            self._drop()
+        os.close(self.master)
+        self.master, self.open = None, False
+        self.typed.clear()
+
     def close(self) -> None:
         """The instance has ended: the client gets what the app wrote last, then the end.
         (Blocking now, with a timeout: a client that stopped reading does not hold us.)"""
+        if self.master is None:
+            return  # (hung up)
         self.instance.unwatch(self.master)
         if self.client is not None:
             self.instance.unwatch(self.client.fileno())

@@ -9,7 +9,9 @@ instances. One request per connection, JSON (ControlRequest); replies are Contro
   status            -> status (the registry entry)
   watch             -> exited (when the instance ends; the connection stays open until then)
   signal            -> ok, after sending `signal` to the main command (through layer 1) or to
-                       a process this instance's exec started (`pid`)
+                       a process this instance's exec started (`pid`); with `hangup`, the
+                       app's terminal is hung up too if the main command ignores `signal`
+                       (stop: an interactive shell ignores SIGTERM)
   exec (+3 fds)     -> started (pid; with the pty master fd if `tty`), then exited (status);
                        the process dies if the connection closes first
   send-args (+3 fds) -> the same, for the command that hands `args` to the instance (the
@@ -161,6 +163,9 @@ class Control:
             return  # it has just ended (its end and this request came in one poll)
         if request.pid is None:
             self.instance.signal(request.signal)
+            if request.hangup and self.console is not None \
+                    and _ignores(self.instance.main_pid, request.signal):
+                self.console.hang_up()  # (an interactive shell: what ends it)
             return
         try:
             sc.pidfd_send_signal(self.execs[request.pid][0], request.signal)
@@ -277,6 +282,16 @@ class BadParameter(ValueError):
     def __init__(self, parameter: str, message: str):
         super().__init__(message)
         self.parameter = parameter
+
+
+def _ignores(pid: int | None, signo: int) -> bool:
+    """Whether process `pid` ignores signal `signo` (SIG_IGN), as /proc/PID/status says."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            ignored = next(line for line in status if line.startswith("SigIgn:"))
+    except (OSError, StopIteration):
+        return False
+    return bool(int(ignored.split()[1], 16) >> (signo - 1) & 1)
 
 
 def _kill_session(pid: int, pidfd: int) -> None:

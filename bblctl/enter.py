@@ -1,11 +1,14 @@
 """`bblctl exec` and `bblctl attach`: a command in a layer of a running instance.
 
-exec passes stdin, stdout and stderr through; attach gets a pty made inside the sandbox (the
-daemon passes its master here) and relays it to the local terminal (bblctl.terminal, imported
-only then: exec and send-args need none of it).
+exec passes stdin, stdout and stderr through; attach shows the app's own terminal (its
+monitor holds it: Attach) or a new pty made inside the sandbox (Exec with tty: the daemon
+passes its master here), relayed to the local terminal (bblctl.terminal, imported only then:
+exec and send-args need none of it).
 """
 
-from bblctl.cli import UsageError
+import sys
+
+from bblctl.cli import UsageError, printable
 from bblctl.client import RemoteError, SignalForwarder, connect
 
 
@@ -87,6 +90,8 @@ def attach(argv: list[str]) -> int:
         except RemoteError as exc:
             if exc.name != "io.bbl.Manager.NoTerminal":
                 raise
+            print(f"bblctl: notice: {printable(exc.parameters.get('message', ''))}: a new "
+                  "terminal in its layer instead (see bblctl attach --help)", file=sys.stderr)
     with connect() as conn:
         replies = conn.stream("io.bbl.Manager.Exec", id=instance, argv=command, tty=True,
                               **({"layer": options["--layer"]} if "--layer" in options else {}))

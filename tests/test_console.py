@@ -159,7 +159,9 @@ def test_attach_opens_a_new_shell_where_the_app_has_no_terminal_or_when_asked(in
     quiet = instances.start(sandbox(app_layer(command=sh("sleep 600"))))
     session = Session(["attach", quiet], instances.env)
     try:
-        session.expect("# ")  # no terminal of its own: a shell in its layer (as root)
+        assert "bblctl: notice: the app has no terminal of its own (it was not started on " \
+            "one): a new terminal in its layer instead" in session.expect("# ")
+        # (no terminal of its own: a shell in its layer, as root)
         session.send("exit 3\r")
         assert session.proc.wait(timeout=30) == 3
     finally:

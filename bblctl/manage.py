@@ -124,14 +124,9 @@ def tree(argv: list[str]) -> int:
     flags, _, positional = parse(argv, {"--json": False}, {})
     if len(positional) > 1:
         raise UsageError("tree takes at most one instance id")
-    with connect() as conn:
-        instances = conn.call("io.bbl.Manager.List")["instances"]
-    if positional:
-        instances = [i for i in instances if positional[0] in (i["id"], i["name"])]
-        if not instances:
-            print(f"bblctl: no running instance {positional[0]!r}; see bblctl ps",
-                  file=sys.stderr)
-            return 2
+    with connect() as conn:  # (an id: the daemon finds it as for every other command)
+        instances = conn.call("io.bbl.Manager.List", **({"id": positional[0]} if positional
+                                                        else {}))["instances"]
     trees = [{"id": i["id"], "name": i["name"], "command": i["command"], "pid": i.get("pid"),
               "layers": _layer_tree(i["layers"])} for i in instances]
     if flags["--json"]:

@@ -152,10 +152,11 @@ def available() -> dict[str, str]:
 
 def load(path: str, environ: dict[str, str] | None = None, uid: int | None = None,
          gid: int | None = None, notices: list[str] | None = None,
-         name: str | None = None) -> spec.Sandbox:
+         name: str | None = None, located: bool = False) -> spec.Sandbox:
     """The checked spec a profile file means (`name`: the instance's, instead of the
     profile's: also the sandbox's hostname). Raises ProfileError with every problem; what
-    the host could not give and what was done instead goes to `notices` (FILE:LINE: ...)."""
+    the host could not give and what was done instead goes to `notices` (FILE:LINE: ...).
+    `located`: operations from the profile's keys name its file and line (for a start)."""
     environ = dict(os.environ) if environ is None else environ
     uid = os.getuid() if uid is None else uid
     gid = os.getgid() if gid is None else gid
@@ -172,7 +173,7 @@ def load(path: str, environ: dict[str, str] | None = None, uid: int | None = Non
         problems += _missing_sources(options, environ, path, text, numbering)
         said: list[tuple[str, str]] = []
         # What the host lacks for a key whose words are right (bbld's cgroup: its own):
-        wrong = {re.split(r"[.\[:]", problem.split(": ")[1])[0] for problem in problems}
+        wrong = {_place(problem, path)[1] for problem in problems}
         for key, problem in (("net", net.host_problem(net.of(options.net), environ)),
                              ("gui", gui.host_problem(gui.of(options.gui), environ))):
             if problem and key not in wrong:
@@ -181,7 +182,7 @@ def load(path: str, environ: dict[str, str] | None = None, uid: int | None = Non
         if lacking and options.limits.get("required", True):
             problems.append(f"{path}:{line_of(text, '$.limits')}: limits: {problem}")
         if problems:
-            raise ProfileError(_in_file_order(problems))
+            raise ProfileError(_in_file_order(problems, path))
         if lacking:  # (required = false)
             said.append(("limits", f"{problem}; running without them"))
             options.limits = {k: v for k, v in options.limits.items() if k not in lacking}
@@ -195,6 +196,8 @@ def load(path: str, environ: dict[str, str] | None = None, uid: int | None = Non
         if notices is not None:
             notices += [f"{path}:{line_of(text, '$.' + key)}: {key}: {notice}"
                         for key, notice in said]
+        if located:
+            _locate_origins(sandbox, path, text)
     try:
         spec.check(sandbox, uid, gid)
     except spec.SpecError as exc:
@@ -224,17 +227,19 @@ def checked_name(path: str) -> str:
     options, problems, numbering = _options(raw, path, text)
     problems += _option_problems(options, path, text, numbering)
     if problems:
-        raise ProfileError(_in_file_order(problems))
+        raise ProfileError(_in_file_order(problems, path))
     return options.name or _default_name(path)
 
 
-def _in_file_order(problems: list[str]) -> list[str]:
-    """FILE:LINE: ... lines sorted by their line (stable: a line's problems keep theirs)."""
-    def line(problem: str) -> int:
-        found = re.match(r".*?:(\d+): ", problem)
-        return int(found.group(1)) if found else 0
+def _in_file_order(problems: list[str], path: str) -> list[str]:
+    """The problems sorted by their line (stable: a line's problems keep their order)."""
+    return sorted(problems, key=lambda problem: _place(problem, path)[0])
 
-    return sorted(problems, key=line)
+
+def _place(problem: str, path: str) -> tuple[int, str]:
+    """(LINE, top-level key) of a `PATH:LINE: key...: message` problem."""
+    line, _, rest = problem.removeprefix(f"{path}:").partition(": ")
+    return (int(line) if line.isdigit() else 0), re.split(r"[.\[:]", rest, maxsplit=1)[0]
 
 
 def _decode(path: str, text: str) -> dict:
@@ -327,9 +332,8 @@ def spec_for_start(name_or_path: str, environ: dict[str, str], name: str | None 
     with `tty`; its notices added to `notices`. Raises ProfileError."""
     if name is not None and not spec.NAME_PATTERN.match(name):
         raise ProfileError([f"--name {name!r}: use letters, digits, . _ -"])
-    path = find(name_or_path, environ)
-    sandbox = load(path, environ, notices=notices, name=name)
-    _locate_origins(sandbox, path, _read(path))
+    sandbox = load(find(name_or_path, environ), environ, notices=notices, name=name,
+                   located=True)
     if name is not None:  # (a profile with a tree of its own: its layers keep their hostnames)
         sandbox.name = name
     main = spec.path_to(sandbox.layer, spec.main_layer_name(sandbox))[-1]

@@ -169,8 +169,10 @@ method Run(
 # limits: what its outermost limited layer uses now (memory and pids, bytes
 # and processes; cpu_usec, CPU time so far), and in layers, each limited
 # layer's cgroup, limits (cgroup file: value) and usage. Ended ones are
-# kept across daemon restarts (the last 100, in $XDG_STATE_HOME/bbl).
-method List(all: ?bool, brief: ?bool) -> (instances: []Instance)
+# kept across daemon restarts (the last 100, in $XDG_STATE_HOME/bbl). With
+# id, only the running instance it names (an id, a unique prefix of one, or
+# a name only one has; else NoSuchInstance or AmbiguousInstance).
+method List(all: ?bool, brief: ?bool, id: ?string) -> (instances: []Instance)
 
 type Instance (
   id: string,

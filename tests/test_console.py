@@ -136,6 +136,26 @@ def test_stop_hangs_up_the_apps_terminal_so_an_interactive_shell_ends_at_once(in
         session.close()
 
 
+def monitor_rss_kb(instances, instance: str) -> int:
+    """The instance's monitor (layer 1's parent): its resident memory."""
+    (tree,) = json.loads(instances.ctl("tree", instance, "--json").stdout)
+    with open(f"/proc/{tree['layers'][0]['pid']}/status") as status:
+        monitor = next(int(line.split()[1]) for line in status if line.startswith("PPid:"))
+    with open(f"/proc/{monitor}/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS:"))
+
+
+def test_an_app_flooding_its_terminal_while_detached_does_not_grow_its_monitor(instances):
+    """From inside, 40 MB written to the app's terminal with nobody attached: the monitor
+    keeps 64 KiB of it, and its memory stays within a few MB of an idle instance's."""
+    idle = start_detached(instances, "--", "sleep", "600")
+    flood = start_detached(instances, "--", "sh", "-c", "head -c 40000000 /dev/zero | "
+                           "tr '\\0' x; : >/tmp/done; exec sleep 600")
+    assert wait_until(lambda: exists_inside(instances, flood, "/tmp/done"), timeout=120)
+    grown = monitor_rss_kb(instances, flood) - monitor_rss_kb(instances, idle)
+    assert grown < 4096, f"the flooded monitor holds {grown} KB more than an idle one"
+
+
 def test_the_detach_key_can_be_changed_and_otherwise_reaches_the_app(instances):
     bad = instances.ctl("start", "default", "--detach-key", "ctrl-1")
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1, bad.stderr

@@ -270,6 +270,9 @@ def test_instances_by_id_prefix_name_and_ambiguity_and_stop_says_what_it_did(
     common = os.path.commonprefix(ids)
     if common:  # (two random ids may share a first digit)
         assert instances.ctl("kill", "--signal", "0", common).returncode == 2
+    (tree,) = json.loads(instances.ctl("tree", ids[1][:8], "--json").stdout)  # (a prefix)
+    assert tree["id"] == ids[1]
+    assert instances.ctl("tree", "idle").stderr.startswith("bblctl: 'idle' fits 2 running")
     stopped = instances.ctl("stop", ids[0][:8], "--timeout", "5")
     assert stopped.returncode == 0 and stopped.stderr.splitlines()[-1] == (
         f"bblctl: {ids[0][:8]}: terminated (status 143)"), stopped.stderr

@@ -57,6 +57,7 @@ class RunParams(Params):
 class ListParams(Params):
     all: bool | None = None
     brief: bool | None = None
+    id: str | None = None
 
 
 class SignalParams(Params):
@@ -310,6 +311,8 @@ class Daemon:
     # ------------------------------------------------------------ instances
 
     async def list(self, p: ListParams, call) -> dict:
+        if p.id is not None:  # (one instance, found as every method finds it)
+            return {"instances": [self._live(p.id).entry(bool(p.brief))]}
         records = [*self.registry.ended] if p.all else []
         records += self.registry.live.values()
         return {"instances": [record.entry(bool(p.brief)) for record in records]}
